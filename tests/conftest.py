@@ -1,0 +1,79 @@
+"""Shared fixtures: every queue test runs on a SQLite file and on a PostgreSQL schema."""
+
+from __future__ import annotations
+
+import secrets
+import textwrap
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from vlmguard.store import JobStore
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_available() -> bool:
+    try:
+        engine = sqlalchemy.create_engine(PG_ADMIN_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_up() -> bool:
+    return postgres_available()
+
+
+@pytest.fixture
+def pg_url(pg_up):
+    """A PostgreSQL URL whose search_path is a schema made for this test alone."""
+    if not pg_up:
+        pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts it)")
+    schema = "t_" + secrets.token_hex(6)
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(db_url):
+    with JobStore(db_url, lease_seconds=30, retry_backoff=10) as s:
+        yield s
+
+
+def write_config(directory: Path, body: str) -> Path:
+    path = directory / "config.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    """A minimal valid config with data under tmp_path."""
+    return write_config(tmp_path, f"""
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2=size=320x240:rate=10"
+        [[cameras]]
+        id = "cam2"
+        url = "rtsp://user:secret@127.0.0.1:8554/cam2"
+    """)

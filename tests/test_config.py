@@ -1,0 +1,133 @@
+"""config.toml: the shipped file runs as is; every bad input is one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vlmguard.cli import main
+from vlmguard.config import load_config, masked
+from vlmguard.errors import ConfigError
+
+from conftest import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+CAMERA = '[[cameras]]\nid = "a"\nurl = "lavfi:testsrc2"\n'
+
+
+def test_shipped_config_is_valid_with_demo_camera(monkeypatch):
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    config = load_config(REPO / "config.toml")
+    assert [c.id for c in config.cameras] == ["demo"]
+    assert config.cameras[0].url.startswith("lavfi:")
+    assert config.data_dir == REPO / "data"
+    assert config.database_url == f"sqlite:///{REPO / 'data' / 'vlmguard.db'}"
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert (config.storage.segment_seconds, config.storage.archive_seconds) == (2, 600)
+    assert (config.analysis.workers, config.analysis.max_retries,
+            config.analysis.lease_seconds) == (2, 3, 60)
+
+
+def test_shipped_config_documents_every_key():
+    """Every dataclass field appears as a key in the shipped file (it is the documentation)."""
+    text = (REPO / "config.toml").read_text()
+    config = load_config(REPO / "config.toml")
+    for section, values in masked(config).items():
+        rows = values if isinstance(values, list) else [values]
+        for row in rows:
+            for key in row:
+                assert f"\n{key} = " in text, f"{section}.{key} is not in config.toml"
+
+
+def test_state_directory_holds_relative_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    config = load_config(REPO / "config.toml")
+    assert config.data_dir == tmp_path / "state" / "data"
+
+
+def test_relative_data_dir_hangs_off_config_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    path = write_config(tmp_path, '[storage]\ndata_dir = "store"\n' + CAMERA)
+    assert load_config(path).data_dir == tmp_path / "store"
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write_config(tmp_path, CAMERA))
+    with pytest.raises(Exception):
+        config.server.port = 1
+
+
+BAD_CONFIGS = [
+    ('[[cameras]]\nid = "a"\nurl = "lavfi:x"\n[[cameras]]\nid = "b"\n',
+     "cameras[1].url: required"),
+    ('[[cameras]]\nurl = "lavfi:x"\n', "cameras[0].id: required"),
+    ('[server]\nport = "8080"\n' + CAMERA, "server.port: must be an integer, got string"),
+    ('[server]\nport = 70000\n' + CAMERA, "server.port: must be <= 65535, got 70000"),
+    ('[server]\nport = 0\n' + CAMERA, "server.port: must be >= 1, got 0"),
+    ('[analysis]\nworkers = true\n' + CAMERA, "analysis.workers: must be an integer, got boolean"),
+    ('[analysis]\nworkers = -1\n' + CAMERA, "analysis.workers: must be >= 0, got -1"),
+    ('[analysis]\nlease_seconds = 1\n' + CAMERA, "analysis.lease_seconds: must be >= 5, got 1"),
+    ('[storage]\nmax_disk_gb = "lots"\n' + CAMERA, "storage.max_disk_gb: must be a number, got string"),
+    ('[storage]\nsegment_seconds = 2.5\n' + CAMERA, "storage.segment_seconds: must be an integer, got float"),
+    ('[server]\nhots = "x"\n' + CAMERA, "server.hots: unknown key"),
+    ('[sever]\nhost = "x"\n' + CAMERA, "sever: unknown key"),
+    ('server = 3\n' + CAMERA, "server: must be a table"),
+    ('[[cameras]]\nid = "a"\nurl = "lavfi:x"\nfps = 3\n', "cameras[0].fps: unknown key"),
+    ('[[cameras]]\nid = "Front Door"\nurl = "lavfi:x"\n', "cameras[0].id: must match [a-z0-9_-]{1,50}, got 'Front Door'"),
+    ('[[cameras]]\nid = "a"\nurl = "ftp://x"\n', "cameras[0].url: scheme must be one of"),
+    (CAMERA + CAMERA, "cameras[1].id: duplicate camera id 'a'"),
+    ('cameras = "a"\n', "cameras: must be an array of tables ([[cameras]])"),
+    ('[database]\nurl = "mysql://x"\n' + CAMERA, "database.url: must start with sqlite:/// or postgresql+psycopg://"),
+    ('[server\nport = 1\n', "invalid TOML:"),
+    ('[database]\nsqlite_synchronous = "off"\n' + CAMERA,
+     "database.sqlite_synchronous: must be one of normal, full, got 'off'"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, body, message):
+    path = write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"vlmguard: {path}: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path):
+    result = CliRunner().invoke(main, ["check-config", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"vlmguard: {tmp_path / 'nope.toml'}: file not found"
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    path = write_config(tmp_path, '[[cameras]]\nid = "a"\n')
+    proc = subprocess.run([sys.executable, "-m", "vlmguard", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f"vlmguard: {path}: cameras[0].url: required\n"
+    assert proc.stdout == ""
+
+
+def test_check_config_masks_secrets(tmp_path):
+    path = write_config(tmp_path, """
+        [server]
+        token = "tok-123"
+        [database]
+        url = "postgresql+psycopg://vlm:hunter2@db.example/vlm"
+        [[cameras]]
+        id = "door"
+        url = "rtsp://admin:camsecret@10.0.0.5/stream?auth=xyz"
+    """)
+    result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    for secret in ("tok-123", "hunter2", "camsecret", "xyz"):
+        assert secret not in result.output
+    assert "rtsp://admin:***@10.0.0.5/stream?***" in result.output
+    assert '"token": "***"' in result.output

@@ -1,0 +1,371 @@
+"""The job table, on SQLite (WAL) and PostgreSQL, through JobStore's public methods."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from vlmguard.errors import DatabaseError, LeaseLost
+from vlmguard.store import (SCHEMA_VERSION, IncidentRecord, JobStore, Outcome, backoff_seconds,
+                            utcnow)
+
+import queue_workers
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def register(store, n=0, camera="cam1"):
+    start = T0 + timedelta(minutes=10 * n)
+    return store.register(camera, f"/data/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
+
+
+def outcome(score=90, incidents=()):
+    return Outcome(result={"safety_score": score, "summary": "ok", "incidents": []},
+                   safety_score=score, incidents=incidents, prompt_tokens=100,
+                   output_tokens=20, total_tokens=120)
+
+
+# -- register --------------------------------------------------------------------------------
+
+def test_register_twice_is_a_no_op(store):
+    first = register(store)
+    assert first is not None
+    assert register(store) is None
+    assert [j.id for j in store.list_jobs()] == [first]
+    job = store.get(first)
+    assert (job.status, job.retry_count, job.max_retries) == ("pending", 0, 3)
+    assert job.segment_start == T0 and job.segment_end == T0 + timedelta(minutes=10)
+
+
+def test_same_start_on_other_camera_is_another_job(store):
+    assert register(store, camera="a") != register(store, camera="b")
+    assert len(store.list_jobs()) == 2
+
+
+# -- claim -----------------------------------------------------------------------------------
+
+def test_claim_takes_oldest_due_job_once(store):
+    ids = [register(store, n) for n in range(3)]
+    job = store.claim("w1")
+    assert job.id == ids[0]
+    assert (job.status, job.worker_id) == ("processing", "w1")
+    assert job.lease_token and job.lease_expires_at > utcnow()
+    assert store.claim("w2").id == ids[1]
+    assert store.claim("w3").id == ids[2]
+    assert store.claim("w4") is None
+
+
+def test_claim_skips_job_not_yet_due(store):
+    register(store)
+    job = store.claim("w1")
+    assert store.fail(job, "boom") == "pending"
+    assert store.claim("w1") is None  # backing off
+    assert 0 < store.seconds_until_due() <= 12
+
+
+def test_eight_processes_claim_two_thousand_jobs_exactly_once(db_url):
+    with JobStore(db_url) as store:
+        with store.write() as conn:  # one bulk insert: the test is about claiming
+            conn.execute(sqlalchemy.text(
+                "INSERT INTO analysis_jobs (camera_id, video_path, segment_start, segment_end, "
+                "status, created_at, run_after, retry_count, max_retries) VALUES "
+                "(:c, :p, :s, :e, 'pending', :now, :now, 0, 3)"),
+                [{"c": "cam", "p": f"/{i}.mp4", "s": (T0 + timedelta(minutes=i)).replace(tzinfo=None),
+                  "e": (T0 + timedelta(minutes=i + 10)).replace(tzinfo=None),
+                  "now": utcnow().replace(tzinfo=None)} for i in range(2000)])
+    out, start = SPAWN.Queue(), SPAWN.Event()
+    procs = [SPAWN.Process(target=queue_workers.drain, args=(db_url, f"w{i}", out, start))
+             for i in range(8)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    start.set()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    errors = [error for _, _, error in results if error]
+    assert errors == []
+    claimed = [job_id for _, ids, _ in results for job_id in ids]
+    assert len(claimed) == 2000
+    assert len(set(claimed)) == 2000
+    with JobStore(db_url) as store:
+        counts = store.counts()["cam"]
+        assert counts["completed"] == 2000 and counts["pending"] == 0
+        workers = {j.worker_id for j in store.list_jobs(limit=2000)}
+    assert len(workers) > 1  # the work really was shared
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+def test_heartbeat_extends_lease(db_url):
+    with JobStore(db_url, lease_seconds=5) as store:
+        register(store)
+        job = store.claim("w1")
+        time.sleep(0.2)
+        store.heartbeat(job)
+        assert store.get(job.id).lease_expires_at > job.lease_expires_at
+
+
+def test_worker_whose_lease_was_taken_over_cannot_write(db_url):
+    with JobStore(db_url, lease_seconds=0.3) as store:
+        register(store)
+        stale = store.claim("slow")
+        time.sleep(0.5)
+        assert store.rescue_expired() == 1
+        fresh = store.claim("fast")
+        assert fresh.id == stale.id and fresh.lease_token != stale.lease_token
+        for attempt in (lambda: store.heartbeat(stale), lambda: store.complete(stale, outcome()),
+                        lambda: store.fail(stale, "late"), lambda: store.release(stale)):
+            with pytest.raises(LeaseLost):
+                attempt()
+        store.complete(fresh, outcome())
+        job = store.get(fresh.id)
+        assert (job.status, job.worker_id, job.retry_count) == ("completed", "fast", 1)
+
+
+def test_worker_sigkilled_mid_job_is_rescued_and_completed_by_another(db_url):
+    with JobStore(db_url, lease_seconds=1, poll_seconds=0.2) as store:
+        job_id = register(store)
+        out = SPAWN.Queue()
+        doomed = SPAWN.Process(target=queue_workers.claim_and_hang, args=(db_url, 1, out))
+        doomed.start()
+        assert out.get(timeout=60) == job_id
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.join()
+        assert store.get(job_id).status == "processing"
+        job = store.next_job("rescuer", timeout=20)
+        assert job is not None and job.id == job_id
+        assert job.retry_count == 1
+        assert job.error_message == "lease expired: worker doomed stopped heartbeating"
+        store.complete(job, outcome())
+        done = store.get(job_id)
+        assert (done.status, done.worker_id, done.error_message) == ("completed", "rescuer", None)
+
+
+def test_rescue_gives_up_after_max_retries(db_url):
+    with JobStore(db_url, lease_seconds=0.2) as store:
+        job_id = store.register("cam", "/x.mp4", T0, T0 + timedelta(minutes=10), max_retries=1)
+        for _ in range(2):
+            assert store.claim("w") is not None
+            time.sleep(0.3)
+            assert store.rescue_expired() == 1
+        job = store.get(job_id)
+        assert job.status == "failed"
+        assert job.error_message == "lease expired: worker w stopped heartbeating"
+
+
+def test_release_hands_back_without_counting(store):
+    job_id = register(store)
+    job = store.claim("w1")
+    store.release(job)
+    again = store.get(job_id)
+    assert (again.status, again.retry_count, again.lease_token) == ("pending", 0, None)
+    assert store.claim("w2").id == job_id
+
+
+# -- complete and fail -----------------------------------------------------------------------
+
+def test_complete_writes_result_and_incidents_together(store):
+    register(store)
+    job = store.claim("w1")
+    found = [IncidentRecord(T0 + timedelta(seconds=30), T0 + timedelta(seconds=42), "fall",
+                            "high", "person falls from ladder", 0.9),
+             IncidentRecord(T0 + timedelta(seconds=300), T0 + timedelta(seconds=310), "fire",
+                            "critical", "smoke near machine", 0.7)]
+    store.complete(job, outcome(40, found))
+    done = store.get(job.id)
+    assert (done.status, done.safety_score, done.incident_count) == ("completed", 40, 2)
+    assert (done.prompt_tokens, done.output_tokens, done.total_tokens) == (100, 20, 120)
+    assert done.analysis_result["summary"] == "ok"
+    assert done.lease_token is None and done.completed_at is not None
+    rows = store.list_incidents(job.id)
+    assert [(r["category"], r["severity"], r["start_at"]) for r in rows] == [
+        ("fall", "high", T0 + timedelta(seconds=30)), ("fire", "critical", T0 + timedelta(seconds=300))]
+    assert all(r["camera_id"] == "cam1" for r in rows)
+
+
+def test_complete_twice_writes_one_result(store):
+    register(store)
+    job = store.claim("w1")
+    store.complete(job, outcome(50, [IncidentRecord(T0, T0, "fall", "low", "x")]))
+    with pytest.raises(LeaseLost):
+        store.complete(job, outcome(50, [IncidentRecord(T0, T0, "fall", "low", "x")]))
+    assert len(store.list_incidents(job.id)) == 1
+
+
+def test_backoff_schedule_doubles_with_jitter_and_caps():
+    rng = random.Random(7)
+    for retry, nominal in [(1, 10), (2, 20), (3, 40), (4, 80), (5, 160)]:
+        delays = [backoff_seconds(retry, 10, rng) for _ in range(200)]
+        assert nominal * 0.8 <= min(delays) and max(delays) <= nominal * 1.2
+        assert max(delays) - min(delays) > nominal * 0.2  # there really is jitter
+    assert backoff_seconds(30, 10, rng) <= 3600 * 1.2
+
+
+def test_retryable_failure_backs_off_then_fails_at_max_retries(store):
+    job_id = store.register("cam", "/x.mp4", T0, T0 + timedelta(minutes=10), max_retries=2)
+    expected = [("pending", 10), ("pending", 20), ("failed", None)]
+    for attempt, (status, nominal) in enumerate(expected, start=1):
+        with store.write() as conn:  # make the job due now, whatever its backoff
+            conn.execute(sqlalchemy.text("UPDATE analysis_jobs SET run_after = :t"),
+                         {"t": (utcnow() - timedelta(seconds=1)).replace(tzinfo=None)})
+        job = store.claim("w")
+        before = utcnow()
+        assert store.fail(job, f"HTTP 503 attempt {attempt}") == status
+        row = store.get(job_id)
+        assert (row.status, row.retry_count) == (status, attempt)
+        assert row.error_message == f"HTTP 503 attempt {attempt}"
+        if nominal:
+            delay = (row.run_after - before).total_seconds()
+            assert nominal * 0.8 - 1 <= delay <= nominal * 1.2 + 1
+    assert store.get(job_id).completed_at is not None
+
+
+def test_permanent_failure_fails_at_once(store):
+    job_id = register(store)
+    assert store.fail(store.claim("w"), "HTTP 401: bad API key", permanent=True) == "failed"
+    job = store.get(job_id)
+    assert (job.status, job.retry_count, job.error_message) == ("failed", 1, "HTTP 401: bad API key")
+
+
+def test_retry_after_hint_is_honoured(store):
+    job_id = register(store)
+    before = utcnow()
+    store.fail(store.claim("w"), "429", retry_after=58)
+    assert (store.get(job_id).run_after - before).total_seconds() >= 58
+
+
+def test_retry_by_hand_only_for_failed(store):
+    job_id = register(store)
+    assert store.retry(job_id) is False
+    store.fail(store.claim("w"), "bad", permanent=True)
+    assert store.retry(job_id) is True
+    job = store.get(job_id)
+    assert (job.status, job.retry_count) == ("pending", 0)
+    assert store.claim("w").id == job_id
+
+
+def test_counts_and_recent_failures(store):
+    for n in range(3):
+        register(store, n, camera="a")
+    register(store, 0, camera="b")
+    store.complete(store.claim("w"), outcome())
+    store.fail(store.claim("w"), "gone", permanent=True)
+    assert store.counts() == {
+        "a": {"pending": 1, "processing": 0, "completed": 1, "failed": 1},
+        "b": {"pending": 1, "processing": 0, "completed": 0, "failed": 0}}
+    assert [j.error_message for j in store.recent_failures()] == ["gone"]
+    assert store.oldest_pending() is not None
+
+
+# -- waiting for work ------------------------------------------------------------------------
+
+def test_idle_worker_wakes_on_register_without_waiting_for_poll(db_url):
+    """The poll fallback is 30 s: a claim well before it proves the wake-up path works."""
+    with JobStore(db_url) as store:
+        out = SPAWN.Queue()
+        waiter = SPAWN.Process(target=queue_workers.wait_and_claim, args=(db_url, 30.0, out))
+        waiter.start()
+        assert out.get(timeout=60)[0] == "ready"
+        time.sleep(1.0)  # let it settle into its wait
+        registered = time.time()
+        job_id = register(store)
+        tag, claimed_id, claimed_at = out.get(timeout=60)
+        waiter.join(timeout=10)
+    assert (tag, claimed_id) == ("claimed", job_id)
+    assert claimed_at - registered < 10
+
+
+def test_idle_waiting_never_writes_on_sqlite(tmp_path):
+    path = tmp_path / "idle.db"
+    with JobStore(f"sqlite:///{path}", poll_seconds=0.1) as store:
+        register(store)
+        store.complete(store.claim("w"), outcome())
+        observer = sqlite3.connect(path)
+        version = observer.execute("PRAGMA data_version").fetchone()[0]
+        wal_size = Path(f"{path}-wal").stat().st_size
+        assert store.next_job("idle", timeout=1.5) is None
+        assert observer.execute("PRAGMA data_version").fetchone()[0] == version
+        assert Path(f"{path}-wal").stat().st_size == wal_size
+        observer.close()
+
+
+# -- durability and schema -------------------------------------------------------------------
+
+@pytest.mark.parametrize("synchronous,level", [("normal", 1), ("full", 2)])
+def test_sqlite_is_wal_with_chosen_sync(tmp_path, synchronous, level):
+    with JobStore(f"sqlite:///{tmp_path / 'q.db'}", synchronous=synchronous) as store:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == level
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_sqlite_writers_sigkilled_mid_transaction_lose_nothing_committed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'crash.db'}"
+    JobStore(url).close()
+    committed = set()
+    for round_ in range(6):
+        out = SPAWN.Queue()
+        writers = [SPAWN.Process(target=queue_workers.register_forever,
+                                 args=(url, f"r{round_}w{i}", out)) for i in range(3)]
+        for w in writers:
+            w.start()
+        deadline = time.time() + 60
+        while len(committed) < 100 * (round_ + 1) and time.time() < deadline:
+            committed.add(out.get(timeout=60))
+        time.sleep(random.uniform(0.05, 0.3))
+        for w in writers:
+            os.kill(w.pid, signal.SIGKILL)
+        for w in writers:
+            w.join()
+        while not out.empty():
+            committed.add(out.get())
+    conn = sqlite3.connect(tmp_path / "crash.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    present = {row[0] for row in conn.execute("SELECT id FROM analysis_jobs")}
+    conn.close()
+    assert len(committed) >= 600
+    assert committed <= present
+
+
+def test_reopening_keeps_data_and_schema_version(db_url):
+    with JobStore(db_url) as store:
+        job_id = register(store)
+    with JobStore(db_url) as store:
+        assert store.get(job_id) is not None
+        assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_database_from_a_newer_vlmguard_is_refused(db_url):
+    with JobStore(db_url) as store:
+        with store.write() as conn:
+            conn.execute(sqlalchemy.text("UPDATE vlmguard_meta SET value = '99' "
+                                         "WHERE key = 'schema_version'"))
+    with pytest.raises(DatabaseError, match="schema version 99 is newer"):
+        JobStore(db_url)
+
+
+def test_unreachable_postgres_is_one_line():
+    with pytest.raises(DatabaseError) as caught:
+        JobStore("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
+    message = str(caught.value)
+    assert message.startswith("cannot open database postgresql+psycopg://postgres@127.0.0.1:1/test")
+    assert "\n" not in message
+
+
+def test_password_never_in_database_errors():
+    with pytest.raises(DatabaseError) as caught:
+        JobStore("postgresql+psycopg://postgres:s3cret@127.0.0.1:1/test?connect_timeout=2")
+    assert "s3cret" not in str(caught.value)

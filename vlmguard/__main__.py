@@ -1,0 +1,3 @@
+from vlmguard.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `vlmguard` command: a thin click layer over config, store and the daemon.
+
+Every problem a user can fix (a bad config, an unreachable database, an unknown job)
+comes out as one line on stderr with a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from vlmguard import __version__
+from vlmguard.config import load_config, masked
+from vlmguard.errors import VlmguardError
+from vlmguard.status import gather_status, job_detail, job_summary, render_status
+from vlmguard.store import STATES, JobStore
+
+CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
+
+
+def config_option(command):
+    return click.option("--config", "config_path", envvar="VLMGUARD_CONFIG",
+                        default="config.toml", show_default=True, metavar="PATH",
+                        type=click.Path(dir_okay=False), help=CONFIG_HELP)(command)
+
+
+def reports_errors(command):
+    """Turn VlmguardError into `vlmguard: <message>` and its exit code."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VlmguardError as exc:
+            click.echo(f"vlmguard: {exc}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+def open_store(config):
+    return JobStore.from_config(config, create=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vlmguard")
+def main():
+    """vlmguard: live HLS, 10-minute archives and Gemini safety analysis for IP cameras.
+
+    One `vlmguard run` supervises a streaming process, an archiver and a pool of
+    analysis processes that share a job table (SQLite WAL by default, or PostgreSQL).
+    The other commands read and steer that table; they work whether or not the
+    daemon is running.
+    """
+
+
+@main.command("check-config")
+@config_option
+@reports_errors
+def check_config(config_path):
+    """Validate the config file and print the effective settings (secrets masked).
+
+    Exit status 0 when the file is valid, 2 with one line naming the key when not.
+    """
+    config = load_config(config_path)
+    click.echo(json.dumps(masked(config), indent=2))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with stable keys.")
+@reports_errors
+def status(config_path, as_json):
+    """Show job counts per camera and state, the oldest pending job and recent failures."""
+    config = load_config(config_path)
+    report = gather_status(config)
+    click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+
+
+@main.command()
+@config_option
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="Only jobs in this state (repeatable).")
+@click.option("--camera", "camera_id", metavar="ID", help="Only this camera's jobs.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one job a line.")
+@reports_errors
+def jobs(config_path, states, camera_id, limit, as_json):
+    """List analysis jobs, newest first."""
+    config = load_config(config_path)
+    with open_store(config) as store:
+        found = store.list_jobs(states=states, camera_id=camera_id, limit=limit)
+    for job in found:
+        if as_json:
+            click.echo(json.dumps(job_summary(job)))
+        else:
+            score = "-" if job.safety_score is None else job.safety_score
+            click.echo(f"{job.id:>6}  {job.camera_id:<16} {job.segment_start:%Y-%m-%d %H:%M:%S}  "
+                       f"{job.status:<10} score {score:<3} retries {job.retry_count}/{job.max_retries}"
+                       + (f"  {job.error_message}" if job.error_message else ""))
+
+
+@main.command()
+@config_option
+@click.argument("job_id", type=int)
+@reports_errors
+def retry(config_path, job_id):
+    """Send a failed job round again, with a fresh retry budget."""
+    config = load_config(config_path)
+    with open_store(config) as store:
+        job = store.get(job_id)
+        if job is None:
+            raise VlmguardError(f"no job {job_id}")
+        if not store.retry(job_id):
+            raise VlmguardError(f"job {job_id} is {job.status}, only failed jobs can be retried")
+    click.echo(f"job {job_id} is pending again")
+
+
+@main.group()
+def job():
+    """One job."""
+
+
+@job.command("show")
+@config_option
+@click.argument("job_id", type=int)
+@reports_errors
+def job_show(config_path, job_id):
+    """Everything about one job, its result and incidents included, as JSON."""
+    config = load_config(config_path)
+    with open_store(config) as store:
+        found = store.get(job_id)
+        if found is None:
+            raise VlmguardError(f"no job {job_id}")
+        detail = job_detail(found, store.list_incidents(job_id))
+    click.echo(json.dumps(detail, indent=2))
+
+
+if __name__ == "__main__":
+    main()

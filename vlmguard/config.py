@@ -1,0 +1,258 @@
+"""config.toml, parsed once into frozen dataclasses.
+
+Every field's type, default and allowed range is declared on the dataclass itself
+(``field(metadata=...)``); one small walker checks a TOML table against it, so adding a
+key is one line and every error names the file and the key path in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from vlmguard.errors import ConfigError
+
+CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
+CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
+
+
+def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+        choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    """A config field: its default plus the checks the walker applies to it."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = opt("127.0.0.1")
+    port: int = opt(8080, lo=1, hi=65535)
+    token: str = opt("", secret=True)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: str = opt("./data")
+    segment_seconds: int = opt(2, lo=1, hi=30)
+    live_segments: int = opt(6, lo=3, hi=60)
+    archive_seconds: int = opt(600, lo=10, hi=3600)
+    retention_days: float = opt(7.0, lo=0)
+    max_disk_gb: float = opt(0.0, lo=0)
+    min_free_gb: float = opt(1.0, lo=0)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = opt("", secret=True)
+    sqlite_synchronous: str = opt("normal", choices=("normal", "full"))
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    workers: int = opt(2, lo=0, hi=64)
+    max_retries: int = opt(3, lo=0, hi=100)
+    lease_seconds: int = opt(60, lo=5, hi=3600)
+    retry_backoff_seconds: float = opt(10.0, lo=0.1, hi=3600)
+    poll_seconds: float = opt(5.0, lo=0.05, hi=300)
+
+
+@dataclass(frozen=True)
+class GeminiConfig:
+    model: str = opt("gemini-2.5-flash")
+    api_key_env: str = opt("GEMINI_API_KEY")
+    api_key_file: str = opt("")
+    base_url: str = opt("")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    id: str = opt()
+    url: str = opt(secret=True)
+    prompt: str = opt("")
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    server: ServerConfig
+    storage: StorageConfig
+    database: DatabaseConfig
+    analysis: AnalysisConfig
+    gemini: GeminiConfig
+    cameras: tuple[CameraConfig, ...]
+
+    @property
+    def data_dir(self) -> Path:
+        """Relative paths hang off $STATE_DIRECTORY under systemd, else off the config's folder."""
+        path = Path(self.storage.data_dir).expanduser()
+        if path.is_absolute():
+            return path
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        base = Path(state) if state else self.source.resolve().parent
+        return (base / path).resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'vlmguard.db'}"
+
+    def camera(self, camera_id: str) -> CameraConfig | None:
+        return next((c for c in self.cameras if c.id == camera_id), None)
+
+
+SECTIONS = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "database": DatabaseConfig,
+    "analysis": AnalysisConfig,
+    "gemini": GeminiConfig,
+}
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and check a config file; any problem raises ConfigError with one line."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    where = str(path)
+    unknown = sorted(set(raw) - set(SECTIONS) - {"cameras"})
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]}: unknown key")
+    sections = {name: build(cls, section(raw, name, where), name, where)
+                for name, cls in SECTIONS.items()}
+    cameras = parse_cameras(raw.get("cameras", []), where)
+    config = Config(source=path, cameras=cameras, **sections)
+    check_database_url(config.database.url, where)
+    return config
+
+
+def section(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {name}: must be a table")
+    return value
+
+
+def parse_cameras(raw: Any, where: str) -> tuple[CameraConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: cameras: must be an array of tables ([[cameras]])")
+    cameras = []
+    for index, table in enumerate(raw):
+        key = f"cameras[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {key}: must be a table")
+        camera = build(CameraConfig, table, key, where)
+        if not CAMERA_ID.fullmatch(camera.id):
+            raise ConfigError(f"{where}: {key}.id: must match [a-z0-9_-]{{1,50}}, got {camera.id!r}")
+        if not camera.url.startswith(CAMERA_SCHEMES):
+            raise ConfigError(f"{where}: {key}.url: scheme must be one of "
+                              f"{', '.join(CAMERA_SCHEMES)}")
+        if any(c.id == camera.id for c in cameras):
+            raise ConfigError(f"{where}: {key}.id: duplicate camera id {camera.id!r}")
+        cameras.append(camera)
+    return tuple(cameras)
+
+
+def check_database_url(url: str, where: str) -> None:
+    if url and not url.startswith(("sqlite:///", "postgresql")):
+        raise ConfigError(f"{where}: database.url: must start with sqlite:/// or postgresql+psycopg://")
+
+
+def build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+    """Check one table against a dataclass's declared fields and build it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{where}: {prefix}.{key}: unknown key")
+    values = {}
+    for name, spec in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in table:
+            if spec.default is dataclasses.MISSING:
+                raise ConfigError(f"{where}: {key}: required")
+            continue
+        values[name] = check_value(table[name], spec, f"{where}: {key}")
+    return cls(**values)
+
+
+def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
+    accepted, noun = TYPES[spec.type]
+    # TOML booleans are ints to Python; a bool is never a number in this file.
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
+    meta = spec.metadata
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise ConfigError(f"{label}: must be >= {meta['lo']}, got {value}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise ConfigError(f"{label}: must be <= {meta['hi']}, got {value}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{label}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    return float(value) if spec.type == "float" else value
+
+
+TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
+
+
+def toml_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+             dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets replaced, for check-config."""
+    def table(obj: Any) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out[f.name] = mask(value) if f.metadata.get("secret") and value else value
+        return out
+
+    data = {name: table(getattr(config, name)) for name in SECTIONS}
+    data["storage"]["data_dir"] = str(config.data_dir)
+    data["database"]["url"] = mask_url(config.database_url)
+    data["cameras"] = [table(c) for c in config.cameras]
+    for camera, out in zip(config.cameras, data["cameras"]):
+        out["url"] = mask_url(camera.url)
+    return data
+
+
+def mask(_value: str) -> str:
+    return "***"
+
+
+def mask_url(url: str) -> str:
+    """Hide a password (and a query string, where cameras often put tokens) in a URL."""
+    if url.startswith(("lavfi:", "sqlite:")):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "?***" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -1,0 +1,19 @@
+"""The errors vlmguard reports to a person: one line, no traceback."""
+
+
+class VlmguardError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits with exit_code."""
+
+    exit_code = 1
+
+
+class ConfigError(VlmguardError):
+    exit_code = 2
+
+
+class DatabaseError(VlmguardError):
+    """The job table cannot be reached or is not one this vlmguard understands."""
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job: another worker or the rescuer has it now."""

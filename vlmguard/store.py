@@ -1,0 +1,589 @@
+"""The job table: every SQL statement vlmguard runs lives in this module.
+
+One class, JobStore, speaks to SQLite (WAL, the embedded default) and PostgreSQL through
+the same SQLAlchemy Core statements. The two engines differ only in how a transaction
+starts (SQLite: BEGIN IMMEDIATE, so a read-then-write never fails busy), in how an idle
+worker hears about new work (SQLite: PRAGMA data_version; PostgreSQL: LISTEN/NOTIFY), and
+in locking (FOR UPDATE SKIP LOCKED on PostgreSQL, dropped by SQLAlchemy on SQLite where
+the single writer already serialises claims).
+
+Create a JobStore in the process that uses it, never before a fork.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
+                        Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
+                        create_engine, event, func, select, text, update)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.types import TypeDecorator
+
+from vlmguard.errors import DatabaseError, LeaseLost
+
+SCHEMA_VERSION = 1
+STATES = ("pending", "processing", "completed", "failed")
+NOTIFY_CHANNEL = "vlmguard_jobs"
+MAX_BACKOFF_SECONDS = 3600.0
+SQLITE_BUSY_MS = 30_000
+SQLITE_WATCH_INTERVAL = 0.02
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python, naive UTC in the database, identical on both engines."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+metadata = MetaData()
+
+jobs = Table(
+    "analysis_jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("camera_id", String(50), nullable=False),
+    Column("video_path", String(1000), nullable=False),
+    Column("segment_start", UTCDateTime, nullable=False),
+    Column("segment_end", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False, default="pending"),
+    Column("analysis_result", JSON),
+    Column("safety_score", Integer),
+    Column("incident_count", Integer),
+    Column("error_message", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("completed_at", UTCDateTime),
+    Column("retry_count", Integer, nullable=False, default=0),
+    Column("max_retries", Integer, nullable=False, default=3),
+    Column("worker_id", String(100)),
+    Column("run_after", UTCDateTime, nullable=False),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("prompt_tokens", Integer),
+    Column("output_tokens", Integer),
+    Column("total_tokens", Integer),
+    UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
+    CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
+                    name="ck_jobs_status"),
+    Index("ix_jobs_status_run_after", "status", "run_after"),
+    Index("ix_jobs_camera_status", "camera_id", "status"),
+    Index("ix_jobs_segment_start", "segment_start"),
+)
+
+incidents = Table(
+    "incidents", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("analysis_jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("camera_id", String(50), nullable=False),
+    Column("start_at", UTCDateTime, nullable=False),
+    Column("end_at", UTCDateTime, nullable=False),
+    Column("category", String(100), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("confidence", Float),
+    Index("ix_incidents_camera_start", "camera_id", "start_at"),
+    Index("ix_incidents_start", "start_at"),
+    Index("ix_incidents_job", "job_id"),
+)
+
+meta_table = Table(
+    "vlmguard_meta", metadata,
+    Column("key", String(50), primary_key=True),
+    Column("value", String(200), nullable=False),
+)
+
+# Statements that bring a database stamped with version N-1 up to N; empty while N is 1.
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+# The hot statements are built once: constructing Core statements per call cost more than
+# the SQLite commit itself. Their SET columns come from the parameters passed at execute.
+CLAIM = (update(jobs)
+         .where(jobs.c.id == select(jobs.c.id)
+                .where(jobs.c.status == "pending", jobs.c.run_after <= bindparam("b_now"))
+                .order_by(jobs.c.run_after, jobs.c.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery(),
+                jobs.c.status == "pending")
+         .returning(*jobs.c))
+OWNED_UPDATE = update(jobs).where(jobs.c.id == bindparam("b_id"), jobs.c.status == "processing",
+                                  jobs.c.lease_token == bindparam("b_token"))
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    camera_id: str
+    video_path: str
+    segment_start: datetime
+    segment_end: datetime
+    status: str
+    analysis_result: Any
+    safety_score: int | None
+    incident_count: int | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    retry_count: int
+    max_retries: int
+    worker_id: str | None
+    run_after: datetime
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    prompt_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Job":
+        mapping = row._mapping
+        return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.segment_end - self.segment_start).total_seconds()
+
+
+@dataclass(frozen=True)
+class IncidentRecord:
+    start_at: datetime
+    end_at: datetime
+    category: str
+    severity: str
+    description: str
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an analyzer hands to complete(): the parsed answer and the tokens it cost."""
+
+    result: dict[str, Any]
+    safety_score: int
+    incidents: Sequence[IncidentRecord] = ()
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+def backoff_seconds(retry_count: int, base: float, rng: random.Random | None = None) -> float:
+    """Delay before attempt retry_count+1: base * 2^(retry_count-1), capped, +-20% jitter."""
+    rng = rng or random
+    delay = min(base * 2 ** max(retry_count - 1, 0), MAX_BACKOFF_SECONDS)
+    return delay * rng.uniform(0.8, 1.2)
+
+
+def redact_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class JobStore:
+    """The analysis job queue and its results, on SQLite or PostgreSQL."""
+
+    def __init__(self, url: str, *, lease_seconds: float = 60, retry_backoff: float = 10.0,
+                 poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal"):
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self.retry_backoff = retry_backoff
+        self.poll_seconds = poll_seconds
+        self.engine = make_engine(url, create=create, synchronous=synchronous)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._register = (dialect_insert(self.engine)(jobs)
+                          .on_conflict_do_nothing(index_elements=["camera_id", "segment_start"])
+                          .returning(jobs.c.id))
+        self._watcher: SqliteWatcher | PostgresListener | None = None
+        try:
+            self.prepare_schema(create=create)
+        except sa_exc.OperationalError as exc:
+            self.engine.dispose()
+            raise DatabaseError(f"cannot open database {redact_url(url)}: "
+                                f"{first_line(exc.orig or exc)}") from None
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "JobStore":
+        return cls(config.database_url, lease_seconds=config.analysis.lease_seconds,
+                   retry_backoff=config.analysis.retry_backoff_seconds,
+                   poll_seconds=config.analysis.poll_seconds,
+                   synchronous=config.database.sqlite_synchronous, **kwargs)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self.engine.dispose()
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def prepare_schema(self, *, create: bool) -> None:
+        with self.write() as conn:
+            if not self.is_sqlite:
+                # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog.
+                conn.execute(text("SELECT pg_advisory_xact_lock(7162534)"))
+            if not create and not self.engine.dialect.has_table(conn, meta_table.name):
+                raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
+                                    "(run `vlmguard run` once to create it)")
+            metadata.create_all(conn)
+            version = conn.execute(select(meta_table.c.value)
+                                   .where(meta_table.c.key == "schema_version")).scalar()
+            if version is None:
+                conn.execute(meta_table.insert().values(key="schema_version",
+                                                        value=str(SCHEMA_VERSION)))
+                return
+            self.migrate(conn, int(version))
+
+    def migrate(self, conn: Connection, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"database schema version {version} is newer than this "
+                                f"vlmguard understands ({SCHEMA_VERSION}); upgrade vlmguard")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS.get(step, ()):
+                conn.execute(text(statement))
+        if version < SCHEMA_VERSION:
+            conn.execute(update(meta_table).where(meta_table.c.key == "schema_version")
+                         .values(value=str(SCHEMA_VERSION)))
+
+    def schema_version(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(select(meta_table.c.value)
+                                    .where(meta_table.c.key == "schema_version")).scalar_one())
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(vlmguard_read=True) as conn:
+            with conn.begin():
+                yield conn
+
+    def notify(self, conn: Connection) -> None:
+        """Wake idle workers; on SQLite the commit itself does (data_version changes)."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    # -- producing -----------------------------------------------------------------------
+
+    def register(self, camera_id: str, video_path: str | Path, segment_start: datetime,
+                 segment_end: datetime, *, max_retries: int = 3) -> int | None:
+        """Add a job for a finished archive; None when that archive is already registered."""
+        now = utcnow()
+        values = dict(camera_id=camera_id, video_path=str(video_path), segment_start=segment_start,
+                      segment_end=segment_end, status="pending", created_at=now, run_after=now,
+                      retry_count=0, max_retries=max_retries)
+        with self.write() as conn:
+            job_id = conn.execute(self._register, values).scalar()
+            if job_id is not None:
+                self.notify(conn)
+        return job_id
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def claim(self, worker_id: str) -> Job | None:
+        """Take the next due job for this worker, or None. Never hands one job to two."""
+        now = utcnow()
+        values = dict(b_now=now, status="processing", worker_id=worker_id, started_at=now,
+                      lease_token=secrets.token_hex(16),
+                      lease_expires_at=now + timedelta(seconds=self.lease_seconds))
+        with self.write() as conn:
+            row = conn.execute(CLAIM, values).first()
+        return Job.from_row(row) if row else None
+
+    def heartbeat(self, job: Job) -> None:
+        """Extend the lease; raises LeaseLost when the job is no longer this worker's."""
+        expires = utcnow() + timedelta(seconds=self.lease_seconds)
+        with self.write() as conn:
+            self._owned_update(conn, job, lease_expires_at=expires)
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Store the result and its incidents in one transaction, only as the lease holder."""
+        with self.write() as conn:
+            self._owned_update(
+                conn, job, status="completed", completed_at=utcnow(),
+                analysis_result=outcome.result, safety_score=outcome.safety_score,
+                incident_count=len(outcome.incidents), error_message=None,
+                prompt_tokens=outcome.prompt_tokens, output_tokens=outcome.output_tokens,
+                total_tokens=outcome.total_tokens, lease_token=None, lease_expires_at=None)
+            if outcome.incidents:
+                conn.execute(incidents.insert(), [
+                    {"job_id": job.id, "camera_id": job.camera_id, "start_at": i.start_at,
+                     "end_at": i.end_at, "category": i.category, "severity": i.severity,
+                     "description": i.description, "confidence": i.confidence}
+                    for i in outcome.incidents])
+
+    def fail(self, job: Job, error: str, *, permanent: bool = False,
+             retry_after: float | None = None) -> str:
+        """Record a failed attempt; returns the job's new status (pending or failed)."""
+        now = utcnow()
+        retries = job.retry_count + 1
+        if permanent or job.retry_count >= job.max_retries:
+            changes = dict(status="failed", completed_at=now)
+        else:
+            delay = max(backoff_seconds(retries, self.retry_backoff), retry_after or 0)
+            changes = dict(status="pending", run_after=now + timedelta(seconds=delay))
+        with self.write() as conn:
+            self._owned_update(conn, job, retry_count=retries, error_message=error[:2000],
+                               lease_token=None, lease_expires_at=None, **changes)
+            if changes["status"] == "pending":
+                self.notify(conn)
+        return changes["status"]
+
+    def release(self, job: Job) -> None:
+        """Hand a job back untouched (an orderly stop): pending again, no attempt counted."""
+        with self.write() as conn:
+            self._owned_update(conn, job, status="pending", run_after=utcnow(),
+                               started_at=None, lease_token=None, lease_expires_at=None)
+            self.notify(conn)
+
+    def _owned_update(self, conn: Connection, job: Job, **values: Any) -> None:
+        params = {"b_id": job.id, "b_token": job.lease_token, **values}
+        if conn.execute(OWNED_UPDATE, params).rowcount != 1:
+            raise LeaseLost(f"job {job.id}: lease {job.lease_token} is no longer held")
+
+    def rescue_expired(self) -> int:
+        """Put jobs whose lease ran out back to pending (or failed), counting the attempt."""
+        now = utcnow()
+        expired = (jobs.c.status == "processing", jobs.c.lease_expires_at < now)
+        with self.read() as conn:
+            if conn.execute(select(jobs.c.id).where(*expired).limit(1)).first() is None:
+                return 0
+        message = func.coalesce("lease expired: worker " + jobs.c.worker_id
+                                + " stopped heartbeating", "lease expired")
+        cleared = dict(retry_count=jobs.c.retry_count + 1, error_message=message,
+                       lease_token=None, lease_expires_at=None)
+        with self.write() as conn:
+            retried = conn.execute(update(jobs).where(*expired, jobs.c.retry_count < jobs.c.max_retries)
+                                   .values(status="pending", run_after=now, **cleared)).rowcount
+            given_up = conn.execute(update(jobs).where(*expired)
+                                    .values(status="failed", completed_at=now, **cleared)).rowcount
+            if retried:
+                self.notify(conn)
+        return retried + given_up
+
+    def next_job(self, worker_id: str, timeout: float) -> Job | None:
+        """Claim a job, waiting up to timeout for one; idle waiting never writes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.rescue_expired()
+            wait = self.seconds_until_due()
+            if wait == 0:
+                job = self.claim(worker_id)
+                if job is not None:
+                    return job
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.watcher().wait(min(remaining, self.poll_seconds, wait if wait else self.poll_seconds))
+
+    def seconds_until_due(self) -> float | None:
+        """0 when a pending job is due now, seconds until the next one is, None if none."""
+        with self.read() as conn:
+            due = conn.execute(select(func.min(jobs.c.run_after))
+                               .where(jobs.c.status == "pending")).scalar()
+        if due is None:
+            return None
+        return max((due - utcnow()).total_seconds(), 0.0)
+
+    def watcher(self) -> "SqliteWatcher | PostgresListener":
+        if self._watcher is None:
+            self._watcher = (SqliteWatcher(self.engine.url.database) if self.is_sqlite
+                             else PostgresListener(self.engine.url))
+        return self._watcher
+
+    # -- by hand ----------------------------------------------------------------------------
+
+    def retry(self, job_id: int) -> bool:
+        """Send a failed job round again with a fresh retry budget; False if it isn't failed."""
+        with self.write() as conn:
+            changed = conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.status == "failed")
+                .values(status="pending", retry_count=0, run_after=utcnow(), completed_at=None,
+                        worker_id=None)).rowcount
+            if changed:
+                self.notify(conn)
+        return bool(changed)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job | None:
+        with self.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
+
+    def list_jobs(self, *, states: Sequence[str] = (), camera_id: str | None = None,
+                  limit: int = 50, offset: int = 0) -> list[Job]:
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit).offset(offset)
+        if states:
+            query = query.where(jobs.c.status.in_(states))
+        if camera_id:
+            query = query.where(jobs.c.camera_id == camera_id)
+        with self.read() as conn:
+            return [Job.from_row(row) for row in conn.execute(query)]
+
+    def list_incidents(self, job_id: int) -> list[dict[str, Any]]:
+        query = select(incidents).where(incidents.c.job_id == job_id).order_by(incidents.c.start_at)
+        with self.read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{camera_id: {state: n}} with every state present."""
+        query = select(jobs.c.camera_id, jobs.c.status, func.count()).group_by(
+            jobs.c.camera_id, jobs.c.status)
+        out: dict[str, dict[str, int]] = {}
+        with self.read() as conn:
+            for camera_id, status, n in conn.execute(query):
+                out.setdefault(camera_id, dict.fromkeys(STATES, 0))[status] = n
+        return out
+
+    def oldest_pending(self) -> datetime | None:
+        with self.read() as conn:
+            return conn.execute(select(func.min(jobs.c.created_at))
+                                .where(jobs.c.status == "pending")).scalar()
+
+    def recent_failures(self, limit: int = 5) -> list[Job]:
+        query = (select(jobs).where(jobs.c.status == "failed")
+                 .order_by(jobs.c.completed_at.desc(), jobs.c.id.desc()).limit(limit))
+        with self.read() as conn:
+            return [Job.from_row(row) for row in conn.execute(query)]
+
+
+def dialect_insert(engine: Engine):
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    return insert
+
+
+def make_engine(url: str, *, create: bool = True, synchronous: str = "normal") -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return sqlite_engine(parsed, create=create, synchronous=synchronous)
+    if parsed.get_backend_name() == "postgresql":
+        try:
+            return create_engine(parsed, pool_pre_ping=True, isolation_level="READ COMMITTED")
+        except ModuleNotFoundError:
+            raise DatabaseError("PostgreSQL needs the postgres extra: "
+                                "pip install 'vlmguard[postgres]'") from None
+    raise DatabaseError(f"unsupported database URL {redact_url(url)}")
+
+
+def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
+    if not url.database or url.database == ":memory:":
+        raise DatabaseError("SQLite needs a file path: several processes share the job table")
+    if not create and not Path(url.database).exists():
+        raise DatabaseError(f"no vlmguard database at {url.database} "
+                            "(vlmguard run creates it on first start)")
+    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, _record):
+        # Hand transaction control to SQLAlchemy's begin event (the documented recipe).
+        dbapi_conn.isolation_level = None
+        for pragma in (f"busy_timeout={SQLITE_BUSY_MS}", "journal_mode=WAL",
+                       f"synchronous={synchronous}", "foreign_keys=ON"):
+            dbapi_conn.execute(f"PRAGMA {pragma}")
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn):
+        # BEGIN IMMEDIATE takes the write lock up front, so the busy timeout applies to it;
+        # a deferred read-then-write can fail busy without waiting.
+        read_only = conn.get_execution_options().get("vlmguard_read")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+class SqliteWatcher:
+    """Wakes when any other connection commits, by polling PRAGMA data_version (a read)."""
+
+    def __init__(self, path: str):
+        self.conn = sqlite3.connect(path, timeout=SQLITE_BUSY_MS / 1000, isolation_level=None)
+        self.version = self.data_version()
+
+    def data_version(self) -> int:
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            version = self.data_version()
+            if version != self.version:
+                self.version = version
+                return True
+            time.sleep(min(SQLITE_WATCH_INTERVAL, max(deadline - time.monotonic(), 0)))
+        return False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresListener:
+    """LISTEN on its own autocommit connection; register() NOTIFYs in its transaction."""
+
+    def __init__(self, url):
+        import psycopg
+
+        self.conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conn = psycopg.connect(self.conninfo, autocommit=True)
+        self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+    def wait(self, timeout: float) -> bool:
+        import psycopg
+
+        try:
+            for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+                return True
+        except psycopg.OperationalError:
+            # The server went away; the caller's fallback poll carries on until it is back.
+            time.sleep(timeout)
+            self.reconnect()
+        return False
+
+    def reconnect(self) -> None:
+        import psycopg
+
+        self.conn.close()
+        try:
+            self.conn = psycopg.connect(self.conninfo, autocommit=True)
+            self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except psycopg.OperationalError:
+            pass
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
