@@ -85,6 +85,7 @@ class CameraConfig:
     id: str = opt()
     url: str = opt(secret=True)
     prompt: str = opt("")
+    transcode: str = opt("auto", choices=("auto", "always", "never"))
 
 
 @dataclass(frozen=True)

@@ -465,6 +465,12 @@ class JobStore:
                 out.setdefault(camera_id, dict.fromkeys(STATES, 0))[status] = n
         return out
 
+    def in_flight_paths(self) -> set[str]:
+        """Archives whose analysis is still to come (retention must keep them)."""
+        query = select(jobs.c.video_path).where(jobs.c.status.in_(("pending", "processing")))
+        with self.read() as conn:
+            return set(conn.execute(query).scalars())
+
     def oldest_pending(self) -> datetime | None:
         with self.read() as conn:
             return conn.execute(select(func.min(jobs.c.created_at))

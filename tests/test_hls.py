@@ -1,0 +1,194 @@
+"""The HLS server's rules, over real files in a live directory (FFmpeg-free, fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from vlmguard.config import load_config
+from vlmguard.errors import ConfigError
+from vlmguard.hls import create_app
+from vlmguard.layout import Layout
+from vlmguard.streamer import check_server_settings
+
+from conftest import write_config
+
+PLAYLIST = """#EXTM3U
+#EXT-X-VERSION:6
+#EXT-X-TARGETDURATION:2
+#EXT-X-MEDIA-SEQUENCE:100
+#EXT-X-INDEPENDENT-SEGMENTS
+#EXTINF:2.000000,
+#EXT-X-PROGRAM-DATE-TIME:2026-11-26T08:00:00.000+0000
+seg-100.ts
+#EXTINF:2.000000,
+#EXT-X-PROGRAM-DATE-TIME:2026-11-26T08:00:02.000+0000
+seg-101.ts
+"""
+
+
+def make_config(tmp_path, token=""):
+    return load_config(write_config(tmp_path, f"""
+        [server]
+        token = "{token}"
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+        segment_seconds = 2
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2"
+        [[cameras]]
+        id = "cam2"
+        url = "lavfi:testsrc2"
+    """))
+
+
+def fill_live(config, camera="cam1", age=0.0):
+    live = Layout(config.data_dir).live(camera)
+    live.mkdir(parents=True, exist_ok=True)
+    (live / "index.m3u8").write_text(PLAYLIST)
+    for n in (100, 101):
+        (live / f"seg-{n}.ts").write_bytes(bytes(range(256)) * 40)
+    stamp = time.time() - age
+    os.utime(live / "index.m3u8", (stamp, stamp))
+    return live
+
+
+def fetch(config, method, path, **kwargs):
+    """One request against the app; returns (status, headers, body bytes)."""
+    async def go():
+        async with TestClient(TestServer(create_app(config))) as client:
+            response = await client.request(method, path, **kwargs)
+            return response.status, response.headers, await response.read()
+    return asyncio.run(go())
+
+
+def test_playlist_headers_and_rewrite(tmp_path):
+    config = make_config(tmp_path)
+    fill_live(config)
+    status, headers, body = fetch(config, "GET", "/live/cam1/index.m3u8")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/vnd.apple.mpegurl")
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    text = body.decode()
+    assert "#EXT-X-TARGETDURATION:2\n#EXT-X-START:TIME-OFFSET=-6\n" in text
+    assert "#EXT-X-PROGRAM-DATE-TIME" in text and "#EXT-X-INDEPENDENT-SEGMENTS" in text
+    status, headers, body = fetch(config, "HEAD", "/live/cam1/index.m3u8")
+    assert status == 200 and body == b""
+
+
+def test_target_duration_never_shrinks(tmp_path):
+    config = make_config(tmp_path)
+    live = fill_live(config)
+
+    async def go():
+        async with TestClient(TestServer(create_app(config))) as client:
+            (live / "index.m3u8").write_text(PLAYLIST.replace("#EXTINF:2.000000,\n#EXT-X-PROGRAM-DATE-TIME:2026-11-26T08:00:02",
+                                                              "#EXTINF:3.400000,\n#EXT-X-PROGRAM-DATE-TIME:2026-11-26T08:00:02"))
+            first = await (await client.get("/live/cam1/index.m3u8")).text()
+            (live / "index.m3u8").write_text(PLAYLIST)
+            second = await (await client.get("/live/cam1/index.m3u8")).text()
+            return first, second
+    first, second = asyncio.run(go())
+    assert "#EXT-X-TARGETDURATION:4\n" in first
+    assert "#EXT-X-TARGETDURATION:4\n" in second
+
+
+def test_segment_served_with_range_and_type(tmp_path):
+    config = make_config(tmp_path)
+    live = fill_live(config)
+    status, headers, body = fetch(config, "GET", "/live/cam1/seg-100.ts")
+    assert status == 200 and headers["Content-Type"] == "video/mp2t"
+    assert body == (live / "seg-100.ts").read_bytes()
+    status, headers, body = fetch(config, "GET", "/live/cam1/seg-100.ts",
+                                  headers={"Range": "bytes=10-19"})
+    assert status == 206 and body == bytes(range(10, 20))
+    assert headers["Content-Range"] == "bytes 10-19/10240"
+
+
+def test_offline_camera_is_503_with_retry_after(tmp_path):
+    config = make_config(tmp_path)
+    fill_live(config, age=60)
+    status, headers, body = fetch(config, "GET", "/live/cam1/index.m3u8")
+    assert status == 503 and headers["Retry-After"] == "2"
+    assert b"offline" in body
+    status, headers, _ = fetch(config, "GET", "/live/cam2/index.m3u8")  # never started
+    assert status == 503
+
+
+@pytest.mark.parametrize("path", [
+    "/live/nope/index.m3u8",
+    "/live/cam1/seg-999.ts",
+    "/live/cam1/..%2f..%2fconfig.toml",
+    "/live/cam1/%2e%2e/%2e%2e/config.toml",
+    "/live/cam1/%2E%2E%2F%2E%2E%2Fconfig.toml",
+    "/live/cam1/..%5c..%5cconfig.toml",
+    "/live/cam1/%2fetc%2fpasswd",
+    "/live/cam1//etc/passwd",
+    "/live/../../config.toml",
+    "/live/cam1/index.m3u8%00.ts",
+    "/live/cam1/seg-1.ts",  # a symlink out of the live directory
+])
+def test_traversal_and_unknown_are_404_without_paths(tmp_path, path):
+    config = make_config(tmp_path)
+    live = fill_live(config)
+    (live / "seg-1.ts").symlink_to(tmp_path / "config.toml")
+    status, _, body = fetch(config, "GET", path)
+    assert status == 404
+    assert str(tmp_path) not in body.decode(errors="replace")
+    assert b"[server]" not in body
+
+
+def test_token_required_when_set(tmp_path):
+    config = make_config(tmp_path, token="s3cret")
+    fill_live(config)
+    assert fetch(config, "GET", "/live/cam1/index.m3u8")[0] == 401
+    assert fetch(config, "GET", "/live/cam1/index.m3u8?token=wrong")[0] == 401
+    assert fetch(config, "GET", "/live/cam1/seg-100.ts")[0] == 401
+    assert fetch(config, "GET", "/")[0] == 401
+    status, _, _ = fetch(config, "GET", "/live/cam1/index.m3u8",
+                         headers={"Authorization": "Bearer s3cret"})
+    assert status == 200
+    status, _, body = fetch(config, "GET", "/live/cam1/index.m3u8?token=s3cret")
+    assert status == 200
+    assert "seg-100.ts?token=s3cret\n" in body.decode()  # players without headers keep going
+    assert fetch(config, "GET", "/live/cam1/seg-100.ts?token=s3cret")[0] == 200
+
+
+def test_cors_preflight(tmp_path):
+    config = make_config(tmp_path, token="s3cret")
+    status, headers, _ = fetch(config, "OPTIONS", "/live/cam1/index.m3u8",
+                               headers={"Origin": "http://other.example",
+                                        "Access-Control-Request-Method": "GET"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+    assert "Authorization" in headers["Access-Control-Allow-Headers"]
+
+
+def test_index_lists_cameras_with_links(tmp_path):
+    config = make_config(tmp_path)
+    fill_live(config)
+    status, headers, body = fetch(config, "GET", "/")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert '<a href="/live/cam1/index.m3u8">cam1</a> (live)' in text
+    assert '<a href="/live/cam2/index.m3u8">cam2</a> (offline)' in text
+
+
+def test_public_host_without_token_refused(tmp_path):
+    config = load_config(write_config(tmp_path, """
+        [server]
+        host = "0.0.0.0"
+        [[cameras]]
+        id = "a"
+        url = "lavfi:testsrc2"
+    """))
+    with pytest.raises(ConfigError, match="server.token: required when server.host"):
+        check_server_settings(config)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_server_settings(load_config(write_config(
+            tmp_path, f'[server]\nhost = "{host}"\n[[cameras]]\nid = "a"\nurl = "lavfi:x"\n')))

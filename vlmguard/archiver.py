@@ -1,0 +1,164 @@
+"""The archiver process: closed archives become MP4 files and jobs; old ones are deleted.
+
+It only reads what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
+finished with), remuxes each into archives/<camera>/<start>.mp4 without re-encoding, and
+registers it. Registering is idempotent, so on start it simply registers every archive on
+disk again: whatever a crash or a stop left behind is caught up.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from vlmguard.config import Config
+from vlmguard.ffmpeg import ffmpeg_binary, media_duration, remux_to_mp4
+from vlmguard.layout import Layout, archive_start
+from vlmguard.logs import configure_logging, get_logger
+from vlmguard.store import JobStore, utcnow
+
+log = get_logger("vlmguard.archiver")
+
+LOOP_SECONDS = 1.0
+RETENTION_EVERY_SECONDS = 30.0
+GB = 1_000_000_000
+
+
+def main(config: Config) -> None:
+    """Entry point of the archiver process."""
+    configure_logging("archiver")
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
+    parent = multiprocessing.parent_process()
+    with JobStore.from_config(config) as store:
+        archiver = Archiver(config, store)
+        archiver.catch_up()
+        last_retention = 0.0
+        while not stopping:
+            archiver.finalize_closed()
+            if time.monotonic() - last_retention > RETENTION_EVERY_SECONDS:
+                archiver.enforce_retention()
+                last_retention = time.monotonic()
+            sentinels = [parent.sentinel] if parent else []
+            if sentinels and multiprocessing.connection.wait(sentinels, LOOP_SECONDS):
+                log.warning("parent gone, archiver stopping")
+                break
+            if not sentinels:
+                time.sleep(LOOP_SECONDS)
+        archiver.finalize_closed()  # what the streamer closed while stopping
+    log.info("archiver stopped")
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    camera_id: str
+    path: Path
+    start: datetime
+    size: int
+
+
+class Archiver:
+    def __init__(self, config: Config, store: JobStore):
+        self.config = config
+        self.store = store
+        self.layout = Layout(config.data_dir)
+        self.binary = ffmpeg_binary()
+        for camera in config.cameras:
+            self.layout.make_dirs(camera.id)
+
+    def catch_up(self) -> None:
+        self.finalize_closed()
+        for archive in self.archives():
+            self.register(archive.camera_id, archive.path)
+
+    def finalize_closed(self) -> None:
+        for camera in self.config.cameras:
+            for closed in sorted(self.layout.closed(camera.id).glob("*.ts")):
+                self.finalize(camera.id, closed)
+
+    def finalize(self, camera_id: str, closed: Path) -> None:
+        if archive_start(closed) is None:
+            log.warning("not an archive name, left alone", camera_id=camera_id, file=str(closed))
+            return
+        target = self.layout.archives(camera_id) / f"{closed.stem}.mp4"
+        partial = target.with_name(target.name + ".part")
+        try:
+            if remux_to_mp4(self.binary, closed, partial):
+                partial.rename(target)
+                closed.unlink()
+            else:
+                # Unreadable as video, or no room for a copy: keep the footage as it is;
+                # the analyzer will say what is wrong with it rather than it vanishing.
+                partial.unlink(missing_ok=True)
+                target = self.layout.archives(camera_id) / closed.name
+                closed.rename(target)
+                log.error("archive kept as MPEG-TS: remux failed", camera_id=camera_id,
+                          file=str(target))
+        except OSError as exc:
+            log.error("archive not finalized, will retry", camera_id=camera_id,
+                      file=str(closed), error=str(exc))
+            return
+        self.register(camera_id, target)
+
+    def register(self, camera_id: str, path: Path) -> None:
+        start = archive_start(path)
+        duration = media_duration(self.binary, path) or 0.0
+        job_id = self.store.register(camera_id, path, start, start + timedelta(seconds=duration),
+                                     max_retries=self.config.analysis.max_retries)
+        if job_id is not None:
+            log.info("archive registered", camera_id=camera_id, job_id=job_id,
+                     file=path.name, duration_s=round(duration, 2))
+
+    def archives(self) -> list[ArchiveFile]:
+        found = []
+        for camera in self.config.cameras:
+            for path in self.layout.archives(camera.id).iterdir():
+                start = archive_start(path)
+                if start is None:
+                    continue
+                try:
+                    found.append(ArchiveFile(camera.id, path, start, path.stat().st_size))
+                except FileNotFoundError:
+                    continue
+        return sorted(found, key=lambda a: a.start)
+
+    def enforce_retention(self) -> None:
+        """Oldest first: past retention_days, over max_disk_gb, or under min_free_gb."""
+        storage = self.config.storage
+        in_flight = self.store.in_flight_paths()
+        archives = self.archives()
+        total = sum(a.size for a in archives)
+        free = shutil.disk_usage(self.layout.data_dir).free
+        cutoff = utcnow() - timedelta(days=storage.retention_days)
+        for archive in archives:
+            expired = storage.retention_days > 0 and archive.start < cutoff
+            over_budget = storage.max_disk_gb > 0 and total > storage.max_disk_gb * GB
+            disk_filling = free < storage.min_free_gb * GB
+            if not (expired or over_budget or disk_filling):
+                continue
+            unanalysed = str(archive.path) in in_flight
+            if unanalysed and not disk_filling:
+                continue
+            if unanalysed:
+                log.error("deleting an archive not yet analysed: the disk is nearly full",
+                          camera_id=archive.camera_id, file=archive.path.name,
+                          free_gb=round(free / GB, 2), min_free_gb=storage.min_free_gb)
+            if self.delete(archive):
+                total -= archive.size
+                free += archive.size
+
+    def delete(self, archive: ArchiveFile) -> bool:
+        try:
+            archive.path.unlink()
+        except OSError as exc:
+            log.error("cannot delete archive", file=str(archive.path), error=str(exc))
+            return False
+        log.info("archive deleted", camera_id=archive.camera_id, file=archive.path.name)
+        return True

@@ -1,0 +1,127 @@
+"""Finding FFmpeg and building its command lines; nothing here runs for long.
+
+One FFmpeg per camera reads the camera once and writes, through the tee muxer, both the
+live HLS window and the clock-aligned archive. Archives are MPEG-TS while written: a TS
+cut short by a crash still plays, and the archiver remuxes it into MP4 without re-encoding.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from vlmguard.config import CameraConfig, StorageConfig
+from vlmguard.errors import VlmguardError
+
+RTSP_TIMEOUT_US = 5_000_000
+DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+)")
+VIDEO_CODEC = re.compile(r"Stream #\S+.*?: Video: (\w+)")
+COPYABLE_CODECS = ("h264", "hevc")
+
+
+def ffmpeg_binary() -> str:
+    """A system ffmpeg on PATH, else the one the imageio-ffmpeg package ships."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:
+        raise VlmguardError(f"no ffmpeg on PATH and none from imageio-ffmpeg: {exc}") from None
+
+
+def parent_death_prefix() -> list[str]:
+    """Run FFmpeg under `setpriv --pdeathsig KILL` so it dies with the streaming process.
+
+    The death signal is tied to the thread that forks; the streamer forks from its event
+    loop thread, which lives as long as the process.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def input_args(url: str) -> list[str]:
+    if url.startswith(("rtsp://", "rtsps://")):
+        return ["-rtsp_transport", "tcp", "-timeout", str(RTSP_TIMEOUT_US), "-i", url]
+    if url.startswith(("http://", "https://")):
+        return ["-rw_timeout", str(RTSP_TIMEOUT_US), "-i", url]
+    if url.startswith("file://"):
+        return ["-re", "-stream_loop", "-1", "-i", url[len("file://"):]]
+    return ["-re", "-f", "lavfi", "-i", url[len("lavfi:"):]]
+
+
+def needs_encoding(camera: CameraConfig, probed_codec: str | None) -> bool:
+    if camera.transcode != "auto":
+        return camera.transcode == "always"
+    return camera.url.startswith("lavfi:") or probed_codec not in COPYABLE_CODECS
+
+
+def video_args(encode: bool, segment_seconds: int) -> list[str]:
+    if not encode:
+        return ["-c:v", "copy"]
+    # A keyframe exactly every segment keeps every segment the same length, so the
+    # playlist's target duration never changes.
+    return ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+            "-pix_fmt", "yuv420p", "-sc_threshold", "0", "-g", str(segment_seconds * 60),
+            "-force_key_frames", f"expr:gte(t,n_forced*{segment_seconds})"]
+
+
+def tee_escape(value: str) -> str:
+    return re.sub(r"([\\:|\[\]'=])", r"\\\1", value)
+
+
+def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
+                   partial_dir: Path, run_list: Path, encode: bool) -> list[str]:
+    hls = ":".join([
+        "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",
+        "hls_flags=delete_segments+program_date_time+independent_segments+temp_file",
+        "hls_start_number_source=epoch",
+        f"hls_segment_filename={tee_escape(str(live_dir / 'seg-%d.ts'))}",
+    ])
+    archive = ":".join([
+        "f=segment", f"segment_time={storage.archive_seconds}", "segment_atclocktime=1",
+        "reset_timestamps=1", "strftime=1", "segment_format=mpegts",
+        f"segment_list={tee_escape(str(run_list))}", "segment_list_type=csv",
+        # A full disk must not take the live stream down with the archive.
+        "onfail=ignore",
+    ])
+    outputs = (f"[{hls}]{live_dir / 'index.m3u8'}"
+               f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
+    return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
+            *input_args(camera.url), "-map", "0:v:0", "-an", *video_args(encode, storage.segment_seconds),
+            "-f", "tee", outputs]
+
+
+def probe_codec(binary: str, url: str, timeout: float = 20) -> str | None:
+    """The camera's video codec, read from `ffmpeg -i` (ffprobe is not always there)."""
+    args = [binary, "-hide_banner", *input_args(url)]
+    args = [a for a in args if a != "-re"]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    match = VIDEO_CODEC.search(proc.stderr)
+    return match.group(1) if match else None
+
+
+def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None:
+    proc = subprocess.run([binary, "-hide_banner", "-i", str(path)], capture_output=True,
+                          text=True, timeout=timeout)
+    match = DURATION.search(proc.stderr)
+    if not match:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def remux_to_mp4(binary: str, source: Path, target: Path, timeout: float = 600) -> bool:
+    """Copy the streams into an MP4 with its index up front; True when FFmpeg succeeded."""
+    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                           "-i", str(source), "-map", "0", "-c", "copy",
+                           "-movflags", "+faststart", "-f", "mp4", str(target)],
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode == 0 and target.exists() and target.stat().st_size > 0

@@ -1,0 +1,161 @@
+"""The HLS file server (aiohttp), run inside the streaming process.
+
+It serves what FFmpeg wrote under live/<camera>/, adjusting the playlist on the way out:
+a constant EXT-X-TARGETDURATION, an EXT-X-START three target durations from the end, and
+the token carried on to segment URLs. It never serves a stale playlist: a camera whose
+playlist stopped moving answers 503 with Retry-After, so players retry instead of
+spinning on old video (one cause of the seed's "old video after coming back").
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import math
+import re
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from aiohttp import web
+
+from vlmguard.config import Config
+from vlmguard.layout import Layout
+
+SEGMENT_NAME = re.compile(r"seg-\d{1,20}\.ts")
+PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+CORS = {"Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, Range",
+        "Access-Control-Expose-Headers": "Content-Length, Content-Range"}
+CONFIG_KEY = web.AppKey("config", Config)
+TARGETS_KEY = web.AppKey("targets", dict)
+
+
+def stale_after(config: Config) -> float:
+    """A playlist older than this means FFmpeg is not producing: the camera is offline."""
+    return max(3.0 * config.storage.segment_seconds, 6.0)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware, token_middleware])
+    app[CONFIG_KEY] = config
+    app[TARGETS_KEY] = {}  # camera -> largest target duration served, so it never shrinks
+    app.router.add_get("/", index)
+    app.router.add_get("/live/{camera}/index.m3u8", playlist)
+    app.router.add_get("/live/{camera}/{segment}", segment)
+    return app
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler):
+    if request.method == "OPTIONS":  # a browser's preflight: no route, no token
+        return web.Response(status=204, headers=CORS)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(CORS)
+        raise
+    response.headers.update(CORS)
+    return response
+
+
+@web.middleware
+async def token_middleware(request: web.Request, handler):
+    expected = request.app[CONFIG_KEY].server.token
+    if expected and not token_ok(request, expected):
+        raise web.HTTPUnauthorized(text="token required\n",
+                                   headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def token_ok(request: web.Request, expected: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def index(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    layout = Layout(config.data_dir)
+    rows = []
+    for camera in config.cameras:
+        url = f"/live/{camera.id}/index.m3u8"
+        state = "live" if playlist_age(layout.live(camera.id)) < stale_after(config) else "offline"
+        rows.append(f'<li><a href="{html.escape(url)}">{html.escape(camera.id)}</a> ({state})</li>')
+    body = ("<!doctype html><title>vlmguard</title><h1>vlmguard cameras</h1>"
+            f"<ul>{''.join(rows)}</ul>")
+    return web.Response(text=body, content_type="text/html")
+
+
+def playlist_age(live_dir: Path) -> float:
+    try:
+        return time.time() - (live_dir / "index.m3u8").stat().st_mtime
+    except OSError:
+        return math.inf
+
+
+def known_camera(request: web.Request) -> str:
+    camera_id = request.match_info["camera"]
+    if request.app[CONFIG_KEY].camera(camera_id) is None:
+        raise web.HTTPNotFound(text="not found\n")
+    return camera_id
+
+
+async def playlist(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    camera_id = known_camera(request)
+    live_dir = Layout(config.data_dir).live(camera_id)
+    retry = str(config.storage.segment_seconds)
+    if playlist_age(live_dir) > stale_after(config):
+        raise web.HTTPServiceUnavailable(text=f"camera {camera_id} is offline\n",
+                                         headers={"Retry-After": retry})
+    try:
+        text = (live_dir / "index.m3u8").read_text()
+    except OSError:
+        raise web.HTTPServiceUnavailable(text=f"camera {camera_id} is offline\n",
+                                         headers={"Retry-After": retry}) from None
+    targets = request.app[TARGETS_KEY]
+    target = max(targets.get(camera_id, 0), config.storage.segment_seconds, longest_segment(text))
+    targets[camera_id] = target
+    token = request.query.get("token", "")
+    body = rewrite_playlist(text, target, token)
+    return web.Response(text=body, content_type=PLAYLIST_TYPE,
+                        headers={"Cache-Control": "no-cache"})
+
+
+def longest_segment(text: str) -> int:
+    durations = [float(line[8:].split(",")[0]) for line in text.splitlines()
+                 if line.startswith("#EXTINF:")]
+    return math.ceil(max(durations, default=0) - 0.01)
+
+
+def rewrite_playlist(text: str, target: int, token: str) -> str:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-TARGETDURATION:"):
+            out.append(f"#EXT-X-TARGETDURATION:{target}")
+            # The spec's floor for a live start point: three target durations from the end.
+            out.append(f"#EXT-X-START:TIME-OFFSET=-{3 * target}")
+        elif line.startswith("#EXT-X-ENDLIST"):
+            continue  # FFmpeg ends the list when it stops; the camera is live again soon
+        elif token and line and not line.startswith("#"):
+            out.append(f"{line}?token={quote(token, safe='')}")
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+async def segment(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    camera_id = known_camera(request)
+    name = request.match_info["segment"]
+    if not SEGMENT_NAME.fullmatch(name):
+        raise web.HTTPNotFound(text="not found\n")
+    live_dir = Layout(config.data_dir).live(camera_id).resolve()
+    path = (live_dir / name).resolve()
+    if path.parent != live_dir or not path.is_file():
+        raise web.HTTPNotFound(text="not found\n")
+    # Segment names carry an ever-growing sequence number: a name is never reused.
+    return web.FileResponse(path, headers={"Content-Type": "video/mp2t",
+                                           "Cache-Control": "public, max-age=60"})

@@ -1,0 +1,49 @@
+"""Where each process's files live under data_dir: the contract between them.
+
+camera -> FFmpeg writes live/<cam>/ (HLS) and partial/<cam>/ (archive being written);
+the streamer moves a closed archive to closed/<cam>/; the archiver remuxes it into
+archives/<cam>/<start>.mp4 and registers it. A file is only ever in one of these places.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ARCHIVE_NAME = re.compile(r"(\d{8}T\d{6}Z)\.(ts|mp4)")
+ARCHIVE_TIME = "%Y%m%dT%H%M%SZ"
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_dir: Path
+
+    def live(self, camera_id: str) -> Path:
+        return self.data_dir / "live" / camera_id
+
+    def partial(self, camera_id: str) -> Path:
+        return self.data_dir / "partial" / camera_id
+
+    def closed(self, camera_id: str) -> Path:
+        return self.data_dir / "closed" / camera_id
+
+    def archives(self, camera_id: str) -> Path:
+        return self.data_dir / "archives" / camera_id
+
+    def archive_root(self) -> Path:
+        return self.data_dir / "archives"
+
+    def make_dirs(self, camera_id: str) -> None:
+        for path in (self.live(camera_id), self.partial(camera_id), self.closed(camera_id),
+                     self.archives(camera_id)):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def archive_start(path: Path) -> datetime | None:
+    """The UTC start time FFmpeg wrote into an archive's name, or None if not one of ours."""
+    match = ARCHIVE_NAME.fullmatch(path.name)
+    if not match:
+        return None
+    return datetime.strptime(match.group(1), ARCHIVE_TIME).replace(tzinfo=timezone.utc)
