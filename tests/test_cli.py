@@ -122,3 +122,33 @@ def test_console_script_installed():
     proc = subprocess.run([sys.executable, "-m", "vlmguard", "--version"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+@pytest.fixture
+def with_incidents(config_file):
+    from vlmguard.store import IncidentRecord
+    with JobStore.from_config(load_config(config_file)) as store:
+        for camera, n, severity in [("cam1", 0, "low"), ("cam1", 1, "critical"), ("cam2", 2, "high")]:
+            start = T0 + timedelta(hours=n)
+            store.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
+            job = store.claim("w")
+            store.complete(job, Outcome(result={}, safety_score=50, incidents=[
+                IncidentRecord(start + timedelta(seconds=30), start + timedelta(seconds=40),
+                               "fall", severity, f"incident {n}", 0.9)]))
+    return config_file
+
+
+def test_incidents_newest_first_and_filters(with_incidents):
+    def ids(*args):
+        result = run("incidents", "--json", "--config", with_incidents, *args)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["description"] for line in result.output.splitlines()]
+    assert ids() == ["incident 2", "incident 1", "incident 0"]
+    assert ids("--camera", "cam1") == ["incident 1", "incident 0"]
+    assert ids("--severity", "high") == ["incident 2", "incident 1"]
+    assert ids("--since", "2026-11-26T09:00:00") == ["incident 2", "incident 1"]
+    assert ids("--limit", "1") == ["incident 2"]
+    row = json.loads(run("incidents", "--json", "--limit", "1", "--config", with_incidents).output)
+    assert row["start_at"] == "2026-11-26T10:00:30+00:00"
+    text = run("incidents", "--config", with_incidents).output
+    assert "2026-11-26 10:00:30  cam2             high     fall         incident 2  (job 3)" in text

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import Daemon
+import browser
+from daemon import Daemon, free_port
 
 
 def ffprobe_duration(path: Path) -> float:
@@ -145,3 +146,57 @@ def test_orderly_stop_closes_and_registers_open_archive(tmp_path):
     assert ffprobe_duration(archive) >= 2
     assert [Path(r[0]) for r in job_rows(daemon)] == [archive]
     assert not list((daemon.data_dir / "partial" / "cam1").iterdir())
+
+
+def test_hlsjs_in_chromium_plays_near_live_edge(daemon, tmp_path):
+    reports = browser.play_with_hlsjs(daemon.url, tmp_path / "profile", samples=6)
+    events = [r["event"] for r in reports]
+    assert events == ["playing", "latency"], reports
+    latency = reports[-1]
+    assert latency["frames"] > 100
+    # hls.js honours EXT-X-START (3 target durations back); well inside the playlist window.
+    assert max(latency["latencies"]) < 6 * daemon.config.storage.segment_seconds + 2
+
+
+def start_rtsp_camera(port: int) -> subprocess.Popen:
+    camera = subprocess.Popen(["/usr/bin/python3", str(Path(__file__).parent / "rtsp_camera.py"),
+                               str(port)], stdout=subprocess.PIPE, text=True)
+    assert camera.stdout.readline().strip() == "ready"
+    return camera
+
+
+def http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+    try:
+        return urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_rtsp_camera_outage_resumes_without_restart_and_keeps_partial_archive(tmp_path):
+    port = free_port()
+    camera = start_rtsp_camera(port)
+    daemon = Daemon(tmp_path, camera_url=f"rtsp://127.0.0.1:{port}/cam", archive_seconds=60).start()
+    try:
+        daemon.wait_live(timeout=40)
+        assert decoded_frames(daemon.url, seconds=3) >= 50
+        camera.kill()
+        camera.wait()
+        down_at = time.time()
+        wait_for(lambda: http_status(daemon.url) == 503, 20, "the camera to show offline")
+        archives = daemon.data_dir / "archives" / "cam1"
+        [cut] = wait_for(lambda: list(archives.glob("*.mp4")), 30, "the partial archive")
+        assert ffprobe_duration(cut) >= 3 and decoded_frames(str(cut)) >= 50
+        assert [Path(r[0]) for r in wait_for(lambda: job_rows(daemon), 10, "its job")] == [cut]
+        time.sleep(max(0.0, 20 - (time.time() - down_at)))
+        camera = start_rtsp_camera(port)
+        daemon.wait_live(timeout=60)
+        assert decoded_frames(daemon.url, seconds=3) >= 50
+        assert daemon.streamer.is_alive()
+        # Copied, not re-encoded: the camera's own H.264 comes through.
+        assert "Constrained Baseline" in subprocess.run(
+            ["ffprobe", "-hide_banner", str(cut)], capture_output=True, text=True).stderr
+    finally:
+        daemon.stop()
+        camera.kill()

@@ -9,14 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 
 from vlmguard import __version__
 from vlmguard.config import load_config, masked
 from vlmguard.errors import VlmguardError
-from vlmguard.status import gather_status, job_detail, job_summary, render_status
+from vlmguard.analyzer import analyze_file
+from vlmguard.status import gather_status, iso, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
+from vlmguard.vlm import SEVERITIES
 
 CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
 
@@ -135,6 +139,60 @@ def job_show(config_path, job_id):
             raise VlmguardError(f"no job {job_id}")
         detail = job_detail(found, store.list_incidents(job_id))
     click.echo(json.dumps(detail, indent=2))
+
+
+@main.command()
+@config_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--camera", "camera_id", metavar="ID", help="Use this camera's prompt context.")
+@click.option("--json", "as_json", is_flag=True, help="The checked answer and tokens as JSON.")
+@reports_errors
+def analyze(config_path, file, camera_id, as_json):
+    """Analyse one video file now and print the result; nothing is stored.
+
+    For tuning prompts and settings: the file goes through the same preparation, prompt,
+    model call and checks as an archive in the job table.
+    """
+    config = load_config(config_path)
+    finding, answer = analyze_file(config, file, camera_id)
+    tokens = {"prompt": answer.prompt_tokens, "output": answer.output_tokens,
+              "total": answer.total_tokens}
+    if as_json:
+        click.echo(json.dumps({"safety_score": finding.safety_score, "summary": finding.summary,
+                               "incidents": list(finding.incidents), "tokens": tokens}, indent=2))
+        return
+    click.echo(f"safety score {finding.safety_score}/100   tokens {tokens['total']}")
+    click.echo(finding.summary)
+    for incident in finding.incidents:
+        click.echo(f"  {incident['start_offset_s']:7.1f}-{incident['end_offset_s']:<7.1f} "
+                   f"{incident['severity']:<8} {incident['category']:<12} {incident['description']}")
+
+
+@main.command()
+@config_option
+@click.option("--camera", "camera_id", metavar="ID", help="Only this camera's incidents.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"]),
+              help="Only incidents starting at or after this time (UTC).")
+@click.option("--severity", type=click.Choice(SEVERITIES),
+              help="Only incidents of this severity or worse.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one incident a line.")
+@reports_errors
+def incidents(config_path, camera_id, since, severity, limit, as_json):
+    """Incidents the analysis found, newest first, with wall-clock times (UTC)."""
+    config = load_config(config_path)
+    worse = SEVERITIES[SEVERITIES.index(severity):] if severity else ()
+    with open_store(config) as store:
+        rows = store.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
+                                    since=since.replace(tzinfo=timezone.utc) if since else None)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps({k: iso(v) if isinstance(v, datetime) else v
+                                   for k, v in row.items()}))
+        else:
+            click.echo(f"{row['start_at']:%Y-%m-%d %H:%M:%S}  {row['camera_id']:<16} "
+                       f"{row['severity']:<8} {row['category']:<12} {row['description']}"
+                       f"  (job {row['job_id']})")
 
 
 if __name__ == "__main__":

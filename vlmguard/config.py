@@ -70,6 +70,10 @@ class AnalysisConfig:
     lease_seconds: int = opt(60, lo=5, hi=3600)
     retry_backoff_seconds: float = opt(10.0, lo=0.1, hi=3600)
     poll_seconds: float = opt(5.0, lo=0.05, hi=300)
+    mode: str = opt("reduced", choices=("reduced", "original"))
+    fps: float = opt(0.5, lo=0.05, hi=5)
+    height: int = opt(360, lo=144, hi=2160)
+    media_resolution: str = opt("low", choices=("low", "medium", "high", "default"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class GeminiConfig:
     api_key_env: str = opt("GEMINI_API_KEY")
     api_key_file: str = opt("")
     base_url: str = opt("")
+    timeout_seconds: float = opt(300.0, lo=5, hi=3600)
+    file_active_timeout_seconds: float = opt(300.0, lo=5, hi=3600)
+    max_output_tokens: int = opt(8192, lo=256, hi=65536)
 
 
 @dataclass(frozen=True)

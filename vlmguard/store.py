@@ -455,6 +455,21 @@ class JobStore:
         with self.read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def find_incidents(self, *, camera_id: str | None = None, since: datetime | None = None,
+                       severities: Sequence[str] = (), limit: int = 50,
+                       offset: int = 0) -> list[dict[str, Any]]:
+        """Incidents newest first, optionally of one camera, since a time, of some severities."""
+        query = (select(incidents).order_by(incidents.c.start_at.desc(), incidents.c.id.desc())
+                 .limit(limit).offset(offset))
+        if camera_id:
+            query = query.where(incidents.c.camera_id == camera_id)
+        if since:
+            query = query.where(incidents.c.start_at >= since)
+        if severities:
+            query = query.where(incidents.c.severity.in_(severities))
+        with self.read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
     def counts(self) -> dict[str, dict[str, int]]:
         """{camera_id: {state: n}} with every state present."""
         query = select(jobs.c.camera_id, jobs.c.status, func.count()).group_by(
@@ -511,7 +526,10 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
         raise DatabaseError(f"no vlmguard database at {url.database} "
                             "(vlmguard run creates it on first start)")
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+    # check_same_thread off: an analyzer heartbeats its lease from a side thread, and the
+    # pool hands each thread a connection of its own at a time.
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000,
+                                              "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn, _record):

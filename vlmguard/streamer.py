@@ -30,7 +30,7 @@ log = get_logger("vlmguard.streamer")
 CHECK_INTERVAL = 0.5
 START_GRACE_SECONDS = 15.0
 STOP_TIMEOUT_SECONDS = 10.0
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 10.0
 STABLE_RUN_SECONDS = 60.0
 
 
@@ -131,11 +131,14 @@ class CameraFeed:
                 pass
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-    async def decide_encoding(self) -> bool:
+    async def decide_encoding(self) -> bool | None:
+        """Copy or encode; None while an "auto" camera can't be reached to tell."""
         if self.encode is None:
             codec = None
             if self.camera.transcode == "auto" and not self.camera.url.startswith("lavfi:"):
                 codec = await asyncio.to_thread(probe_codec, self.binary, self.camera.url)
+                if codec is None:
+                    return None
             self.encode = needs_encoding(self.camera, codec)
             log.info("camera codec", camera_id=self.camera.id, codec=codec,
                      mode="encode" if self.encode else "copy")
@@ -146,10 +149,12 @@ class CameraFeed:
         live = self.layout.live(self.camera.id)
         for stale in live.iterdir():
             stale.unlink(missing_ok=True)
+        encode = await self.decide_encoding()
+        if encode is None:
+            return "camera unreachable: no video stream found"
         run_list = self.layout.partial(self.camera.id) / f"run-{time.time_ns()}.csv"
         command = camera_command(self.binary, self.camera, self.config.storage, live,
-                                 self.layout.partial(self.camera.id), run_list,
-                                 await self.decide_encoding())
+                                 self.layout.partial(self.camera.id), run_list, encode)
         # Forked from the event-loop thread, so the parent-death signal stays armed.
         proc = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
