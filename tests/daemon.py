@@ -83,3 +83,98 @@ class Daemon:
                 proc.join(timeout=20)
                 if proc.is_alive():
                     proc.kill()
+
+
+class RunningVlmguard:
+    """`vlmguard run` as systemd would start it: a real process, logs to a file."""
+
+    def __init__(self, directory: Path, gemini_url: str, *, workers: int = 2, extra: str = "",
+                 daemon: str = "", env: dict | None = None, cameras: str | None = None):
+        self.port = free_port()
+        self.directory = directory
+        self.data_dir = directory / "data"
+        self.log_path = directory / "vlmguard.log"
+        self.config_path = directory / "config.toml"
+        self.env = env or {}
+        cameras = cameras or '[[cameras]]\nid = "cam1"\nurl = "lavfi:testsrc2=size=320x240:rate=25"\n'
+        self.config_path.write_text(f"""
+[server]
+port = {self.port}
+[storage]
+data_dir = "{self.data_dir}"
+segment_seconds = 1
+archive_seconds = 10
+[analysis]
+workers = {workers}
+lease_seconds = 5
+retry_backoff_seconds = 0.5
+poll_seconds = 0.5
+[gemini]
+base_url = "{gemini_url}"
+timeout_seconds = 20
+[daemon]
+stop_timeout_seconds = 15
+{daemon}
+{extra}
+{cameras}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RunningVlmguard":
+        import os
+        import sys
+        env = {**os.environ, "GEMINI_API_KEY": "test-key-123", **self.env}
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vlmguard", "run", "--config",
+                                      str(self.config_path)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def url(self, camera: str = "cam1") -> str:
+        return f"http://127.0.0.1:{self.port}/live/{camera}/index.m3u8"
+
+    def wait_live(self, camera: str = "cam1", timeout: float = 40) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url(camera), timeout=2) as response:
+                    if b".ts" in response.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"{camera} never went live:\n{self.log_text()[-3000:]}")
+
+    def child_pid(self, name: str) -> int | None:
+        import json
+        try:
+            return json.loads((self.data_dir / "run" / f"{name}.json").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict]:
+        import json
+        events = []
+        for line in self.log_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def stop(self, signum: int = 15, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

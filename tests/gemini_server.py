@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,27 @@ DEFAULT_ANSWER = {
                    "description": "A person trips and falls next to the forklift.",
                    "confidence": 0.8}],
 }
+
+
+def video_seconds(data: bytes) -> float:
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+        handle.write(data)
+        handle.flush()
+        out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
+                              "-of", "csv=p=0", handle.name], capture_output=True, text=True)
+    try:
+        return float(out.stdout.strip())
+    except ValueError:
+        return 0.0
+
+
+def answer_within(data: bytes) -> dict:
+    """Like a model, place the incident inside the clip it was shown (3-5 s when it can)."""
+    seconds = video_seconds(data)
+    incident = dict(DEFAULT_ANSWER["incidents"][0],
+                    start_offset_s=round(min(3.0, seconds / 2), 2),
+                    end_offset_s=round(min(5.0, seconds), 2))
+    return dict(DEFAULT_ANSWER, incidents=[incident])
 
 
 def error_body(code: int, status: str, message: str, details: list | None = None) -> dict:
@@ -190,6 +213,7 @@ class FakeGemini:
         fault = self.faults.pop(0) if self.faults else None
         if fault is not None:
             return await self.inject(fault, request)
+        stored = None
         for part in body["contents"][0]["parts"]:
             file_data = part.get("fileData") or part.get("file_data")
             if file_data:
@@ -199,7 +223,10 @@ class FakeGemini:
                     return web.json_response(error_body(
                         400, "FAILED_PRECONDITION", f"The File {file_id} is not in an ACTIVE state "
                         "and usage is not allowed."), status=400)
-        return web.json_response(self.completion(json.dumps(self.answer)))
+        answer = self.answer
+        if answer is DEFAULT_ANSWER and stored is not None:
+            answer = await asyncio.to_thread(answer_within, bytes(stored.data))
+        return web.json_response(self.completion(json.dumps(answer)))
 
     def completion(self, text: str, finish: str = "STOP") -> dict[str, Any]:
         return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},

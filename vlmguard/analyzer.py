@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ import structlog
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import analysis_copy_command, ffmpeg_binary, media_duration
+from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome
 from vlmguard.vlm import (AnalysisError, Answer, Clip, Finding, VlmClient, build_prompt,
@@ -46,23 +48,25 @@ def worker_name(index: int) -> str:
     return f"{socket.gethostname()}-analyzer-{index}"
 
 
-def main(config: Config, index: int) -> None:
+def main(config: Config, index: int, beat: Beat = Beat()) -> None:
     """Entry point of analysis process number index."""
     configure_logging("analyzer")
     lower_priority()
     worker_id = worker_name(index)
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
     with JobStore.from_config(config) as store:
-        worker = Worker(config, store, worker_id)
+        worker = Worker(config, store, worker_id, beat=beat, state_name=f"analyzer-{index}")
         signal.signal(signal.SIGTERM, worker.on_signal)
-        signal.signal(signal.SIGINT, worker.on_signal)
         worker.run()
     log.info("analyzer stopped")
 
 
 def lower_priority() -> None:
     """nice 10 and the lowest best-effort I/O class; FFmpeg children inherit both."""
-    os.nice(NICENESS)
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        log.warning("cannot lower CPU priority")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, (IOPRIO_CLASS_BE << 13) | 7)
@@ -80,16 +84,36 @@ def gemini_client_factory(config: Config) -> Callable[[], VlmClient | None]:
 
 
 class Worker:
-    def __init__(self, config: Config, store: JobStore, worker_id: str,
-                 make_client: Callable[[], VlmClient | None] | None = None):
+    def __init__(self, config: Config, store: JobStore, worker_id: str, *,
+                 make_client: Callable[[], VlmClient | None] | None = None,
+                 beat: Beat = Beat(), state_name: str | None = None):
         self.config = config
         self.store = store
         self.worker_id = worker_id
         self.make_client = make_client or gemini_client_factory(config)
         self.binary = ffmpeg_binary()
+        self.beat = beat
+        self.state_name = state_name
         self.stopping = threading.Event()
         self.interruptible = False
-        self.state = "starting"
+        self._state = "starting"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state and self.state_name:
+            write_state(self.config.data_dir, self.state_name,
+                        {"worker_id": self.worker_id, "state": value, "since": time.time()})
+        self._state = value
+
+    def keep_alive(self, lease: "LeaseKeeper") -> Callable[[], None]:
+        def check() -> None:
+            self.beat()
+            lease.check()
+        return check
 
     def on_signal(self, signum, _frame) -> None:
         self.stopping.set()
@@ -99,6 +123,7 @@ class Worker:
     def run(self) -> None:
         warned = False
         while not self.stopping.is_set():
+            self.beat()
             client = self.make_client()
             if client is None:
                 # Jobs stay pending: nothing fails, nothing spins; status says why.
@@ -123,7 +148,7 @@ class Worker:
             workdir = Path(tempfile.mkdtemp(prefix=f"vlmguard-job{job.id}-"))
             try:
                 with lease:
-                    outcome = self.analyze(job, client, workdir, lease.check)
+                    outcome = self.analyze(job, client, workdir, self.keep_alive(lease))
                 self.store.complete(job, outcome)  # checks the lease itself
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens)

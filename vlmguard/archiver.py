@@ -8,10 +8,9 @@ disk again: whatever a crash or a stop left behind is caught up.
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from vlmguard.config import Config
 from vlmguard.ffmpeg import ffmpeg_binary, media_duration, remux_to_mp4
+from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout, archive_start
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import JobStore, utcnow
@@ -30,29 +30,26 @@ RETENTION_EVERY_SECONDS = 30.0
 GB = 1_000_000_000
 
 
-def main(config: Config) -> None:
+def main(config: Config, beat: Beat = Beat()) -> None:
     """Entry point of the archiver process."""
     configure_logging("archiver")
-    stopping: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
-    parent = multiprocessing.parent_process()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     with JobStore.from_config(config) as store:
         archiver = Archiver(config, store)
+        beat()
         archiver.catch_up()
         last_retention = 0.0
-        while not stopping:
+        while not stopping.is_set():
+            beat()
             archiver.finalize_closed()
             if time.monotonic() - last_retention > RETENTION_EVERY_SECONDS:
                 archiver.enforce_retention()
                 last_retention = time.monotonic()
-            sentinels = [parent.sentinel] if parent else []
-            if sentinels and multiprocessing.connection.wait(sentinels, LOOP_SECONDS):
-                log.warning("parent gone, archiver stopping")
-                break
-            if not sentinels:
-                time.sleep(LOOP_SECONDS)
-        archiver.finalize_closed()  # what the streamer closed while stopping
+                write_state(config.data_dir, "archiver", {"state": "running"})
+            stopping.wait(LOOP_SECONDS)
+        # The supervisor stops the streamer first: register what it closed on the way out.
+        archiver.finalize_closed()
     log.info("archiver stopped")
 
 

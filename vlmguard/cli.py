@@ -18,6 +18,8 @@ from vlmguard import __version__
 from vlmguard.config import load_config, masked
 from vlmguard.errors import VlmguardError
 from vlmguard.analyzer import analyze_file
+from vlmguard.logs import configure_logging
+from vlmguard.supervisor import Supervisor
 from vlmguard.status import gather_status, iso, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
@@ -57,6 +59,20 @@ def main():
     The other commands read and steer that table; they work whether or not the
     daemon is running.
     """
+
+
+@main.command()
+@config_option
+@reports_errors
+def run(config_path):
+    """Run the daemon: the streamer, the archiver and the analysis pool, supervised.
+
+    Stops in order on SIGTERM or SIGINT (a second SIGINT stops at once); SIGHUP reloads the
+    config. Logs go to stdout: JSON lines when it is not a terminal (journald).
+    """
+    config = load_config(config_path)
+    configure_logging("supervisor")
+    sys.exit(Supervisor(config).run())
 
 
 @main.command("check-config")

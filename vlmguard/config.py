@@ -88,6 +88,14 @@ class GeminiConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    hang_seconds: float = opt(60.0, lo=5, hi=3600)
+    stop_timeout_seconds: float = opt(30.0, lo=1, hi=600)
+    max_restarts: int = opt(5, lo=1, hi=1000)
+    restart_window_seconds: float = opt(120.0, lo=10, hi=86400)
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     id: str = opt()
     url: str = opt(secret=True)
@@ -103,6 +111,7 @@ class Config:
     database: DatabaseConfig
     analysis: AnalysisConfig
     gemini: GeminiConfig
+    daemon: DaemonConfig
     cameras: tuple[CameraConfig, ...]
 
     @property
@@ -129,6 +138,7 @@ SECTIONS = {
     "database": DatabaseConfig,
     "analysis": AnalysisConfig,
     "gemini": GeminiConfig,
+    "daemon": DaemonConfig,
 }
 
 

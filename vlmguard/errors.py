@@ -11,6 +11,12 @@ class ConfigError(VlmguardError):
     exit_code = 2
 
 
+class StartupError(VlmguardError):
+    """vlmguard run cannot start: another instance, a port in use, a missing dependency."""
+
+    exit_code = 2
+
+
 class DatabaseError(VlmguardError):
     """The job table cannot be reached or is not one this vlmguard understands."""
 

@@ -10,7 +10,6 @@ in partial/ was cut short, still plays (MPEG-TS), and is handed over too.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import time
@@ -21,7 +20,8 @@ from aiohttp import web
 from vlmguard.config import CameraConfig, Config
 from vlmguard.errors import ConfigError
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary, needs_encoding, probe_codec
-from vlmguard.hls import create_app
+from vlmguard.health import Beat, write_state
+from vlmguard.hls import create_app, stale_after
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 
@@ -32,6 +32,7 @@ START_GRACE_SECONDS = 15.0
 STOP_TIMEOUT_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 10.0
 STABLE_RUN_SECONDS = 60.0
+REPORT_SECONDS = 1.0
 
 
 def check_server_settings(config: Config) -> None:
@@ -40,16 +41,17 @@ def check_server_settings(config: Config) -> None:
                           f"({config.server.host}) is not a loopback address")
 
 
-def main(config: Config) -> None:
+def main(config: Config, beat: Beat = Beat()) -> None:
     """Entry point of the streaming process."""
     configure_logging("streamer")
-    asyncio.run(Streamer(config).run())
+    asyncio.run(Streamer(config, beat).run())
 
 
 class Streamer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, beat: Beat = Beat()):
         check_server_settings(config)
         self.config = config
+        self.beat = beat
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
         self.feeds = [CameraFeed(config, camera, self.layout, self.binary)
@@ -67,18 +69,25 @@ class Streamer:
         await site.start()
         log.info("hls server listening", host=self.config.server.host,
                  port=self.config.server.port, cameras=len(self.feeds))
+        reporter = asyncio.create_task(self.report(stop))
         await asyncio.gather(*(feed.run(stop) for feed in self.feeds))
+        await reporter
         await runner.cleanup()
         log.info("streamer stopped")
 
     def watch_for_stop(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        parent = multiprocessing.parent_process()
-        if parent is not None:
-            # The parent died (even by SIGKILL): stop, which also stops every FFmpeg.
-            loop.add_reader(parent.sentinel, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def report(self, stop: asyncio.Event) -> None:
+        """Beat from the event loop itself: if the loop stalls, the supervisor sees it."""
+        while not stop.is_set():
+            self.beat()
+            write_state(self.config.data_dir, "streamer",
+                        {"cameras": {feed.camera.id: feed.health() for feed in self.feeds}})
+            try:
+                await asyncio.wait_for(stop.wait(), REPORT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
 
 
 def hand_over_leftovers(layout: Layout, camera_id: str) -> None:
@@ -112,6 +121,13 @@ class CameraFeed:
         self.binary = binary
         self.restarts = 0
         self.encode: bool | None = None
+
+    def health(self) -> dict:
+        age = newest_age(self.layout.live(self.camera.id) / "index.m3u8")
+        return {"online": age <= stale_after(self.config),
+                "segment_age_s": round(age, 1) if age != float("inf") else None,
+                "restarts": self.restarts,
+                "mode": None if self.encode is None else ("encode" if self.encode else "copy")}
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 1.0

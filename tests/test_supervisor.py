@@ -1,0 +1,278 @@
+"""`vlmguard run`: the whole daemon as systemd runs it, children killed and stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import RunningVlmguard
+from gemini_server import FakeGemini
+from test_streamer import decoded_frames, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def gemini():
+    with FakeGemini() as server:
+        yield server
+
+
+@pytest.fixture
+def vlmguard(tmp_path, gemini):
+    started = []
+
+    def start(**kwargs) -> RunningVlmguard:
+        daemon = RunningVlmguard(tmp_path, gemini.base_url, **kwargs).start()
+        started.append(daemon)
+        return daemon
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def db_rows(daemon, query: str) -> list[tuple]:
+    conn = sqlite3.connect(daemon.data_dir / "vlmguard.db", timeout=30)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+def all_completed(daemon, job_ids) -> bool:
+    marks = ",".join(str(i) for i in job_ids)
+    return db_rows(daemon, f"SELECT count(*) FROM analysis_jobs WHERE id IN ({marks}) "
+                           "AND status = 'completed'")[0][0] == len(job_ids)
+
+
+def job_ids(daemon) -> list[int]:
+    return [i for (i,) in db_rows(daemon, "SELECT id FROM analysis_jobs")]
+
+
+def status_counts(daemon) -> dict[str, int]:
+    return dict(db_rows(daemon, "SELECT status, count(*) FROM analysis_jobs GROUP BY status"))
+
+
+def analyzer_state(daemon, name: str) -> str:
+    import json
+    try:
+        return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_run_streams_archives_and_analyses(vlmguard):
+    daemon = vlmguard()
+    daemon.wait_live()
+    assert decoded_frames(daemon.url(), seconds=5) >= 100
+    wait_for(lambda: status_counts(daemon).get("completed", 0) >= 2, 60, "two completed jobs")
+    incidents = db_rows(daemon, "SELECT count(*) FROM incidents")[0][0]
+    assert incidents >= 2
+    assert daemon.stop() == 0
+    events = [e["event"] for e in daemon.log_events()]
+    assert events.index("vlmguard running") < events.index("stopping") < events.index("vlmguard stopped")
+
+
+@pytest.mark.parametrize("victim", ["streamer", "archiver", "analyzer-0", "analyzer-1"])
+def test_sigkilled_child_is_restarted_and_no_job_is_lost(vlmguard, gemini, victim):
+    # An upload takes longer than an archive (10 s), so both analyzers end up mid-job.
+    gemini.upload_delay = 12
+    daemon = vlmguard()
+    daemon.wait_live()
+    old = wait_for(lambda: daemon.child_pid(victim), 30, f"{victim}'s pid")
+    if victim.startswith("analyzer"):
+        wait_for(lambda: analyzer_state(daemon, victim).startswith("job"), 60, f"{victim} busy")
+    os.kill(old, signal.SIGKILL)
+    gemini.upload_delay = 0
+    new = wait_for(lambda: (pid := daemon.child_pid(victim)) and pid != old and pid, 40,
+                   f"{victim} restarted")
+    assert alive(new)
+    daemon.wait_live()
+    archives_before = len(list((daemon.data_dir / "archives" / "cam1").glob("*.mp4")))
+    wait_for(lambda: len(list((daemon.data_dir / "archives" / "cam1").glob("*.mp4")))
+             >= archives_before + 1, 40, "another archive after the restart")
+    assert daemon.stop() == 0
+    restart = [e for e in daemon.log_events() if e["event"] == "child exited"]
+    assert restart and restart[0]["child"] == victim and restart[0]["signal"] == "SIGKILL"
+    # Every archive on disk has exactly one job; no job holds a second set of incidents.
+    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.mp4"))
+    jobs = sorted(Path(p).name for (p,) in db_rows(daemon, "SELECT video_path FROM analysis_jobs"))
+    assert files == jobs
+    doubled = db_rows(daemon, "SELECT j.id FROM analysis_jobs j JOIN incidents i ON i.job_id = j.id "
+                              "GROUP BY j.id HAVING count(i.id) != max(j.incident_count)")
+    assert doubled == []
+    # After one more run with a healthy API, every one of those jobs ends completed.
+    before = job_ids(daemon)
+    daemon.start()
+    wait_for(lambda: all_completed(daemon, before), 90, "every job completed")
+    assert daemon.stop() == 0
+
+
+def test_sigkilled_parent_leaves_no_child_or_ffmpeg(vlmguard):
+    daemon = vlmguard()
+    daemon.wait_live()
+    family = descendants(daemon.proc.pid)
+    ffmpegs = [p for p in family if "ffmpeg" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert ffmpegs and len(family) >= 5  # forkserver, 4 children, FFmpeg
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(lambda: not any(alive(p) for p in family), 15, "every descendant to exit")
+
+
+def test_sigterm_during_analysis_hands_the_job_back(vlmguard, gemini):
+    gemini.upload_delay = 60  # the analysis is still uploading when the stop comes
+    daemon = vlmguard(workers=1)
+    daemon.wait_live()
+    wait_for(lambda: gemini.upload_started.is_set(), 40, "an upload in progress")
+    started = time.time()
+    assert daemon.stop() == 0
+    assert time.time() - started < 45
+    counts = status_counts(daemon)
+    assert counts.get("processing", 0) == 0 and counts.get("failed", 0) == 0
+    assert db_rows(daemon, "SELECT max(retry_count) FROM analysis_jobs")[0][0] == 0
+    # The archive open at the stop was closed, remuxed and registered.
+    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.mp4"))
+    jobs = sorted(Path(p).name for (p,) in db_rows(daemon, "SELECT video_path FROM analysis_jobs"))
+    assert files == jobs and len(files) >= 1
+    assert not list((daemon.data_dir / "partial" / "cam1").glob("*.ts"))
+    assert not list((daemon.data_dir / "closed" / "cam1").glob("*.ts"))
+    gemini.upload_delay = 0
+    before = job_ids(daemon)
+    daemon.start()
+    wait_for(lambda: all_completed(daemon, before), 60, "the job completed")
+    assert daemon.stop() == 0
+
+
+def test_sd_notify_ready_watchdog_stopping(vlmguard, tmp_path):
+    import threading
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(0.5)
+    messages, done = [], threading.Event()
+
+    def receive():  # as systemd does, read as they come
+        while not done.is_set():
+            try:
+                messages.append(listener.recv(4096).decode())
+            except socket.timeout:
+                continue
+    reader = threading.Thread(target=receive)
+    reader.start()
+    daemon = vlmguard(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    daemon.wait_live()
+    analyzer = wait_for(lambda: daemon.child_pid("analyzer-0"), 20, "an analyzer")
+    assert b"NOTIFY_SOCKET" not in Path(f"/proc/{analyzer}/environ").read_bytes()
+    time.sleep(4)
+    assert daemon.stop() == 0
+    time.sleep(1)
+    done.set()
+    reader.join()
+    listener.close()
+    kinds = [m.split("=")[0] for m in messages if not m.startswith("STATUS=")]
+    assert kinds[0] == "READY" and kinds[-1] == "STOPPING", messages
+    assert kinds.count("WATCHDOG") >= 4 and set(kinds[1:-1]) == {"WATCHDOG"}
+    status = [m for m in messages if m.startswith("STATUS=")]
+    assert status and re.fullmatch(r"STATUS=cameras live \d/1, jobs pending \d+, analyzers busy \d/2",
+                                   status[-1]), status
+
+
+def test_crash_loop_ends_in_a_clear_nonzero_exit(vlmguard):
+    daemon = vlmguard(daemon="max_restarts = 2")
+    daemon.wait_live()
+    # A database from a "newer vlmguard": the archiver now dies at once on every start.
+    conn = sqlite3.connect(daemon.data_dir / "vlmguard.db", timeout=30)
+    conn.execute("UPDATE vlmguard_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    os.kill(wait_for(lambda: daemon.child_pid("archiver"), 20, "the archiver"), signal.SIGKILL)
+    assert daemon.proc.wait(90) == 1
+    loop = [e for e in daemon.log_events() if e["event"].startswith("crash loop")]
+    assert loop and loop[0]["child"] == "archiver" and loop[0]["level"] == "error"
+    errors = [e for e in daemon.log_events() if e["event"] == "cannot run"]
+    assert errors and "schema version 99 is newer" in errors[0]["error"]
+    assert "Traceback" not in daemon.log_text()
+
+
+def test_hung_child_is_killed_and_restarted(vlmguard):
+    daemon = vlmguard(daemon="hang_seconds = 5")
+    daemon.wait_live()
+    old = daemon.child_pid("streamer")
+    os.kill(old, signal.SIGSTOP)
+    wait_for(lambda: (pid := daemon.child_pid("streamer")) and pid != old, 40, "a new streamer")
+    daemon.wait_live()
+    assert [e for e in daemon.log_events() if e["event"] == "child hung: no heartbeat, killing it"]
+    assert daemon.stop() == 0
+
+
+def test_second_instance_is_refused(vlmguard):
+    daemon = vlmguard()
+    daemon.wait_live()
+    proc = subprocess.run([*daemon.proc.args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"vlmguard: another vlmguard (pid {daemon.proc.pid}) is "
+                                   f"already running on {daemon.data_dir}")
+    assert daemon.stop() == 0
+
+
+def test_sighup_reloads_cameras_and_keeps_running_on_a_bad_config(vlmguard):
+    daemon = vlmguard()
+    daemon.wait_live()
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text + '\n[[cameras]]\nid = "cam2"\nurl = "lavfi:testsrc=size=320x240:rate=25"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_live("cam2", timeout=60)
+    daemon.config_path.write_text(text + "\n[server]\nbogus = 1\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e["event"].startswith("reload refused") for e in daemon.log_events()),
+             20, "the refusal")
+    daemon.wait_live("cam2")
+    assert daemon.stop() == 0
+
+
+def test_systemd_unit_is_hardened_and_valid(tmp_path):
+    unit = REPO / "systemd" / "vlmguard.service"
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    exposure = float(re.search(r"Overall exposure level for vlmguard.service: ([\d.]+)",
+                               proc.stdout).group(1))
+    assert exposure <= 2.0, proc.stdout
+    # verify checks ExecStart's binary exists: point it at this checkout's vlmguard.
+    installed = tmp_path / "vlmguard.service"
+    installed.write_text(unit.read_text().replace("/opt/vlmguard/.venv/bin/vlmguard",
+                                                  str(REPO / ".venv" / "bin" / "vlmguard")))
+    proc = subprocess.run(["systemd-analyze", "verify", str(installed)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr

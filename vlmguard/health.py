@@ -1,0 +1,98 @@
+"""How the processes tell the supervisor (and `vlmguard status`) that they are alive.
+
+Liveness is a timestamp in shared memory that a child's main loop refreshes: a full disk
+cannot stop it, and a blocked loop (the seed's stutter) stops it. What each child is
+doing is a small JSON file in <data_dir>/run/, replaced atomically, for humans and the
+systemd STATUS line; losing one of those writes is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vlmguard.errors import VlmguardError
+from vlmguard.logs import get_logger
+
+
+class Beat:
+    """A child's heartbeat; a Beat() without shared memory (outside the supervisor) is a no-op."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __call__(self) -> None:
+        if self.value is not None:
+            self.value.value = time.monotonic()
+
+    def age(self) -> float:
+        return time.monotonic() - self.value.value
+
+
+def run_dir(data_dir: Path) -> Path:
+    return data_dir / "run"
+
+
+def write_state(data_dir: Path, name: str, state: dict[str, Any]) -> None:
+    directory = run_dir(data_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        temp = directory / f".{name}.json.tmp"
+        temp.write_text(json.dumps(state | {"pid": os.getpid(), "updated": time.time()}))
+        temp.replace(directory / f"{name}.json")
+    except OSError:
+        pass  # a full disk must not take a process down over a status line
+
+
+def read_states(data_dir: Path) -> dict[str, dict[str, Any]]:
+    states = {}
+    for path in sorted(run_dir(data_dir).glob("*.json")):
+        try:
+            states[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return states
+
+
+def clear_states(data_dir: Path) -> None:
+    for path in run_dir(data_dir).glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
+def stop_when_parent_dies() -> None:
+    """SIGTERM ourselves when the parent goes, even by SIGKILL: the orderly stop then runs."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def child_entry(target: Callable[..., None], *args: Any) -> None:
+    """First code in every supervised child: fresh signal dispositions, then its main.
+
+    SIGINT is ignored so that Ctrl-C on a terminal reaches only the supervisor, which
+    then stops the children in order; SIGTERM stays the way to stop a child.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+    stop_when_parent_dies()
+    try:
+        target(*args)
+    except VlmguardError as exc:
+        # A problem a person must fix (a database from a newer vlmguard, say): one line.
+        get_logger("vlmguard").error("cannot run", error=str(exc))
+        sys.exit(1)

@@ -1,0 +1,338 @@
+"""`vlmguard run`: start every process, keep each alive, stop them in order.
+
+The loop follows gunicorn's arbiter: signal handlers only queue the signal; the loop
+waits on the children's sentinels and the signal pipe, then reaps the dead, kills the
+hung, restarts what is due and tells systemd how things stand.
+
+Start method: forkserver, with vlmguard's modules preloaded in the server. Each child is
+forked from that clean, single-threaded server, so it inherits no database engine, thread,
+event loop or signal handler from the supervisor (which holds all of those), and starts in
+milliseconds sharing the imported code. Children are reaped through their sentinels: with
+forkserver the supervisor is not their OS parent and gets no SIGCHLD.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vlmguard import analyzer, archiver, streamer
+from vlmguard.config import Config, load_config
+from vlmguard.errors import StartupError, VlmguardError
+from vlmguard.ffmpeg import ffmpeg_binary
+from vlmguard.health import Beat, child_entry, clear_states, read_states
+from vlmguard.logs import get_logger
+from vlmguard.store import JobStore
+
+log = get_logger("vlmguard.supervisor")
+
+START_METHOD = "forkserver"
+PRELOAD = ["vlmguard.streamer", "vlmguard.archiver", "vlmguard.analyzer"]
+FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 60.0, 60.0
+STATUS_EVERY = 5.0
+
+
+@dataclass
+class Child:
+    """One supervised slot: its role, how to start it, and its restart history."""
+
+    name: str
+    target: Callable[..., None]
+    args: tuple
+    hang_seconds: float
+    process: Any = None
+    beat: Beat = field(default_factory=Beat)
+    started_at: float = 0.0
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+
+class Notifier:
+    """sd_notify over the datagram socket systemd names in $NOTIFY_SOCKET (if any)."""
+
+    def __init__(self, address: str | None):
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]  # an abstract socket
+        self.address = address
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if address else None
+        if self.socket is not None:
+            # Never block the supervisor on a full socket queue (systemd's sd_notify doesn't).
+            self.socket.setblocking(False)
+
+    def send(self, message: str) -> None:
+        if self.socket is None:
+            return
+        try:
+            self.socket.sendto(message.encode(), self.address)
+        except OSError as exc:
+            log.warning("sd_notify failed", message=message.split("=")[0], error=str(exc))
+
+
+class Supervisor:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stopping = False
+        self.context = multiprocessing.get_context(START_METHOD)
+        self.context.set_forkserver_preload(PRELOAD)
+        # Only the supervisor may talk to systemd (NotifyAccess=main); children never see it.
+        self.notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
+        watchdog_usec = int(os.environ.pop("WATCHDOG_USEC", "0") or 0)
+        os.environ.pop("WATCHDOG_PID", None)
+        self.watchdog_every = watchdog_usec / 2e6 if watchdog_usec else None
+        self.children = self.plan(config)
+        self.signals: list[int] = []
+        self.lock_file = None
+        self.store: JobStore | None = None
+
+    def plan(self, config: Config) -> list[Child]:
+        """Start order: archiver, streamer, analyzers; stopping goes the other way."""
+        hang = config.daemon.hang_seconds
+        children = [Child("archiver", archiver.main, (config,), hang),
+                    Child("streamer", streamer.main, (config,), hang)]
+        # An analyzer's main thread may sit in one API call for up to the request timeout.
+        analyzer_hang = hang + config.gemini.timeout_seconds + config.gemini.file_active_timeout_seconds
+        children += [Child(f"analyzer-{i}", analyzer.main, (config, i), analyzer_hang)
+                     for i in range(config.analysis.workers)]
+        return children
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.lock_data_dir()
+        self.check_dependencies()
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.queue_signal)
+        clear_states(self.config.data_dir)
+        for child in self.children:
+            self.spawn(child)
+        self.notifier.send("READY=1")
+        log.info("vlmguard running", children=len(self.children), start_method=START_METHOD,
+                 cameras=len(self.config.cameras), data_dir=str(self.config.data_dir))
+        code = self.manage(read_fd)
+        self.stop()
+        return code
+
+    def manage(self, read_fd: int) -> int:
+        last_ping = last_status = 0.0
+        while True:
+            sentinels = [c.process.sentinel for c in self.children if c.alive]
+            multiprocessing.connection.wait(sentinels + [read_fd], timeout=self.tick())
+            drain(read_fd)
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    self.stopping = True
+                    return 0
+            self.reap()
+            self.murder_hung()
+            failed = self.crash_looping()
+            if failed is not None:
+                self.stopping = True
+                log.error("crash loop: stopping vlmguard so systemd can restart it",
+                          child=failed.name, restarts=len(failed.restarts),
+                          window_s=self.config.daemon.restart_window_seconds,
+                          **describe_exit(failed.process.exitcode))
+                return 1
+            self.spawn_due()
+            now = time.monotonic()
+            if self.watchdog_every and now - last_ping >= self.watchdog_every and self.healthy():
+                self.notifier.send("WATCHDOG=1")
+                last_ping = now
+            if now - last_status >= STATUS_EVERY:
+                self.notifier.send(f"STATUS={self.status_line()}")
+                last_status = now
+
+    def tick(self) -> float:
+        due = [c.restart_at - time.monotonic() for c in self.children if c.restart_at]
+        return max(0.05, min([1.0, *due] + ([self.watchdog_every] if self.watchdog_every else [])))
+
+    def queue_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and (self.stopping or signal.SIGINT in self.signals):
+            log.warning("second SIGINT: stopping at once")
+            self.kill_all()
+            os._exit(1)
+        self.signals.append(signum)
+
+    # -- the verbs ---------------------------------------------------------------------------
+
+    def spawn(self, child: Child) -> None:
+        child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
+        child.process = self.context.Process(target=child_entry, name=child.name,
+                                             args=(child.target, *child.args, child.beat))
+        child.process.start()
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("child started", child=child.name, child_pid=child.process.pid)
+
+    def reap(self) -> None:
+        for child in self.children:
+            if child.process is None or child.alive or child.restart_at is not None:
+                continue
+            now = time.monotonic()
+            if now - child.started_at > STABLE_AFTER:
+                child.backoff = FIRST_BACKOFF
+            window = self.config.daemon.restart_window_seconds
+            child.restarts = [t for t in child.restarts if now - t < window] + [now]
+            child.restart_at = now + child.backoff
+            log.warning("child exited", child=child.name, child_pid=child.process.pid,
+                        **describe_exit(child.process.exitcode), restart_in_s=child.backoff)
+            child.backoff = min(child.backoff * 2, MAX_BACKOFF)
+
+    def murder_hung(self) -> None:
+        for child in self.children:
+            if child.alive and child.beat.age() > child.hang_seconds:
+                log.error("child hung: no heartbeat, killing it", child=child.name,
+                          child_pid=child.process.pid, silent_s=round(child.beat.age(), 1))
+                child.process.kill()
+                child.process.join(5)
+
+    def crash_looping(self) -> Child | None:
+        limit = self.config.daemon.max_restarts
+        return next((c for c in self.children if len(c.restarts) > limit), None)
+
+    def spawn_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.restart_at is not None and child.restart_at <= now:
+                log.info("child restarting", child=child.name)
+                self.spawn(child)
+
+    def stop(self) -> None:
+        """Reverse start order, each with a bounded wait, then whatever is left is killed."""
+        self.notifier.send("STOPPING=1")
+        timeout = self.config.daemon.stop_timeout_seconds
+        for group in (self.named("analyzer-"), self.named("streamer"), self.named("archiver")):
+            for child in group:
+                if child.alive:
+                    child.process.terminate()
+            deadline = time.monotonic() + timeout
+            for child in group:
+                if child.process is not None:
+                    child.process.join(max(0.0, deadline - time.monotonic()))
+                    if child.alive:
+                        log.error("child did not stop in time, killing it", child=child.name)
+                        child.process.kill()
+                        child.process.join(5)
+        clear_states(self.config.data_dir)
+        if self.store is not None:
+            self.store.close()
+        log.info("vlmguard stopped")
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            if child.alive:
+                child.process.kill()
+
+    def reload(self) -> None:
+        """SIGHUP: read the config again; if it is valid, restart every child with it."""
+        try:
+            config = load_config(self.config.source)
+            streamer.check_server_settings(config)
+        except VlmguardError as exc:
+            log.error("reload refused, keeping the running config", error=str(exc))
+            return
+        log.info("reloading", cameras=len(config.cameras), workers=config.analysis.workers)
+        old = self.children
+        self.config = config
+        self.children = self.plan(config)
+        for group in (self.named("analyzer-", old), self.named("streamer", old)):
+            for child in group:
+                if child.alive:
+                    child.process.terminate()
+                    child.process.join(config.daemon.stop_timeout_seconds)
+        for child in self.named("archiver", old):
+            child.process.terminate()
+            child.process.join(config.daemon.stop_timeout_seconds)
+        for child in self.children:
+            self.spawn(child)
+
+    def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
+        return [c for c in (children or self.children) if c.name.startswith(prefix)]
+
+    # -- what systemd hears ------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return all(c.alive and c.beat.age() < c.hang_seconds for c in self.children)
+
+    def status_line(self) -> str:
+        states = read_states(self.config.data_dir)
+        cameras = states.get("streamer", {}).get("cameras", {})
+        live = sum(1 for c in cameras.values() if c.get("online"))
+        busy = sum(1 for name, s in states.items()
+                   if name.startswith("analyzer-") and str(s.get("state", "")).startswith("job"))
+        try:
+            if self.store is None:
+                self.store = JobStore.from_config(self.config, create=False)
+            pending = sum(s["pending"] for s in self.store.counts().values())
+        except Exception:  # the status line must not take the supervisor down
+            pending = "?"
+        return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
+                f"analyzers busy {busy}/{self.config.analysis.workers}")
+
+    # -- before anything starts ----------------------------------------------------------------
+
+    def lock_data_dir(self) -> None:
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_file = open(data_dir / "vlmguard.pid", "a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            other = self.lock_file.read().strip() or "?"
+            raise StartupError(
+                f"another vlmguard (pid {other}) is already running on {data_dir}") from None
+        self.lock_file.truncate(0)
+        self.lock_file.write(f"{os.getpid()}\n")
+        self.lock_file.flush()
+
+    def check_dependencies(self) -> None:
+        """Fail with one line now rather than crash-loop a child later."""
+        streamer.check_server_settings(self.config)
+        ffmpeg_binary()
+        JobStore.from_config(self.config).close()  # creates or upgrades the schema once
+        port = self.config.server.port
+        with socket.socket(socket.AF_INET6 if ":" in self.config.server.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.config.server.host, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {self.config.server.host}:{port}: {exc.strerror}") from None
+
+
+def describe_exit(code: int | None) -> dict[str, Any]:
+    if code is None:
+        return {}
+    if code < 0:
+        return {"signal": signal.Signals(-code).name}
+    return {"exitcode": code}
+
+
+def drain(fd: int) -> None:
+    os.set_blocking(fd, False)
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
