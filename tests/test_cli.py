@@ -49,15 +49,18 @@ def test_help_reads_like_docs():
 
 def test_status_before_first_run_says_so(config_file):
     result = run("status", "--config", config_file)
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # nothing runs: needs attention
     assert "no vlmguard database" in result.output
+    assert "NOT RUNNING" in result.output
     assert not (config_file.parent / "data" / "vlmguard.db").exists()
 
 
 def test_status_json_counts(filled):
     result = run("status", "--json", "--config", filled)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     report = json.loads(result.output)
+    assert report["problems"] == ["daemon not running", "1 job(s) failed in the last 24 h"]
+    assert report["daemon"]["running"] is False
     assert report["database"]["ready"] is True
     jobs = report["jobs"]
     assert (jobs["pending"], jobs["processing"], jobs["completed"], jobs["failed"]) == (2, 0, 1, 1)
@@ -69,8 +72,9 @@ def test_status_json_counts(filled):
 
 def test_status_text(filled):
     result = run("status", "--config", filled)
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     assert "pending 2  processing 0  completed 1  failed 1" in result.output
+    assert "needs attention: daemon not running; 1 job(s) failed in the last 24 h" in result.output
     assert "HTTP 401: bad API key" in result.output
 
 

@@ -369,3 +369,49 @@ def test_password_never_in_database_errors():
     with pytest.raises(DatabaseError) as caught:
         JobStore("postgresql+psycopg://postgres:s3cret@127.0.0.1:1/test?connect_timeout=2")
     assert "s3cret" not in str(caught.value)
+
+
+V1_TABLE = """CREATE TABLE analysis_jobs (
+    id INTEGER PRIMARY KEY, camera_id VARCHAR(50) NOT NULL, video_path VARCHAR(1000) NOT NULL,
+    segment_start DATETIME NOT NULL, segment_end DATETIME NOT NULL, status VARCHAR(16) NOT NULL,
+    analysis_result JSON, safety_score INTEGER, incident_count INTEGER, error_message TEXT,
+    created_at DATETIME NOT NULL, started_at DATETIME, completed_at DATETIME,
+    retry_count INTEGER NOT NULL, max_retries INTEGER NOT NULL, worker_id VARCHAR(100),
+    run_after DATETIME NOT NULL, lease_token VARCHAR(32), lease_expires_at DATETIME,
+    prompt_tokens INTEGER, output_tokens INTEGER, total_tokens INTEGER,
+    CONSTRAINT uq_jobs_camera_segment UNIQUE (camera_id, segment_start))"""
+
+
+def test_database_from_schema_version_1_is_upgraded(db_url):
+    """The first released schema (before analysis_seconds) opens and gains the column."""
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(V1_TABLE.replace("INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY")
+                             .replace("DATETIME", "TIMESTAMP") if "postgresql" in db_url else V1_TABLE)
+        conn.exec_driver_sql("CREATE TABLE vlmguard_meta (key VARCHAR(50) PRIMARY KEY, value VARCHAR(200) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO vlmguard_meta VALUES ('schema_version', '1')")
+        conn.exec_driver_sql(
+            "INSERT INTO analysis_jobs (camera_id, video_path, segment_start, segment_end, status, "
+            "created_at, retry_count, max_retries, run_after) VALUES ('old', '/old.mp4', "
+            "'2026-01-01 00:00:00', '2026-01-01 00:10:00', 'pending', '2026-01-01 00:10:01', 0, 3, "
+            "'2026-01-01 00:10:01')")
+    engine.dispose()
+    with JobStore(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        job = store.claim("w")
+        assert job.camera_id == "old" and job.analysis_seconds is None
+        store.complete(job, outcome())
+        assert store.get(job.id).analysis_seconds >= 0
+
+
+def test_token_usage_and_duration_histogram(store):
+    for n in range(3):
+        register(store, n, camera="a" if n < 2 else "b")
+        store.complete(store.claim("w"), outcome())
+    assert store.token_usage() == {"a": {"prompt": 200, "output": 40, "total": 240},
+                                   "b": {"prompt": 100, "output": 20, "total": 120}}
+    assert store.token_usage(since=utcnow() + timedelta(hours=1)) == {}
+    buckets, count, total = store.duration_histogram()
+    assert count == 3 and total >= 0
+    assert buckets[0] == (5.0, 3) and [n for _, n in buckets] == [3] * len(buckets)
+    assert store.count_jobs(states=["completed"]) == 3 and store.count_jobs(camera_id="b") == 1

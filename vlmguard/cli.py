@@ -92,10 +92,16 @@ def check_config(config_path):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with stable keys.")
 @reports_errors
 def status(config_path, as_json):
-    """Show job counts per camera and state, the oldest pending job and recent failures."""
+    """Daemon, cameras, archives, jobs, analyzers, failures and tokens, on one screen.
+
+    Works with the daemon stopped (from the database and files) and says so. Exit status
+    0 when healthy, 1 when something needs attention (the daemon down, a camera offline,
+    recent failures, no API key), for scripts and monitoring checks.
+    """
     config = load_config(config_path)
     report = gather_status(config)
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+    sys.exit(0 if report["healthy"] else 1)
 
 
 @main.command()

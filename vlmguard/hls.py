@@ -13,14 +13,13 @@ import hmac
 import html
 import math
 import re
-import time
-from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
 
+from vlmguard.api import CONFIG_KEY, add_api_routes
 from vlmguard.config import Config
-from vlmguard.layout import Layout
+from vlmguard.layout import Layout, playlist_age, stale_after
 
 SEGMENT_NAME = re.compile(r"seg-\d{1,20}\.ts")
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
@@ -28,13 +27,7 @@ CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Range",
         "Access-Control-Expose-Headers": "Content-Length, Content-Range"}
-CONFIG_KEY = web.AppKey("config", Config)
 TARGETS_KEY = web.AppKey("targets", dict)
-
-
-def stale_after(config: Config) -> float:
-    """A playlist older than this means FFmpeg is not producing: the camera is offline."""
-    return max(3.0 * config.storage.segment_seconds, 6.0)
 
 
 def create_app(config: Config) -> web.Application:
@@ -44,6 +37,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/live/{camera}/index.m3u8", playlist)
     app.router.add_get("/live/{camera}/{segment}", segment)
+    add_api_routes(app)
     return app
 
 
@@ -86,13 +80,6 @@ async def index(request: web.Request) -> web.Response:
     body = ("<!doctype html><title>vlmguard</title><h1>vlmguard cameras</h1>"
             f"<ul>{''.join(rows)}</ul>")
     return web.Response(text=body, content_type="text/html")
-
-
-def playlist_age(live_dir: Path) -> float:
-    try:
-        return time.time() - (live_dir / "index.m3u8").stat().st_mtime
-    except OSError:
-        return math.inf
 
 
 def known_camera(request: web.Request) -> str:

@@ -7,7 +7,9 @@ archives/<cam>/<start>.mp4 and registers it. A file is only ever in one of these
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,3 +49,16 @@ def archive_start(path: Path) -> datetime | None:
     if not match:
         return None
     return datetime.strptime(match.group(1), ARCHIVE_TIME).replace(tzinfo=timezone.utc)
+
+
+def playlist_age(live_dir: Path) -> float:
+    """Seconds since FFmpeg last replaced the live playlist; inf when there is none."""
+    try:
+        return time.time() - (live_dir / "index.m3u8").stat().st_mtime
+    except OSError:
+        return math.inf
+
+
+def stale_after(config) -> float:
+    """A playlist older than this means FFmpeg is not producing: the camera is offline."""
+    return max(3.0 * config.storage.segment_seconds, 6.0)

@@ -1,44 +1,188 @@
-"""What `vlmguard status` reports, gathered from the job table into plain data.
+"""What vlmguard reports about itself, gathered once into plain data.
 
-Gathering and rendering are separate so the CLI's --json, its text view and (later) the
-REST API all show the same facts under the same keys.
+`vlmguard status`, the REST API and /metrics all show the same facts under the same keys.
+Everything comes from what the processes share: the job table, the files under data_dir,
+and the small state files the running processes keep in <data_dir>/run/. So the report
+works whether or not the daemon is running, and says which.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import fcntl
+import os
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from vlmguard.config import Config
 from vlmguard.errors import DatabaseError
+from vlmguard.health import read_states
+from vlmguard.layout import Layout, archive_start, playlist_age, stale_after
 from vlmguard.store import STATES, Job, JobStore, redact_url, utcnow
 
+GB = 1_000_000_000
+RECENT_FAILURES = 5
 
-def gather_status(config: Config) -> dict[str, Any]:
+
+def daemon_pid(data_dir: Path) -> int | None:
+    """The pid holding the data directory's lock, or None when no vlmguard runs there."""
+    path = data_dir / "vlmguard.pid"
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else -1
+            return None
+    except FileNotFoundError:
+        return None
+
+
+def hls_url(config: Config, camera_id: str) -> str:
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = os.uname().nodename
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}/live/{camera_id}/index.m3u8"
+
+
+def gather_status(config: Config, store: JobStore | None = None) -> dict[str, Any]:
+    data_dir = config.data_dir
+    pid = daemon_pid(data_dir)
+    states = read_states(data_dir) if pid else {}
+    supervisor = states.get("supervisor", {})
     report: dict[str, Any] = {
         "config": str(config.source),
+        "daemon": {"running": pid is not None, "pid": pid,
+                   "since": iso_epoch(supervisor.get("started_at")),
+                   "children": supervisor.get("children", {})},
         "database": {"url": redact_url(config.database_url), "ready": False, "error": None},
-        "cameras": [{"id": c.id} for c in config.cameras],
+        "cameras": camera_report(config, states.get("streamer", {}).get("cameras", {}),
+                                 supervisor.get("children", {}).get("streamer")),
+        "archives": archive_report(config),
         "jobs": dict.fromkeys(STATES, 0) | {"by_camera": {}, "oldest_pending_age_s": None},
+        "workers": worker_report(states),
         "failures": [],
+        "tokens": {"today": {}, "last_24h": {}},
     }
     try:
-        store = JobStore.from_config(config, create=False)
+        opened = store or JobStore.from_config(config, create=False)
     except DatabaseError as exc:
         report["database"]["error"] = str(exc)
-        return report
-    with store:
-        report["database"]["ready"] = True
-        counts = store.counts()
-        oldest = store.oldest_pending()
-        failures = store.recent_failures(5)
-    for camera_id, states in counts.items():
+    else:
+        try:
+            fill_from_table(report, opened)
+        finally:
+            if store is None:
+                opened.close()
+    report["problems"] = problems(report)
+    report["healthy"] = not report["problems"]
+    return report
+
+
+def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
+    report["database"]["ready"] = True
+    counts = store.counts()
+    for states in counts.values():
         for state, n in states.items():
             report["jobs"][state] += n
     report["jobs"]["by_camera"] = counts
-    report["jobs"]["oldest_pending_age_s"] = age_seconds(oldest)
-    report["failures"] = [job_summary(job) for job in failures]
-    return report
+    report["jobs"]["oldest_pending_age_s"] = age_seconds(store.oldest_pending())
+    report["failures"] = [job_summary(job) for job in store.recent_failures(RECENT_FAILURES)]
+    now = utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    report["tokens"] = {"today": store.token_usage(midnight),
+                        "last_24h": store.token_usage(now - timedelta(hours=24))}
+
+
+def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -> list[dict]:
+    layout = Layout(config.data_dir)
+    cameras = []
+    for camera in config.cameras:
+        reported = live.get(camera.id, {})
+        age = playlist_age(layout.live(camera.id))
+        cameras.append({
+            "id": camera.id,
+            "online": bool(streamer and streamer.get("alive")) and age <= stale_after(config),
+            "segment_age_s": round(age, 1) if age != float("inf") else None,
+            "ffmpeg_restarts": reported.get("restarts", 0),
+            "mode": reported.get("mode"),
+            "hls_url": hls_url(config, camera.id),
+        })
+    return cameras
+
+
+def archive_report(config: Config) -> dict[str, Any]:
+    layout = Layout(config.data_dir)
+    count = size = 0
+    oldest = None
+    for camera in config.cameras:
+        try:
+            entries = list(layout.archives(camera.id).iterdir())
+        except FileNotFoundError:
+            continue
+        for path in entries:
+            start = archive_start(path)
+            if start is None:
+                continue
+            try:
+                size += path.stat().st_size
+            except FileNotFoundError:
+                continue
+            count += 1
+            oldest = min(oldest, start) if oldest else start
+    try:
+        free = shutil.disk_usage(config.data_dir).free
+    except FileNotFoundError:
+        free = None
+    return {"count": count, "bytes": size, "oldest": iso(oldest),
+            "budget_bytes": int(config.storage.max_disk_gb * GB) or None,
+            "disk_free_bytes": free, "min_free_bytes": int(config.storage.min_free_gb * GB)}
+
+
+def worker_report(states: dict[str, dict]) -> list[dict[str, Any]]:
+    workers = []
+    for name, state in states.items():
+        if not name.startswith("analyzer-"):
+            continue
+        text = str(state.get("state", ""))
+        workers.append({
+            "name": name, "worker_id": state.get("worker_id"), "pid": state.get("pid"),
+            "alive": pid_alive(state.get("pid")), "state": text,
+            "job_id": int(text[4:]) if text.startswith("job ") and text[4:].isdigit() else None,
+            "last_update": iso_epoch(state.get("updated")),
+        })
+    return workers
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    found = []
+    if not report["daemon"]["running"]:
+        found.append("daemon not running")
+    if report["database"]["error"]:
+        found.append(report["database"]["error"])
+    for camera in report["cameras"]:
+        if report["daemon"]["running"] and not camera["online"]:
+            found.append(f"camera {camera['id']} offline")
+    waiting = {w["state"] for w in report["workers"] if w["state"].startswith("waiting")}
+    found.extend(sorted(waiting))
+    day_ago = utcnow() - timedelta(hours=24)
+    recent = [f for f in report["failures"]
+              if f["completed_at"] and datetime.fromisoformat(f["completed_at"]) >= day_ago]
+    if recent:
+        found.append(f"{len(recent)} job(s) failed in the last 24 h")
+    archives = report["archives"]
+    if archives["disk_free_bytes"] is not None and archives["disk_free_bytes"] < archives["min_free_bytes"]:
+        found.append("disk below min_free_gb")
+    return found
+
+
+def pid_alive(pid: Any) -> bool:
+    return isinstance(pid, int) and Path(f"/proc/{pid}").exists()
 
 
 def age_seconds(when: datetime | None) -> float | None:
@@ -60,37 +204,62 @@ def job_summary(job: Job) -> dict[str, Any]:
 def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
     return job_summary(job) | {
         "started_at": iso(job.started_at), "run_after": iso(job.run_after),
-        "lease_expires_at": iso(job.lease_expires_at),
+        "lease_expires_at": iso(job.lease_expires_at), "analysis_seconds": job.analysis_seconds,
         "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
                    "total": job.total_tokens},
         "analysis_result": job.analysis_result,
-        "incidents": [{k: iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
-                      for row in incident_rows],
+        "incidents": [incident_row(row) for row in incident_rows],
     }
+
+
+def incident_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: iso(value) if isinstance(value, datetime) else value for key, value in row.items()}
 
 
 def iso(when: datetime | None) -> str | None:
     return when.isoformat(timespec="seconds") if when else None
 
 
+def iso_epoch(seconds: float | None) -> str | None:
+    return iso(datetime.fromtimestamp(seconds, timezone.utc)) if seconds else None
+
+
 def render_status(report: dict[str, Any]) -> str:
-    lines = [f"config    {report['config']}",
+    daemon = report["daemon"]
+    lines = [f"vlmguard  {'running, pid ' + str(daemon['pid']) + ' since ' + str(daemon['since']) if daemon['running'] else 'NOT RUNNING (figures from the database and files)'}",
              f"database  {report['database']['url']}"]
     if report["database"]["error"]:
         lines.append(f"          {report['database']['error']}")
-    jobs = report["jobs"]
-    lines.append("jobs      " + "  ".join(f"{s} {jobs[s]}" for s in STATES))
-    if jobs["oldest_pending_age_s"] is not None:
-        lines.append(f"          oldest pending {format_age(jobs['oldest_pending_age_s'])} ago")
     lines.append("cameras")
     for camera in report["cameras"]:
-        states = jobs["by_camera"].get(camera["id"], dict.fromkeys(STATES, 0))
-        lines.append(f"  {camera['id']:<20} " + "  ".join(f"{s} {states[s]}" for s in STATES))
+        age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])
+        lines.append(f"  {camera['id']:<16} {'live' if camera['online'] else 'OFFLINE':<8} "
+                     f"segment {age:>5} old  ffmpeg restarts {camera['ffmpeg_restarts']}  "
+                     f"{camera['hls_url']}")
+    archives = report["archives"]
+    budget = f" of {archives['budget_bytes'] / GB:.1f} GB" if archives["budget_bytes"] else ""
+    free = f", {archives['disk_free_bytes'] / GB:.1f} GB free" if archives["disk_free_bytes"] else ""
+    lines.append(f"archives  {archives['count']} files, {archives['bytes'] / GB:.2f} GB{budget}{free}")
+    jobs = report["jobs"]
+    oldest = (f"  (oldest pending {format_age(jobs['oldest_pending_age_s'])})"
+              if jobs["oldest_pending_age_s"] is not None else "")
+    lines.append("jobs      " + "  ".join(f"{s} {jobs[s]}" for s in STATES) + oldest)
+    if report["workers"]:
+        lines.append("analyzers")
+        for worker in report["workers"]:
+            lines.append(f"  {worker['name']:<12} {'alive' if worker['alive'] else 'DEAD':<6} "
+                         f"{worker['state']}")
+    tokens = report["tokens"]
+    if tokens["last_24h"]:
+        lines.append("tokens    " + ", ".join(
+            f"{camera}: {tokens['today'].get(camera, {}).get('total', 0):,} today, "
+            f"{usage['total']:,} in 24 h" for camera, usage in tokens["last_24h"].items()))
     if report["failures"]:
         lines.append("last failures")
         for job in report["failures"]:
             lines.append(f"  job {job['id']} {job['camera_id']} {job['segment_start']}: "
                          f"{job['error_message']}")
+    lines.append("healthy" if report["healthy"] else "needs attention: " + "; ".join(report["problems"]))
     return "\n".join(lines)
 
 

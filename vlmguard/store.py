@@ -24,14 +24,14 @@ from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
                         Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        create_engine, event, func, select, text, update)
+                        case, create_engine, event, func, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("pending", "processing", "completed", "failed")
 NOTIFY_CHANNEL = "vlmguard_jobs"
 MAX_BACKOFF_SECONDS = 3600.0
@@ -84,6 +84,7 @@ jobs = Table(
     Column("prompt_tokens", Integer),
     Column("output_tokens", Integer),
     Column("total_tokens", Integer),
+    Column("analysis_seconds", Float),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -114,8 +115,11 @@ meta_table = Table(
     Column("value", String(200), nullable=False),
 )
 
-# Statements that bring a database stamped with version N-1 up to N; empty while N is 1.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# Statements that bring a database stamped with version N-1 up to N.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE analysis_jobs ADD COLUMN analysis_seconds FLOAT",),
+}
+DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 
 # The hot statements are built once: constructing Core statements per call cost more than
 # the SQLite commit itself. Their SET columns come from the parameters passed at execute.
@@ -154,6 +158,7 @@ class Job:
     prompt_tokens: int | None
     output_tokens: int | None
     total_tokens: int | None
+    analysis_seconds: float | None
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -327,9 +332,11 @@ class JobStore:
 
     def complete(self, job: Job, outcome: Outcome) -> None:
         """Store the result and its incidents in one transaction, only as the lease holder."""
+        now = utcnow()
         with self.write() as conn:
             self._owned_update(
-                conn, job, status="completed", completed_at=utcnow(),
+                conn, job, status="completed", completed_at=now,
+                analysis_seconds=(now - job.started_at).total_seconds() if job.started_at else None,
                 analysis_result=outcome.result, safety_score=outcome.safety_score,
                 incident_count=len(outcome.incidents), error_message=None,
                 prompt_tokens=outcome.prompt_tokens, output_tokens=outcome.output_tokens,
@@ -479,6 +486,38 @@ class JobStore:
             for camera_id, status, n in conn.execute(query):
                 out.setdefault(camera_id, dict.fromkeys(STATES, 0))[status] = n
         return out
+
+    def count_jobs(self, *, states: Sequence[str] = (), camera_id: str | None = None) -> int:
+        query = select(func.count()).select_from(jobs)
+        if states:
+            query = query.where(jobs.c.status.in_(states))
+        if camera_id:
+            query = query.where(jobs.c.camera_id == camera_id)
+        with self.read() as conn:
+            return conn.execute(query).scalar_one()
+
+    def token_usage(self, since: datetime | None = None) -> dict[str, dict[str, int]]:
+        """{camera_id: {prompt, output, total}} over jobs completed since (or ever)."""
+        query = select(jobs.c.camera_id, func.coalesce(func.sum(jobs.c.prompt_tokens), 0),
+                       func.coalesce(func.sum(jobs.c.output_tokens), 0),
+                       func.coalesce(func.sum(jobs.c.total_tokens), 0)).group_by(jobs.c.camera_id)
+        query = query.where(jobs.c.status == "completed")
+        if since:
+            query = query.where(jobs.c.completed_at >= since)
+        with self.read() as conn:
+            return {camera: {"prompt": int(p), "output": int(o), "total": int(t)}
+                    for camera, p, o, t in conn.execute(query)}
+
+    def duration_histogram(self) -> tuple[list[tuple[float, int]], int, float]:
+        """Cumulative (le, count) buckets, count and sum of completed analyses' seconds."""
+        seconds = jobs.c.analysis_seconds
+        columns = [func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0)
+                   for bound in DURATION_BUCKETS]
+        query = select(*columns, func.count(seconds), func.coalesce(func.sum(seconds), 0.0))
+        with self.read() as conn:
+            row = conn.execute(query.where(seconds.is_not(None))).one()
+        buckets = [(float(b), int(n)) for b, n in zip(DURATION_BUCKETS, row)]
+        return buckets, int(row[-2]), float(row[-1])
 
     def in_flight_paths(self) -> set[str]:
         """Archives whose analysis is still to come (retention must keep them)."""

@@ -21,8 +21,8 @@ from vlmguard.config import CameraConfig, Config
 from vlmguard.errors import ConfigError
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary, needs_encoding, probe_codec
 from vlmguard.health import Beat, write_state
-from vlmguard.hls import create_app, stale_after
-from vlmguard.layout import Layout
+from vlmguard.hls import create_app
+from vlmguard.layout import Layout, stale_after
 from vlmguard.logs import configure_logging, get_logger
 
 log = get_logger("vlmguard.streamer")

@@ -27,7 +27,7 @@ from vlmguard import analyzer, archiver, streamer
 from vlmguard.config import Config, load_config
 from vlmguard.errors import StartupError, VlmguardError
 from vlmguard.ffmpeg import ffmpeg_binary
-from vlmguard.health import Beat, child_entry, clear_states, read_states
+from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
 from vlmguard.store import JobStore
 
@@ -53,6 +53,7 @@ class Child:
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
     restarts: list[float] = field(default_factory=list)
+    restart_count: int = 0
 
     @property
     def alive(self) -> bool:
@@ -95,6 +96,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.lock_file = None
         self.store: JobStore | None = None
+        self.started_at = time.time()
 
     def plan(self, config: Config) -> list[Child]:
         """Start order: archiver, streamer, analyzers; stopping goes the other way."""
@@ -118,8 +120,10 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.queue_signal)
         clear_states(self.config.data_dir)
+        self.started_at = time.time()
         for child in self.children:
             self.spawn(child)
+        self.publish()
         self.notifier.send("READY=1")
         log.info("vlmguard running", children=len(self.children), start_method=START_METHOD,
                  cameras=len(self.config.cameras), data_dir=str(self.config.data_dir))
@@ -158,6 +162,7 @@ class Supervisor:
                 last_ping = now
             if now - last_status >= STATUS_EVERY:
                 self.notifier.send(f"STATUS={self.status_line()}")
+                self.publish()
                 last_status = now
 
     def tick(self) -> float:
@@ -191,6 +196,7 @@ class Supervisor:
                 child.backoff = FIRST_BACKOFF
             window = self.config.daemon.restart_window_seconds
             child.restarts = [t for t in child.restarts if now - t < window] + [now]
+            child.restart_count += 1
             child.restart_at = now + child.backoff
             log.warning("child exited", child=child.name, child_pid=child.process.pid,
                         **describe_exit(child.process.exitcode), restart_in_s=child.backoff)
@@ -214,6 +220,7 @@ class Supervisor:
             if child.restart_at is not None and child.restart_at <= now:
                 log.info("child restarting", child=child.name)
                 self.spawn(child)
+                self.publish()
 
     def stop(self) -> None:
         """Reverse start order, each with a bounded wait, then whatever is left is killed."""
@@ -267,7 +274,13 @@ class Supervisor:
     def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
         return [c for c in (children or self.children) if c.name.startswith(prefix)]
 
-    # -- what systemd hears ------------------------------------------------------------------
+    # -- what systemd and `vlmguard status` hear --------------------------------------------
+
+    def publish(self) -> None:
+        write_state(self.config.data_dir, "supervisor", {
+            "started_at": self.started_at,
+            "children": {c.name: {"pid": c.process.pid if c.process else None, "alive": c.alive,
+                                  "restarts": c.restart_count} for c in self.children}})
 
     def healthy(self) -> bool:
         return all(c.alive and c.beat.age() < c.hang_seconds for c in self.children)

@@ -1,0 +1,158 @@
+"""The REST API and /metrics, over a real SQLite job table, through aiohttp's test client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from vlmguard.config import load_config
+from vlmguard.hls import create_app
+from vlmguard.store import IncidentRecord, JobStore, Outcome
+
+from conftest import write_config
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+SEVERITY_OF = ["low", "medium", "high", "critical"]
+
+
+@pytest.fixture
+def config(tmp_path):
+    config = load_config(write_config(tmp_path, f"""
+        [server]
+        token = "tok"
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2"
+        [[cameras]]
+        id = "cam2"
+        url = "lavfi:testsrc2"
+    """))
+    with JobStore.from_config(config) as store:
+        for n in range(12):
+            camera = "cam1" if n % 3 else "cam2"
+            start = T0 + timedelta(minutes=10 * n)
+            store.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
+            job = store.claim("w")
+            if n < 8:
+                store.complete(job, Outcome(result={"n": n}, safety_score=90 - n, prompt_tokens=100,
+                                            output_tokens=10, total_tokens=110, incidents=[
+                    IncidentRecord(start + timedelta(seconds=5), start + timedelta(seconds=9), "fall",
+                                   SEVERITY_OF[n % 4], f"incident {n}", 0.5)]))
+            elif n < 10:
+                store.fail(job, "HTTP 400 INVALID_ARGUMENT", permanent=True)
+            else:
+                store.release(job)
+    return config
+
+
+def call(config, path, token="tok"):
+    async def go():
+        async with TestClient(TestServer(create_app(config))) as client:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = await client.get(path, headers=headers)
+            return response.status, response.headers, await response.text()
+    return asyncio.run(go())
+
+
+def as_json(config, path):
+    status, _, body = call(config, path)
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize("path", ["/api/health", "/api/cameras", "/api/jobs", "/api/jobs/1",
+                                  "/api/incidents", "/metrics"])
+def test_every_endpoint_needs_the_token(config, path):
+    assert call(config, path, token=None)[0] == 401
+    assert call(config, path, token="wrong")[0] == 401
+    assert call(config, path)[0] in (200, 503)
+    assert call(config, path + ("&" if "?" in path else "?") + "token=tok", token=None)[0] in (200, 503)
+
+
+def test_health_is_503_with_reasons_when_degraded(config):
+    status, body = as_json(config, "/api/health")
+    assert status == 503 and body["healthy"] is False
+    assert "daemon not running" in body["problems"]
+    assert "2 job(s) failed in the last 24 h" in body["problems"]
+    assert body["jobs"] == {"pending": 2, "processing": 0, "completed": 8, "failed": 2}
+
+
+def test_cameras(config):
+    status, body = as_json(config, "/api/cameras")
+    assert status == 200
+    assert [(c["id"], c["online"], c["hls_url"]) for c in body["cameras"]] == [
+        ("cam1", False, "http://127.0.0.1:8080/live/cam1/index.m3u8"),
+        ("cam2", False, "http://127.0.0.1:8080/live/cam2/index.m3u8")]
+
+
+def test_jobs_pagination_and_filters(config):
+    status, body = as_json(config, "/api/jobs?limit=5")
+    assert status == 200 and body["total"] == 12 and [j["id"] for j in body["jobs"]] == [12, 11, 10, 9, 8]
+    _, page = as_json(config, "/api/jobs?limit=5&offset=10")
+    assert [j["id"] for j in page["jobs"]] == [2, 1]
+    _, empty = as_json(config, "/api/jobs?offset=100")
+    assert empty["jobs"] == [] and empty["total"] == 12
+    _, failed = as_json(config, "/api/jobs?state=failed")
+    assert failed["total"] == 2 and {j["status"] for j in failed["jobs"]} == {"failed"}
+    _, mixed = as_json(config, "/api/jobs?state=failed,pending&camera=cam1")
+    assert {(j["status"], j["camera_id"]) for j in mixed["jobs"]} <= {("failed", "cam1"), ("pending", "cam1")}
+    assert mixed["total"] == len(mixed["jobs"]) > 0
+
+
+@pytest.mark.parametrize("query,parameter", [
+    ("/api/jobs?limit=0", "limit"), ("/api/jobs?limit=501", "limit"), ("/api/jobs?limit=ten", "limit"),
+    ("/api/jobs?offset=-1", "offset"), ("/api/jobs?state=done", "state"),
+    ("/api/jobs?camera=nope", "camera"), ("/api/incidents?since=yesterday", "since"),
+    ("/api/incidents?severity=dire", "severity"), ("/api/jobs/abc", "id"),
+])
+def test_bad_parameters_are_400_naming_them(config, query, parameter):
+    status, body = as_json(config, query)
+    assert status == 400 and body["parameter"] == parameter
+    assert body["error"].startswith(f"{parameter}: ")
+
+
+def test_one_job_with_result_and_incidents(config):
+    status, body = as_json(config, "/api/jobs/3")
+    assert status == 200
+    assert body["analysis_result"] == {"n": 2} and body["safety_score"] == 88
+    assert body["incidents"][0]["description"] == "incident 2"
+    assert body["tokens"] == {"prompt": 100, "output": 10, "total": 110}
+    status, body = as_json(config, "/api/jobs/999")
+    assert status == 404 and body["error"] == "no job 999"
+
+
+def test_incidents_newest_first_with_filters(config):
+    _, body = as_json(config, "/api/incidents")
+    starts = [i["start_at"] for i in body["incidents"]]
+    assert len(starts) == 8 and starts == sorted(starts, reverse=True)
+    _, severe = as_json(config, "/api/incidents?severity=high")
+    assert {i["severity"] for i in severe["incidents"]} == {"high", "critical"}
+    _, cam2 = as_json(config, "/api/incidents?camera=cam2&limit=2")
+    assert [i["description"] for i in cam2["incidents"]] == ["incident 6", "incident 3"]
+    _, recent = as_json(config, "/api/incidents?since=2026-11-26T09:00:00Z")
+    assert all(i["start_at"] >= "2026-11-26T09:00:00" for i in recent["incidents"])
+    assert len(recent["incidents"]) == 2
+
+
+def test_metrics_parse_with_prometheus_parser(config):
+    status, headers, text = call(config, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    jobs = {s.labels["state"]: s.value for s in families["vlmguard_jobs"].samples}
+    assert jobs == {"pending": 2, "processing": 0, "completed": 8, "failed": 2}
+    tokens = {(s.labels["camera"], s.labels["kind"]): s.value
+              for s in families["vlmguard_gemini_tokens"].samples}
+    assert tokens[("cam1", "total")] + tokens[("cam2", "total")] == 8 * 110
+    histogram = families["vlmguard_analysis_duration_seconds"]
+    count = [s.value for s in histogram.samples if s.name.endswith("_count")]
+    assert histogram.type == "histogram" and count == [8]
+    online = {s.labels["camera"]: s.value for s in families["vlmguard_camera_online"].samples}
+    assert online == {"cam1": 0, "cam2": 0}
+    assert {"vlmguard_archive_bytes", "vlmguard_ffmpeg_restarts", "vlmguard_child_restarts",
+            "vlmguard_up"} <= set(families)

@@ -1,0 +1,162 @@
+"""The REST API and Prometheus metrics, served by the streaming process's aiohttp app.
+
+Every database read runs in a worker thread (asyncio.to_thread): the event loop that serves
+the video never waits on SQL. Bad query parameters get 400 with a JSON body naming the
+parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from aiohttp import web
+
+from vlmguard.config import Config
+from vlmguard.metrics import render_metrics
+from vlmguard.status import gather_status, incident_row, job_detail, job_summary
+from vlmguard.store import STATES, JobStore
+from vlmguard.vlm import SEVERITIES
+
+MAX_PAGE = 500
+CONFIG_KEY = web.AppKey("config", Config)
+STORE_KEY = web.AppKey("store", list)
+
+
+def add_api_routes(app: web.Application) -> None:
+    app[STORE_KEY] = []  # the JobStore, opened on first use in a worker thread
+    app.router.add_get("/api/health", health)
+    app.router.add_get("/api/cameras", cameras)
+    app.router.add_get("/api/jobs", jobs)
+    app.router.add_get("/api/jobs/{id}", job)
+    app.router.add_get("/api/incidents", incidents)
+    app.router.add_get("/metrics", metrics)
+    app.on_cleanup.append(close_store)
+
+
+def config_of(request: web.Request) -> Config:
+    return request.app[CONFIG_KEY]
+
+
+async def read(request: web.Request, work: Callable[[Config, JobStore], Any]) -> Any:
+    """Run a database read off the event loop, with this process's JobStore."""
+    config = config_of(request)
+
+    def run() -> Any:
+        holder = request.app[STORE_KEY]
+        if not holder:
+            holder.append(JobStore.from_config(config, create=False))
+        return work(config, holder[0])
+    return await asyncio.to_thread(run)
+
+
+async def close_store(app: web.Application) -> None:
+    for store in app[STORE_KEY]:
+        store.close()
+
+
+class BadParameter(web.HTTPBadRequest):
+    def __init__(self, name: str, problem: str):
+        super().__init__(text=f'{{"error": "{name}: {problem}", "parameter": "{name}"}}',
+                         content_type="application/json")
+
+
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadParameter(name, f"must be an integer {lo}-{hi}") from None
+    if not lo <= value <= hi:
+        raise BadParameter(name, f"must be an integer {lo}-{hi}")
+    return value
+
+
+def choice_params(request: web.Request, name: str, choices: tuple[str, ...]) -> list[str]:
+    values = [v for raw in request.query.getall(name, []) for v in raw.split(",") if v]
+    for value in values:
+        if value not in choices:
+            raise BadParameter(name, f"must be one of {', '.join(choices)}")
+    return values
+
+
+def camera_param(request: web.Request) -> str | None:
+    camera = request.query.get("camera")
+    if camera is not None and config_of(request).camera(camera) is None:
+        raise BadParameter("camera", "unknown camera")
+    return camera
+
+
+def since_param(request: web.Request) -> datetime | None:
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadParameter("since", "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+async def health(request: web.Request) -> web.Response:
+    report = await read(request, lambda config, store: gather_status(config, store))
+    body = {"healthy": report["healthy"], "problems": report["problems"],
+            "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES}}
+    return web.json_response(body, status=200 if report["healthy"] else 503)
+
+
+async def cameras(request: web.Request) -> web.Response:
+    report = await read(request, lambda config, store: gather_status(config, store))
+    return web.json_response({"cameras": report["cameras"]})
+
+
+async def jobs(request: web.Request) -> web.Response:
+    states = choice_params(request, "state", STATES)
+    camera = camera_param(request)
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
+
+    def work(config, store):
+        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset)
+        return [job_summary(j) for j in found], store.count_jobs(states=states, camera_id=camera)
+    rows, total = await read(request, work)
+    return web.json_response({"jobs": rows, "total": total, "limit": limit, "offset": offset})
+
+
+async def job(request: web.Request) -> web.Response:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise BadParameter("id", "must be a job number")
+
+    def work(config, store):
+        found = store.get(int(raw))
+        return job_detail(found, store.list_incidents(found.id)) if found else None
+    detail = await read(request, work)
+    if detail is None:
+        raise web.HTTPNotFound(text=f'{{"error": "no job {raw}"}}', content_type="application/json")
+    return web.json_response(detail)
+
+
+async def incidents(request: web.Request) -> web.Response:
+    camera = camera_param(request)
+    since = since_param(request)
+    severity = choice_params(request, "severity", SEVERITIES)
+    worse = SEVERITIES[min(SEVERITIES.index(s) for s in severity):] if severity else ()
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
+    rows = await read(request, lambda config, store: store.find_incidents(
+        camera_id=camera, since=since, severities=worse, limit=limit, offset=offset))
+    return web.json_response({"incidents": [incident_row(r) for r in rows], "limit": limit,
+                              "offset": offset})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    def work(config, store):
+        return render_metrics(gather_status(config, store), store.duration_histogram(),
+                              store.token_usage())
+    text = await read(request, work)
+    return web.Response(body=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,0 +1,66 @@
+"""The Prometheus text exposition format, written out from the status report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmguard.store import STATES
+
+
+def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, int]], int, float],
+                   tokens: dict[str, dict[str, int]]) -> str:
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            out.append(f"{name}{labels} {format_value(value)}")
+
+    cameras = report["cameras"]
+    family("vlmguard_camera_online", "gauge", "1 when the camera's live playlist is fresh.",
+           [(label(camera=c["id"]), int(c["online"])) for c in cameras])
+    family("vlmguard_camera_segment_age_seconds", "gauge", "Age of the newest live segment.",
+           [(label(camera=c["id"]), c["segment_age_s"]) for c in cameras
+            if c["segment_age_s"] is not None])
+    family("vlmguard_ffmpeg_restarts_total", "counter",
+           "FFmpeg restarts for the camera since the streaming process started.",
+           [(label(camera=c["id"]), c["ffmpeg_restarts"]) for c in cameras])
+    family("vlmguard_jobs", "gauge", "Analysis jobs by state.",
+           [(label(state=s), report["jobs"][s]) for s in STATES])
+    buckets, count, total = histogram
+    out.append("# HELP vlmguard_analysis_duration_seconds Claim-to-completion time of analyses.")
+    out.append("# TYPE vlmguard_analysis_duration_seconds histogram")
+    for bound, n in buckets:
+        out.append(f'vlmguard_analysis_duration_seconds_bucket{{le="{format_value(bound)}"}} {n}')
+    out.append(f'vlmguard_analysis_duration_seconds_bucket{{le="+Inf"}} {count}')
+    out.append(f"vlmguard_analysis_duration_seconds_sum {format_value(total)}")
+    out.append(f"vlmguard_analysis_duration_seconds_count {count}")
+    family("vlmguard_gemini_tokens_total", "counter", "Gemini tokens used, by camera and kind.",
+           [(label(camera=camera, kind=kind), usage[kind]) for camera, usage in tokens.items()
+            for kind in ("prompt", "output", "total")])
+    children = report["daemon"]["children"]
+    family("vlmguard_child_restarts_total", "counter",
+           "Restarts of each supervised process since vlmguard started.",
+           [(label(child=name), state.get("restarts", 0)) for name, state in children.items()])
+    archives = report["archives"]
+    family("vlmguard_archive_bytes", "gauge", "Bytes used by archives.", [("", archives["bytes"])])
+    family("vlmguard_archives", "gauge", "Archive files on disk.", [("", archives["count"])])
+    if archives["disk_free_bytes"] is not None:
+        family("vlmguard_disk_free_bytes", "gauge", "Free bytes on the data disk.",
+               [("", archives["disk_free_bytes"])])
+    family("vlmguard_up", "gauge", "1 when nothing needs attention.", [("", int(report["healthy"]))])
+    return "\n".join(out) + "\n"
+
+
+def label(**labels: str) -> str:
+    inner = ",".join(f'{key}="{escape(str(value))}"' for key, value in labels.items())
+    return "{" + inner + "}"
+
+
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_value(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) and not float(value).is_integer() else str(int(value))
