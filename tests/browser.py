@@ -68,18 +68,22 @@ class PageServer:
         self.thread.join(10)
 
 
-def play_with_hlsjs(hls_url: str, profile: Path, samples: int = 10, timeout: float = 90) -> list[dict]:
-    """Open the player page on hls_url; return its reports up to the latency one or an error."""
+def play_with_hlsjs(hls_url: str, profile: Path, samples: int = 10, timeout: float = 90,
+                    watch: int = 0) -> list[dict]:
+    """Open the player page on hls_url; return its reports up to the last one or an error.
+
+    watch=N: play for N seconds counting stalls (a "watched" report) instead of sampling latency.
+    """
     with PageServer() as pages:
-        page = f"http://127.0.0.1:{pages.port}/?samples={samples}&src={hls_url}"
+        page = f"http://127.0.0.1:{pages.port}/?samples={samples}&watch={watch}&src={hls_url}"
         browser = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", page],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         reports = []
         try:
             while True:
-                report = pages.reports.get(timeout=timeout)
+                report = pages.reports.get(timeout=timeout + watch)
                 reports.append(report)
-                if report["event"] in ("latency", "error", "unsupported"):
+                if report["event"] in ("latency", "watched", "error", "unsupported"):
                     return reports
         except queue.Empty:
             return reports

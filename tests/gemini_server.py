@@ -98,6 +98,7 @@ class FakeGemini:
         self.file_fails = False
         self.answer: Any = DEFAULT_ANSWER
         self.upload_delay = 0.0
+        self.generate_delay = 0.0  # "realistic latency" for the benchmarks
         self.upload_started = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -205,7 +206,10 @@ class FakeGemini:
         if (denied := self.key_error(request)) is not None:
             return denied
         body = await request.json()
-        self.generate_requests.append(body)
+        if self.generate_delay:
+            await asyncio.sleep(self.generate_delay)
+        self.generate_requests.append({"generationConfig": body.get("generationConfig")}
+                                      if self.generate_delay else body)
         if model not in MODELS:
             return web.json_response(error_body(
                 404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is "
@@ -224,7 +228,7 @@ class FakeGemini:
                         400, "FAILED_PRECONDITION", f"The File {file_id} is not in an ACTIVE state "
                         "and usage is not allowed."), status=400)
         answer = self.answer
-        if answer is DEFAULT_ANSWER and stored is not None:
+        if answer is DEFAULT_ANSWER and stored is not None and not self.generate_delay:
             answer = await asyncio.to_thread(answer_within, bytes(stored.data))
         return web.json_response(self.completion(json.dumps(answer)))
 
@@ -275,3 +279,19 @@ class FakeGemini:
         if fault == "not_json":
             return web.json_response(self.completion("The clip shows a warehouse."))
         raise ValueError(f"unknown fault {fault}")
+
+
+def main() -> None:
+    """Run standalone (for the benchmarks): python tests/gemini_server.py PORT [DELAY_S]."""
+    import sys
+
+    server = FakeGemini()
+    server.port = int(sys.argv[1])
+    server.generate_delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    with server:
+        print("ready", flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

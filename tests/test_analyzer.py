@@ -299,3 +299,16 @@ def test_analyze_command_without_key_is_one_line(setup, gemini, archive, monkeyp
     assert result.exit_code == 1
     assert result.stderr.strip() == ("vlmguard: generate: HTTP 400 INVALID_ARGUMENT: "
                                      "Request contains an invalid argument.")
+
+
+def test_client_is_reused_until_the_key_changes(setup, monkeypatch):
+    from vlmguard.analyzer import gemini_client_factory
+    config, store = setup()
+    store.close()
+    make = gemini_client_factory(config)
+    first = make()
+    assert make() is first
+    monkeypatch.setenv("GEMINI_API_KEY", "rotated-key")
+    assert make() is not first
+    monkeypatch.delenv("GEMINI_API_KEY")
+    assert make() is None

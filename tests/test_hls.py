@@ -9,11 +9,10 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from vlmguard.config import load_config
+from vlmguard.config import check_server_settings, load_config
 from vlmguard.errors import ConfigError
 from vlmguard.hls import create_app
 from vlmguard.layout import Layout
-from vlmguard.streamer import check_server_settings
 
 from conftest import write_config
 

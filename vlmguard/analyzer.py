@@ -75,11 +75,19 @@ def lower_priority() -> None:
 
 
 def gemini_client_factory(config: Config) -> Callable[[], VlmClient | None]:
+    """Returns the client for the current key: the same one while the key stays the same
+    (the worker asks every loop), a new one when the key was added or rotated."""
+    made: dict[str, VlmClient] = {}
+
     def make() -> VlmClient | None:
         key = find_api_key(config.gemini)
         if key is None:
             return None
-        return GeminiClient(config.gemini, key, media_resolution=config.analysis.media_resolution)
+        if key not in made:
+            made.clear()
+            made[key] = GeminiClient(config.gemini, key,
+                                     media_resolution=config.analysis.media_resolution)
+        return made[key]
     return make
 
 

@@ -17,9 +17,7 @@ import click
 from vlmguard import __version__
 from vlmguard.config import load_config, masked
 from vlmguard.errors import VlmguardError
-from vlmguard.analyzer import analyze_file
 from vlmguard.logs import configure_logging
-from vlmguard.supervisor import Supervisor
 from vlmguard.status import gather_status, iso, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
@@ -70,6 +68,8 @@ def run(config_path):
     Stops in order on SIGTERM or SIGINT (a second SIGINT stops at once); SIGHUP reloads the
     config. Logs go to stdout: JSON lines when it is not a terminal (journald).
     """
+    from vlmguard.supervisor import Supervisor  # only `run` needs the daemon's machinery
+
     config = load_config(config_path)
     configure_logging("supervisor")
     sys.exit(Supervisor(config).run())
@@ -175,6 +175,8 @@ def analyze(config_path, file, camera_id, as_json):
     For tuning prompts and settings: the file goes through the same preparation, prompt,
     model call and checks as an archive in the job table.
     """
+    from vlmguard.analyzer import analyze_file
+
     config = load_config(config_path)
     finding, answer = analyze_file(config, file, camera_id)
     tokens = {"prompt": answer.prompt_tokens, "output": answer.output_tokens,

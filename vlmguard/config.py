@@ -142,6 +142,13 @@ SECTIONS = {
 }
 
 
+def check_server_settings(config: Config) -> None:
+    """Run-time rule: a server reachable from the network must ask for a token."""
+    if not config.server.is_loopback and not config.server.token:
+        raise ConfigError(f"{config.source}: server.token: required when server.host "
+                          f"({config.server.host}) is not a loopback address")
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and check a config file; any problem raises ConfigError with one line."""
     path = Path(path)

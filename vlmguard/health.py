@@ -8,6 +8,7 @@ systemd STATUS line; losing one of those writes is harmless.
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vlmguard.errors import VlmguardError
 from vlmguard.logs import get_logger
@@ -80,7 +81,7 @@ def stop_when_parent_dies() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def child_entry(target: Callable[..., None], *args: Any) -> None:
+def child_entry(target: str, *args: Any) -> None:
     """First code in every supervised child: fresh signal dispositions, then its main.
 
     SIGINT is ignored so that Ctrl-C on a terminal reaches only the supervisor, which
@@ -90,8 +91,9 @@ def child_entry(target: Callable[..., None], *args: Any) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)
     stop_when_parent_dies()
+    module, _, function = target.partition(":")
     try:
-        target(*args)
+        getattr(importlib.import_module(module), function)(*args)
     except VlmguardError as exc:
         # A problem a person must fix (a database from a newer vlmguard, say): one line.
         get_logger("vlmguard").error("cannot run", error=str(exc))

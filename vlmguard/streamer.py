@@ -17,8 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.config import CameraConfig, Config
-from vlmguard.errors import ConfigError
+from vlmguard.config import CameraConfig, Config, check_server_settings
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary, needs_encoding, probe_codec
 from vlmguard.health import Beat, write_state
 from vlmguard.hls import create_app
@@ -33,12 +32,6 @@ STOP_TIMEOUT_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 10.0
 STABLE_RUN_SECONDS = 60.0
 REPORT_SECONDS = 1.0
-
-
-def check_server_settings(config: Config) -> None:
-    if not config.server.is_loopback and not config.server.token:
-        raise ConfigError(f"{config.source}: server.token: required when server.host "
-                          f"({config.server.host}) is not a loopback address")
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:

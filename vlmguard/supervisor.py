@@ -21,10 +21,9 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from vlmguard import analyzer, archiver, streamer
-from vlmguard.config import Config, load_config
+from vlmguard.config import Config, check_server_settings, load_config
 from vlmguard.errors import StartupError, VlmguardError
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
@@ -34,7 +33,9 @@ from vlmguard.store import JobStore
 log = get_logger("vlmguard.supervisor")
 
 START_METHOD = "forkserver"
-PRELOAD = ["vlmguard.streamer", "vlmguard.archiver", "vlmguard.analyzer"]
+# google.genai is imported by the analyzers only, but preloading it lets them share its pages.
+PRELOAD = ["vlmguard.streamer", "vlmguard.archiver", "vlmguard.analyzer", "google.genai",
+           "google.genai.types"]
 FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 60.0, 60.0
 STATUS_EVERY = 5.0
 
@@ -44,7 +45,7 @@ class Child:
     """One supervised slot: its role, how to start it, and its restart history."""
 
     name: str
-    target: Callable[..., None]
+    target: str  # "module:function", imported in the child only
     args: tuple
     hang_seconds: float
     process: Any = None
@@ -87,6 +88,9 @@ class Supervisor:
         self.stopping = False
         self.context = multiprocessing.get_context(START_METHOD)
         self.context.set_forkserver_preload(PRELOAD)
+        # Two malloc arenas per process instead of one per thread: the children and their
+        # FFmpegs inherit it from the fork server, which reads it when it starts.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         # Only the supervisor may talk to systemd (NotifyAccess=main); children never see it.
         self.notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
         watchdog_usec = int(os.environ.pop("WATCHDOG_USEC", "0") or 0)
@@ -101,11 +105,11 @@ class Supervisor:
     def plan(self, config: Config) -> list[Child]:
         """Start order: archiver, streamer, analyzers; stopping goes the other way."""
         hang = config.daemon.hang_seconds
-        children = [Child("archiver", archiver.main, (config,), hang),
-                    Child("streamer", streamer.main, (config,), hang)]
+        children = [Child("archiver", "vlmguard.archiver:main", (config,), hang),
+                    Child("streamer", "vlmguard.streamer:main", (config,), hang)]
         # An analyzer's main thread may sit in one API call for up to the request timeout.
         analyzer_hang = hang + config.gemini.timeout_seconds + config.gemini.file_active_timeout_seconds
-        children += [Child(f"analyzer-{i}", analyzer.main, (config, i), analyzer_hang)
+        children += [Child(f"analyzer-{i}", "vlmguard.analyzer:main", (config, i), analyzer_hang)
                      for i in range(config.analysis.workers)]
         return children
 
@@ -252,7 +256,7 @@ class Supervisor:
         """SIGHUP: read the config again; if it is valid, restart every child with it."""
         try:
             config = load_config(self.config.source)
-            streamer.check_server_settings(config)
+            check_server_settings(config)
         except VlmguardError as exc:
             log.error("reload refused, keeping the running config", error=str(exc))
             return
@@ -319,7 +323,7 @@ class Supervisor:
 
     def check_dependencies(self) -> None:
         """Fail with one line now rather than crash-loop a child later."""
-        streamer.check_server_settings(self.config)
+        check_server_settings(self.config)
         ffmpeg_binary()
         JobStore.from_config(self.config).close()  # creates or upgrades the schema once
         port = self.config.server.port
