@@ -75,14 +75,16 @@ class Daemon:
         return [int(pid) for pid in out.split()]
 
     def stop(self) -> None:
+        """In the supervisor's order: the streamer closes the open archive, then the
+        archiver registers it on its way out."""
         for proc in (self.streamer, self.archiver):
-            if proc is not None and proc.is_alive():
+            if proc is None:
+                continue
+            if proc.is_alive():
                 proc.terminate()
-        for proc in (self.streamer, self.archiver):
-            if proc is not None:
-                proc.join(timeout=20)
-                if proc.is_alive():
-                    proc.kill()
+            proc.join(timeout=20)
+            if proc.is_alive():
+                proc.kill()
 
 
 class RunningVlmguard:
