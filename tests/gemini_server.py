@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any

@@ -7,7 +7,6 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 
 from vlmguard.archiver import Archiver
 from vlmguard.config import load_config

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import sqlite3
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
