@@ -15,7 +15,7 @@ from aiohttp import web
 
 from vlmguard.config import Config
 from vlmguard.metrics import render_metrics
-from vlmguard.status import gather_status, incident_row, job_detail, job_summary
+from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
 
@@ -109,8 +109,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def cameras(request: web.Request) -> web.Response:
-    report = await read(request, lambda config, store: gather_status(config, store))
-    return web.json_response({"cameras": report["cameras"]})
+    return web.json_response({"cameras": await asyncio.to_thread(live_cameras, config_of(request))})
 
 
 async def jobs(request: web.Request) -> web.Response:

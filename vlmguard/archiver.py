@@ -71,9 +71,13 @@ class Archiver:
             self.layout.make_dirs(camera.id)
 
     def catch_up(self) -> None:
+        """Register what a crash or a stop left unregistered. Only unknown archives are
+        probed: a week of archives is thousands of files, each an FFmpeg run to measure."""
         self.finalize_closed()
+        known = self.store.registered_paths()
         for archive in self.archives():
-            self.register(archive.camera_id, archive.path)
+            if str(archive.path) not in known:
+                self.register(archive.camera_id, archive.path)
 
     def finalize_closed(self) -> None:
         for camera in self.config.cameras:

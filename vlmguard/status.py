@@ -49,6 +49,13 @@ def hls_url(config: Config, camera_id: str) -> str:
     return f"http://{host}:{config.server.port}/live/{camera_id}/index.m3u8"
 
 
+def live_cameras(config: Config) -> list[dict[str, Any]]:
+    """The cameras part of the report alone: files only, no database, no archive scan."""
+    states = read_states(config.data_dir) if daemon_pid(config.data_dir) else {}
+    return camera_report(config, states.get("streamer", {}).get("cameras", {}),
+                         states.get("supervisor", {}).get("children", {}).get("streamer"))
+
+
 def gather_status(config: Config, store: JobStore | None = None) -> dict[str, Any]:
     data_dir = config.data_dir
     pid = daemon_pid(data_dir)

@@ -519,6 +519,11 @@ class JobStore:
         buckets = [(float(b), int(n)) for b, n in zip(DURATION_BUCKETS, row)]
         return buckets, int(row[-2]), float(row[-1])
 
+    def registered_paths(self) -> set[str]:
+        """Every archive the table already knows (the archiver's catch-up skips them)."""
+        with self.read() as conn:
+            return set(conn.execute(select(jobs.c.video_path)).scalars())
+
     def in_flight_paths(self) -> set[str]:
         """Archives whose analysis is still to come (retention must keep them)."""
         query = select(jobs.c.video_path).where(jobs.c.status.in_(("pending", "processing")))

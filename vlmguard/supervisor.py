@@ -229,8 +229,18 @@ class Supervisor:
     def stop(self) -> None:
         """Reverse start order, each with a bounded wait, then whatever is left is killed."""
         self.notifier.send("STOPPING=1")
+        self.stop_children(self.children)
+        clear_states(self.config.data_dir)
+        if self.store is not None:
+            self.store.close()
+        log.info("vlmguard stopped")
+
+    def stop_children(self, children: list[Child]) -> None:
+        """Analyzers, then the streamer, then the archiver; each group gets the stop
+        timeout, then whatever is left of it is killed."""
         timeout = self.config.daemon.stop_timeout_seconds
-        for group in (self.named("analyzer-"), self.named("streamer"), self.named("archiver")):
+        for prefix in ("analyzer-", "streamer", "archiver"):
+            group = self.named(prefix, children)
             for child in group:
                 if child.alive:
                     child.process.terminate()
@@ -242,10 +252,6 @@ class Supervisor:
                         log.error("child did not stop in time, killing it", child=child.name)
                         child.process.kill()
                         child.process.join(5)
-        clear_states(self.config.data_dir)
-        if self.store is not None:
-            self.store.close()
-        log.info("vlmguard stopped")
 
     def kill_all(self) -> None:
         for child in self.children:
@@ -261,22 +267,15 @@ class Supervisor:
             log.error("reload refused, keeping the running config", error=str(exc))
             return
         log.info("reloading", cameras=len(config.cameras), workers=config.analysis.workers)
-        old = self.children
+        self.stop_children(self.children)
         self.config = config
         self.children = self.plan(config)
-        for group in (self.named("analyzer-", old), self.named("streamer", old)):
-            for child in group:
-                if child.alive:
-                    child.process.terminate()
-                    child.process.join(config.daemon.stop_timeout_seconds)
-        for child in self.named("archiver", old):
-            child.process.terminate()
-            child.process.join(config.daemon.stop_timeout_seconds)
         for child in self.children:
             self.spawn(child)
 
     def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
-        return [c for c in (children or self.children) if c.name.startswith(prefix)]
+        return [c for c in (self.children if children is None else children)
+                if c.name.startswith(prefix)]
 
     # -- what systemd and `vlmguard status` hear --------------------------------------------
 
