@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -135,19 +136,22 @@ def run_scenario(name: str, args, gemini_port: int) -> dict:
             load = subprocess.Popen([PYTHON, str(REPO / "bench" / "hls_load.py"), base,
                                      str(config.data_dir), str(args.seconds), str(args.players),
                                      *[c.id for c in config.cameras]], stdout=subprocess.PIPE, text=True)
-            mem = None
+            mem: list[tuple[float, float]] = []
             if name == "vlmguard":
-                time.sleep(min(30, args.seconds / 2))
-                mem = memory(daemon.pid)
+                # Sampled beside the player, not before it, so hls.js watches the whole run.
+                sampler = threading.Timer(min(30, args.seconds / 2),
+                                          lambda: mem.append(memory(daemon.pid)))
+                sampler.daemon = True
+                sampler.start()
             reports = browser.play_with_hlsjs(f"{base}/live/cam1/index.m3u8", directory / "profile",
-                                              watch=int(args.seconds - (30 if mem else 0) - 5))
+                                              watch=int(args.seconds - 5))
             result = json.loads(load.communicate(timeout=args.seconds + 60)[0])
             watched = reports[-1] if reports else {}
             result["hlsjs"] = {"event": watched.get("event"), "stalls": watched.get("stalls"),
                                "frames": watched.get("frames"),
                                "dropped": watched.get("dropped")}
             if mem:
-                result["memory_mb"] = {"rss": round(mem[0]), "pss": round(mem[1])}
+                result["memory_mb"] = {"rss": round(mem[0][0]), "pss": round(mem[0][1])}
             if name == "vlmguard":
                 with JobStore.from_config(config) as store:
                     result["jobs_completed"] = sum(c["completed"] for c in store.counts().values())

@@ -16,6 +16,7 @@ import pytest
 from daemon import RunningVlmguard
 from gemini_server import FakeGemini
 from test_streamer import decoded_frames, wait_for
+from vlmguard.status import daemon_pid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,10 +146,28 @@ def test_sigkilled_parent_leaves_no_child_or_ffmpeg(vlmguard):
     daemon.wait_live()
     family = descendants(daemon.proc.pid)
     ffmpegs = [p for p in family if "ffmpeg" in Path(f"/proc/{p}/cmdline").read_text()]
-    assert ffmpegs and len(family) >= 5  # forkserver, 4 children, FFmpeg
+    assert ffmpegs and len(family) >= 5  # 4 children and FFmpeg
     daemon.proc.kill()
     daemon.proc.wait()
     wait_for(lambda: not any(alive(p) for p in family), 15, "every descendant to exit")
+
+
+def test_the_lock_ends_with_the_supervisor_not_its_children(vlmguard):
+    """Children are forked from the supervisor; they must not keep its data-dir lock."""
+    daemon = vlmguard(workers=1)
+    daemon.wait_live()
+    children = [daemon.child_pid(name) for name in ("archiver", "streamer", "analyzer-0")]
+    for pid in children:
+        os.kill(pid, signal.SIGSTOP)  # so they cannot exit before the check
+    try:
+        daemon.proc.kill()
+        daemon.proc.wait()
+        assert all(alive(pid) for pid in children)
+        assert daemon_pid(daemon.data_dir) is None
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: not any(alive(pid) for pid in children), 15, "the children to exit")
 
 
 def test_sigterm_during_analysis_hands_the_job_back(vlmguard, gemini):
@@ -193,8 +212,10 @@ def test_sd_notify_ready_watchdog_stopping(vlmguard, tmp_path):
     reader.start()
     daemon = vlmguard(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
     daemon.wait_live()
-    analyzer = wait_for(lambda: daemon.child_pid("analyzer-0"), 20, "an analyzer")
-    assert b"NOTIFY_SOCKET" not in Path(f"/proc/{analyzer}/environ").read_bytes()
+    # Only the supervisor may reach systemd: what its children run never sees the socket.
+    ffmpeg = next(p for p in descendants(daemon.proc.pid)
+                  if "ffmpeg" in Path(f"/proc/{p}/cmdline").read_text())
+    assert b"NOTIFY_SOCKET" not in Path(f"/proc/{ffmpeg}/environ").read_bytes()
     time.sleep(4)
     assert daemon.stop() == 0
     time.sleep(1)

@@ -4,16 +4,22 @@ The loop follows gunicorn's arbiter: signal handlers only queue the signal; the 
 waits on the children's sentinels and the signal pipe, then reaps the dead, kills the
 hung, restarts what is due and tells systemd how things stand.
 
-Start method: forkserver, with vlmguard's modules preloaded in the server. Each child is
-forked from that clean, single-threaded server, so it inherits no database engine, thread,
-event loop or signal handler from the supervisor (which holds all of those), and starts in
-milliseconds sharing the imported code. Children are reaped through their sentinels: with
-forkserver the supervisor is not their OS parent and gets no SIGCHLD.
+Start method: fork, from a supervisor that has imported everything the children run and
+then frozen those objects for the garbage collector, so every child shares those pages
+instead of holding its own copy (the whole daemon's memory is most of what this buys).
+Fork is safe here because of what the supervisor never holds when it forks: a thread,
+an event loop or a database connection (its status line opens and closes one). What it
+does hold (the data-dir lock, the signal pipe, the systemd socket) each child closes
+right after the fork, and each child resets its signal handlers and opens its own
+logging and database engine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import gc
+import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -29,13 +35,23 @@ from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
 from vlmguard.store import JobStore
+from vlmguard.vlm.gemini import load_sdk
 
 log = get_logger("vlmguard.supervisor")
 
-START_METHOD = "forkserver"
-# google.genai is imported by the analyzers only, but preloading it lets them share its pages.
-PRELOAD = ["vlmguard.streamer", "vlmguard.archiver", "vlmguard.analyzer", "google.genai",
-           "google.genai.types"]
+START_METHOD = "fork"
+# Imported by the supervisor before the first fork so that the children share their pages;
+# google.genai is the analyzers' alone, but sharing it costs the others nothing.
+CHILD_MODULES = ("vlmguard.archiver", "vlmguard.streamer", "vlmguard.analyzer",
+                 "google.genai", "google.genai.types")
+# glibc malloc settings, as (mallopt parameter number, environment variable, value).
+MALLOC_SETTINGS = (
+    # Two arenas per process rather than one per thread.
+    (-8, "MALLOC_ARENA_MAX", 2),
+    # Big buffers (>= 128 KiB: packets, upload chunks) are mmapped and handed back when
+    # freed, rather than the threshold creeping up until they stay in the heap for good.
+    (-3, "MALLOC_MMAP_THRESHOLD_", 128 * 1024),
+)
 FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 60.0, 60.0
 STATUS_EVERY = 5.0
 
@@ -87,10 +103,7 @@ class Supervisor:
         self.config = config
         self.stopping = False
         self.context = multiprocessing.get_context(START_METHOD)
-        self.context.set_forkserver_preload(PRELOAD)
-        # Two malloc arenas per process instead of one per thread: the children and their
-        # FFmpegs inherit it from the fork server, which reads it when it starts.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+        tune_malloc()
         # Only the supervisor may talk to systemd (NotifyAccess=main); children never see it.
         self.notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
         watchdog_usec = int(os.environ.pop("WATCHDOG_USEC", "0") or 0)
@@ -99,8 +112,9 @@ class Supervisor:
         self.children = self.plan(config)
         self.signals: list[int] = []
         self.lock_file = None
-        self.store: JobStore | None = None
+        self.signal_pipe: tuple[int, int] | None = None
         self.started_at = time.time()
+        os.register_at_fork(after_in_child=self.close_in_child)
 
     def plan(self, config: Config) -> list[Child]:
         """Start order: archiver, streamer, analyzers; stopping goes the other way."""
@@ -118,7 +132,8 @@ class Supervisor:
     def run(self) -> int:
         self.lock_data_dir()
         self.check_dependencies()
-        read_fd, write_fd = os.pipe()
+        share_with_children(self.config)
+        read_fd, write_fd = self.signal_pipe = os.pipe()
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -186,6 +201,7 @@ class Supervisor:
         child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
         child.process = self.context.Process(target=child_entry, name=child.name,
                                              args=(child.target, *child.args, child.beat))
+        settle_memory()
         child.process.start()
         child.started_at = time.monotonic()
         child.restart_at = None
@@ -231,8 +247,6 @@ class Supervisor:
         self.notifier.send("STOPPING=1")
         self.stop_children(self.children)
         clear_states(self.config.data_dir)
-        if self.store is not None:
-            self.store.close()
         log.info("vlmguard stopped")
 
     def stop_children(self, children: list[Child]) -> None:
@@ -295,13 +309,30 @@ class Supervisor:
         busy = sum(1 for name, s in states.items()
                    if name.startswith("analyzer-") and str(s.get("state", "")).startswith("job"))
         try:
-            if self.store is None:
-                self.store = JobStore.from_config(self.config, create=False)
-            pending = sum(s["pending"] for s in self.store.counts().values())
+            # Opened and closed each time: a child must never be forked holding a connection.
+            with JobStore.from_config(self.config, create=False) as store:
+                pending = sum(s["pending"] for s in store.counts().values())
         except Exception:  # the status line must not take the supervisor down
             pending = "?"
         return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
                 f"analyzers busy {busy}/{self.config.analysis.workers}")
+
+    def close_in_child(self) -> None:
+        """Runs in each child right after the fork: drop what only the supervisor may use.
+
+        The lock must end with the supervisor, systemd must hear from the supervisor alone
+        (NotifyAccess=main), and a child's signals must not wake the supervisor's loop.
+        """
+        if self.signal_pipe is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self.signal_pipe:
+                os.close(fd)
+        if self.lock_file is not None:
+            self.lock_file.close()
+        if self.notifier.socket is not None:
+            self.notifier.socket.close()
+        # Nothing left to close should this child ever fork in turn.
+        self.signal_pipe = self.lock_file = self.notifier.socket = None
 
     # -- before anything starts ----------------------------------------------------------------
 
@@ -333,6 +364,44 @@ class Supervisor:
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {self.config.server.host}:{port}: {exc.strerror}") from None
+
+
+def share_with_children(config: Config) -> None:
+    """Import what the children run, then freeze it: a forked child's garbage collector
+    then never writes to these objects, which would give the child its own copy of every
+    page they sit on (copy-on-write)."""
+    for module in CHILD_MODULES:
+        importlib.import_module(module)
+    if config.analysis.workers:
+        load_sdk(config.gemini)
+    settle_memory()
+
+
+def settle_memory() -> None:
+    """Right before a fork. Frozen objects are never written by a child's garbage collector
+    (a write would copy their page into the child). Trimming hands malloc's free chunks
+    back to the kernel; left in place, the child's first large allocation would coalesce
+    them all, writing to, and so copying, pages across the whole heap."""
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def tune_malloc() -> None:
+    """Set MALLOC_SETTINGS with mallopt for this process and the children it forks, and
+    in the environment for the programs they run (FFmpeg). A value already in the
+    environment (say, from the unit file) wins."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        mallopt = None  # not glibc: its allocator has its own policy
+    for parameter, variable, default in MALLOC_SETTINGS:
+        value = os.environ.setdefault(variable, str(default))
+        if mallopt is not None and value.isdigit():
+            mallopt(parameter, int(value))
 
 
 def describe_exit(code: int | None) -> dict[str, Any]:

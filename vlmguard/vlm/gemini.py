@@ -51,6 +51,25 @@ def where_keys_come_from(config: GeminiConfig) -> str:
     return " or ".join(places)
 
 
+def http_options(config: GeminiConfig):
+    from google.genai import types
+
+    options = types.HttpOptions(api_version="v1beta", timeout=int(config.timeout_seconds * 1000),
+                                retry_options=types.HttpRetryOptions(attempts=1))
+    if config.base_url:
+        options.base_url = config.base_url
+    return options
+
+
+def load_sdk(config: GeminiConfig) -> None:
+    """Make and close a client that is never used: the SDK imports its HTTP stack with
+    the first client, not on import. The supervisor does this before it forks the
+    analyzers, so that they share those modules' pages instead of each loading them."""
+    from google import genai
+
+    genai.Client(api_key="unused", http_options=http_options(config)).close()
+
+
 class GeminiClient:
     def __init__(self, config: GeminiConfig, api_key: str, *, media_resolution: str = "low"):
         from google import genai
@@ -59,11 +78,7 @@ class GeminiClient:
         self.config = config
         self.types = types
         self.media_resolution = MEDIA_RESOLUTIONS[media_resolution]
-        options = types.HttpOptions(api_version="v1beta", timeout=int(config.timeout_seconds * 1000),
-                                    retry_options=types.HttpRetryOptions(attempts=1))
-        if config.base_url:
-            options.base_url = config.base_url
-        self.client = genai.Client(api_key=api_key, http_options=options)
+        self.client = genai.Client(api_key=api_key, http_options=http_options(config))
 
     def analyze(self, clip: Clip, prompt: str, keep_alive: Callable[[], None]) -> Answer:
         uploaded = self.call("upload", lambda: self.client.files.upload(
