@@ -8,10 +8,10 @@ Start method: fork, from a supervisor that has imported everything the children 
 then frozen those objects for the garbage collector, so every child shares those pages
 instead of holding its own copy (the whole daemon's memory is most of what this buys).
 Fork is safe here because of what the supervisor never holds when it forks: a thread,
-an event loop or a database connection (its status line opens and closes one). What it
-does hold (the data-dir lock, the signal pipe, the systemd socket) each child closes
-right after the fork, and each child resets its signal handlers and opens its own
-logging and database engine.
+an event loop or a database connection (the status line's store is closed before each
+fork). What it does hold (the data-dir lock, the signal pipe, the systemd socket) each
+child closes right after the fork, and each child resets its signal handlers and opens
+its own logging and database engine.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.lock_file = None
         self.signal_pipe: tuple[int, int] | None = None
+        self.store: JobStore | None = None  # for the status line; never open across a fork
         self.started_at = time.time()
         os.register_at_fork(after_in_child=self.close_in_child)
 
@@ -201,6 +202,7 @@ class Supervisor:
         child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
         child.process = self.context.Process(target=child_entry, name=child.name,
                                              args=(child.target, *child.args, child.beat))
+        self.close_store()
         settle_memory()
         child.process.start()
         child.started_at = time.monotonic()
@@ -247,6 +249,7 @@ class Supervisor:
         self.notifier.send("STOPPING=1")
         self.stop_children(self.children)
         clear_states(self.config.data_dir)
+        self.close_store()
         log.info("vlmguard stopped")
 
     def stop_children(self, children: list[Child]) -> None:
@@ -309,13 +312,18 @@ class Supervisor:
         busy = sum(1 for name, s in states.items()
                    if name.startswith("analyzer-") and str(s.get("state", "")).startswith("job"))
         try:
-            # Opened and closed each time: a child must never be forked holding a connection.
-            with JobStore.from_config(self.config, create=False) as store:
-                pending = sum(s["pending"] for s in store.counts().values())
+            if self.store is None:
+                self.store = JobStore.from_config(self.config, create=False)
+            pending = sum(s["pending"] for s in self.store.counts().values())
         except Exception:  # the status line must not take the supervisor down
             pending = "?"
         return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
                 f"analyzers busy {busy}/{self.config.analysis.workers}")
+
+    def close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     def close_in_child(self) -> None:
         """Runs in each child right after the fork: drop what only the supervisor may use.
