@@ -61,11 +61,12 @@ base_url = "http://127.0.0.1:{gemini_port}"
     return path
 
 
-def backlog(directory: Path, count: int) -> Path:
+def backlog(directory: Path, count: int, source: Path = SOURCE) -> Path:
+    """count hard links to source, as a folder of archives waiting for analysis."""
     folder = directory / "backlog"
     folder.mkdir()
     for n in range(count):
-        os.link(SOURCE, folder / f"{n:04d}.mp4")
+        os.link(source, folder / f"{n:04d}.mp4")
     return folder
 
 

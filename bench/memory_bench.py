@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 from analysis_bench import ARCHIVE, make_archive  # noqa: E402
 from daemon import free_port  # noqa: E402
-from isolation_bench import SOURCE, register_backlog, wait_live, write_config  # noqa: E402
+from isolation_bench import SOURCE, backlog, register_backlog, wait_live, write_config  # noqa: E402
 from stream_bench import make_1080p  # noqa: E402
 from test_supervisor import descendants  # noqa: E402
 
@@ -111,14 +111,6 @@ def print_table(title: str, result: dict[str, dict]) -> None:
         print(f"| {name} | {row['processes']} | {row['pss_mb']} | {row['rss_mb']} |")
 
 
-def archives(directory: Path, count: int) -> Path:
-    folder = directory / "backlog"
-    folder.mkdir()
-    for n in range(count):
-        os.link(ARCHIVE, folder / f"{n:04d}.mp4")
-    return folder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cameras", type=int, default=4)
@@ -143,7 +135,7 @@ def main() -> None:
             wait_live(f"http://127.0.0.1:{config.server.port}/live/cam1/index.m3u8")
             time.sleep(args.settle)
             steady = measure(daemon.pid, config.data_dir, args.samples, 1)
-            register_backlog(config_path, archives(directory, 50))
+            register_backlog(config_path, backlog(directory, 50, ARCHIVE))
             time.sleep(5)  # every analyzer has claimed a job
             busy = measure(daemon.pid, config.data_dir, args.samples, 1)
         finally:
