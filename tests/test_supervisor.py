@@ -97,6 +97,9 @@ def alive(pid: int) -> bool:
 def test_run_streams_archives_and_analyses(vlmguard):
     daemon = vlmguard()
     daemon.wait_live()
+    for name in ("archiver", "streamer", "analyzer-0", "analyzer-1"):  # as top and pgrep show them
+        pid = wait_for(lambda name=name: daemon.child_pid(name), 20, name)
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == name
     assert decoded_frames(daemon.url(), seconds=5) >= 100
     wait_for(lambda: status_counts(daemon).get("completed", 0) >= 2, 60, "two completed jobs")
     incidents = db_rows(daemon, "SELECT count(*) FROM incidents")[0][0]

@@ -81,6 +81,15 @@ def stop_when_parent_dies() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def name_process(name: str) -> None:
+    """Show the child's role in top, pgrep and `ps -o comm` (the kernel keeps 15 bytes):
+    forked children all carry the supervisor's command line."""
+    try:
+        Path("/proc/self/comm").write_text(name[:15])
+    except OSError:
+        pass  # not Linux: the name is only a convenience
+
+
 def child_entry(target: str, *args: Any) -> None:
     """First code in every supervised child: fresh signal dispositions, then its main.
 
@@ -90,6 +99,7 @@ def child_entry(target: str, *args: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)
+    name_process(multiprocessing.current_process().name)
     stop_when_parent_dies()
     module, _, function = target.partition(":")
     try:
