@@ -375,14 +375,12 @@ class Supervisor:
 
 
 def share_with_children(config: Config) -> None:
-    """Import what the children run, then freeze it: a forked child's garbage collector
-    then never writes to these objects, which would give the child its own copy of every
-    page they sit on (copy-on-write)."""
+    """Import what the children run, once, in the supervisor: each fork then shares those
+    pages (spawn settles them first, see settle_memory)."""
     for module in CHILD_MODULES:
         importlib.import_module(module)
     if config.analysis.workers:
         load_sdk(config.gemini)
-    settle_memory()
 
 
 def settle_memory() -> None:
@@ -392,24 +390,29 @@ def settle_memory() -> None:
     them all, writing to, and so copying, pages across the whole heap."""
     gc.collect()
     gc.freeze()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+    malloc_trim = glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def tune_malloc() -> None:
     """Set MALLOC_SETTINGS with mallopt for this process and the children it forks, and
     in the environment for the programs they run (FFmpeg). A value already in the
     environment (say, from the unit file) wins."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        mallopt = None  # not glibc: its allocator has its own policy
+    mallopt = glibc_function("mallopt")
     for parameter, variable, default in MALLOC_SETTINGS:
         value = os.environ.setdefault(variable, str(default))
         if mallopt is not None and value.isdigit():
             mallopt(parameter, int(value))
+
+
+def glibc_function(name: str):
+    """A function of the C library, or None where it is not glibc (whose allocator then
+    has its own policy, and these tunings do not apply)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def describe_exit(code: int | None) -> dict[str, Any]:
