@@ -361,7 +361,7 @@ def test_retries_then_failed_with_the_last_error(setup, gemini, archive):
 def run_pool(config, store, n=2):
     """n workers, each with a store of its own as each analyzer process has."""
     workers = [Worker(config, JobStore.from_config(config), f"pool-{i}") for i in range(n)]
-    threads = [threading.Thread(target=w.run) for w in workers]
+    threads = [threading.Thread(target=run_and_close, args=(w,)) for w in workers]
     for thread in threads:
         thread.start()
     return workers, threads
@@ -372,8 +372,13 @@ def stop_pool(workers, threads):
         worker.stopping.set()
     for thread in threads:
         thread.join(30)
-    for worker in workers:
-        worker.store.close()
+
+
+def run_and_close(worker):
+    try:
+        worker.run()
+    finally:
+        worker.store.close()  # in its own thread: the SQLite watcher is bound to it
 
 
 def wait_for(condition, seconds=60):
