@@ -21,6 +21,7 @@ import secrets
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -156,6 +157,7 @@ class FakeGemini:
         self.keys_seen: set[str] = set()
         self.faults: list[str] = []
         self.outage: str | None = None
+        self.fault_times: list[float] = []  # time.time() of every injected failure answered
         self.calls: list[str] = []  # "METHOD path" of every request, for counting round trips
         self.processing_polls = 2
         self.file_fails = False
@@ -295,6 +297,11 @@ class FakeGemini:
             return await self.inject(fault, request)
         generation = body.get("generationConfig") or {}
         thinking = pick(generation, "thinkingConfig", "thinking_config") or {}
+        if model == "gemini-3.8-flash" and pick(thinking, "thinkingLevel", "thinking_level") == "MINIMAL":
+            # Reported by API resellers (not in Google's docs as read): 3.8 has no MINIMAL.
+            return web.json_response(error_body(
+                400, "INVALID_ARGUMENT", "Thinking level MINIMAL is not supported for this "
+                "model."), status=400)
         if family(model) == "3" and pick(thinking, "thinkingBudget", "thinking_budget") is not None:
             return web.json_response(error_body(
                 400, "INVALID_ARGUMENT", "Thinking budget is not supported for this model; "
@@ -371,6 +378,7 @@ class FakeGemini:
                 "responseId": secrets.token_hex(8)}
 
     async def inject(self, fault: str, request: web.Request) -> web.StreamResponse:
+        self.fault_times.append(time.time())
         if fault == "429":
             return web.json_response(quota_429(
                 "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "10", "37s",

@@ -116,8 +116,8 @@ def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive
     assert (job.id, job.status, job.safety_score, job.incident_count) == (job_id, "completed", 72, 1)
     assert gemini.calls == [GENERATE]  # inline: no upload, no poll, no delete
     assert job.model_version == "gemini-3.8-flash"
-    assert job.thoughts_tokens is None  # thinking off: MINIMAL level, no thought tokens
-    assert job.total_tokens == job.prompt_tokens + job.output_tokens
+    assert job.thoughts_tokens == 300  # thinking off: LOW, the lowest level 3.8 takes
+    assert job.total_tokens == job.prompt_tokens + job.output_tokens + job.thoughts_tokens
     assert job.analysis_result["summary"].startswith("A worker walks")
     [incident] = store.list_incidents(job_id)
     assert incident["start_at"] == T0 + timedelta(seconds=3)
@@ -131,7 +131,7 @@ def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive
         "properties"]["category"]["enum"]
     assert config_sent["mediaResolution"] == "MEDIA_RESOLUTION_LOW"
     assert config_sent["maxOutputTokens"] == 2048
-    assert config_sent["thinkingConfig"] == {"thinkingLevel": "MINIMAL"}
+    assert config_sent["thinkingConfig"] == {"thinkingLevel": "LOW"}
     assert {s["threshold"] for s in request["safetySettings"]} == {"BLOCK_NONE"}
     video, text = request["contents"][0]["parts"]
     assert video["inlineData"]["dataBytes"] > 0
@@ -160,6 +160,15 @@ def test_original_mode_uses_the_files_api_and_deletes(setup, gemini, archive):
     assert gemini.uploaded_sizes == [archive.stat().st_size]
     assert gemini.files == {} and len(gemini.deleted) == 1  # nothing left at the provider
     assert sum(call.startswith("GET /v1beta/files/") for call in gemini.calls) == 2  # PROCESSING, ACTIVE
+    store.close()
+
+
+def test_thinking_off_is_minimal_where_the_model_has_it(setup, gemini, archive):
+    config, store = setup(gemini={"model": '"gemini-3.5-flash"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert job.status == "completed" and job.thoughts_tokens is None
+    assert sent(gemini)["generationConfig"]["thinkingConfig"] == {"thinkingLevel": "MINIMAL"}
     store.close()
 
 

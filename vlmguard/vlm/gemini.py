@@ -33,7 +33,10 @@ MEDIA_RESOLUTIONS = {"low": "MEDIA_RESOLUTION_LOW", "medium": "MEDIA_RESOLUTION_
 # 2.5-class models take a token budget (0 turns thinking off on Flash); 3-class models
 # take a level and refuse a budget.
 THINKING_BUDGETS = {"off": 0, "low": 1024, "high": 8192}
-THINKING_LEVELS = {"off": "MINIMAL", "low": "LOW", "high": "HIGH"}
+THINKING_LEVELS = {"low": "LOW", "high": "HIGH"}
+# The lowest level is MINIMAL on the 3-class models that have it; gemini-3.8-flash is
+# reported to take LOW, MEDIUM and HIGH only, so the floor is LOW for any model not known.
+MINIMAL_THINKERS = re.compile(r"(models/)?gemini-3(\.1|\.5)?-flash")
 SAFETY_CATEGORIES = ("HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
                      "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT")
 PROBE_PROMPT = "Reply with the word OK."
@@ -195,7 +198,8 @@ class GeminiClient:
             return None
         if is_gemini_2(self.config.model):
             return self.types.ThinkingConfig(thinking_budget=THINKING_BUDGETS[mode])
-        return self.types.ThinkingConfig(thinking_level=THINKING_LEVELS[mode])
+        return self.types.ThinkingConfig(thinking_level=THINKING_LEVELS.get(mode) or
+                                         lowest_thinking_level(self.config.model))
 
     def wait_until_active(self, uploaded, keep_alive: Callable[[], None]):
         deadline = time.monotonic() + self.config.file_active_timeout_seconds
@@ -263,6 +267,10 @@ class GeminiClient:
                 raise AnalysisError(f"{what}: {type(exc).__name__}: {first_line(exc)}",
                                     retryable=True) from None
             raise
+
+
+def lowest_thinking_level(model: str) -> str:
+    return "MINIMAL" if MINIMAL_THINKERS.match(model) else "LOW"
 
 
 def changed_request(kind: str, request: Request) -> Request:
