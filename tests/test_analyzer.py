@@ -193,6 +193,7 @@ def test_thinking_that_eats_the_budget_gets_one_larger_retry(setup, gemini, arch
     assert (job.status, job.retry_count) == ("completed", 0)
     budgets = [r["generationConfig"]["maxOutputTokens"] for r in gemini.generate_requests]
     assert budgets == [2048, 4096]
+    assert job.thoughts_tokens == 2 * 2000  # both requests were billed, both are counted
     store.close()
 
 

@@ -51,11 +51,13 @@ class Request:
 
 
 class Refused(Exception):
-    """SAFETY, a blocked prompt or MAX_TOKENS: asking the same again would pay for the same."""
+    """SAFETY, a blocked prompt or MAX_TOKENS: asking the same again would pay for the same.
+    usage is what the refused request was billed."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str, usage: Answer):
         super().__init__(message)
         self.kind = kind
+        self.usage = usage
 
 
 def find_api_key(config: GeminiConfig) -> str | None:
@@ -131,7 +133,7 @@ class GeminiClient:
             changed = changed_request(refused.kind, request)
             keep_alive()
             try:
-                return self.ask(clip, prompt, changed, keep_alive)
+                return billed_together(refused.usage, self.ask(clip, prompt, changed, keep_alive))
             except Refused as again:
                 raise AnalysisError(f"{again} (again after a changed request: "
                                     f"{describe_change(request, changed)})",
@@ -237,13 +239,16 @@ class GeminiClient:
         feedback = response.prompt_feedback
         if not response.candidates:
             reason = getattr(getattr(feedback, "block_reason", None), "value", None) or "unknown"
-            raise Refused(f"prompt blocked by Gemini (blockReason {reason})", "blocked")
+            raise Refused(f"prompt blocked by Gemini (blockReason {reason})", "blocked",
+                          Answer(None, **tokens))
         finish = getattr(response.candidates[0].finish_reason, "value",
                          response.candidates[0].finish_reason) or "STOP"
         if finish == "MAX_TOKENS":
-            raise Refused("answer truncated (finishReason MAX_TOKENS)", "max_tokens")
+            raise Refused("answer truncated (finishReason MAX_TOKENS)", "max_tokens",
+                          Answer(None, **tokens))
         if finish in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "IMAGE_SAFETY"):
-            raise Refused(f"answer withheld (finishReason {finish})", "safety")
+            raise Refused(f"answer withheld (finishReason {finish})", "safety",
+                          Answer(None, **tokens))
         if finish != "STOP":
             raise AnalysisError(f"no usable answer (finishReason {finish})", retryable=True)
         text = response.text or ""
@@ -267,6 +272,15 @@ class GeminiClient:
                 raise AnalysisError(f"{what}: {type(exc).__name__}: {first_line(exc)}",
                                     retryable=True) from None
             raise
+
+
+def billed_together(refused: Answer, answer: Answer) -> Answer:
+    """The answer with the refused request's tokens added: both were paid for."""
+    def total(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+    return replace(answer, **{name: total(getattr(refused, name), getattr(answer, name))
+                              for name in ("prompt_tokens", "output_tokens", "total_tokens",
+                                           "thoughts_tokens")})
 
 
 def lowest_thinking_level(model: str) -> str:
