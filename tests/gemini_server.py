@@ -427,6 +427,8 @@ class FakeGemini:
         if fault == "max_tokens":
             return web.json_response(self.completion('{"safety_score": 80, "summary": "A wor',
                                                      finish="MAX_TOKENS"))
+        if fault == "recitation":
+            return web.json_response(self.completion("", finish="RECITATION"))
         if fault == "safety":
             return web.json_response(self.completion("", finish="SAFETY"))
         if fault == "bad_schema":

@@ -213,6 +213,7 @@ JOB_FAULTS = [
     ("proxy", "pending", "generate: HTTP 502"),
     ("bad_schema", "pending", "invalid model output: safety_score must be an integer 0-100, got 150"),
     ("not_json", "pending", "invalid model output: not JSON"),
+    ("recitation", "pending", "no usable answer (finishReason RECITATION)"),
     ("400", "failed", "generate: HTTP 400 INVALID_ARGUMENT: Request contains an invalid argument."),
 ]
 
@@ -306,6 +307,16 @@ def test_per_minute_429_makes_everyone_wait_without_charging(setup, gemini, arch
     assert worker.held_back(worker.make_client())
     assert worker.state.startswith("waiting: rate limited until")
     assert store.get(job_id).status == "pending"
+    store.close()
+
+
+def test_connection_refused_is_retried(setup, gemini, archive):
+    from daemon import free_port
+    config, store = setup(gemini={"base_url": f'"http://127.0.0.1:{free_port()}"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("pending", 1)
+    assert job.error_message.startswith("generate: ConnectError"), job.error_message
     store.close()
 
 
