@@ -165,6 +165,7 @@ class FakeGemini:
         self.upload_delay = 0.0
         self.generate_delay = 0.0  # "realistic latency" for the benchmarks
         self.upload_started = threading.Event()
+        self.generate_started = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -276,6 +277,7 @@ class FakeGemini:
         if (denied := self.key_error(request)) is not None:
             return denied
         body = await request.json()
+        self.generate_started.set()
         server_timeout = request.headers.get("X-Server-Timeout")
         if server_timeout and float(server_timeout) < SHORTEST_SERVER_TIMEOUT:
             return web.json_response(error_body(500, "INTERNAL", "An internal error has "

@@ -139,6 +139,16 @@ def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive
     assert video["videoMetadata"]["fps"] == pytest.approx(0.5, abs=0.05)
     assert "Loading bay with forklifts." in text["text"]
     assert "keyframes about 2 s apart" in text["text"] and "no audio" in text["text"]
+    assert "Never identify people" in text["text"] and "camera_problem" in text["text"]
+    assert "overlay" in text["text"] and "Do not flag" in text["text"]
+
+    def described(schema):  # every property the model reads has a description
+        assert schema.get("description"), schema
+        for child in schema.get("properties", {}).values():
+            described(child)
+        if "items" in schema:
+            described(schema["items"])
+    described(config_sent["responseSchema"])
     store.close()
 
 

@@ -422,24 +422,26 @@ class JobStore:
     def pause(self, provider: str, reason: str, detail: str, probe_in: float) -> None:
         """Stop every analyzer of this provider until a probe at now + probe_in succeeds."""
         now = utcnow()
-        values = dict(reason=reason, detail=detail[:2000], paused_at=now,
-                      probe_at=now + timedelta(seconds=probe_in))
         with self.write() as conn:
-            if not conn.execute(update(pauses).where(pauses.c.provider == provider)
-                                .values(**values)).rowcount:
-                conn.execute(pauses.insert().values(provider=provider, **values))
+            self._provider_row(conn, provider)
+            conn.execute(update(pauses).where(pauses.c.provider == provider)
+                         .values(reason=reason, detail=detail[:2000], paused_at=now,
+                                 probe_at=now + timedelta(seconds=probe_in)))
 
     def hold_off(self, provider: str, seconds: float) -> None:
         """A shared rate-limit wait: no analyzer of this provider calls before now + seconds."""
         until = utcnow() + timedelta(seconds=seconds)
         with self.write() as conn:
-            current = conn.execute(select(pauses.c.not_before)
-                                   .where(pauses.c.provider == provider)).first()
-            if current is None:
-                conn.execute(pauses.insert().values(provider=provider, not_before=until))
-            elif current[0] is None or current[0] < until:
-                conn.execute(update(pauses).where(pauses.c.provider == provider)
-                             .values(not_before=until))
+            self._provider_row(conn, provider)
+            conn.execute(update(pauses).where(pauses.c.provider == provider,
+                                              (pauses.c.not_before.is_(None))
+                                              | (pauses.c.not_before < until))
+                         .values(not_before=until))
+
+    def _provider_row(self, conn: Connection, provider: str) -> None:
+        """Make sure the provider has its row; two boxes may race to insert it."""
+        conn.execute(dialect_insert(self.engine)(pauses).values(provider=provider)
+                     .on_conflict_do_nothing(index_elements=["provider"]))
 
     def provider_state(self, provider: str) -> Pause | None:
         with self.read() as conn:
