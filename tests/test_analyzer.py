@@ -544,6 +544,7 @@ def test_analyze_command_prints_the_checked_answer(setup, gemini, archive):
     assert result.exit_code == 0, result.output
     answer = jsonlib.loads(result.stdout)
     assert answer["safety_score"] == 72 and answer["tokens"]["total"] > 1000
+    assert answer["model_version"] == "gemini-3.8-flash" and answer["tokens"]["thoughts"] == 300
     assert answer["incidents"][0]["category"] == "fall"
     assert gemini.files == {}
     text = CliRunner().invoke(main, ["analyze", str(archive), "--config", str(config.source)])
