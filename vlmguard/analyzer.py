@@ -179,8 +179,11 @@ class Worker:
         return self.config.gemini.pause_probe_minutes * 60
 
     def probe(self, client: VlmClient, shared: Pause) -> None:
+        self.interruptible = True  # a probe may wait on Gemini as long as a job does
         try:
             client.probe()
+        except Stopping:
+            return
         except AccountProblem as exc:
             self.store.pause(PROVIDER, exc.reason, str(exc), self.probe_interval)
             log.warning("probe: still paused", reason=exc.reason, error=str(exc))
@@ -188,6 +191,8 @@ class Worker:
         except (AnalysisError, RateLimited) as exc:
             log.warning("probe inconclusive, still paused", error=str(exc))
             return
+        finally:
+            self.interruptible = False
         if self.store.resume(PROVIDER):
             log.info("probe succeeded, analysis resumed", was=shared.reason)
 
