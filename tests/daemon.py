@@ -113,7 +113,7 @@ retry_backoff_seconds = 0.5
 poll_seconds = 0.5
 [gemini]
 base_url = "{gemini_url}"
-timeout_seconds = 20
+timeout_seconds = 60
 [daemon]
 stop_timeout_seconds = 15
 {daemon}

@@ -1,17 +1,27 @@
 """A Gemini Developer API server for the tests, speaking the wire protocol the real
 google-genai SDK speaks (../shared/docs/gemini-wire.md): resumable upload, files get and
-delete, generateContent with usageMetadata, and the failures seen in the wild, injected
-on demand. It runs on 127.0.0.1 in a thread of the test process.
+delete, generateContent with inline or uploaded video, and the failures seen in the wild.
+
+It tells the truth about cost and failure the way the real service does: usageMetadata is
+computed from what was sent (video frames at the requested fps x the documented tokens per
+frame for the media resolution and model family, about 4 characters a text token, thought
+tokens when thinking is on, and those count against maxOutputTokens); modelVersion says
+which model answered; uploads stay PROCESSING for a few polls; 429s carry QuotaFailure,
+Help and RetryInfo details (per minute and per day); a short X-Server-Timeout is answered
+with 500; retired models answer 404. It runs on 127.0.0.1 in a thread of the test process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
 import secrets
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -21,7 +31,24 @@ from aiohttp import web
 from daemon import free_port
 
 VALID_KEY = "test-key-123"
-MODELS = {"gemini-2.5-flash"}
+MODELS = {"gemini-3.8-flash", "gemini-3.5-flash", "gemini-2.5-flash-lite"}
+RETIRED = {"gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash", "gemini-1.5-flash"}
+# Documented video tokens per frame (gemini-wire.md): 2.x 66 at LOW, 258 otherwise;
+# 3.x 70 at LOW and MEDIUM (and its default for video), 280 at HIGH.
+TOKENS_PER_FRAME = {
+    "2": {"MEDIA_RESOLUTION_LOW": 66, "MEDIA_RESOLUTION_MEDIUM": 258,
+          "MEDIA_RESOLUTION_HIGH": 258, None: 258},
+    "3": {"MEDIA_RESOLUTION_LOW": 70, "MEDIA_RESOLUTION_MEDIUM": 70,
+          "MEDIA_RESOLUTION_HIGH": 280, None: 70},
+}
+CHARS_PER_TOKEN = 4
+# Thought tokens a request of this kind spends (a model's typical, not a documented figure).
+DYNAMIC_THOUGHTS = 1200
+THOUGHTS_BY_LEVEL = {"MINIMAL": 0, "LOW": 300, "MEDIUM": 800, "HIGH": 2000, None: 2000}
+SHORTEST_SERVER_TIMEOUT = 10  # seconds; below this the service answers 500
+QUOTA_HELP = {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+    "description": "Learn more about Gemini API quotas",
+    "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
 
 DEFAULT_ANSWER = {
     "safety_score": 72,
@@ -44,9 +71,8 @@ def video_seconds(data: bytes) -> float:
         return 0.0
 
 
-def answer_within(data: bytes) -> dict:
+def answer_within(seconds: float) -> dict:
     """Like a model, place the incident inside the clip it was shown (3-5 s when it can)."""
-    seconds = video_seconds(data)
     incident = dict(DEFAULT_ANSWER["incidents"][0],
                     start_offset_s=round(min(3.0, seconds / 2), 2),
                     end_offset_s=round(min(5.0, seconds), 2))
@@ -56,6 +82,41 @@ def answer_within(data: bytes) -> dict:
 def error_body(code: int, status: str, message: str, details: list | None = None) -> dict:
     return {"error": {"code": code, "message": message, "status": status,
                       "details": details or []}}
+
+
+def quota_429(quota_id: str, value: str, delay: str, message: str) -> dict:
+    return error_body(429, "RESOURCE_EXHAUSTED", message, [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+            "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+            "quotaId": quota_id, "quotaDimensions": {"location": "global",
+                                                     "model": "gemini-3.8-flash"},
+            "quotaValue": value}]},
+        QUOTA_HELP,
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}])
+
+
+def pick(mapping: dict, camel: str, snake: str, default: Any = None) -> Any:
+    """SDK 1.x sends nested keys camelCase, 2.x/3.x snake_case; the service takes both."""
+    if not isinstance(mapping, dict):
+        return default
+    return mapping.get(camel, mapping.get(snake, default))
+
+
+def text_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def family(model: str) -> str:
+    return "2" if model.startswith(("gemini-1.", "gemini-2.")) else "3"
+
+
+def thought_tokens(model: str, generation: dict) -> int:
+    thinking = pick(generation, "thinkingConfig", "thinking_config") or {}
+    budget = pick(thinking, "thinkingBudget", "thinking_budget")
+    level = pick(thinking, "thinkingLevel", "thinking_level")
+    if family(model) == "2":
+        return DYNAMIC_THOUGHTS if budget is None or budget < 0 else min(budget, DYNAMIC_THOUGHTS)
+    return THOUGHTS_BY_LEVEL.get(level, THOUGHTS_BY_LEVEL[None])
 
 
 @dataclass
@@ -83,7 +144,8 @@ class StoredFile:
 
 
 class FakeGemini:
-    """Set .faults (consumed one per generateContent), .file_fails, .answer, .delay."""
+    """Set .faults (consumed one per generateContent), .outage (every generateContent
+    fails so until cleared), .file_fails, .answer, .generate_delay."""
 
     def __init__(self):
         self.port = free_port()
@@ -94,11 +156,16 @@ class FakeGemini:
         self.generate_requests: list[dict] = []
         self.keys_seen: set[str] = set()
         self.faults: list[str] = []
+        self.outage: str | None = None
+        self.fault_times: list[float] = []  # time.time() of every injected failure answered
+        self.calls: list[str] = []  # "METHOD path" of every request, for counting round trips
+        self.processing_polls = 2
         self.file_fails = False
         self.answer: Any = DEFAULT_ANSWER
         self.upload_delay = 0.0
         self.generate_delay = 0.0  # "realistic latency" for the benchmarks
         self.upload_started = threading.Event()
+        self.generate_started = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -111,7 +178,7 @@ class FakeGemini:
 
     def serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=100 * 1024 * 1024, middlewares=[self.count])
         app.router.add_post("/upload/v1beta/files", self.upload)
         app.router.add_get("/v1beta/files/{id}", self.get_file)
         app.router.add_delete("/v1beta/files/{id}", self.delete_file)
@@ -121,6 +188,11 @@ class FakeGemini:
         self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
         self.ready.set()
         self.loop.run_forever()
+
+    @web.middleware
+    async def count(self, request: web.Request, handler):
+        self.calls.append(f"{request.method} {request.path}")
+        return await handler(request)
 
     def __enter__(self) -> "FakeGemini":
         self.thread.start()
@@ -183,7 +255,7 @@ class FakeGemini:
             return web.json_response(error_body(403, "PERMISSION_DENIED",
                                                 "You do not have permission to access the File."), status=403)
         stored.polls += 1
-        if stored.state == "PROCESSING" and stored.polls >= 1:
+        if stored.state == "PROCESSING" and stored.polls >= self.processing_polls:
             stored.state = "FAILED" if self.file_fails else "ACTIVE"
         return web.json_response(stored.resource())
 
@@ -205,46 +277,135 @@ class FakeGemini:
         if (denied := self.key_error(request)) is not None:
             return denied
         body = await request.json()
+        self.generate_started.set()
+        server_timeout = request.headers.get("X-Server-Timeout")
+        if server_timeout and float(server_timeout) < SHORTEST_SERVER_TIMEOUT:
+            return web.json_response(error_body(500, "INTERNAL", "An internal error has "
+                                                "occurred. Please retry or report in "
+                                                "https://developers.generativeai.google/guide/troubleshooting"),
+                                     status=500)
         if self.generate_delay:
             await asyncio.sleep(self.generate_delay)
-        self.generate_requests.append({"generationConfig": body.get("generationConfig")}
-                                      if self.generate_delay else body)
+        self.generate_requests.append(without_media(body))
         if model not in MODELS:
             return web.json_response(error_body(
                 404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is "
-                "not supported for generateContent."), status=404)
-        fault = self.faults.pop(0) if self.faults else None
-        if fault is not None:
+                "not supported for generateContent. Call ListModels to see the list of "
+                "available models and their supported methods."), status=404)
+        fault = self.outage or (self.faults.pop(0) if self.faults else None)
+        if fault == "file_gone":
+            self.files.clear()  # expired or deleted behind our back: the service says 403
+        elif fault is not None:
             return await self.inject(fault, request)
-        stored = None
+        generation = body.get("generationConfig") or {}
+        thinking = pick(generation, "thinkingConfig", "thinking_config") or {}
+        if model == "gemini-3.8-flash" and pick(thinking, "thinkingLevel", "thinking_level") == "MINIMAL":
+            # Reported by API resellers (not in Google's docs as read): 3.8 has no MINIMAL.
+            return web.json_response(error_body(
+                400, "INVALID_ARGUMENT", "Thinking level MINIMAL is not supported for this "
+                "model."), status=400)
+        if family(model) == "3" and pick(thinking, "thinkingBudget", "thinking_budget") is not None:
+            return web.json_response(error_body(
+                400, "INVALID_ARGUMENT", "Thinking budget is not supported for this model; "
+                "use thinking_level."), status=400)
+        video, problem = self.video_of(body)
+        if problem is not None:
+            return problem
+        seconds, fps = 0.0, 1.0
+        if video is not None:
+            data, fps = video
+            seconds = await asyncio.to_thread(video_seconds, data)
+        answer = self.answer
+        if answer is DEFAULT_ANSWER and video is not None:
+            answer = answer_within(seconds)
+        return web.json_response(self.completion(json.dumps(answer), model=model, body=body,
+                                                 video_seconds=seconds, fps=fps))
+
+    def video_of(self, body: dict) -> tuple[tuple[bytes, float] | None, web.Response | None]:
+        """(bytes, fps) of the video part, inline or uploaded, or the error the service gives."""
         for part in body["contents"][0]["parts"]:
-            file_data = part.get("fileData") or part.get("file_data")
+            fps = float(pick(pick(part, "videoMetadata", "video_metadata") or {}, "fps", "fps", 1.0))
+            inline = pick(part, "inlineData", "inline_data")
+            if inline:
+                return (decode_base64(inline["data"]), fps), None
+            file_data = pick(part, "fileData", "file_data")
             if file_data:
-                file_id = (file_data.get("fileUri") or file_data.get("file_uri")).rsplit("/", 1)[-1]
+                file_id = pick(file_data, "fileUri", "file_uri").rsplit("/", 1)[-1]
                 stored = self.files.get(file_id)
-                if stored is None or stored.state != "ACTIVE":
-                    return web.json_response(error_body(
+                if stored is None:
+                    return None, web.json_response(error_body(
+                        403, "PERMISSION_DENIED", f"You do not have permission to access the File "
+                        f"{file_id} or it may not exist."), status=403)
+                if stored.state != "ACTIVE":
+                    return None, web.json_response(error_body(
                         400, "FAILED_PRECONDITION", f"The File {file_id} is not in an ACTIVE state "
                         "and usage is not allowed."), status=400)
-        answer = self.answer
-        if answer is DEFAULT_ANSWER and stored is not None and not self.generate_delay:
-            answer = await asyncio.to_thread(answer_within, bytes(stored.data))
-        return web.json_response(self.completion(json.dumps(answer)))
+                return (bytes(stored.data), fps), None
+        return None, None
 
-    def completion(self, text: str, finish: str = "STOP") -> dict[str, Any]:
+    def usage(self, model: str, body: dict, video_seconds: float, fps: float,
+              answer_text: str) -> tuple[dict[str, Any], bool]:
+        """usageMetadata for this request, and whether thinking plus answer ran out of room."""
+        generation = body.get("generationConfig") or {}
+        resolution = generation.get("mediaResolution")
+        frames = math.ceil(video_seconds * fps) if video_seconds else 0
+        video = frames * TOKENS_PER_FRAME[family(model)].get(resolution, TOKENS_PER_FRAME[family(model)][None])
+        prompt_text = "".join(p.get("text", "") for c in body["contents"] for p in c["parts"])
+        schema = generation.get("responseSchema") or generation.get("responseJsonSchema")
+        text = text_tokens(prompt_text) + (text_tokens(json.dumps(schema)) if schema else 0)
+        thoughts = thought_tokens(model, generation)
+        output = text_tokens(answer_text)
+        limit = generation.get("maxOutputTokens") or 65536
+        truncated = thoughts + output > limit
+        if truncated:
+            output = max(limit - thoughts, 0)
+        usage = {"promptTokenCount": text + video, "candidatesTokenCount": output,
+                 "totalTokenCount": text + video + output + thoughts,
+                 "promptTokensDetails": [{"modality": "TEXT", "tokenCount": text}]
+                 + ([{"modality": "VIDEO", "tokenCount": video}] if video else [])}
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        return usage, truncated
+
+    def completion(self, text: str, finish: str = "STOP", *, model: str = "gemini-3.8-flash",
+                   body: dict | None = None, video_seconds: float = 0.0,
+                   fps: float = 1.0) -> dict[str, Any]:
+        usage, truncated = self.usage(model, body or {"contents": [{"parts": []}]},
+                                      video_seconds, fps, text)
+        if truncated and finish == "STOP":
+            text, finish = text[:usage["candidatesTokenCount"] * CHARS_PER_TOKEN], "MAX_TOKENS"
         return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
                                 "finishReason": finish, "index": 0}],
-                "usageMetadata": {"promptTokenCount": 1234, "candidatesTokenCount": 56,
-                                  "thoughtsTokenCount": 10, "totalTokenCount": 1300,
-                                  "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 400},
-                                                          {"modality": "VIDEO", "tokenCount": 834}]},
-                "modelVersion": "gemini-2.5-flash", "responseId": secrets.token_hex(8)}
+                "usageMetadata": usage, "modelVersion": model,
+                "responseId": secrets.token_hex(8)}
 
     async def inject(self, fault: str, request: web.Request) -> web.StreamResponse:
+        self.fault_times.append(time.time())
         if fault == "429":
+            return web.json_response(quota_429(
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "10", "37s",
+                "You exceeded your current quota, please check your plan and billing details."),
+                status=429)
+        if fault == "429_daily":
+            return web.json_response(quota_429(
+                "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "250", "41s",
+                "You exceeded your current quota, please check your plan and billing details."),
+                status=429)
+        if fault == "429_zero":
+            return web.json_response(quota_429(
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "0", "12s",
+                "You exceeded your current quota. Quota exceeded for metric: generativelanguage."
+                "googleapis.com/generate_content_free_tier_requests, limit: 0, model: "
+                "gemini-3.8-flash"), status=429)
+        if fault == "bad_key":
             return web.json_response(error_body(
-                429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.",
-                [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]), status=429)
+                400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+                [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                  "domain": "googleapis.com"}]), status=400)
+        if fault == "401":
+            return web.json_response(error_body(
+                401, "UNAUTHENTICATED", "Request had invalid authentication credentials."),
+                status=401)
         if fault == "500":
             return web.json_response(error_body(500, "INTERNAL", "An internal error has occurred. "
                                                 "Please retry or report in https://developers.generativeai.google/guide/troubleshooting"),
@@ -261,15 +422,15 @@ class FakeGemini:
         if fault == "proxy":
             return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
                                 content_type="text/html")
-        if fault == "slow":
-            await asyncio.sleep(8)  # past the tests' 5-s client timeout
-            return web.json_response(self.completion(json.dumps(self.answer)))
         if fault == "blocked":
             return web.json_response({"promptFeedback": {"blockReason": "OTHER"},
-                                      "usageMetadata": {"promptTokenCount": 1234, "totalTokenCount": 1234}})
+                                      "usageMetadata": {"promptTokenCount": 1234, "totalTokenCount": 1234},
+                                      "modelVersion": request.match_info["call"].partition(":")[0]})
         if fault == "max_tokens":
             return web.json_response(self.completion('{"safety_score": 80, "summary": "A wor',
                                                      finish="MAX_TOKENS"))
+        if fault == "recitation":
+            return web.json_response(self.completion("", finish="RECITATION"))
         if fault == "safety":
             return web.json_response(self.completion("", finish="SAFETY"))
         if fault == "bad_schema":
@@ -278,6 +439,25 @@ class FakeGemini:
         if fault == "not_json":
             return web.json_response(self.completion("The clip shows a warehouse."))
         raise ValueError(f"unknown fault {fault}")
+
+
+def decode_base64(data: str) -> bytes:
+    """The SDK sends URL-safe base64 without padding; the service takes either alphabet."""
+    data = data.replace("-", "+").replace("_", "/")
+    return base64.b64decode(data + "=" * (-len(data) % 4))
+
+
+def without_media(body: dict) -> dict:
+    """The request as recorded: video bytes replaced by their length (tests keep many)."""
+    parts = []
+    for part in body["contents"][0]["parts"]:
+        inline = pick(part, "inlineData", "inline_data")
+        if inline:
+            part = dict(part, inlineData={"data_bytes": len(inline["data"]) * 3 // 4,
+                                          "mime_type": pick(inline, "mimeType", "mime_type")})
+            part.pop("inline_data", None)
+        parts.append(part)
+    return dict(body, contents=[dict(body["contents"][0], parts=parts)] + body["contents"][1:])
 
 
 def main() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -34,6 +36,16 @@ def archive(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def gop4_archive(tmp_path_factory) -> Path:
+    """A 12-s archive from a camera with a 4-s GOP: its keyframe copy has 0.25 fps."""
+    path = tmp_path_factory.mktemp("gop4") / "20261126T090000Z.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25",
+                    "-t", "12", "-c:v", "libx264", "-preset", "ultrafast", "-g", "100",
+                    "-pix_fmt", "yuv420p", str(path)], check=True, timeout=120)
+    return path
+
+
 @pytest.fixture
 def gemini():
     with FakeGemini() as server:
@@ -47,7 +59,7 @@ def setup(tmp_path, gemini, monkeypatch):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
 
     def make(**overrides):
-        gemini_settings = {"base_url": f'"{gemini.base_url}"', "timeout_seconds": 5,
+        gemini_settings = {"base_url": f'"{gemini.base_url}"', "timeout_seconds": 60,
                            "file_active_timeout_seconds": 10} | overrides.pop("gemini", {})
         analysis = {"max_retries": 2, "retry_backoff_seconds": 0.1, "lease_seconds": 5,
                     "poll_seconds": 0.2} | overrides.pop("analysis", {})
@@ -80,26 +92,118 @@ def attempt(config, store):
     return store.get(job.id)
 
 
-def test_archive_goes_pending_to_completed(setup, gemini, archive):
+GENERATE = "POST /v1beta/models/gemini-3.8-flash:generateContent"
+
+
+def camel(value):
+    """A request as the service reads it: SDK 3.x sends nested keys snake_case."""
+    if isinstance(value, dict):
+        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): camel(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [camel(v) for v in value]
+    return value
+
+
+def sent(gemini, n=0):
+    return camel(gemini.generate_requests[n])
+
+
+def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive):
     config, store = setup()
     job_id = register(store, archive)
     job = attempt(config, store)
     assert (job.id, job.status, job.safety_score, job.incident_count) == (job_id, "completed", 72, 1)
-    assert (job.prompt_tokens, job.output_tokens, job.total_tokens) == (1234, 56, 1300)
+    assert gemini.calls == [GENERATE]  # inline: no upload, no poll, no delete
+    assert job.model_version == "gemini-3.8-flash"
+    assert job.thoughts_tokens == 300  # thinking off: LOW, the lowest level 3.8 takes
+    assert job.total_tokens == job.prompt_tokens + job.output_tokens + job.thoughts_tokens
     assert job.analysis_result["summary"].startswith("A worker walks")
     [incident] = store.list_incidents(job_id)
     assert incident["start_at"] == T0 + timedelta(seconds=3)
     assert incident["end_at"] == T0 + timedelta(seconds=5)
     assert (incident["category"], incident["severity"], incident["confidence"]) == ("fall", "high", 0.8)
-    assert gemini.files == {} and len(gemini.deleted) == 1  # nothing left at the provider
-    request = gemini.generate_requests[0]
+    request = sent(gemini)
     config_sent = request["generationConfig"]
     assert config_sent["responseMimeType"] == "application/json"
-    assert config_sent["responseSchema"]["required"] == ["safety_score", "summary", "incidents"]
+    assert config_sent["responseSchema"]["propertyOrdering"] == ["summary", "incidents", "safety_score"]
+    assert "camera_problem" in config_sent["responseSchema"]["properties"]["incidents"]["items"][
+        "properties"]["category"]["enum"]
     assert config_sent["mediaResolution"] == "MEDIA_RESOLUTION_LOW"
-    video = request["contents"][0]["parts"][0]
-    assert (video.get("videoMetadata") or video.get("video_metadata"))["fps"] == 0.5
-    assert "Loading bay with forklifts." in request["contents"][0]["parts"][1]["text"]
+    assert config_sent["maxOutputTokens"] == 2048
+    assert config_sent["thinkingConfig"] == {"thinkingLevel": "LOW"}
+    assert {s["threshold"] for s in request["safetySettings"]} == {"BLOCK_NONE"}
+    video, text = request["contents"][0]["parts"]
+    assert video["inlineData"]["dataBytes"] > 0
+    # 6 keyframes in 12 s: the copy's real rate, which here is the asked-for 0.5
+    assert video["videoMetadata"]["fps"] == pytest.approx(0.5, abs=0.05)
+    assert "Loading bay with forklifts." in text["text"]
+    assert "keyframes about 2 s apart" in text["text"] and "no audio" in text["text"]
+    assert "Never identify people" in text["text"] and "camera_problem" in text["text"]
+    assert "overlay" in text["text"] and "Do not flag" in text["text"]
+
+    def described(schema):  # every property the model reads has a description
+        assert schema.get("description"), schema
+        for child in schema.get("properties", {}).values():
+            described(child)
+        if "items" in schema:
+            described(schema["items"])
+    described(config_sent["responseSchema"])
+    store.close()
+
+
+def test_fps_sent_is_the_copys_real_rate(setup, gemini, gop4_archive):
+    config, store = setup()
+    register(store, gop4_archive)
+    assert attempt(config, store).status == "completed"
+    video = sent(gemini)["contents"][0]["parts"][0]
+    assert video["videoMetadata"]["fps"] == pytest.approx(0.25, abs=0.03)
+    store.close()
+
+
+def test_original_mode_uses_the_files_api_and_deletes(setup, gemini, archive):
+    config, store = setup(analysis={"mode": '"original"'}, gemini={"inline_max_mb": 0})
+    gemini.processing_polls = 2
+    register(store, archive)
+    job = attempt(config, store)
+    assert job.status == "completed"
+    assert gemini.uploaded_sizes == [archive.stat().st_size]
+    assert gemini.files == {} and len(gemini.deleted) == 1  # nothing left at the provider
+    assert sum(call.startswith("GET /v1beta/files/") for call in gemini.calls) == 2  # PROCESSING, ACTIVE
+    store.close()
+
+
+def test_thinking_off_is_minimal_where_the_model_has_it(setup, gemini, archive):
+    config, store = setup(gemini={"model": '"gemini-3.5-flash"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert job.status == "completed" and job.thoughts_tokens is None
+    assert sent(gemini)["generationConfig"]["thinkingConfig"] == {"thinkingLevel": "MINIMAL"}
+    store.close()
+
+
+def test_thinking_budget_on_2_5_class_and_thoughts_billed(setup, gemini, archive):
+    config, store = setup(gemini={"model": '"gemini-2.5-flash-lite"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert job.status == "completed" and not job.thoughts_tokens
+    assert sent(gemini)["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
+    high, _ = setup(gemini={"thinking": '"high"', "max_output_tokens": 8192})
+    store.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
+    job = attempt(high, store)
+    assert job.status == "completed" and job.thoughts_tokens == 2000
+    assert job.total_tokens == job.prompt_tokens + job.output_tokens + job.thoughts_tokens
+    store.close()
+
+
+def test_thinking_that_eats_the_budget_gets_one_larger_retry(setup, gemini, archive):
+    config, store = setup(gemini={"thinking": '"default"'})  # 3-class default: HIGH, 2000 thoughts
+    register(store, archive)
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("completed", 0)
+    budgets = [r["generationConfig"]["maxOutputTokens"] for r in gemini.generate_requests]
+    assert budgets == [2048, 4096]
+    assert job.thoughts_tokens == 2 * 2000  # both requests were billed, both are counted
     store.close()
 
 
@@ -107,33 +211,25 @@ def test_reduced_copy_is_a_fraction_of_the_archive(setup, gemini, archive):
     config, store = setup()
     register(store, archive)
     assert attempt(config, store).status == "completed"
-    original, _ = setup(analysis={"mode": '"original"'})
-    store.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
-    assert attempt(original, store).status == "completed"
-    reduced_bytes, original_bytes = gemini.uploaded_sizes
-    assert original_bytes == archive.stat().st_size
-    assert reduced_bytes * 10 < original_bytes
+    inline = sent(gemini)["contents"][0]["parts"][0]["inlineData"]["dataBytes"]
+    assert inline * 10 < archive.stat().st_size
     store.close()
 
 
-FAULTS = [
-    ("429", "pending", "generate: HTTP 429 RESOURCE_EXHAUSTED: You exceeded your current quota."),
+# Per-job failures: the job's retry budget pays, the pool carries on.
+JOB_FAULTS = [
     ("500", "pending", "generate: HTTP 500 INTERNAL: An internal error has occurred."),
     ("503", "pending", "generate: HTTP 503 UNAVAILABLE: The service is currently unavailable."),
     ("proxy", "pending", "generate: HTTP 502"),
-    ("slow", "pending", "generate: ReadTimeout"),
-    ("blocked", "pending", "prompt blocked by Gemini (blockReason OTHER)"),
-    ("max_tokens", "pending", "answer truncated (finishReason MAX_TOKENS)"),
-    ("safety", "pending", "no usable answer (finishReason SAFETY)"),
     ("bad_schema", "pending", "invalid model output: safety_score must be an integer 0-100, got 150"),
     ("not_json", "pending", "invalid model output: not JSON"),
+    ("recitation", "pending", "no usable answer (finishReason RECITATION)"),
     ("400", "failed", "generate: HTTP 400 INVALID_ARGUMENT: Request contains an invalid argument."),
-    ("403", "failed", "generate: HTTP 403 PERMISSION_DENIED: bad API key"),
 ]
 
 
-@pytest.mark.parametrize("fault,status,message", FAULTS, ids=[f[0] for f in FAULTS])
-def test_each_fault_has_its_outcome(setup, gemini, archive, fault, status, message):
+@pytest.mark.parametrize("fault,status,message", JOB_FAULTS, ids=[f[0] for f in JOB_FAULTS])
+def test_each_job_fault_has_its_outcome(setup, gemini, archive, fault, status, message):
     config, store = setup()
     register(store, archive)
     gemini.faults = [fault]
@@ -141,14 +237,139 @@ def test_each_fault_has_its_outcome(setup, gemini, archive, fault, status, messa
     assert job.status == status
     assert job.error_message.startswith(message), job.error_message
     assert job.retry_count == 1
-    assert gemini.files == {}  # deleted even when the answer was no good
-    if fault == "429":
-        assert (job.run_after - utcnow()).total_seconds() > 30  # RetryInfo.retryDelay 37s honoured
+    assert store.provider_state("gemini") is None  # nothing account-wide
+    store.close()
+
+
+# Refusals: one changed retry in the same attempt, then failed with the reason.
+REFUSALS = [
+    ("blocked", "prompt blocked by Gemini (blockReason OTHER)", "fps 0.5 -> 0.25"),
+    ("safety", "answer withheld (finishReason SAFETY)", "fps 0.5 -> 0.25"),
+    ("max_tokens", "answer truncated (finishReason MAX_TOKENS)", "max_output_tokens 2048 -> 4096"),
+]
+
+
+@pytest.mark.parametrize("fault,message,change", REFUSALS, ids=[f[0] for f in REFUSALS])
+def test_refusal_gets_one_changed_retry_then_fails(setup, gemini, archive, fault, message, change):
+    config, store = setup()
+    register(store, archive)
+    gemini.faults = [fault]
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("completed", 0)
+    first, second = (sent(gemini, n)["generationConfig"] for n in range(2))
+    fps = [sent(gemini, n)["contents"][0]["parts"][0]["videoMetadata"]["fps"] for n in range(2)]
+    assert (fps[1] < fps[0]) if "fps" in change else (second["maxOutputTokens"] == 4096)
+    store.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
+    gemini.faults = [fault, fault]
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("failed", 1)
+    assert job.error_message.startswith(message), job.error_message
+    assert change in job.error_message
+    store.close()
+
+
+# Account-wide conditions: the pool pauses, the job goes back untouched.
+ACCOUNT_FAULTS = [
+    ("bad_key", "bad_key", "generate: HTTP 400 INVALID_ARGUMENT: bad API key"),
+    ("401", "bad_key", "generate: HTTP 401 UNAUTHENTICATED: bad API key"),
+    ("403", "permission_denied", "generate: HTTP 403 PERMISSION_DENIED: access denied"),
+    ("429_daily", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: daily quota used up "
+     "(GenerateRequestsPerDayPerProjectPerModel-FreeTier)"),
+    ("429_zero", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: quota limit 0"),
+]
+
+
+@pytest.mark.parametrize("fault,reason,message", ACCOUNT_FAULTS, ids=[f[0] for f in ACCOUNT_FAULTS])
+def test_account_fault_pauses_without_charging_the_job(setup, gemini, archive, fault, reason, message):
+    config, store = setup()
+    register(store, archive)
+    gemini.faults = [fault]
+    job = attempt(config, store)
+    assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
+    pause = store.provider_state("gemini")
+    assert pause.reason == reason and pause.detail.startswith(message), pause.detail
+    assert 590 < (pause.probe_at - utcnow()).total_seconds() <= 600  # pause_probe_minutes 10
+    assert VALID_KEY not in pause.detail
+    store.close()
+
+
+@pytest.mark.parametrize("model", ["gemini-2.5-flash", "gemini-9-ultra"])
+def test_retired_or_unknown_model_pauses(setup, gemini, archive, model):
+    config, store = setup(gemini={"model": f'"{model}"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("pending", 0)
+    pause = store.provider_state("gemini")
+    assert pause.reason == "model_unavailable" and f"model '{model}' unknown or retired" in pause.detail
+    store.close()
+
+
+def test_per_minute_429_makes_everyone_wait_without_charging(setup, gemini, archive):
+    config, store = setup()
+    job_id = register(store, archive)
+    gemini.faults = ["429"]
+    job = attempt(config, store)
+    assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
+    shared = store.provider_state("gemini")
+    assert not shared.paused and 30 < (shared.not_before - utcnow()).total_seconds() <= 41  # retryDelay 41s
+    assert (job.run_after - utcnow()).total_seconds() > 30
+    worker = Worker(config, store, "other-worker")
+    assert worker.held_back(worker.make_client())
+    assert worker.state.startswith("waiting: rate limited until")
+    assert store.get(job_id).status == "pending"
+    store.close()
+
+
+def test_connection_refused_is_retried(setup, gemini, archive):
+    from daemon import free_port
+    config, store = setup(gemini={"base_url": f'"http://127.0.0.1:{free_port()}"'})
+    register(store, archive)
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("pending", 1)
+    assert job.error_message.startswith("generate: ConnectError"), job.error_message
+    store.close()
+
+
+def test_file_gone_403_is_the_jobs_problem(setup, gemini, archive):
+    config, store = setup(analysis={"mode": '"original"'}, gemini={"inline_max_mb": 0})
+    gemini.processing_polls = 1
+    register(store, archive)
+    gemini.faults = ["file_gone"]
+    job = attempt(config, store)
+    assert (job.status, job.retry_count) == ("pending", 1)
+    assert "uploaded file not accessible" in job.error_message
+    assert store.provider_state("gemini") is None
+    store.close()
+
+
+def test_short_server_timeout_is_refused_by_config_and_by_the_service(setup, gemini, archive, tmp_path):
+    from vlmguard.config import GeminiConfig
+    from vlmguard.errors import ConfigError
+    from vlmguard.vlm import AnalysisError, Clip
+    from vlmguard.vlm.gemini import GeminiClient
+    with pytest.raises(ConfigError, match=r"gemini.timeout_seconds: must be >= 60, got 5$"):
+        setup(gemini={"timeout_seconds": 5})
+    client = GeminiClient(GeminiConfig(base_url=gemini.base_url, timeout_seconds=5), VALID_KEY)
+    with pytest.raises(AnalysisError, match="generate: HTTP 500 INTERNAL"):
+        client.analyze(Clip(archive, 12, 0.5), "prompt", lambda: None)
+
+
+def test_answer_past_the_clip_is_repaired_not_retried(setup, gemini, archive):
+    config, store = setup()
+    register(store, archive)
+    near = {"start_offset_s": 10, "end_offset_s": 13.5, "category": "spill", "severity": "low",
+            "description": "Water on the floor.", "confidence": 0.6}   # 1.5 s over: clamped
+    outside = dict(near, start_offset_s=30, end_offset_s=35)          # wholly outside: dropped
+    gemini.answer = {"summary": "A spill.", "incidents": [near, outside], "safety_score": 80}
+    job = attempt(config, store)
+    assert (job.status, job.retry_count, job.incident_count) == ("completed", 0, 1)
+    [incident] = store.list_incidents(job.id)
+    assert incident["end_at"] == T0 + timedelta(seconds=12)
     store.close()
 
 
 def test_uploaded_file_failed_is_retried(setup, gemini, archive):
-    config, store = setup()
+    config, store = setup(analysis={"mode": '"original"'}, gemini={"inline_max_mb": 0})
     register(store, archive)
     gemini.file_fails = True
     job = attempt(config, store)
@@ -159,32 +380,78 @@ def test_uploaded_file_failed_is_retried(setup, gemini, archive):
 def test_retries_then_failed_with_the_last_error(setup, gemini, archive):
     config, store = setup()
     job_id = register(store, archive)
-    gemini.faults = ["503", "500", "max_tokens"]
+    gemini.faults = ["503", "500", "not_json"]
     for _ in range(3):
         time.sleep(0.3)  # past the short test backoff
         job = attempt(config, store)
     assert (job.id, job.status, job.retry_count) == (job_id, "failed", 3)
-    assert job.error_message.startswith("answer truncated (finishReason MAX_TOKENS)")
+    assert job.error_message.startswith("invalid model output: not JSON")
     store.close()
 
 
-def test_bad_api_key_fails_at_once(setup, gemini, archive, monkeypatch):
-    config, store = setup()
-    monkeypatch.setenv("GEMINI_API_KEY", "wrong-key")
-    register(store, archive)
-    job = attempt(config, store)
-    assert job.status == "failed"
-    assert "bad API key" in job.error_message and "wrong-key" not in job.error_message
+def run_pool(config, store, n=2):
+    """n workers, each with a store of its own as each analyzer process has."""
+    workers = [Worker(config, JobStore.from_config(config), f"pool-{i}") for i in range(n)]
+    threads = [threading.Thread(target=run_and_close, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    return workers, threads
+
+
+def stop_pool(workers, threads):
+    for worker in workers:
+        worker.stopping.set()
+    for thread in threads:
+        thread.join(30)
+
+
+def run_and_close(worker):
+    try:
+        worker.run()
+    finally:
+        worker.store.close()  # in its own thread: the SQLite watcher is bound to it
+
+
+def wait_for(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+def test_pool_pauses_on_daily_quota_and_resumes_when_a_probe_succeeds(setup, gemini, archive):
+    config, store = setup(gemini={"pause_probe_minutes": 0.02})  # a probe every 1.2 s
+    ids = [store.register("cam1", archive, T0 + timedelta(minutes=i),
+                          T0 + timedelta(minutes=i, seconds=12)) for i in range(4)]
+    gemini.outage = "429_daily"
+    workers, threads = run_pool(config, store)
+    try:
+        wait_for(lambda: all(w.state.startswith("paused: quota_exhausted") for w in workers))
+        probes = len(gemini.generate_requests)
+        time.sleep(3)
+        assert len(gemini.generate_requests) - probes <= 4  # one probe per interval, not a storm
+        assert {(store.get(i).status, store.get(i).retry_count) for i in ids} == {("pending", 0)}
+        gemini.outage = None
+        wait_for(lambda: all(store.get(i).status == "completed" for i in ids))
+        assert store.provider_state("gemini").paused is False
+    finally:
+        stop_pool(workers, threads)
+    assert {store.get(i).retry_count for i in ids} == {0}
     store.close()
 
 
-def test_unknown_model_fails_at_once(setup, gemini, archive):
-    config, store = setup(gemini={"model": '"gemini-9-ultra"'})
-    register(store, archive)
-    job = attempt(config, store)
-    assert job.status == "failed"
-    assert "unknown model 'gemini-9-ultra'" in job.error_message
-    assert gemini.files == {}
+def test_sighup_probe_resumes_a_long_pause_at_once(setup, gemini, archive, monkeypatch):
+    config, store = setup()  # probe every 10 minutes
+    job_id = register(store, archive)
+    gemini.outage = "bad_key"
+    workers, threads = run_pool(config, store, n=1)
+    try:
+        wait_for(lambda: workers[0].state.startswith("paused: bad_key"))
+        gemini.outage = None  # the key was fixed
+        assert store.probe_now("gemini") == 1  # what the supervisor does on SIGHUP
+        wait_for(lambda: store.get(job_id).status == "completed", 30)
+    finally:
+        stop_pool(workers, threads)
     store.close()
 
 
@@ -235,7 +502,7 @@ def test_key_from_systemd_credentials(setup, gemini, archive, monkeypatch, tmp_p
 
 
 def test_worker_killed_mid_upload_is_rescued_and_completed_once(setup, gemini, archive, capfd):
-    config, store = setup(analysis={"mode": '"original"'})
+    config, store = setup(analysis={"mode": '"original"'}, gemini={"inline_max_mb": 0})
     job_id = register(store, archive)
     gemini.upload_delay = 5
     doomed = SPAWN.Process(target=analyzer.main, args=(config, 0))
@@ -276,11 +543,12 @@ def test_analyze_command_prints_the_checked_answer(setup, gemini, archive):
                                        "--config", str(config.source)])
     assert result.exit_code == 0, result.output
     answer = jsonlib.loads(result.stdout)
-    assert answer["safety_score"] == 72 and answer["tokens"]["total"] == 1300
+    assert answer["safety_score"] == 72 and answer["tokens"]["total"] > 1000
+    assert answer["model_version"] == "gemini-3.8-flash" and answer["tokens"]["thoughts"] == 300
     assert answer["incidents"][0]["category"] == "fall"
     assert gemini.files == {}
     text = CliRunner().invoke(main, ["analyze", str(archive), "--config", str(config.source)])
-    assert text.output.startswith("safety score 72/100   tokens 1300\n")
+    assert text.output.startswith("safety score 72/100   tokens ")
     assert "high     fall" in text.output
 
 

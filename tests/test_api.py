@@ -122,7 +122,7 @@ def test_one_job_with_result_and_incidents(config):
     assert status == 200
     assert body["analysis_result"] == {"n": 2} and body["safety_score"] == 88
     assert body["incidents"][0]["description"] == "incident 2"
-    assert body["tokens"] == {"prompt": 100, "output": 10, "total": 110}
+    assert body["tokens"] == {"prompt": 100, "output": 10, "thoughts": None, "total": 110}
     status, body = as_json(config, "/api/jobs/999")
     assert status == 404 and body["error"] == "no job 999"
 
@@ -156,3 +156,24 @@ def test_metrics_parse_with_prometheus_parser(config):
     assert online == {"cam1": 0, "cam2": 0}
     assert {"vlmguard_archive_bytes", "vlmguard_ffmpeg_restarts", "vlmguard_child_restarts",
             "vlmguard_up"} <= set(families)
+
+
+def test_an_account_wide_pause_is_said_by_health_metrics_and_status(config):
+    from vlmguard.status import gather_status, render_status
+
+    def paused_samples():
+        text = call(config, "/metrics")[2]
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return [(s.labels, s.value) for s in families["vlmguard_analysis_paused"].samples]
+
+    assert paused_samples() == [({}, 0)]
+    with JobStore.from_config(config) as store:
+        store.pause("gemini", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: daily "
+                    "quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)", 600)
+        text = render_status(gather_status(config, store))
+    assert paused_samples() == [({"provider": "gemini", "reason": "quota_exhausted"}, 1)]
+    status, body = as_json(config, "/api/health")
+    assert status == 503
+    assert ("analysis paused (gemini): quota_exhausted: generate: HTTP 429 RESOURCE_EXHAUSTED: "
+            "daily quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)") in body["problems"]
+    assert "analysis  PAUSED (gemini) since " in text and "next probe" in text

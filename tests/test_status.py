@@ -55,7 +55,7 @@ def test_status_running_then_stopped(tmp_path, gemini):
         assert {"pending", "processing", "completed", "failed"} <= set(report["jobs"])
         assert sorted(w["name"] for w in report["workers"]) == ["analyzer-0", "analyzer-1"]
         assert all(w["alive"] for w in report["workers"])
-        assert report["tokens"]["last_24h"]["cam1"]["total"] >= 1300
+        assert report["tokens"]["last_24h"]["cam1"]["total"] > 0
         assert report["archives"]["count"] >= 1
         code, text = status(daemon)
         assert text.startswith(f"vlmguard  running, pid {daemon.proc.pid} since ")

@@ -396,19 +396,76 @@ def test_database_from_schema_version_1_is_upgraded(db_url):
             "'2026-01-01 00:10:01')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         job = store.claim("w")
         assert job.camera_id == "old" and job.analysis_seconds is None
         store.complete(job, outcome())
         assert store.get(job.id).analysis_seconds >= 0
 
 
+def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
+    """Schema 2 (before model_version, thoughts_tokens and provider pauses) opens, keeps its
+    jobs, and gains the columns and the table."""
+    engine = sqlalchemy.create_engine(db_url)
+    v2 = V1_TABLE.replace("total_tokens INTEGER,", "total_tokens INTEGER, analysis_seconds FLOAT,")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(v2.replace("INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY")
+                             .replace("DATETIME", "TIMESTAMP") if "postgresql" in db_url else v2)
+        conn.exec_driver_sql("CREATE TABLE vlmguard_meta (key VARCHAR(50) PRIMARY KEY, value VARCHAR(200) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO vlmguard_meta VALUES ('schema_version', '2')")
+        conn.exec_driver_sql(
+            "INSERT INTO analysis_jobs (camera_id, video_path, segment_start, segment_end, status, "
+            "created_at, retry_count, max_retries, run_after, total_tokens, analysis_seconds) "
+            "VALUES ('old', '/old.mp4', '2026-01-01 00:00:00', '2026-01-01 00:10:00', 'completed', "
+            "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 12.5)")
+    engine.dispose()
+    with JobStore(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 3
+        [old] = store.list_jobs()
+        assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
+        register(store)
+        store.complete(store.claim("w"), Outcome(result={}, safety_score=90, total_tokens=130,
+                                                 thoughts_tokens=10, model_version="gemini-3.8-flash"))
+        assert store.token_usage()["cam1"] == {"prompt": 0, "output": 0, "thoughts": 10,
+                                               "total": 130}
+        store.pause("gemini", "bad_key", "bad API key", probe_in=600)
+        assert store.provider_state("gemini").reason == "bad_key"
+
+
+# -- provider pauses -------------------------------------------------------------------------
+
+def test_pause_is_shared_and_one_worker_probes(store, tmp_path):
+    assert store.provider_state("gemini") is None and not store.take_probe("gemini", 600)
+    store.pause("gemini", "quota_exhausted", "daily quota used up", probe_in=600)
+    with JobStore(store.url) as other:  # another process, or another box on PostgreSQL
+        seen = other.provider_state("gemini")
+        assert seen.paused and seen.reason == "quota_exhausted"
+        assert not other.take_probe("gemini", 600)  # not due yet
+        assert store.probe_now("gemini") == 1        # SIGHUP
+        assert other.take_probe("gemini", 600)       # one worker gets the probe...
+        assert not store.take_probe("gemini", 600)   # ...and only one
+        assert store.resume("gemini") and not other.provider_state("gemini").paused
+        assert not store.resume("gemini")
+
+
+def test_rate_limit_wait_only_grows_and_defer_charges_nothing(store):
+    register(store)
+    store.hold_off("gemini", 40)
+    store.hold_off("gemini", 5)  # a shorter wait never cuts a longer one short
+    assert 35 < (store.provider_state("gemini").not_before - utcnow()).total_seconds() <= 40
+    job = store.claim("w")
+    store.defer(job, utcnow() + timedelta(seconds=40))
+    again = store.get(job.id)
+    assert (again.status, again.retry_count, again.error_message) == ("pending", 0, None)
+    assert store.claim("w") is None  # waits out the rate limit
+
+
 def test_token_usage_and_duration_histogram(store):
     for n in range(3):
         register(store, n, camera="a" if n < 2 else "b")
         store.complete(store.claim("w"), outcome())
-    assert store.token_usage() == {"a": {"prompt": 200, "output": 40, "total": 240},
-                                   "b": {"prompt": 100, "output": 20, "total": 120}}
+    assert store.token_usage() == {"a": {"prompt": 200, "output": 40, "thoughts": 0, "total": 240},
+                                   "b": {"prompt": 100, "output": 20, "thoughts": 0, "total": 120}}
     assert store.token_usage(since=utcnow() + timedelta(hours=1)) == {}
     buckets, count, total = store.duration_histogram()
     assert count == 3 and total >= 0

@@ -17,6 +17,7 @@ from daemon import RunningVlmguard
 from gemini_server import FakeGemini
 from test_streamer import decoded_frames, wait_for
 from vlmguard.status import daemon_pid
+from vlmguard.store import JobStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,15 +112,15 @@ def test_run_streams_archives_and_analyses(vlmguard):
 
 @pytest.mark.parametrize("victim", ["streamer", "archiver", "analyzer-0", "analyzer-1"])
 def test_sigkilled_child_is_restarted_and_no_job_is_lost(vlmguard, gemini, victim):
-    # An upload takes longer than an archive (10 s), so both analyzers end up mid-job.
-    gemini.upload_delay = 12
+    # An answer takes longer than an archive (10 s), so both analyzers end up mid-job.
+    gemini.generate_delay = 12
     daemon = vlmguard()
     daemon.wait_live()
     old = wait_for(lambda: daemon.child_pid(victim), 30, f"{victim}'s pid")
     if victim.startswith("analyzer"):
         wait_for(lambda: analyzer_state(daemon, victim).startswith("job"), 60, f"{victim} busy")
     os.kill(old, signal.SIGKILL)
-    gemini.upload_delay = 0
+    gemini.generate_delay = 0
     new = wait_for(lambda: (pid := daemon.child_pid(victim)) and pid != old and pid, 40,
                    f"{victim} restarted")
     assert alive(new)
@@ -174,10 +175,10 @@ def test_the_lock_ends_with_the_supervisor_not_its_children(vlmguard):
 
 
 def test_sigterm_during_analysis_hands_the_job_back(vlmguard, gemini):
-    gemini.upload_delay = 60  # the analysis is still uploading when the stop comes
+    gemini.generate_delay = 60  # the analysis is still waiting for Gemini when the stop comes
     daemon = vlmguard(workers=1)
     daemon.wait_live()
-    wait_for(lambda: gemini.upload_started.is_set(), 40, "an upload in progress")
+    wait_for(lambda: gemini.generate_started.is_set(), 40, "a request in progress")
     started = time.time()
     assert daemon.stop() == 0
     assert time.time() - started < 45
@@ -190,7 +191,7 @@ def test_sigterm_during_analysis_hands_the_job_back(vlmguard, gemini):
     assert files == jobs and len(files) >= 1
     assert not list((daemon.data_dir / "partial" / "cam1").glob("*.ts"))
     assert not list((daemon.data_dir / "closed" / "cam1").glob("*.ts"))
-    gemini.upload_delay = 0
+    gemini.generate_delay = 0
     before = job_ids(daemon)
     daemon.start()
     wait_for(lambda: all_completed(daemon, before), 60, "the job completed")
@@ -276,8 +277,11 @@ def test_sighup_reloads_cameras_and_keeps_running_on_a_bad_config(vlmguard):
     daemon.wait_live()
     text = daemon.config_path.read_text()
     daemon.config_path.write_text(text + '\n[[cameras]]\nid = "cam2"\nurl = "lavfi:testsrc=size=320x240:rate=25"\n')
-    daemon.proc.send_signal(signal.SIGHUP)
-    daemon.wait_live("cam2", timeout=60)
+    with JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}") as store:
+        store.pause("gemini", "bad_key", "bad API key", probe_in=600)  # the key was fixed since
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_live("cam2", timeout=60)
+        wait_for(lambda: not store.provider_state("gemini").paused, 30, "the probe at SIGHUP")
     daemon.config_path.write_text(text + "\n[server]\nbogus = 1\n")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: any(e["event"].startswith("reload refused") for e in daemon.log_events()),

@@ -1,7 +1,9 @@
 """An analysis process: claim a job, prepare the video, ask the model, store the result.
 
-claim -> prepare -> upload -> generate -> check -> complete, with the lease heartbeated
-from a side thread through every step. Runs at low CPU and I/O priority so preparing
+claim -> prepare -> generate -> check -> complete, with the lease heartbeated from a side
+thread through every step. Account-wide trouble (bad key, daily quota, retired model)
+pauses every analyzer through a row in the database, and one of them probes now and then
+until it clears; a per-minute rate limit makes them all wait its retryDelay. Runs at low CPU and I/O priority so preparing
 video never takes time from the live stream. Any failure becomes a job state with an
 error_message; nothing in here is allowed to end the process but a signal.
 """
@@ -25,17 +27,18 @@ import structlog
 
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
-from vlmguard.ffmpeg import analysis_copy_command, ffmpeg_binary, media_duration
+from vlmguard.ffmpeg import analysis_copy_command, count_frames, ffmpeg_binary, media_duration
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
-from vlmguard.store import IncidentRecord, Job, JobStore, Outcome
-from vlmguard.vlm import (AnalysisError, Answer, Clip, Finding, VlmClient, build_prompt,
-                          check_answer)
-from vlmguard.vlm.gemini import GeminiClient, find_api_key, where_keys_come_from
+from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
+from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, RateLimited,
+                          VlmClient, build_prompt, check_answer)
+from vlmguard.vlm.gemini import PROVIDER, GeminiClient, find_api_key, where_keys_come_from
 
 log = get_logger("vlmguard.analyzer")
 
 NO_KEY_RECHECK_SECONDS = 10.0
+PAUSE_RECHECK_SECONDS = 1.0  # how soon a paused worker sees a SIGHUP probe or a resume
 IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS, SYS_IOPRIO_SET = 2, 1, 251
 NICENESS = 10
 
@@ -143,10 +146,72 @@ class Worker:
                 self.stopping.wait(NO_KEY_RECHECK_SECONDS)
                 continue
             warned = False
+            if self.held_back(client):
+                continue
             self.state = "idle"
             job = self.store.next_job(self.worker_id, timeout=1.0)
             if job is not None:
                 self.process(job, client)
+
+    def held_back(self, client: VlmClient) -> bool:
+        """True while the provider is paused or rate-limited (this call waited a little)."""
+        shared = self.store.provider_state(PROVIDER)
+        if shared is None:
+            return False
+        now = utcnow()
+        if shared.paused:
+            self.state = (f"paused: {shared.reason}: {shared.detail} "
+                          f"(next probe {shared.probe_at:%H:%M:%S} UTC)")
+            if self.store.take_probe(PROVIDER, self.probe_interval):
+                self.probe(client, shared)
+            else:
+                self.store.watcher().wait(PAUSE_RECHECK_SECONDS)
+            return True
+        if shared.not_before is not None and shared.not_before > now:
+            self.state = f"waiting: rate limited until {shared.not_before:%H:%M:%S} UTC"
+            self.stopping.wait(min((shared.not_before - now).total_seconds(),
+                                   PAUSE_RECHECK_SECONDS))
+            return True
+        return False
+
+    @property
+    def probe_interval(self) -> float:
+        return self.config.gemini.pause_probe_minutes * 60
+
+    def probe(self, client: VlmClient, shared: Pause) -> None:
+        self.interruptible = True  # a probe may wait on Gemini as long as a job does
+        try:
+            client.probe()
+        except Stopping:
+            return
+        except AccountProblem as exc:
+            self.store.pause(PROVIDER, exc.reason, str(exc), self.probe_interval)
+            log.warning("probe: still paused", reason=exc.reason, error=str(exc))
+            return
+        except (AnalysisError, RateLimited) as exc:
+            log.warning("probe inconclusive, still paused", error=str(exc))
+            return
+        finally:
+            self.interruptible = False
+        if self.store.resume(PROVIDER):
+            log.info("probe succeeded, analysis resumed", was=shared.reason)
+
+    def pause_all(self, job: Job, problem: AccountProblem) -> None:
+        self.store.pause(PROVIDER, problem.reason, str(problem), self.probe_interval)
+        log.error("analysis paused for every analyzer", reason=problem.reason,
+                  error=str(problem), probe_in_s=self.probe_interval)
+        self.put_back(job)
+
+    def wait_all(self, job: Job, limited: RateLimited) -> None:
+        self.store.hold_off(PROVIDER, limited.retry_after)
+        log.warning("rate limited, every analyzer waits", seconds=limited.retry_after)
+        self.put_back(job, utcnow() + timedelta(seconds=limited.retry_after))
+
+    def put_back(self, job: Job, until=None) -> None:
+        try:
+            self.store.defer(job, until)
+        except LeaseLost:
+            log.warning("lease lost, job not put back")
 
     def process(self, job: Job, client: VlmClient) -> None:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
@@ -162,6 +227,10 @@ class Worker:
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens)
             except Stopping:
                 self.hand_back(job)
+            except AccountProblem as exc:
+                self.pause_all(job, exc)
+            except RateLimited as exc:
+                self.wait_all(job, exc)
             except LeaseLost:
                 log.warning("lease lost, job dropped without writing")
             except AnalysisError as exc:
@@ -180,13 +249,14 @@ class Worker:
         clip = prepare_clip(self.binary, self.config.analysis, Path(job.video_path), workdir)
         keep_alive()
         camera = self.config.camera(job.camera_id)
-        prompt = build_prompt(camera.prompt if camera else "")
+        prompt = build_prompt(camera.prompt if camera else "", clip)
         self.interruptible = True
         try:
             answer = client.analyze(clip, prompt, keep_alive)
         finally:
             self.interruptible = False
-        finding = check_answer(answer.data, clip_duration(job, clip))
+        finding = check_answer(answer.data, clip_duration(job, clip), clip.frame_interval_s,
+                               log=log.warning)
         incidents = [IncidentRecord(
             start_at=job.segment_start + timedelta(seconds=i["start_offset_s"]),
             end_at=job.segment_start + timedelta(seconds=i["end_offset_s"]),
@@ -196,7 +266,8 @@ class Worker:
                   "incidents": list(finding.incidents)}
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
                        prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                       total_tokens=answer.total_tokens)
+                       total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
+                       model_version=answer.model_version)
 
     def hand_back(self, job: Job) -> None:
         try:
@@ -237,7 +308,16 @@ def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: P
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
-    return Clip(target, duration, analysis.fps)
+    return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
+
+
+def copy_fps(binary: str, copy: Path, duration: float, most: float) -> float:
+    """The copy's real frame rate: a camera with a 4-s GOP gives 0.25 fps whatever was
+    asked, and telling the model more would bill it for duplicate frames."""
+    frames = count_frames(binary, copy)
+    if not frames or duration <= 0:
+        return most
+    return round(min(frames / duration, most), 4)
 
 
 def analyze_file(config: Config, source: Path, camera_id: str | None) -> tuple[Finding, Answer]:
@@ -251,9 +331,10 @@ def analyze_file(config: Config, source: Path, camera_id: str | None) -> tuple[F
     workdir = Path(tempfile.mkdtemp(prefix="vlmguard-analyze-"))
     try:
         clip = prepare_clip(ffmpeg_binary(), config.analysis, source, workdir)
-        answer = client.analyze(clip, build_prompt(camera.prompt if camera else ""), lambda: None)
-        return check_answer(answer.data, clip.duration_s), answer
-    except AnalysisError as exc:
+        answer = client.analyze(clip, build_prompt(camera.prompt if camera else "", clip),
+                                lambda: None)
+        return check_answer(answer.data, clip.duration_s, clip.frame_interval_s), answer
+    except (AnalysisError, AccountProblem, RateLimited) as exc:
         raise VlmguardError(str(exc)) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -180,10 +180,11 @@ def analyze(config_path, file, camera_id, as_json):
     config = load_config(config_path)
     finding, answer = analyze_file(config, file, camera_id)
     tokens = {"prompt": answer.prompt_tokens, "output": answer.output_tokens,
-              "total": answer.total_tokens}
+              "thoughts": answer.thoughts_tokens, "total": answer.total_tokens}
     if as_json:
         click.echo(json.dumps({"safety_score": finding.safety_score, "summary": finding.summary,
-                               "incidents": list(finding.incidents), "tokens": tokens}, indent=2))
+                               "incidents": list(finding.incidents), "tokens": tokens,
+                               "model_version": answer.model_version}, indent=2))
         return
     click.echo(f"safety score {finding.safety_score}/100   tokens {tokens['total']}")
     click.echo(finding.summary)

@@ -78,13 +78,20 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class GeminiConfig:
-    model: str = opt("gemini-2.5-flash")
+    model: str = opt("gemini-3.8-flash")
     api_key_env: str = opt("GEMINI_API_KEY")
     api_key_file: str = opt("")
     base_url: str = opt("")
-    timeout_seconds: float = opt(300.0, lo=5, hi=3600)
+    # The SDK sends the timeout as X-Server-Timeout; short ones come back as 500s.
+    timeout_seconds: float = opt(300.0, lo=60, hi=3600)
     file_active_timeout_seconds: float = opt(300.0, lo=5, hi=3600)
-    max_output_tokens: int = opt(8192, lo=256, hi=65536)
+    max_output_tokens: int = opt(2048, lo=256, hi=65536)
+    thinking: str = opt("off", choices=("off", "low", "high", "default"))
+    inline_max_mb: float = opt(15.0, lo=0, hi=90)
+    safety_threshold: str = opt("block_none", choices=("off", "block_none", "block_only_high",
+                                                       "block_medium_and_above",
+                                                       "block_low_and_above", "default"))
+    pause_probe_minutes: float = opt(10.0, lo=0.01, hi=1440)
 
 
 @dataclass(frozen=True)

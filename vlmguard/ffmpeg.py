@@ -17,6 +17,7 @@ from vlmguard.errors import VlmguardError
 
 RTSP_TIMEOUT_US = 5_000_000
 DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+)")
+FRAMES = re.compile(r"frame=\s*(\d+)")
 VIDEO_CODEC = re.compile(r"Stream #\S+.*?: Video: (\w+)")
 COPYABLE_CODECS = ("h264", "hevc")
 
@@ -140,3 +141,12 @@ def analysis_copy_command(binary: str, source: Path, target: Path, fps: float,
             "-vf", f"{select},scale=-2:{height}", "-fps_mode", "vfr",
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "30", "-threads", "1",
             "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(target)]
+
+
+def count_frames(binary: str, path: Path, timeout: float = 120) -> int | None:
+    """Video frames in a file, counted by copying the stream to nowhere (no decode)."""
+    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
+                           "-c", "copy", "-f", "null", "-"], capture_output=True, text=True,
+                          timeout=timeout)
+    found = FRAMES.findall(proc.stderr)
+    return int(found[-1]) if proc.returncode == 0 and found else None

@@ -38,7 +38,12 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     out.append(f"vlmguard_analysis_duration_seconds_count {count}")
     family("vlmguard_gemini_tokens_total", "counter", "Gemini tokens used, by camera and kind.",
            [(label(camera=camera, kind=kind), usage[kind]) for camera, usage in tokens.items()
-            for kind in ("prompt", "output", "total")])
+            for kind in ("prompt", "output", "thoughts", "total")])
+    paused = report.get("analysis", {}).get("paused", [])
+    family("vlmguard_analysis_paused", "gauge",
+           "1 while analysis is paused account-wide, labelled with the provider and why.",
+           [(label(provider=p["provider"], reason=p["reason"]), 1) for p in paused]
+           or [("", 0)])
     children = report["daemon"]["children"]
     family("vlmguard_child_restarts_total", "counter",
            "Restarts of each supervised process since vlmguard started.",

@@ -74,6 +74,7 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "workers": worker_report(states),
         "failures": [],
         "tokens": {"today": {}, "last_24h": {}},
+        "analysis": {"paused": []},
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
@@ -99,6 +100,10 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
     report["jobs"]["by_camera"] = counts
     report["jobs"]["oldest_pending_age_s"] = age_seconds(store.oldest_pending())
     report["failures"] = [job_summary(job) for job in store.recent_failures(RECENT_FAILURES)]
+    report["analysis"]["paused"] = [
+        {"provider": p.provider, "reason": p.reason, "detail": p.detail,
+         "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}
+        for p in store.paused_providers()]
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
@@ -174,6 +179,8 @@ def problems(report: dict[str, Any]) -> list[str]:
     for camera in report["cameras"]:
         if report["daemon"]["running"] and not camera["online"]:
             found.append(f"camera {camera['id']} offline")
+    for pause in report["analysis"]["paused"]:
+        found.append(f"analysis paused ({pause['provider']}): {pause['reason']}: {pause['detail']}")
     waiting = {w["state"] for w in report["workers"] if w["state"].startswith("waiting")}
     found.extend(sorted(waiting))
     day_ago = utcnow() - timedelta(hours=24)
@@ -212,7 +219,8 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
         "started_at": iso(job.started_at), "run_after": iso(job.run_after),
         "lease_expires_at": iso(job.lease_expires_at), "analysis_seconds": job.analysis_seconds,
         "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
-                   "total": job.total_tokens},
+                   "thoughts": job.thoughts_tokens, "total": job.total_tokens},
+        "model_version": job.model_version,
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
@@ -250,6 +258,10 @@ def render_status(report: dict[str, Any]) -> str:
     oldest = (f"  (oldest pending {format_age(jobs['oldest_pending_age_s'])})"
               if jobs["oldest_pending_age_s"] is not None else "")
     lines.append("jobs      " + "  ".join(f"{s} {jobs[s]}" for s in STATES) + oldest)
+    for pause in report["analysis"]["paused"]:
+        lines.append(f"analysis  PAUSED ({pause['provider']}) since {pause['since']}: "
+                     f"{pause['reason']}: {pause['detail']}; next probe {pause['next_probe']} "
+                     f"(SIGHUP probes at once)")
     if report["workers"]:
         lines.append("analyzers")
         for worker in report["workers"]:

@@ -31,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATES = ("pending", "processing", "completed", "failed")
 NOTIFY_CHANNEL = "vlmguard_jobs"
 MAX_BACKOFF_SECONDS = 3600.0
@@ -85,6 +85,8 @@ jobs = Table(
     Column("output_tokens", Integer),
     Column("total_tokens", Integer),
     Column("analysis_seconds", Float),
+    Column("model_version", String(100)),
+    Column("thoughts_tokens", Integer),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -109,6 +111,18 @@ incidents = Table(
     Index("ix_incidents_job", "job_id"),
 )
 
+# One row per model provider: an account-wide pause (bad key, daily quota, retired model)
+# and a shared rate-limit wait, seen by every analyzer on every box.
+pauses = Table(
+    "provider_pauses", metadata,
+    Column("provider", String(50), primary_key=True),
+    Column("reason", String(50)),
+    Column("detail", Text),
+    Column("paused_at", UTCDateTime),
+    Column("probe_at", UTCDateTime),
+    Column("not_before", UTCDateTime),
+)
+
 meta_table = Table(
     "vlmguard_meta", metadata,
     Column("key", String(50), primary_key=True),
@@ -118,6 +132,9 @@ meta_table = Table(
 # Statements that bring a database stamped with version N-1 up to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE analysis_jobs ADD COLUMN analysis_seconds FLOAT",),
+    # provider_pauses is new in 3: create_all makes it before the migration runs.
+    3: ("ALTER TABLE analysis_jobs ADD COLUMN model_version VARCHAR(100)",
+        "ALTER TABLE analysis_jobs ADD COLUMN thoughts_tokens INTEGER"),
 }
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -159,6 +176,8 @@ class Job:
     output_tokens: int | None
     total_tokens: int | None
     analysis_seconds: float | None
+    model_version: str | None
+    thoughts_tokens: int | None
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -190,6 +209,24 @@ class Outcome:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
+    thoughts_tokens: int | None = None
+    model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A provider's shared state: paused (reason set) and/or rate-limited until not_before."""
+
+    provider: str
+    reason: str | None
+    detail: str | None
+    paused_at: datetime | None
+    probe_at: datetime | None
+    not_before: datetime | None
+
+    @property
+    def paused(self) -> bool:
+        return self.reason is not None
 
 
 def backoff_seconds(retry_count: int, base: float, rng: random.Random | None = None) -> float:
@@ -340,7 +377,8 @@ class JobStore:
                 analysis_result=outcome.result, safety_score=outcome.safety_score,
                 incident_count=len(outcome.incidents), error_message=None,
                 prompt_tokens=outcome.prompt_tokens, output_tokens=outcome.output_tokens,
-                total_tokens=outcome.total_tokens, lease_token=None, lease_expires_at=None)
+                total_tokens=outcome.total_tokens, thoughts_tokens=outcome.thoughts_tokens,
+                model_version=outcome.model_version, lease_token=None, lease_expires_at=None)
             if outcome.incidents:
                 conn.execute(incidents.insert(), [
                     {"job_id": job.id, "camera_id": job.camera_id, "start_at": i.start_at,
@@ -371,6 +409,82 @@ class JobStore:
             self._owned_update(conn, job, status="pending", run_after=utcnow(),
                                started_at=None, lease_token=None, lease_expires_at=None)
             self.notify(conn)
+
+    def defer(self, job: Job, until: datetime | None = None) -> None:
+        """Put a job back unharmed because the account, not the job, is in trouble:
+        pending again (from until), no attempt counted."""
+        with self.write() as conn:
+            self._owned_update(conn, job, status="pending", run_after=until or utcnow(),
+                               started_at=None, lease_token=None, lease_expires_at=None)
+
+    # -- provider pauses (account-wide conditions) -----------------------------------------
+
+    def pause(self, provider: str, reason: str, detail: str, probe_in: float) -> None:
+        """Stop every analyzer of this provider until a probe at now + probe_in succeeds."""
+        now = utcnow()
+        with self.write() as conn:
+            self._provider_row(conn, provider)
+            conn.execute(update(pauses).where(pauses.c.provider == provider)
+                         .values(reason=reason, detail=detail[:2000], paused_at=now,
+                                 probe_at=now + timedelta(seconds=probe_in)))
+
+    def hold_off(self, provider: str, seconds: float) -> None:
+        """A shared rate-limit wait: no analyzer of this provider calls before now + seconds."""
+        until = utcnow() + timedelta(seconds=seconds)
+        with self.write() as conn:
+            self._provider_row(conn, provider)
+            conn.execute(update(pauses).where(pauses.c.provider == provider,
+                                              (pauses.c.not_before.is_(None))
+                                              | (pauses.c.not_before < until))
+                         .values(not_before=until))
+
+    def _provider_row(self, conn: Connection, provider: str) -> None:
+        """Make sure the provider has its row; two boxes may race to insert it."""
+        conn.execute(dialect_insert(self.engine)(pauses).values(provider=provider)
+                     .on_conflict_do_nothing(index_elements=["provider"]))
+
+    def provider_state(self, provider: str) -> Pause | None:
+        with self.read() as conn:
+            row = conn.execute(select(pauses).where(pauses.c.provider == provider)).first()
+        return Pause(**row._mapping) if row else None
+
+    def take_probe(self, provider: str, next_probe_in: float) -> bool:
+        """True for the one analyzer that gets to probe a due pause; the next probe is
+        pushed on in the same statement, so two workers never probe at once."""
+        now = utcnow()
+        with self.write() as conn:
+            return bool(conn.execute(
+                update(pauses).where(pauses.c.provider == provider, pauses.c.reason.is_not(None),
+                                     pauses.c.probe_at <= now)
+                .values(probe_at=now + timedelta(seconds=next_probe_in))).rowcount)
+
+    def probe_now(self, provider: str | None = None) -> int:
+        """Make paused providers' next probe due at once (the supervisor's SIGHUP)."""
+        query = update(pauses).where(pauses.c.reason.is_not(None))
+        if provider:
+            query = query.where(pauses.c.provider == provider)
+        with self.write() as conn:
+            changed = conn.execute(query.values(probe_at=utcnow())).rowcount
+            if changed:
+                self.notify(conn)
+        return changed
+
+    def resume(self, provider: str) -> bool:
+        """Clear the pause (a probe succeeded); True when there was one."""
+        with self.write() as conn:
+            changed = conn.execute(update(pauses).where(pauses.c.provider == provider,
+                                                        pauses.c.reason.is_not(None))
+                                   .values(reason=None, detail=None, paused_at=None,
+                                           probe_at=None)).rowcount
+            if changed:
+                self.notify(conn)
+        return bool(changed)
+
+    def paused_providers(self) -> list[Pause]:
+        with self.read() as conn:
+            rows = conn.execute(select(pauses).where(pauses.c.reason.is_not(None))
+                                .order_by(pauses.c.provider))
+            return [Pause(**row._mapping) for row in rows]
 
     def _owned_update(self, conn: Connection, job: Job, **values: Any) -> None:
         params = {"b_id": job.id, "b_token": job.lease_token, **values}
@@ -497,16 +611,18 @@ class JobStore:
             return conn.execute(query).scalar_one()
 
     def token_usage(self, since: datetime | None = None) -> dict[str, dict[str, int]]:
-        """{camera_id: {prompt, output, total}} over jobs completed since (or ever)."""
+        """{camera_id: {prompt, output, thoughts, total}} over jobs completed since (or ever)."""
         query = select(jobs.c.camera_id, func.coalesce(func.sum(jobs.c.prompt_tokens), 0),
                        func.coalesce(func.sum(jobs.c.output_tokens), 0),
+                       func.coalesce(func.sum(jobs.c.thoughts_tokens), 0),
                        func.coalesce(func.sum(jobs.c.total_tokens), 0)).group_by(jobs.c.camera_id)
         query = query.where(jobs.c.status == "completed")
         if since:
             query = query.where(jobs.c.completed_at >= since)
         with self.read() as conn:
-            return {camera: {"prompt": int(p), "output": int(o), "total": int(t)}
-                    for camera, p, o, t in conn.execute(query)}
+            return {camera: {"prompt": int(p), "output": int(o), "thoughts": int(th),
+                             "total": int(t)}
+                    for camera, p, o, th, t in conn.execute(query)}
 
     def duration_histogram(self) -> tuple[list[tuple[float, int]], int, float]:
         """Cumulative (le, count) buckets, count and sum of completed analyses' seconds."""

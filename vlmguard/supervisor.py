@@ -284,11 +284,21 @@ class Supervisor:
             log.error("reload refused, keeping the running config", error=str(exc))
             return
         log.info("reloading", cameras=len(config.cameras), workers=config.analysis.workers)
+        self.probe_paused(config)
         self.stop_children(self.children)
         self.config = config
         self.children = self.plan(config)
         for child in self.children:
             self.spawn(child)
+
+    def probe_paused(self, config: Config) -> None:
+        """SIGHUP also says "fixed it": a paused analysis probes at once, not in 10 minutes."""
+        try:
+            with JobStore.from_config(config, create=False) as store:
+                if store.probe_now():
+                    log.info("analysis paused: probing at once")
+        except Exception as exc:  # a reload must not fail on this
+            log.warning("cannot ask the analyzers to probe", error=str(exc))
 
     def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
         return [c for c in (self.children if children is None else children)

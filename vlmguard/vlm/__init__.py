@@ -14,45 +14,75 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 SEVERITIES = ("low", "medium", "high", "critical")
+CATEGORIES = ("fall", "fight", "fire_smoke", "intrusion", "unsafe_machinery", "vehicle",
+              "person_in_distress", "blocked_exit", "spill", "ppe", "camera_problem", "other")
 
-DEFAULT_PROMPT = """You are a safety officer reviewing CCTV footage from a fixed camera.
-Watch the whole clip and report every event that puts people or property at risk, such as:
-a person falling or lying on the ground; fights, assaults or aggressive behaviour; fire,
-smoke or sparks; intrusion into restricted or closed areas; unsafe acts near machinery,
-forklifts or vehicles (no protective equipment, standing in the path of a moving vehicle,
-reaching into moving parts); people in distress or needing help; blocked emergency exits;
-spills or obstacles on walkways.
+PROMPT = """You are a safety officer reviewing footage from one fixed CCTV camera.
+What you are shown: {frames}. There is no audio. A date and time overlay burned into the
+picture is part of the camera, not an event.
 
-Answer in JSON only:
-- safety_score: 0-100, 100 when nothing unsafe happens, lower the more serious the risks;
-- summary: one or two sentences on what happens in the clip;
-- incidents: one entry per event, with start_offset_s and end_offset_s (seconds from the
-  start of the clip), category (a short lower-case label such as "fall", "fire",
-  "intrusion", "vehicle", "machinery", "fight", "distress"), severity (low, medium, high or
-  critical), description (what happens, who and where in the frame) and confidence (0-1).
-Report no incident when nothing unsafe happens. Do not invent events you cannot see."""
+Report every event that puts people or property at risk:
+- fall: a person falling, or lying on the ground;
+- fight: fighting, assault, aggressive pushing;
+- fire_smoke: fire, smoke or sparks;
+- intrusion: someone entering a closed, fenced or restricted area;
+- unsafe_machinery: reaching into moving parts, riding forks, standing under a load;
+- vehicle: a person in the path of a moving vehicle or forklift, a collision, speeding;
+- person_in_distress: someone who seems injured, unwell or asking for help;
+- blocked_exit: an emergency exit or escape route obstructed;
+- spill: liquid or debris on a walkway;
+- ppe: missing protective equipment where it is clearly required (hard hat, high-visibility vest);
+- camera_problem: the view is dark, covered, blurred, frozen or pointed away. A blinded
+  camera is a safety problem in itself: report it as an incident covering the affected time;
+- other: any other clear risk to people or property.
 
-# The fixed contract, in the OpenAPI subset that structured output takes.
+Do not flag: people walking, working or talking normally; vehicles driving normally;
+shadows, reflections, light changes, rain or insects; the timestamp overlay; anything
+you cannot actually see. Never identify people or guess who they are: describe them by
+clothing and position only. When nothing unsafe happens, report no incident.
+
+Offsets are seconds from the start of the clip and must lie within it.
+safety_score: 100 when nothing unsafe happens, lower the more serious the risks."""
+
+# The fixed contract, in the OpenAPI subset that structured output takes; the model reads
+# the descriptions, and propertyOrdering makes it write the summary before judging.
+INCIDENT_SCHEMA: dict[str, Any] = {
+    "type": "OBJECT",
+    "description": "One unsafe event seen in the clip.",
+    "properties": {
+        "start_offset_s": {"type": "NUMBER", "description": "When it starts, in seconds from "
+                           "the start of the clip."},
+        "end_offset_s": {"type": "NUMBER", "description": "When it ends, in seconds from the "
+                         "start of the clip; not before start_offset_s."},
+        "category": {"type": "STRING", "enum": list(CATEGORIES),
+                     "description": "The kind of event."},
+        "severity": {"type": "STRING", "enum": list(SEVERITIES),
+                     "description": "How serious the risk is."},
+        "description": {"type": "STRING", "description": "What happens and where in the "
+                        "frame, people described by clothing and position, never named."},
+        "confidence": {"type": "NUMBER", "minimum": 0, "maximum": 1,
+                       "description": "How sure you are that it happened, 0 to 1."},
+    },
+    "required": ["start_offset_s", "end_offset_s", "category", "severity", "description",
+                 "confidence"],
+    "propertyOrdering": ["start_offset_s", "end_offset_s", "category", "severity",
+                         "description", "confidence"],
+}
 RESPONSE_SCHEMA: dict[str, Any] = {
     "type": "OBJECT",
+    "description": "The safety review of one clip.",
     "properties": {
-        "safety_score": {"type": "INTEGER", "minimum": 0, "maximum": 100},
-        "summary": {"type": "STRING"},
-        "incidents": {"type": "ARRAY", "items": {
-            "type": "OBJECT",
-            "properties": {
-                "start_offset_s": {"type": "NUMBER"},
-                "end_offset_s": {"type": "NUMBER"},
-                "category": {"type": "STRING"},
-                "severity": {"type": "STRING", "enum": list(SEVERITIES)},
-                "description": {"type": "STRING"},
-                "confidence": {"type": "NUMBER", "minimum": 0, "maximum": 1},
-            },
-            "required": ["start_offset_s", "end_offset_s", "category", "severity",
-                         "description", "confidence"],
-        }},
+        "summary": {"type": "STRING", "description": "One or two sentences on what happens "
+                    "in the clip."},
+        "incidents": {"type": "ARRAY", "items": INCIDENT_SCHEMA,
+                      "description": "Every unsafe event, in time order; empty when there is "
+                      "none."},
+        "safety_score": {"type": "INTEGER", "minimum": 0, "maximum": 100,
+                         "description": "100 when nothing unsafe happens, lower the more "
+                         "serious the risks."},
     },
-    "required": ["safety_score", "summary", "incidents"],
+    "required": ["summary", "incidents", "safety_score"],
+    "propertyOrdering": ["summary", "incidents", "safety_score"],
 }
 
 
@@ -65,12 +95,33 @@ class AnalysisError(Exception):
         self.retry_after = retry_after
 
 
+class AccountProblem(Exception):
+    """Nothing is wrong with the job: the account or model is (bad key, daily quota gone,
+    model retired, access denied). Every analyzer pauses; the job waits untouched."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class RateLimited(Exception):
+    """A per-minute limit: every analyzer waits retry_after seconds; the job is not charged."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class Clip:
     path: Path
     duration_s: float
     fps: float
     mime_type: str = "video/mp4"
+
+    @property
+    def frame_interval_s(self) -> float:
+        return 1.0 / self.fps if self.fps > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -79,17 +130,30 @@ class Answer:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
+    thoughts_tokens: int | None = None
+    model_version: str | None = None
 
 
 class VlmClient(Protocol):
     def analyze(self, clip: Clip, prompt: str, keep_alive: Callable[[], None]) -> Answer:
         """Analyse the clip; call keep_alive() between long steps (it may raise to stop)."""
 
+    def probe(self) -> None:
+        """The cheapest real request; raises AccountProblem while the account is unusable."""
 
-def build_prompt(site_context: str) -> str:
+
+def build_prompt(site_context: str, clip: Clip | None = None) -> str:
+    prompt = PROMPT.format(frames=describe_frames(clip))
     if not site_context.strip():
-        return DEFAULT_PROMPT
-    return f"{DEFAULT_PROMPT}\n\nAbout this camera: {site_context.strip()}"
+        return prompt
+    return f"{prompt}\n\nAbout this camera: {site_context.strip()}"
+
+
+def describe_frames(clip: Clip | None) -> str:
+    if clip is None:
+        return "frames sampled from a CCTV recording"
+    return (f"keyframes about {clip.frame_interval_s:.0f} s apart from a "
+            f"{clip.duration_s:.0f}-second recording")
 
 
 @dataclass(frozen=True)
@@ -99,8 +163,11 @@ class Finding:
     incidents: tuple[dict[str, Any], ...]
 
 
-def check_answer(data: Any, duration_s: float) -> Finding:
-    """Hold the answer to the contract; AnalysisError (retryable) says what broke it."""
+def check_answer(data: Any, duration_s: float, slack_s: float = 1.0,
+                 log: Callable[..., None] | None = None) -> Finding:
+    """Hold the answer to the contract, repairing what can be: offsets up to slack_s (one
+    frame interval) past the clip's end are clamped, an incident wholly outside the clip
+    is dropped (and logged). AnalysisError (retryable) says what could not be repaired."""
     def broken(reason: str) -> AnalysisError:
         return AnalysisError(f"invalid model output: {reason}", retryable=True)
 
@@ -115,20 +182,33 @@ def check_answer(data: Any, duration_s: float) -> Finding:
     incidents = data.get("incidents")
     if not isinstance(incidents, list):
         raise broken("incidents must be a list")
-    return Finding(score, summary, tuple(check_incident(i, n, duration_s, broken)
-                                         for n, i in enumerate(incidents)))
+    kept = []
+    for n, item in enumerate(incidents):
+        incident = check_incident(item, n, duration_s, slack_s, broken)
+        if incident is None:
+            if log:
+                log("incident outside the clip dropped", index=n,
+                    start_offset_s=item.get("start_offset_s"),
+                    end_offset_s=item.get("end_offset_s"), clip_seconds=round(duration_s, 2))
+            continue
+        kept.append(incident)
+    return Finding(score, summary, tuple(kept))
 
 
-def check_incident(item: Any, n: int, duration_s: float, broken) -> dict[str, Any]:
+def check_incident(item: Any, n: int, duration_s: float, slack_s: float,
+                   broken) -> dict[str, Any] | None:
+    """The incident made sound, or None when it lies wholly outside the clip."""
     if not isinstance(item, dict):
         raise broken(f"incidents[{n}] is not an object")
     start, end = item.get("start_offset_s"), item.get("end_offset_s")
     if not all(is_number(v) for v in (start, end)):
         raise broken(f"incidents[{n}] offsets must be numbers")
-    # A second of slack: models round to whole seconds.
-    if not 0 <= start <= end <= duration_s + 1:
-        raise broken(f"incidents[{n}] offsets {start}-{end} s are outside the "
-                     f"{duration_s:.0f} s clip")
+    if start > end:
+        start, end = end, start
+    if end < 0 or start > duration_s + slack_s:
+        return None
+    start, end = max(start, 0.0), min(end, duration_s)
+    start = min(start, end)
     if item.get("severity") not in SEVERITIES:
         raise broken(f"incidents[{n}].severity must be one of {', '.join(SEVERITIES)}")
     for key in ("category", "description"):
@@ -137,9 +217,10 @@ def check_incident(item: Any, n: int, duration_s: float, broken) -> dict[str, An
     confidence = item.get("confidence")
     if confidence is not None and not (is_number(confidence) and 0 <= confidence <= 1):
         raise broken(f"incidents[{n}].confidence must be 0-1")
-    return {"start_offset_s": float(start), "end_offset_s": float(min(end, duration_s)),
-            "category": item["category"].strip().lower()[:100], "severity": item["severity"],
-            "description": item["description"].strip(),
+    category = item["category"].strip().lower()[:100]
+    return {"start_offset_s": float(start), "end_offset_s": float(end),
+            "category": category if category in CATEGORIES else "other",
+            "severity": item["severity"], "description": item["description"].strip(),
             "confidence": float(confidence) if confidence is not None else None}
 
 

@@ -1,8 +1,12 @@
-"""Gemini through the google-genai SDK: upload, wait for ACTIVE, generate, delete.
+"""Gemini through the google-genai SDK: one generateContent per clip.
 
-Every failure the API is known for ends as an AnalysisError that says what happened and
-whether trying again can help; the SDK's own retries are off (one attempt per call), so
-the job table's backoff, which survives restarts, is the only retry loop.
+A clip up to gemini.inline_max_mb travels inside the request; only a larger one (mode
+"original") goes through the Files API (upload, wait for ACTIVE, generate, delete).
+Every failure the API is known for ends as one of three things: an AnalysisError about
+this job (retryable or not), a RateLimited (every analyzer waits, the job is not charged)
+or an AccountProblem (bad key, daily quota, retired model: every analyzer pauses). The
+SDK's request retries are off, so the job table's backoff, which survives restarts, is the
+retry loop; the SDK still retries a resumable-upload chunk on its own (up to 3 times).
 """
 
 from __future__ import annotations
@@ -11,17 +15,49 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmguard.config import GeminiConfig
-from vlmguard.vlm import RESPONSE_SCHEMA, AnalysisError, Answer, Clip
+from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
+                          RateLimited)
 
+PROVIDER = "gemini"
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 CREDENTIAL_NAME = "gemini_api_key"
 FILE_POLL_SECONDS = 2.0
+DEFAULT_RATE_WAIT_SECONDS = 60.0
 MEDIA_RESOLUTIONS = {"low": "MEDIA_RESOLUTION_LOW", "medium": "MEDIA_RESOLUTION_MEDIUM",
                      "high": "MEDIA_RESOLUTION_HIGH", "default": None}
+# 2.5-class models take a token budget (0 turns thinking off on Flash); 3-class models
+# take a level and refuse a budget.
+THINKING_BUDGETS = {"off": 0, "low": 1024, "high": 8192}
+THINKING_LEVELS = {"low": "LOW", "high": "HIGH"}
+# The lowest level is MINIMAL on the 3-class models that have it; gemini-3.8-flash is
+# reported to take LOW, MEDIUM and HIGH only, so the floor is LOW for any model not known.
+MINIMAL_THINKERS = re.compile(r"(models/)?gemini-3(\.1|\.5)?-flash")
+SAFETY_CATEGORIES = ("HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
+                     "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT")
+PROBE_PROMPT = "Reply with the word OK."
+
+
+@dataclass(frozen=True)
+class Request:
+    """What may change between the first try and the one changed retry of a refusal."""
+
+    fps: float
+    max_output_tokens: int
+
+
+class Refused(Exception):
+    """SAFETY, a blocked prompt or MAX_TOKENS: asking the same again would pay for the same.
+    usage is what the refused request was billed."""
+
+    def __init__(self, message: str, kind: str, usage: Answer):
+        super().__init__(message)
+        self.kind = kind
+        self.usage = usage
 
 
 def find_api_key(config: GeminiConfig) -> str | None:
@@ -70,7 +106,13 @@ def load_sdk(config: GeminiConfig) -> None:
     genai.Client(api_key="unused", http_options=http_options(config)).close()
 
 
+def is_gemini_2(model: str) -> bool:
+    return re.match(r"(models/)?gemini-[12]\.", model) is not None
+
+
 class GeminiClient:
+    provider = PROVIDER
+
     def __init__(self, config: GeminiConfig, api_key: str, *, media_resolution: str = "low"):
         from google import genai
         from google.genai import types
@@ -80,32 +122,86 @@ class GeminiClient:
         self.media_resolution = MEDIA_RESOLUTIONS[media_resolution]
         self.client = genai.Client(api_key=api_key, http_options=http_options(config))
 
+    # -- one clip ---------------------------------------------------------------------------
+
     def analyze(self, clip: Clip, prompt: str, keep_alive: Callable[[], None]) -> Answer:
+        """One request; a refusal gets one changed retry, then fails for good."""
+        request = Request(fps=clip.fps, max_output_tokens=self.config.max_output_tokens)
+        try:
+            return self.ask(clip, prompt, request, keep_alive)
+        except Refused as refused:
+            changed = changed_request(refused.kind, request)
+            keep_alive()
+            try:
+                return billed_together(refused.usage, self.ask(clip, prompt, changed, keep_alive))
+            except Refused as again:
+                raise AnalysisError(f"{again} (again after a changed request: "
+                                    f"{describe_change(request, changed)})",
+                                    retryable=False) from None
+
+    def ask(self, clip: Clip, prompt: str, request: Request,
+            keep_alive: Callable[[], None]) -> Answer:
+        if clip.path.stat().st_size <= self.config.inline_max_mb * 1024 * 1024:
+            part = self.inline_part(clip, request)
+            return self.generate(part, prompt, request)
         uploaded = self.call("upload", lambda: self.client.files.upload(
             file=str(clip.path), config=self.types.UploadFileConfig(
                 mime_type=clip.mime_type, display_name=clip.path.name)))
         try:
             active = self.wait_until_active(uploaded, keep_alive)
             keep_alive()
-            response = self.call("generate", lambda: self.client.models.generate_content(
-                model=self.config.model, contents=[self.video_part(active, clip), prompt],
-                config=self.generation_config()))
-            return self.read_response(response)
+            return self.generate(self.file_part(active, clip, request), prompt, request)
         finally:
             self.delete(uploaded)
 
-    def video_part(self, uploaded, clip: Clip):
+    def generate(self, part, prompt: str, request: Request) -> Answer:
+        response = self.call("generate", lambda: self.client.models.generate_content(
+            model=self.config.model, contents=[part, prompt],
+            config=self.generation_config(request.max_output_tokens)))
+        return self.read_response(response)
+
+    def probe(self) -> None:
+        """The cheapest real request: does the key, model and quota work again?"""
+        self.call("probe", lambda: self.client.models.generate_content(
+            model=self.config.model, contents=PROBE_PROMPT,
+            config=self.types.GenerateContentConfig(max_output_tokens=16,
+                                                    thinking_config=self.thinking_config())))
+
+    def inline_part(self, clip: Clip, request: Request):
+        types = self.types
+        return types.Part(inline_data=types.Blob(data=clip.path.read_bytes(),
+                                                 mime_type=clip.mime_type),
+                          video_metadata=types.VideoMetadata(fps=request.fps))
+
+    def file_part(self, uploaded, clip: Clip, request: Request):
         types = self.types
         return types.Part(file_data=types.FileData(file_uri=uploaded.uri, mime_type=clip.mime_type),
-                          video_metadata=types.VideoMetadata(fps=clip.fps))
+                          video_metadata=types.VideoMetadata(fps=request.fps))
 
-    def generation_config(self):
+    def generation_config(self, max_output_tokens: int):
         settings: dict[str, Any] = dict(response_mime_type="application/json",
                                         response_schema=RESPONSE_SCHEMA,
-                                        max_output_tokens=self.config.max_output_tokens)
+                                        max_output_tokens=max_output_tokens)
         if self.media_resolution:
             settings["media_resolution"] = self.media_resolution
+        thinking = self.thinking_config()
+        if thinking is not None:
+            settings["thinking_config"] = thinking
+        if self.config.safety_threshold != "default":
+            settings["safety_settings"] = [
+                self.types.SafetySetting(category=category,
+                                         threshold=self.config.safety_threshold.upper())
+                for category in SAFETY_CATEGORIES]
         return self.types.GenerateContentConfig(**settings)
+
+    def thinking_config(self):
+        mode = self.config.thinking
+        if mode == "default":
+            return None
+        if is_gemini_2(self.config.model):
+            return self.types.ThinkingConfig(thinking_budget=THINKING_BUDGETS[mode])
+        return self.types.ThinkingConfig(thinking_level=THINKING_LEVELS.get(mode) or
+                                         lowest_thinking_level(self.config.model))
 
     def wait_until_active(self, uploaded, keep_alive: Callable[[], None]):
         deadline = time.monotonic() + self.config.file_active_timeout_seconds
@@ -137,16 +233,22 @@ class GeminiClient:
         usage = response.usage_metadata
         tokens = dict(prompt_tokens=getattr(usage, "prompt_token_count", None),
                       output_tokens=getattr(usage, "candidates_token_count", None),
-                      total_tokens=getattr(usage, "total_token_count", None))
+                      thoughts_tokens=getattr(usage, "thoughts_token_count", None),
+                      total_tokens=getattr(usage, "total_token_count", None),
+                      model_version=response.model_version)
         feedback = response.prompt_feedback
         if not response.candidates:
             reason = getattr(getattr(feedback, "block_reason", None), "value", None) or "unknown"
-            raise AnalysisError(f"prompt blocked by Gemini (blockReason {reason})", retryable=True)
+            raise Refused(f"prompt blocked by Gemini (blockReason {reason})", "blocked",
+                          Answer(None, **tokens))
         finish = getattr(response.candidates[0].finish_reason, "value",
                          response.candidates[0].finish_reason) or "STOP"
         if finish == "MAX_TOKENS":
-            raise AnalysisError("answer truncated (finishReason MAX_TOKENS): raise "
-                                "gemini.max_output_tokens", retryable=True)
+            raise Refused("answer truncated (finishReason MAX_TOKENS)", "max_tokens",
+                          Answer(None, **tokens))
+        if finish in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "IMAGE_SAFETY"):
+            raise Refused(f"answer withheld (finishReason {finish})", "safety",
+                          Answer(None, **tokens))
         if finish != "STOP":
             raise AnalysisError(f"no usable answer (finishReason {finish})", retryable=True)
         text = response.text or ""
@@ -158,7 +260,7 @@ class GeminiClient:
         return Answer(data=data, **tokens)
 
     def call(self, what: str, request: Callable[[], Any]) -> Any:
-        """One SDK call, its failures turned into AnalysisError."""
+        """One SDK call, its failures sorted into job, rate-limit and account problems."""
         from google.genai import errors
 
         try:
@@ -172,28 +274,94 @@ class GeminiClient:
             raise
 
 
-def api_error(what: str, exc, model: str) -> AnalysisError:
+def billed_together(refused: Answer, answer: Answer) -> Answer:
+    """The answer with the refused request's tokens added: both were paid for."""
+    def total(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+    return replace(answer, **{name: total(getattr(refused, name), getattr(answer, name))
+                              for name in ("prompt_tokens", "output_tokens", "total_tokens",
+                                           "thoughts_tokens")})
+
+
+def lowest_thinking_level(model: str) -> str:
+    return "MINIMAL" if MINIMAL_THINKERS.match(model) else "LOW"
+
+
+def changed_request(kind: str, request: Request) -> Request:
+    """MAX_TOKENS: twice the output budget. SAFETY or a blocked prompt: half the frames
+    (fewer chances for one frame to trip a filter, and half the cost of a second no)."""
+    if kind == "max_tokens":
+        return replace(request, max_output_tokens=min(request.max_output_tokens * 2, 65536))
+    return replace(request, fps=round(request.fps / 2, 4))
+
+
+def describe_change(before: Request, after: Request) -> str:
+    if after.max_output_tokens != before.max_output_tokens:
+        return f"max_output_tokens {before.max_output_tokens} -> {after.max_output_tokens}"
+    return f"fps {before.fps:g} -> {after.fps:g}"
+
+
+def api_error(what: str, exc, model: str) -> Exception:
+    """The SDK's APIError as AnalysisError (this job), RateLimited or AccountProblem."""
     code = exc.code or 0
     status = exc.status or ""
     message = first_line(exc.message or "")
     label = f"{what}: HTTP {code} {status}".rstrip()
-    if code in (401, 403) or status in ("UNAUTHENTICATED", "PERMISSION_DENIED") or \
-            "API key not valid" in message:
-        return AnalysisError(f"{label}: bad API key ({message})", retryable=False)
+    details = error_details(exc.details)
+    if code == 401 or status == "UNAUTHENTICATED" or "API key not valid" in message or \
+            any(d.get("reason") == "API_KEY_INVALID" for d in details):
+        return AccountProblem("bad_key", f"{label}: bad API key ({message})")
+    if code == 403 or status == "PERMISSION_DENIED":
+        if "file" in message.lower() or what == "file status":
+            # One uploaded file gone or not ours: this job's problem, and a new upload fixes it.
+            return AnalysisError(f"{label}: uploaded file not accessible ({message})",
+                                 retryable=True)
+        return AccountProblem("permission_denied", f"{label}: access denied ({message})")
     if code == 404:
-        return AnalysisError(f"{label}: unknown model {model!r} or file ({message})",
-                             retryable=False)
+        if what in ("generate", "probe") and "models/" in message:
+            return AccountProblem("model_unavailable",
+                                  f"{label}: model {model!r} unknown or retired ({message})")
+        return AnalysisError(f"{label}: not found ({message})", retryable=True)
+    if code == 429:
+        quota = daily_quota(details, exc.message or "")
+        if quota:
+            return AccountProblem("quota_exhausted", f"{label}: {quota} ({message})")
+        wait = retry_delay(details) or DEFAULT_RATE_WAIT_SECONDS
+        return RateLimited(f"{label}: rate limited, waiting {wait:g} s ({message})", wait)
     if code in RETRYABLE_STATUS:
         return AnalysisError(f"{label}: {message}", retryable=True,
-                             retry_after=retry_delay(exc.details))
+                             retry_after=retry_delay(details))
+    if status == "FAILED_PRECONDITION" and "ACTIVE" in message:
+        return AnalysisError(f"{label}: {message}", retryable=True)
     return AnalysisError(f"{label}: {message}", retryable=False)
 
 
-def retry_delay(details: Any) -> float | None:
-    """RetryInfo.retryDelay ("58s") from a 429 body, if the server sent one."""
+def error_details(details: Any) -> list[dict]:
     error = details.get("error", details) if isinstance(details, dict) else {}
-    for item in error.get("details", []) if isinstance(error, dict) else []:
-        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+    items = error.get("details", []) if isinstance(error, dict) else []
+    return [item for item in items if isinstance(item, dict)]
+
+
+def daily_quota(details: list[dict], message: str) -> str | None:
+    """Why waiting a minute will not help: a per-day quota used up, or a limit of 0 (the
+    model is not offered on this tier). None for a per-minute limit."""
+    for item in details:
+        if str(item.get("@type", "")).endswith("QuotaFailure"):
+            for violation in item.get("violations", []):
+                quota_id = str(violation.get("quotaId", ""))
+                if "PerDay" in quota_id:
+                    return f"daily quota used up ({quota_id})"
+                if str(violation.get("quotaValue", "")) == "0":
+                    return f"quota limit 0 ({quota_id})"
+    if re.search(r"limit: 0\b", message):
+        return "quota limit 0 (model not available on this tier)"
+    return None
+
+
+def retry_delay(details: list[dict]) -> float | None:
+    """RetryInfo.retryDelay ("58s") from a 429 body, if the server sent one."""
+    for item in details:
+        if str(item.get("@type", "")).endswith("RetryInfo"):
             match = re.fullmatch(r"([\d.]+)s", str(item.get("retryDelay", "")))
             if match:
                 return float(match.group(1))
