@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from datetime import timedelta
 from urllib.parse import quote
 import urllib.request
@@ -387,3 +388,96 @@ def test_fuzz_headers(fuzz_server, target, headers):
     port, errors = fuzz_server
     lines = "".join(f"{name}: {one_line(v)}\r\n" for name, v in headers)
     assert_answered_well(port, errors, target, AUTH + lines)
+
+
+# --- a connection flood against a real streaming process --------------------------------
+
+STREAMER = ("import sys; from vlmguard import streamer; from vlmguard.config import load_config; "
+            "streamer.main(load_config(sys.argv[1]))")
+
+
+def at_default_open_file_limit():
+    """systemd's default soft limit, with no hard room to raise it: the worst case."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+def decoded_frames(url: str, seconds: float) -> int:
+    out = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", url, "-t", str(seconds),
+                          "-f", "null", "-", "-progress", "pipe:1"],
+                         capture_output=True, text=True, timeout=60)
+    frames = re.findall(r"^frame=(\d+)$", out.stdout, re.M)
+    return int(frames[-1]) if frames else 0
+
+
+def archives_handed_over(data_dir) -> int:
+    return len(list((data_dir / "closed").rglob("*.ts")))
+
+
+def test_connection_flood_never_stops_recording(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config_path = write_config(tmp_path, f"""
+        [server]
+        port = {port}
+        header_timeout_seconds = 3
+        [storage]
+        data_dir = "{data_dir}"
+        segment_seconds = 1
+        archive_seconds = 10
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2=size=320x240:rate=25"
+    """)
+    url = f"http://127.0.0.1:{port}/live/cam1/index.m3u8"
+    log_path = tmp_path / "streamer.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", STREAMER, str(config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=at_default_open_file_limit)
+    try:
+        wait_until_live(url, proc, log_path)
+        ffmpeg_before = ffmpeg_pid(data_dir)
+        handed_before = archives_handed_over(data_dir)
+        for wave in range(3):
+            flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(1100)]
+            try:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert len(list((Path("/proc") / str(proc.pid) / "fd").iterdir())) < 1024
+                with urllib.request.urlopen(url, timeout=10) as response:  # a player gets in
+                    assert response.status == 200 and b".ts" in response.read()
+                # Every flood connection is closed by the server: shed, or after the header timeout.
+                assert all(closed_by_server(s, 10) for s in flood)
+            finally:
+                for s in flood:
+                    s.close()
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        deadline = time.time() + 30
+        while archives_handed_over(data_dir) <= handed_before and time.time() < deadline:
+            time.sleep(0.5)
+        assert archives_handed_over(data_dir) > handed_before, "recording stopped under the flood"
+        assert ffmpeg_pid(data_dir) == ffmpeg_before  # the camera's FFmpeg never restarted
+        assert decoded_frames(url, 3) >= 50
+        text = log_path.read_text()
+        assert "Too many open files" not in text and "Traceback" not in text, text[-3000:]
+        assert '"http clients shed"' in text or "http clients shed" in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def wait_until_live(url, proc, log_path, timeout: float = 40):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if b".ts" in response.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} never went live")
+
+
+def ffmpeg_pid(data_dir) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"ffmpeg.*{data_dir}/"], capture_output=True, text=True)
+    return sorted(int(pid) for pid in out.stdout.split())
