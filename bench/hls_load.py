@@ -17,6 +17,15 @@ import aiohttp
 
 
 async def player(session, base, camera, deadline, out, _seen):
+    while time.time() < deadline:
+        try:
+            await play(session, base, camera, deadline, out)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            out["errors"] += 1  # refused or cut off: a real player retries too
+            await asyncio.sleep(1)
+
+
+async def play(session, base, camera, deadline, out):
     fetched = set()
     while time.time() < deadline:
         started = time.perf_counter()

@@ -211,8 +211,11 @@ def test_slowloris_and_idle_connections_are_closed(tmp_path):
 
 def test_connection_cap_fits_the_open_file_limit(tmp_path):
     server = make_config(tmp_path, server="max_connections = 100000").server
-    assert connection_cap(server, 1024, cameras=4) < 1024 // 2
-    assert connection_cap(make_config(tmp_path).server, 1024, cameras=1) == 256
+    assert connection_cap(server, 1024, cameras=4) < 1024 // 4
+    assert connection_cap(server, 8192, cameras=4) > 1024
+    default = make_config(tmp_path).server
+    assert connection_cap(default, 8192, cameras=1) == 256  # the unit's LimitNOFILE
+    assert connection_cap(default, 1024, cameras=1) < 256
 
 
 def test_streaming_process_raises_its_soft_open_file_limit():

@@ -38,6 +38,10 @@ FDS_PER_CONNECTION = 2
 SUMMARY_SECONDS = 10.0
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 32
+ACCEPT_BACKLOG = 128
+# Sockets accepted but not yet shed: asyncio accepts up to a backlog's worth per loop turn
+# and hands each to the protocol factory a turn later; a shed socket closes a turn after.
+FDS_IN_FLIGHT = 3 * ACCEPT_BACKLOG + MAX_LINGERING
 HEAD_END = b"\r\n\r\n"
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
         b"Content-Length: 12\r\nConnection: close\r\n\r\nserver busy\n")
@@ -58,7 +62,8 @@ def raise_open_file_limit(ceiling: int = OPEN_FILES_CEILING) -> int:
 
 def connection_cap(server: ServerConfig, open_files: int, cameras: int) -> int:
     """max_connections, lowered to what the open-file limit carries beside the cameras."""
-    room = (open_files - FDS_RESERVED - FDS_PER_CAMERA * cameras) // FDS_PER_CONNECTION
+    spare = open_files - FDS_RESERVED - FDS_IN_FLIGHT - FDS_PER_CAMERA * cameras
+    room = spare // FDS_PER_CONNECTION
     return max(1, min(server.max_connections, room))
 
 
@@ -269,7 +274,7 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard.factory(self._runner.server), self.host, self.port,
-            reuse_address=True, backlog=self._backlog)
+            reuse_address=True, backlog=ACCEPT_BACKLOG)
 
     async def stop(self) -> None:
         self.guard.close()
