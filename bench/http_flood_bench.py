@@ -195,8 +195,19 @@ def ffmpeg_restarts(data_dir: Path) -> int:
         return -1
 
 
+def listen_overflows() -> int:
+    """The host's count of connections dropped because a listen queue was full (SYN retried
+    a second later by the client)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split()))["ListenOverflows"])
+    return -1
+
+
 def phase(name: str, proc, port: int, data_dir: Path, args, loaded: bool) -> dict:
     before = archives(data_dir)
+    overflows = listen_overflows()
     peak = {"fds": 0}
     done = threading.Event()
 
@@ -220,6 +231,7 @@ def phase(name: str, proc, port: int, data_dir: Path, args, loaded: bool) -> dic
     done.set()
     sampler.join()
     result.update(archives_closed=archives(data_dir) - before, ffmpeg_restarts=ffmpeg_restarts(data_dir),
+                  listen_overflows=listen_overflows() - overflows,
                   streamer_alive=proc.poll() is None, streamer_peak_open_files=peak["fds"])
     return result
 
@@ -252,8 +264,8 @@ def main() -> None:
 
 def table(report: dict, args) -> str:
     rows = ["| phase | playlist p50 / p99 ms | segment p50 / p99 ms | player errors | wrk req/s "
-            "| archives closed | FFmpeg speed | FFmpeg restarts | peak open files |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| archives closed | FFmpeg speed | FFmpeg restarts | peak open files | listen overflows |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for key in ("no_load", "load"):
         r = report[key]
         p = r["players"]
@@ -261,7 +273,7 @@ def table(report: dict, args) -> str:
         rows.append(f"| {r['phase']} | {p['playlist_ms']['p50']} / {p['playlist_ms']['p99']} "
                     f"| {p['segment_ms']['p50']} / {p['segment_ms']['p99']} | {p['errors']} | {wrk} "
                     f"| {r['archives_closed']} | {p['ffmpeg_speed']} | {r['ffmpeg_restarts']} "
-                    f"| {r['streamer_peak_open_files']} |")
+                    f"| {r['streamer_peak_open_files']} | {r['listen_overflows']} |")
     held = report["held"]
     rows.append(f"\nheld: {held['held']} of {held['opened']} idle connections "
                 f"(soft open-file limit after start: {report['streamer_soft_open_files']}); "

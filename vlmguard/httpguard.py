@@ -38,10 +38,7 @@ FDS_PER_CONNECTION = 2
 SUMMARY_SECONDS = 10.0
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 32
-ACCEPT_BACKLOG = 128
-# Sockets accepted but not yet shed: asyncio accepts up to a backlog's worth per loop turn
-# and hands each to the protocol factory a turn later; a shed socket closes a turn after.
-FDS_IN_FLIGHT = 3 * ACCEPT_BACKLOG + MAX_LINGERING
+MAX_BACKLOG = 1024
 HEAD_END = b"\r\n\r\n"
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
         b"Content-Length: 12\r\nConnection: close\r\n\r\nserver busy\n")
@@ -60,9 +57,22 @@ def raise_open_file_limit(ceiling: int = OPEN_FILES_CEILING) -> int:
     return OPEN_FILES_CEILING if soft == resource.RLIM_INFINITY else soft
 
 
+def accept_backlog(open_files: int) -> int:
+    """The listen queue: long, so a flood's connections wait in the kernel rather than a
+    player's SYN being dropped (a 1-s retry), but asyncio accepts up to this many sockets a
+    loop turn, so it has to fit the open-file limit too."""
+    return max(16, min(MAX_BACKLOG, open_files // 8))
+
+
+def fds_in_flight(open_files: int) -> int:
+    """Sockets accepted but not yet shed: one batch being accepted, one waiting for the
+    protocol factory (a loop turn later), one shed and closing (a turn after that)."""
+    return 3 * accept_backlog(open_files) + MAX_LINGERING
+
+
 def connection_cap(server: ServerConfig, open_files: int, cameras: int) -> int:
     """max_connections, lowered to what the open-file limit carries beside the cameras."""
-    spare = open_files - FDS_RESERVED - FDS_IN_FLIGHT - FDS_PER_CAMERA * cameras
+    spare = open_files - FDS_RESERVED - fds_in_flight(open_files) - FDS_PER_CAMERA * cameras
     room = spare // FDS_PER_CONNECTION
     return max(1, min(server.max_connections, room))
 
@@ -259,8 +269,9 @@ class ServerLog(logging.LoggerAdapter):
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through a ConnectionGuard."""
 
-    def __init__(self, runner: web.BaseRunner, guard: ConnectionGuard, host: str, port: int):
-        super().__init__(runner)
+    def __init__(self, runner: web.BaseRunner, guard: ConnectionGuard, host: str, port: int,
+                 backlog: int):
+        super().__init__(runner, backlog=backlog)
         self.guard = guard
         self.host = host
         self.port = port
@@ -274,7 +285,7 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard.factory(self._runner.server), self.host, self.port,
-            reuse_address=True, backlog=ACCEPT_BACKLOG)
+            reuse_address=True, backlog=self._backlog)
 
     async def stop(self) -> None:
         self.guard.close()
@@ -293,8 +304,9 @@ async def start_server(app: web.Application, config: Config) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, logger=ServerLog(guard),
                            keepalive_timeout=server.idle_timeout_seconds)
     await runner.setup()
-    await GuardedSite(runner, guard, server.host, server.port).start()
+    await GuardedSite(runner, guard, server.host, server.port, accept_backlog(open_files)).start()
     log.info("http limits", max_connections=cap, open_files=open_files,
+             backlog=accept_backlog(open_files),
              header_timeout_s=server.header_timeout_seconds,
              idle_timeout_s=server.idle_timeout_seconds)
     return runner
