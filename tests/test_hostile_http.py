@@ -223,6 +223,13 @@ def test_connection_cap_fits_the_open_file_limit(tmp_path):
     assert connection_cap(default, 1024, cameras=1) < 256
 
 
+def test_unit_open_file_limit_carries_the_default_cap(tmp_path):
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "vlmguard.service").read_text()
+    limit = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))
+    default = make_config(tmp_path).server
+    assert connection_cap(default, limit, cameras=16) == default.max_connections
+
+
 def test_streaming_process_raises_its_soft_open_file_limit():
     code = ("import resource; from vlmguard.httpguard import raise_open_file_limit; "
             "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
