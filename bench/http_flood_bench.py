@@ -5,7 +5,7 @@ Run by hand (needs wrk: apt-get install -y wrk):
 
 One real streaming process (the shipped demo camera: FFmpeg's lavfi test source encoded
 with libx264, 2 s segments, 10 s archives so a short run closes some), started at systemd's
-default soft limit of 1,024 open files (hard limit left as it is), then:
+default soft limit of 1,024 open files (hard limit left as it is, or --hard), then:
   held      open --idle connections one after another and send nothing; count how many
             the server still holds a second later, and whether a player still gets in;
   no load   --players player-like clients (bench/hls_load.py: playlist every half target
@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -45,12 +46,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def default_soft_limit() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+def default_soft_limit(hard: int | None) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (1024, hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return limit
 
 
-def start_streamer(directory: Path) -> tuple[subprocess.Popen, int, Path]:
+def start_streamer(directory: Path, hard: int | None) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
     data_dir = directory / "data"
     config = directory / "config.toml"
@@ -66,7 +69,7 @@ url = "lavfi:testsrc2=size=640x360:rate=25"
 """)
     log = open(directory / "streamer.log", "w")
     proc = subprocess.Popen([PYTHON, "-c", STREAMER, str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=default_soft_limit, cwd=REPO)
+                            stderr=subprocess.STDOUT, preexec_fn=default_soft_limit(hard), cwd=REPO)
     return proc, port, data_dir
 
 
@@ -242,9 +245,11 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=2000)
     parser.add_argument("--wrk", type=int, default=200)
     parser.add_argument("--players", type=int, default=4)
+    parser.add_argument("--hard", type=int, help="hard open-file limit for the streamer "
+                        "(default: as it is); 1024 leaves it no room to raise its soft one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port, data_dir = start_streamer(Path(tmp))
+        proc, port, data_dir = start_streamer(Path(tmp), args.hard)
         try:
             wait_live(port)
             report = {"streamer_soft_open_files": soft_limit(proc.pid),
