@@ -187,6 +187,31 @@ def test_busy_server_answers_503_at_once_over_the_cap(tmp_path):
             raise AssertionError("no room after the busy connections closed")
 
 
+def test_clients_that_stop_reading_make_room_after_the_idle_timeout(tmp_path):
+    config = make_config(tmp_path, server="max_connections = 8\nidle_timeout_seconds = 1")
+    fill(config)
+    big = Layout(config.data_dir).live("cam1") / "seg-102.ts"
+    with open(big, "wb") as out:
+        out.truncate(64 << 20)  # far more than the socket buffers hold
+    with error_records() as errors, serving(config) as port:
+        stuck = []
+        for _ in range(8):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(f"GET /live/cam1/seg-102.ts HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+            stuck.append(sock)  # and never read
+        try:
+            time.sleep(0.5)
+            assert get(port, "/live/cam1/index.m3u8")[0] == 503  # all 8 busy, none stalled yet
+            time.sleep(1.5)
+            assert get(port, "/live/cam1/index.m3u8")[0] == 200  # a stalled one made room
+        finally:
+            for s in stuck:
+                s.close()
+    assert errors == [], [r.getMessage() for r in errors]  # and its send ended cleanly
+
+
 def test_slowloris_and_idle_connections_are_closed(tmp_path):
     config = make_config(tmp_path, server="header_timeout_seconds = 1\nidle_timeout_seconds = 2")
     fill(config)

@@ -6,8 +6,9 @@ default limit of 1,024 open files, and the camera feeds died with EMFILE while h
 archives over. Here the process raises its soft open-file limit to the hard one, holds at
 most a cap of connections sized well inside that limit, and closes connections that do
 not send a request head in time (slowloris) or sit idle. Over the cap, a new connection
-takes the place of the oldest one that has not sent a request yet; when every connection
-is busy with a request, it is answered 503 and closed at once, before anything is parsed.
+takes the place of the oldest one that has not sent a request yet, or of one that has sent
+nothing for longer than the idle timeout (it stopped reading its answer); when every
+connection is busy with a request, it is answered 503 and closed at once, unparsed.
 Shed connections and malformed requests are summed up in one log line at most every
 SUMMARY_SECONDS, never a line (or a traceback) per client.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import weakref
 from typing import Any, Callable
 
@@ -80,15 +82,18 @@ def connection_cap(server: ServerConfig, open_files: int, cameras: int) -> int:
 class ConnectionGuard:
     """Counts the server's connections, sheds the excess, and reports what it shed."""
 
-    def __init__(self, cap: int, header_timeout: float):
+    def __init__(self, cap: int, header_timeout: float, idle_timeout: float):
         self.cap = cap
         self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         # A protocol whose transport never got made is dropped by the loop: weak refs let
         # it leave the count on its own.
         self.live: weakref.WeakSet[GuardedConnection] = weakref.WeakSet()
         self.waiting: dict[GuardedConnection, None] = {}  # no request head yet, oldest first
+        self.heard: dict[GuardedConnection, float] = {}  # last byte received, oldest first
         self.lingering: set[Refusal] = set()
-        self.shed = {"refused": 0, "evicted": 0, "header_timeout": 0, "malformed": 0}
+        self.shed = {"refused": 0, "evicted": 0, "stalled": 0, "header_timeout": 0,
+                     "malformed": 0}
         self.summary: asyncio.TimerHandle | None = None
 
     @property
@@ -97,7 +102,7 @@ class ConnectionGuard:
 
     def factory(self, make_handler: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         def make() -> asyncio.Protocol:
-            if len(self.live) >= self.cap and not self.evict_oldest_waiting():
+            if len(self.live) >= self.cap and not self.make_room():
                 self.count("refused")
                 return Refusal(self)
             connection = GuardedConnection(self, make_handler())
@@ -107,13 +112,21 @@ class ConnectionGuard:
             return connection
         return make
 
-    def evict_oldest_waiting(self) -> bool:
-        if not self.waiting:
-            return False
-        oldest = next(iter(self.waiting))
-        self.count("evicted")
-        oldest.close()
-        return True
+    def make_room(self) -> bool:
+        """Close the oldest connection without a request yet, else the one silent longest
+        if it has been silent past the idle timeout: a client that stopped reading its
+        answer (keep-alive would have closed a merely idle one by then)."""
+        if self.waiting:
+            self.count("evicted")
+            next(iter(self.waiting)).close()
+            return True
+        if self.heard:
+            quietest, since = next(iter(self.heard.items()))
+            if asyncio.get_running_loop().time() - since > self.idle_timeout:
+                self.count("stalled")
+                quietest.close()
+                return True
+        return False
 
     def count(self, what: str) -> None:
         self.shed[what] += 1
@@ -123,7 +136,8 @@ class ConnectionGuard:
     def report(self) -> None:
         self.summary = None
         shed, self.shed = self.shed, dict.fromkeys(self.shed, 0)
-        level = logging.WARNING if shed["refused"] or shed["evicted"] else logging.INFO
+        level = logging.WARNING if shed["refused"] or shed["evicted"] or shed["stalled"] \
+            else logging.INFO
         log.log(level, "http clients shed", window_s=SUMMARY_SECONDS, open=self.open,
                 max_connections=self.cap, **shed)
 
@@ -156,11 +170,13 @@ class GuardedConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.started = True
+        self.note_activity()
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if not self.started:
             return
+        self.note_activity()
         seen = self.tail + data
         end = seen.rfind(HEAD_END)
         if end < 0:
@@ -187,8 +203,13 @@ class GuardedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.head_arrived()
         self.guard.live.discard(self)
+        self.guard.heard.pop(self, None)
         if self.started:
             self.handler.connection_lost(exc)
+
+    def note_activity(self) -> None:
+        self.guard.heard.pop(self, None)
+        self.guard.heard[self] = asyncio.get_running_loop().time()
 
     def await_head(self) -> None:
         self.head_arrived()
@@ -208,11 +229,22 @@ class GuardedConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Shed this connection; its descriptor is freed on the loop's next turn."""
+        """Shed this connection; its descriptor is freed within a loop turn or two."""
         self.shed = True
         self.head_arrived()
         self.guard.live.discard(self)
-        if self.transport is not None:
+        self.guard.heard.pop(self, None)
+        if self.transport is None:
+            return  # connection_made closes it
+        if not self.started:
+            self.transport.close()
+            return
+        # An answer may be inside loop.sendfile, which a transport closed under it leaves
+        # waiting forever with the file open (CPython 3.11): shut the socket down instead,
+        # so the send fails or the read ends, and aiohttp closes the transport itself.
+        try:
+            self.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
             self.transport.close()
 
 
@@ -300,7 +332,7 @@ async def start_server(app: web.Application, config: Config) -> web.AppRunner:
     if cap < server.max_connections:
         log.warning("max_connections lowered to fit the open-file limit",
                     max_connections=server.max_connections, open_files=open_files, cap=cap)
-    guard = ConnectionGuard(cap, server.header_timeout_seconds)
+    guard = ConnectionGuard(cap, server.header_timeout_seconds, server.idle_timeout_seconds)
     runner = web.AppRunner(app, access_log=None, logger=ServerLog(guard),
                            keepalive_timeout=server.idle_timeout_seconds)
     await runner.setup()
