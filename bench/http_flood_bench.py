@@ -167,7 +167,9 @@ def run_idle_flood(port: int, count: int, seconds: float, stats: dict) -> thread
 def run_players(port: int, data_dir: Path, seconds: float, players: int) -> dict:
     out = subprocess.run([PYTHON, str(REPO / "bench" / "hls_load.py"), f"http://127.0.0.1:{port}",
                           str(data_dir), str(seconds), str(players), "demo"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"hls_load.py failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout)
 
 
@@ -215,7 +217,7 @@ def phase(name: str, proc, port: int, data_dir: Path, args, loaded: bool) -> dic
     done = threading.Event()
 
     def sample():
-        while not done.wait(0.5):
+        while not done.wait(0.5) and proc.poll() is None:
             peak["fds"] = max(peak["fds"], open_files(proc.pid))
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -261,6 +263,8 @@ def main() -> None:
             report["log_emfile"] = log.count("Too many open files")
             report["log_tracebacks"] = log.count("Traceback")
         finally:
+            if proc.poll() is not None:
+                print((Path(tmp) / "streamer.log").read_text()[-3000:], file=sys.stderr)
             proc.terminate()
             proc.wait(30)
     print(json.dumps(report))
