@@ -20,7 +20,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 import urllib.request
 
@@ -65,7 +65,6 @@ def fill(config):
     for n in (100, 101):
         (live / f"seg-{n}.ts").write_bytes(bytes(range(256)) * 40)
     with JobStore.from_config(config) as store:
-        from datetime import datetime, timezone
         start = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
         store.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
         store.complete(store.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
