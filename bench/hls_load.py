@@ -17,6 +17,15 @@ import aiohttp
 
 
 async def player(session, base, camera, deadline, out, _seen):
+    while time.time() < deadline:
+        try:
+            await play(session, base, camera, deadline, out)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            out["errors"] += 1  # refused or cut off: a real player retries too
+            await asyncio.sleep(1)
+
+
+async def play(session, base, camera, deadline, out):
     fetched = set()
     while time.time() < deadline:
         started = time.perf_counter()
@@ -44,8 +53,12 @@ async def watcher(session, base, camera, deadline, seen, initial):
     """Polls one camera's playlist every 100 ms to see when each segment first appears."""
     first = True
     while time.time() < deadline:
-        async with session.get(f"{base}/live/{camera}/index.m3u8") as response:
-            text = await response.text()
+        try:
+            async with session.get(f"{base}/live/{camera}/index.m3u8") as response:
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            await asyncio.sleep(0.1)  # cut off under load: poll again
+            continue
         now = time.time()
         if response.status == 200:
             durations = [float(d) for d in re.findall(r"#EXTINF:([\d.]+),", text)]

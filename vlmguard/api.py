@@ -8,6 +8,7 @@ parameter.
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -20,6 +21,9 @@ from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
 
 MAX_PAGE = 500
+MAX_OFFSET = 10**9
+MAX_JOB_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL's BIGINT hold
+INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
 CONFIG_KEY = web.AppKey("config", Config)
 STORE_KEY = web.AppKey("store", list)
 
@@ -66,13 +70,14 @@ def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadParameter(name, f"must be an integer {lo}-{hi}") from None
-    if not lo <= value <= hi:
+    return checked_int(raw, name, lo, hi)
+
+
+def checked_int(raw: str, name: str, lo: int, hi: int) -> int:
+    """ASCII digits only, so int() never sees a huge or exotic number; then the range."""
+    if not INTEGER.fullmatch(raw) or not lo <= int(raw) <= hi:
         raise BadParameter(name, f"must be an integer {lo}-{hi}")
-    return value
+    return int(raw)
 
 
 def choice_params(request: web.Request, name: str, choices: tuple[str, ...]) -> list[str]:
@@ -98,7 +103,12 @@ def since_param(request: web.Request) -> datetime | None:
         when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise BadParameter("since", "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    try:  # 9999-12-31T23:59:59-23:59 is a valid time that UTC cannot hold
+        return when.astimezone(timezone.utc)
+    except OverflowError:
+        raise BadParameter("since", "out of range: years 1-9999 in UTC") from None
 
 
 async def health(request: web.Request) -> web.Response:
@@ -116,7 +126,7 @@ async def jobs(request: web.Request) -> web.Response:
     states = choice_params(request, "state", STATES)
     camera = camera_param(request)
     limit = int_param(request, "limit", 50, 1, MAX_PAGE)
-    offset = int_param(request, "offset", 0, 0, 10**9)
+    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
         found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset)
@@ -127,15 +137,15 @@ async def jobs(request: web.Request) -> web.Response:
 
 async def job(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
-    if not raw.isdigit():
-        raise BadParameter("id", "must be a job number")
+    job_id = checked_int(raw, "id", 0, MAX_JOB_ID)
 
     def work(config, store):
-        found = store.get(int(raw))
+        found = store.get(job_id)
         return job_detail(found, store.list_incidents(found.id)) if found else None
     detail = await read(request, work)
     if detail is None:
-        raise web.HTTPNotFound(text=f'{{"error": "no job {raw}"}}', content_type="application/json")
+        raise web.HTTPNotFound(text=f'{{"error": "no job {job_id}", "parameter": "id"}}',
+                               content_type="application/json")
     return web.json_response(detail)
 
 
@@ -145,7 +155,7 @@ async def incidents(request: web.Request) -> web.Response:
     severity = choice_params(request, "severity", SEVERITIES)
     worse = SEVERITIES[min(SEVERITIES.index(s) for s in severity):] if severity else ()
     limit = int_param(request, "limit", 50, 1, MAX_PAGE)
-    offset = int_param(request, "offset", 0, 0, 10**9)
+    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
     rows = await read(request, lambda config, store: store.find_incidents(
         camera_id=camera, since=since, severities=worse, limit=limit, offset=offset))
     return web.json_response({"incidents": [incident_row(r) for r in rows], "limit": limit,

@@ -40,6 +40,9 @@ class ServerConfig:
     host: str = opt("127.0.0.1")
     port: int = opt(8080, lo=1, hi=65535)
     token: str = opt("", secret=True)
+    max_connections: int = opt(256, lo=8, hi=100000)
+    header_timeout_seconds: float = opt(10.0, lo=1, hi=300)
+    idle_timeout_seconds: float = opt(30.0, lo=1, hi=3600)
 
     @property
     def is_loopback(self) -> bool:

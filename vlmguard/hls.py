@@ -66,7 +66,16 @@ async def token_middleware(request: web.Request, handler):
 def token_ok(request: web.Request, expected: str) -> bool:
     header = request.headers.get("Authorization", "")
     given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # Undecodable bytes reach us as surrogates: compare them, never fail on them.
+    return hmac.compare_digest(given.encode(errors="surrogateescape"),
+                               expected.encode(errors="surrogateescape"))
+
+
+def token_suffix(request: web.Request) -> str:
+    """"?token=..." for links on a page, when the server wants a token: a player that
+    followed a link with the token in its query needs it on the next one too."""
+    token = request.app[CONFIG_KEY].server.token
+    return f"?token={quote(token, safe='')}" if token else ""
 
 
 async def index(request: web.Request) -> web.Response:
@@ -74,7 +83,7 @@ async def index(request: web.Request) -> web.Response:
     layout = Layout(config.data_dir)
     rows = []
     for camera in config.cameras:
-        url = f"/live/{camera.id}/index.m3u8"
+        url = f"/live/{camera.id}/index.m3u8{token_suffix(request)}"
         state = "live" if playlist_age(layout.live(camera.id)) < stale_after(config) else "offline"
         rows.append(f'<li><a href="{html.escape(url)}">{html.escape(camera.id)}</a> ({state})</li>')
     body = ("<!doctype html><title>vlmguard</title><h1>vlmguard cameras</h1>"
@@ -143,6 +152,8 @@ async def segment(request: web.Request) -> web.StreamResponse:
     path = (live_dir / name).resolve()
     if path.parent != live_dir or not path.is_file():
         raise web.HTTPNotFound(text="not found\n")
-    # Segment names carry an ever-growing sequence number: a name is never reused.
+    # Segment names carry an ever-growing sequence number: a name is never reused. Behind
+    # a token, no shared cache may keep a copy for clients that have none.
+    scope = "private" if config.server.token else "public"
     return web.FileResponse(path, headers={"Content-Type": "video/mp2t",
-                                           "Cache-Control": "public, max-age=60"})
+                                           "Cache-Control": f"{scope}, max-age=60"})

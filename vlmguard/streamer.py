@@ -15,12 +15,11 @@ import signal
 import time
 from pathlib import Path
 
-from aiohttp import web
-
 from vlmguard.config import CameraConfig, Config, check_server_settings
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary, needs_encoding, probe_codec
 from vlmguard.health import Beat, write_state
 from vlmguard.hls import create_app
+from vlmguard.httpguard import start_server
 from vlmguard.layout import Layout, stale_after
 from vlmguard.logs import configure_logging, get_logger
 
@@ -56,10 +55,7 @@ class Streamer:
         for camera in self.config.cameras:
             self.layout.make_dirs(camera.id)
             hand_over_leftovers(self.layout, camera.id)
-        runner = web.AppRunner(create_app(self.config), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.config.server.host, self.config.server.port)
-        await site.start()
+        runner = await start_server(create_app(self.config), self.config)
         log.info("hls server listening", host=self.config.server.host,
                  port=self.config.server.port, cameras=len(self.feeds))
         reporter = asyncio.create_task(self.report(stop))
