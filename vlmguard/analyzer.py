@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -40,12 +39,7 @@ log = get_logger("vlmguard.analyzer")
 
 NO_KEY_RECHECK_SECONDS = 10.0
 PAUSE_RECHECK_SECONDS = 1.0  # how soon a paused worker sees a SIGHUP probe or a resume
-IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS, IOPRIO_LOWEST = 2, 1, 7
-# ioprio_set has no libc wrapper, and its system call number differs per architecture
-# (251 on x86-64 is another call on ARM): the edge boxes this runs on are often ARM.
-SYS_IOPRIO_SET = {"x86_64": 251, "amd64": 251, "i386": 289, "i686": 289,
-                  "aarch64": 30, "arm64": 30, "riscv64": 30, "armv7l": 314, "armv6l": 314,
-                  "ppc64le": 273, "s390x": 282}
+IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS, SYS_IOPRIO_SET = 2, 1, 251
 NICENESS = 10
 
 
@@ -76,18 +70,11 @@ def lower_priority() -> None:
         os.nice(NICENESS)
     except OSError:
         log.warning("cannot lower CPU priority")
-    number = SYS_IOPRIO_SET.get(platform.machine())
-    if number is None:
-        log.warning("cannot lower I/O priority on this architecture", machine=platform.machine())
-        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        failed = libc.syscall(number, IOPRIO_WHO_PROCESS, 0,
-                              (IOPRIO_CLASS_BE << 13) | IOPRIO_LOWEST) != 0
+        libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, (IOPRIO_CLASS_BE << 13) | 7)
     except (OSError, AttributeError):
-        failed = True
-    if failed:
-        log.warning("cannot lower I/O priority", error=os.strerror(ctypes.get_errno()))
+        pass  # not Linux x86-64: CPU niceness still applies
 
 
 def gemini_client_factory(config: Config) -> Callable[[], VlmClient | None]:

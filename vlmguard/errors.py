@@ -20,8 +20,6 @@ class StartupError(VlmguardError):
 class DatabaseError(VlmguardError):
     """The job table cannot be reached or is not one this vlmguard understands."""
 
-    exit_code = 2
-
 
 class LeaseLost(Exception):
     """This worker no longer holds the job: another worker or the rescuer has it now."""

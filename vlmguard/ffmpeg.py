@@ -72,10 +72,7 @@ def video_args(encode: bool, segment_seconds: int) -> list[str]:
 
 
 def tee_escape(value: str) -> str:
-    """A value inside a tee output's [options]. FFmpeg unescapes it twice: once when it
-    splits the outputs at "|", then again when it splits the options at ":"."""
-    option = re.sub(r"([\\:='])", r"\\\1", value)
-    return re.sub(r"([\\'|])", r"\\\1", option)
+    return re.sub(r"([\\:|\[\]'=])", r"\\\1", value)
 
 
 def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -21,8 +22,6 @@ from typing import Any
 
 from vlmguard.errors import VlmguardError
 from vlmguard.logs import get_logger
-
-PARENT_CHECK_SECONDS = 0.5
 
 
 class Beat:
@@ -70,23 +69,13 @@ def clear_states(data_dir: Path) -> None:
 
 
 def stop_when_parent_dies() -> None:
-    """SIGTERM ourselves when the parent goes, even by SIGKILL: the orderly stop then runs.
-
-    The parent's sentinel pipe cannot tell: forked siblings inherit the supervisor's end of
-    each other's pipes, so one live sibling (say a SIGSTOPped streamer) would keep every
-    pipe open. A change of parent pid can tell. The first child to see it also continues the
-    whole process group: a stopped sibling can do nothing with a pending SIGTERM until it
-    is continued, and then its own watcher stops it in order like the rest.
-    """
-    parent = os.getppid()
+    """SIGTERM ourselves when the parent goes, even by SIGKILL: the orderly stop then runs."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        try:
-            os.killpg(os.getpgrp(), signal.SIGCONT)
-        except OSError:
-            pass
+        multiprocessing.connection.wait([parent.sentinel])
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()

@@ -257,14 +257,10 @@ class JobStore:
         self._watcher: SqliteWatcher | PostgresListener | None = None
         try:
             self.prepare_schema(create=create)
-        except sa_exc.DBAPIError as exc:
-            # Unreachable, read-only, or not a database at all ("file is not a database").
+        except sa_exc.OperationalError as exc:
             self.engine.dispose()
             raise DatabaseError(f"cannot open database {redact_url(url)}: "
                                 f"{first_line(exc.orig or exc)}") from None
-        except DatabaseError:
-            self.engine.dispose()
-            raise
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "JobStore":
@@ -292,15 +288,9 @@ class JobStore:
             if not self.is_sqlite:
                 # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog.
                 conn.execute(text("SELECT pg_advisory_xact_lock(7162534)"))
-            has_meta = self.engine.dialect.has_table(conn, meta_table.name)
-            if not create and not has_meta:
+            if not create and not self.engine.dialect.has_table(conn, meta_table.name):
                 raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
                                     "(run `vlmguard run` once to create it)")
-            if self.is_sqlite and not has_meta and self.engine.dialect.get_table_names(conn):
-                # A PostgreSQL database may well hold other applications' tables; a SQLite
-                # file at vlmguard's path that does is someone else's, not ours to write into.
-                raise DatabaseError(f"{self.engine.url.database} is a SQLite database but "
-                                    "not a vlmguard one (it has other tables); move it away")
             metadata.create_all(conn)
             version = conn.execute(select(meta_table.c.value)
                                    .where(meta_table.c.key == "schema_version")).scalar()
@@ -695,10 +685,7 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
     if not create and not Path(url.database).exists():
         raise DatabaseError(f"no vlmguard database at {url.database} "
                             "(vlmguard run creates it on first start)")
-    try:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatabaseError(f"cannot create {Path(url.database).parent}: {exc.strerror}") from None
+    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread off: an analyzer heartbeats its lease from a side thread, and the
     # pool hands each thread a connection of its own at a time.
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000,

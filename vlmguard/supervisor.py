@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmguard.config import Config, load_config
+from vlmguard.config import Config, check_server_settings, load_config
 from vlmguard.errors import StartupError, VlmguardError
+from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
-from vlmguard.preflight import check_can_start
 from vlmguard.store import JobStore
 from vlmguard.vlm.gemini import load_sdk
 
@@ -276,13 +276,10 @@ class Supervisor:
                 child.process.kill()
 
     def reload(self) -> None:
-        """SIGHUP: read the config again; if it is valid and can start, restart every child
-        with it. Anything that would fail only after the children were stopped (a port
-        someone else holds, an unreachable database) is refused first, so the running
-        config keeps running."""
+        """SIGHUP: read the config again; if it is valid, restart every child with it."""
         try:
             config = load_config(self.config.source)
-            self.check_reload(config)
+            check_server_settings(config)
         except VlmguardError as exc:
             log.error("reload refused, keeping the running config", error=str(exc))
             return
@@ -302,16 +299,6 @@ class Supervisor:
                     log.info("analysis paused: probing at once")
         except Exception as exc:  # a reload must not fail on this
             log.warning("cannot ask the analyzers to probe", error=str(exc))
-
-    def check_reload(self, config: Config) -> None:
-        if config.data_dir != self.config.data_dir:
-            # The lock, the database and the archives all live there: moving is a restart.
-            raise StartupError(f"storage.data_dir changed to {config.data_dir}: "
-                               "restart vlmguard to move it")
-        same_address = (config.server.host, config.server.port) == \
-            (self.config.server.host, self.config.server.port)
-        check_can_start(config, port_held_by_us=same_address)
-        JobStore.from_config(config).close()
 
     def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
         return [c for c in (self.children if children is None else children)
@@ -369,11 +356,8 @@ class Supervisor:
 
     def lock_data_dir(self) -> None:
         data_dir = self.config.data_dir
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            self.lock_file = open(data_dir / "vlmguard.pid", "a+")
-        except OSError as exc:
-            raise StartupError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_file = open(data_dir / "vlmguard.pid", "a+")
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -387,8 +371,17 @@ class Supervisor:
 
     def check_dependencies(self) -> None:
         """Fail with one line now rather than crash-loop a child later."""
-        check_can_start(self.config)
+        check_server_settings(self.config)
+        ffmpeg_binary()
         JobStore.from_config(self.config).close()  # creates or upgrades the schema once
+        port = self.config.server.port
+        with socket.socket(socket.AF_INET6 if ":" in self.config.server.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.config.server.host, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {self.config.server.host}:{port}: {exc.strerror}") from None
 
 
 def share_with_children(config: Config) -> None:
