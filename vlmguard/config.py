@@ -8,8 +8,11 @@ key is one line and every error names the file and the key path in one line.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
+import math
 import os
+import socket
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +24,11 @@ from vlmguard.errors import ConfigError
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
+# Characters FFmpeg cannot take in data_dir: the tee muxer splits outputs on | and reads
+# [options] with \ and ' as escapes, an option value ends at : or ], and the HLS and
+# segment muxers read % as a pattern. Escaping would take two nested levels (the tee's
+# output split, then its option parser) that differ per position; refusing is certain.
+FFMPEG_PATH_CHARS = "|[]\\':%"
 
 
 def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -52,9 +60,10 @@ class StorageConfig:
     segment_seconds: int = opt(2, lo=1, hi=30)
     live_segments: int = opt(6, lo=3, hi=60)
     archive_seconds: int = opt(600, lo=10, hi=3600)
-    retention_days: float = opt(7.0, lo=0)
-    max_disk_gb: float = opt(0.0, lo=0)
-    min_free_gb: float = opt(1.0, lo=0)
+    # 100 years: far enough, and now - retention stays a valid date (1,000,000 days would not).
+    retention_days: float = opt(7.0, lo=0, hi=36500)
+    max_disk_gb: float = opt(0.0, lo=0, hi=1_000_000)
+    min_free_gb: float = opt(1.0, lo=0, hi=100_000)
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,28 @@ def check_server_settings(config: Config) -> None:
                           f"({config.server.host}) is not a loopback address")
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port right now, or None when it could."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"{host}:{port} is already in use"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def check_listen_address(config: Config, held_by_us: bool = False) -> None:
+    """Run-time rule: the server's port must be free (held_by_us: this data dir's own
+    running daemon listens there, which a restart or reload takes over)."""
+    problem = port_problem(config.server.host, config.server.port)
+    if problem and not (held_by_us and problem.endswith("in use")):
+        raise ConfigError(f"{config.source}: server.port: {problem}")
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and check a config file; any problem raises ConfigError with one line."""
     path = Path(path)
@@ -160,6 +191,8 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     return parse_config(raw, path)
 
 
@@ -173,7 +206,19 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     cameras = parse_cameras(raw.get("cameras", []), where)
     config = Config(source=path, cameras=cameras, **sections)
     check_database_url(config.database.url, where)
+    check_data_dir(config, where)
     return config
+
+
+def check_data_dir(config: Config, where: str) -> None:
+    """The resolved path (a relative one hangs off the config's folder) goes into FFmpeg's
+    output specs, so it must hold none of the characters those specs give a meaning."""
+    path = str(config.data_dir)
+    bad = sorted({c for c in path if c in FFMPEG_PATH_CHARS or not c.isprintable()})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(f"{where}: storage.data_dir: {path!r} holds characters FFmpeg's "
+                          f"output specs cannot take: {shown}")
 
 
 def section(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -230,6 +275,9 @@ def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
     # TOML booleans are ints to Python; a bool is never a number in this file.
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # TOML has nan and inf literals, and NaN compares false with every bound.
+        raise ConfigError(f"{label}: must be a finite number, got {value}")
     meta = spec.metadata
     if meta["lo"] is not None and value < meta["lo"]:
         raise ConfigError(f"{label}: must be >= {meta['lo']}, got {value}")
@@ -261,6 +309,8 @@ def masked(config: Config) -> dict[str, Any]:
     data = {name: table(getattr(config, name)) for name in SECTIONS}
     data["storage"]["data_dir"] = str(config.data_dir)
     data["database"]["url"] = mask_url(config.database_url)
+    if config.gemini.base_url:
+        data["gemini"]["base_url"] = mask_url(config.gemini.base_url)
     data["cameras"] = [table(c) for c in config.cameras]
     for camera, out in zip(config.cameras, data["cameras"]):
         out["url"] = mask_url(camera.url)
@@ -272,12 +322,18 @@ def mask(_value: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """Hide a password (and a query string, where cameras often put tokens) in a URL."""
+    """Hide a URL's user info (the password; a lone user name, often a token) and its query
+    string (where cameras often put tokens). A URL too broken to parse is hidden whole."""
     if url.startswith(("lavfi:", "sqlite:")):
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    userinfo, at, host = parts.netloc.rpartition("@")
     netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
     query = "?***" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"

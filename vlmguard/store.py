@@ -24,12 +24,12 @@ from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
                         Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        case, create_engine, event, func, select, text, update)
+                        case, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from vlmguard.errors import DatabaseError, LeaseLost
+from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
 SCHEMA_VERSION = 2
 STATES = ("pending", "processing", "completed", "failed")
@@ -212,7 +212,11 @@ class JobStore:
         self.lease_seconds = lease_seconds
         self.retry_backoff = retry_backoff
         self.poll_seconds = poll_seconds
-        self.engine = make_engine(url, create=create, synchronous=synchronous)
+        try:
+            self.engine = make_engine(url, create=create, synchronous=synchronous)
+        except OSError as exc:  # the SQLite file's folder cannot be made
+            raise UnusableDatabase(f"cannot open database {redact_url(url)}: "
+                                   f"{exc.strerror or exc}") from None
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._register = (dialect_insert(self.engine)(jobs)
                           .on_conflict_do_nothing(index_elements=["camera_id", "segment_start"])
@@ -220,10 +224,12 @@ class JobStore:
         self._watcher: SqliteWatcher | PostgresListener | None = None
         try:
             self.prepare_schema(create=create)
-        except sa_exc.OperationalError as exc:
+        except sa_exc.DBAPIError as exc:
             self.engine.dispose()
-            raise DatabaseError(f"cannot open database {redact_url(url)}: "
-                                f"{first_line(exc.orig or exc)}") from None
+            raise open_problem(url, self.is_sqlite, exc) from None
+        except DatabaseError:
+            self.engine.dispose()
+            raise
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "JobStore":
@@ -251,9 +257,11 @@ class JobStore:
             if not self.is_sqlite:
                 # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog.
                 conn.execute(text("SELECT pg_advisory_xact_lock(7162534)"))
-            if not create and not self.engine.dialect.has_table(conn, meta_table.name):
-                raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
-                                    "(run `vlmguard run` once to create it)")
+            if not self.engine.dialect.has_table(conn, meta_table.name):
+                self.refuse_foreign(conn)
+                if not create:
+                    raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
+                                        "(run `vlmguard run` once to create it)")
             metadata.create_all(conn)
             version = conn.execute(select(meta_table.c.value)
                                    .where(meta_table.c.key == "schema_version")).scalar()
@@ -262,6 +270,17 @@ class JobStore:
                                                         value=str(SCHEMA_VERSION)))
                 return
             self.migrate(conn, int(version))
+
+    def refuse_foreign(self, conn: Connection) -> None:
+        """A SQLite file with tables but not ours is another program's: never add to it.
+        (A PostgreSQL database may well hold other applications' tables.)"""
+        if not self.is_sqlite:
+            return
+        others = inspect(conn).get_table_names()
+        if others:
+            raise UnusableDatabase(f"{redact_url(self.url)} is not a vlmguard database (it holds "
+                                   f"other tables: {', '.join(sorted(others)[:3])}); move it "
+                                   "away or set database.url")
 
     def migrate(self, conn: Connection, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -651,6 +670,17 @@ class PostgresListener:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def open_problem(url: str, is_sqlite: bool, exc: sa_exc.DBAPIError) -> DatabaseError:
+    """Opening failed. A database that is busy or a server that is down may come back
+    (DatabaseError); a SQLite file that is not a database or cannot be written, or a
+    PostgreSQL refusal other than the connection, will not (UnusableDatabase)."""
+    reason = first_line(exc.orig or exc)
+    message = f"cannot open database {redact_url(url)}: {reason}"
+    transient = (("locked" in reason or "busy" in reason) if is_sqlite
+                 else isinstance(exc, sa_exc.OperationalError))
+    return DatabaseError(message) if transient else UnusableDatabase(message)
 
 
 def first_line(exc: BaseException) -> str:
