@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
                         Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        case, create_engine, event, func, inspect, select, text, update)
+                        case, create_engine, event, func, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
@@ -257,11 +257,9 @@ class JobStore:
             if not self.is_sqlite:
                 # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog.
                 conn.execute(text("SELECT pg_advisory_xact_lock(7162534)"))
-            if not self.engine.dialect.has_table(conn, meta_table.name):
-                self.refuse_foreign(conn)
-                if not create:
-                    raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
-                                        "(run `vlmguard run` once to create it)")
+            if not create and not self.engine.dialect.has_table(conn, meta_table.name):
+                raise DatabaseError(f"no vlmguard database at {redact_url(self.url)} "
+                                    "(run `vlmguard run` once to create it)")
             metadata.create_all(conn)
             version = conn.execute(select(meta_table.c.value)
                                    .where(meta_table.c.key == "schema_version")).scalar()
@@ -270,17 +268,6 @@ class JobStore:
                                                         value=str(SCHEMA_VERSION)))
                 return
             self.migrate(conn, int(version))
-
-    def refuse_foreign(self, conn: Connection) -> None:
-        """A SQLite file with tables but not ours is another program's: never add to it.
-        (A PostgreSQL database may well hold other applications' tables.)"""
-        if not self.is_sqlite:
-            return
-        others = inspect(conn).get_table_names()
-        if others:
-            raise UnusableDatabase(f"{redact_url(self.url)} is not a vlmguard database (it holds "
-                                   f"other tables: {', '.join(sorted(others)[:3])}); move it "
-                                   "away or set database.url")
 
     def migrate(self, conn: Connection, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -588,6 +575,7 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
     if not create and not Path(url.database).exists():
         raise DatabaseError(f"no vlmguard database at {url.database} "
                             "(vlmguard run creates it on first start)")
+    refuse_foreign_file(Path(url.database))
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread off: an analyzer heartbeats its lease from a side thread, and the
     # pool hands each thread a connection of its own at a time.
@@ -610,6 +598,30 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def refuse_foreign_file(path: Path) -> None:
+    """Look at an existing file read-only before the engine's first connection switches it
+    to WAL: a file that is not SQLite, or another program's SQLite file (tables, none of
+    them ours), is refused untouched rather than converted or added to."""
+    try:
+        if path.stat().st_size == 0:
+            return
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except (OSError, sqlite3.Error):
+        return  # missing or unreadable: the engine's own open says why
+    try:
+        names = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:
+        return  # locked, or no -shm can be made here: the engine's own open says why
+    except sqlite3.DatabaseError as exc:
+        raise UnusableDatabase(f"cannot open database {path}: {first_line(exc)}") from None
+    finally:
+        conn.close()
+    if names and meta_table.name not in names:
+        raise UnusableDatabase(f"{path} is not a vlmguard database (it holds other tables: "
+                               f"{', '.join(sorted(names)[:3])}); move it away or set database.url")
 
 
 class SqliteWatcher:
