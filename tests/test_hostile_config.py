@@ -206,6 +206,18 @@ def test_read_only_data_dir_is_one_line_exit_2(shared_tmp):
     assert jobs.returncode == 2 and jobs.stderr.count("\n") == 1 and "readonly" in jobs.stderr
 
 
+@pytest.mark.parametrize("body,message", [
+    ('[gemini]\napi_key_env = "KEY\\u0000X"\n' + CAMERA, "gemini.api_key_env: must not contain a NUL"),
+    ('[[cameras]]\nid = "a"\nurl = "rtsp://h/s\\u0000"\n', "cameras[0].url: must not contain a NUL"),
+    ('[[cameras]]\nid = "a"\nurl = "rtsp://h/s\\nforged log line"\n',
+     "cameras[0].url: must not contain control characters"),
+])
+def test_control_characters_in_strings_are_refused(tmp_path, body, message):
+    path = write_config(tmp_path, body)
+    assert one_line_error(cli("check-config", "--config", path)).startswith(
+        f"vlmguard: {path}: {message}")
+
+
 # -- item 10: paths FFmpeg cannot take ---------------------------------------------------
 
 @pytest.mark.parametrize("char", list("|[]\\':%") + ["\n", "\t"])

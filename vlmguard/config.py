@@ -242,6 +242,9 @@ def parse_cameras(raw: Any, where: str) -> tuple[CameraConfig, ...]:
         if not camera.url.startswith(CAMERA_SCHEMES):
             raise ConfigError(f"{where}: {key}.url: scheme must be one of "
                               f"{', '.join(CAMERA_SCHEMES)}")
+        if not camera.url.isprintable():
+            # It becomes an FFmpeg argument and log text: no line breaks or control bytes.
+            raise ConfigError(f"{where}: {key}.url: must not contain control characters")
         if any(c.id == camera.id for c in cameras):
             raise ConfigError(f"{where}: {key}.id: duplicate camera id {camera.id!r}")
         cameras.append(camera)
@@ -275,6 +278,9 @@ def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
     # TOML booleans are ints to Python; a bool is never a number in this file.
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
+    if isinstance(value, str) and "\0" in value:
+        # TOML allows \u0000; no path, URL, name or environment variable can hold it.
+        raise ConfigError(f"{label}: must not contain a NUL character")
     if isinstance(value, float) and not math.isfinite(value):
         # TOML has nan and inf literals, and NaN compares false with every bound.
         raise ConfigError(f"{label}: must be a finite number, got {value}")
