@@ -123,16 +123,19 @@ def test_code_copes_with_every_key_at_its_bound(tmp_path, bound):
 
 # -- item 9: out-of-range ids, deep TOML, unusable databases -------------------------------
 
-@pytest.fixture
-def filled(config_file):
+@pytest.fixture(params=["sqlite", "postgres"])
+def filled(request, config_file):
+    if request.param == "postgres":
+        pg_url = request.getfixturevalue("pg_url")
+        config_file.write_text(config_file.read_text() + f'\n[database]\nurl = "{pg_url}"\n')
     with JobStore.from_config(load_config(config_file)) as store:
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
         store.register("cam1", "/a/0.mp4", start, start)
     return config_file
 
 
-@pytest.mark.parametrize("job_id", ["99999999999999999999", "9223372036854775808", "0",
-                                    "-99999999999999999999"])
+@pytest.mark.parametrize("job_id", ["99999999999999999999", "9223372036854775808",
+                                    "2147483648", "0", "-99999999999999999999"])
 @pytest.mark.parametrize("command", [("job", "show"), ("retry",)])
 def test_out_of_range_job_id_is_no_job(filled, command, job_id):
     result = cli(*command, "--config", filled, "--", job_id)
@@ -323,7 +326,7 @@ SECRET = st.text(alphabet=string.ascii_letters + string.digits + "-._~!$&'()*+,;
                  min_size=1, max_size=30).map(lambda s: "Zq" + s)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(database=None, max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=st.text(alphabet=string.ascii_letters, max_size=8), password=SECRET, query=SECRET,
        token=SECRET)
 def test_fuzz_secrets_never_reach_check_config_output(tmp_path, user, password, query, token):
@@ -394,7 +397,7 @@ def assert_loads_or_one_line(path: Path) -> None:
         assert math.isfinite(value) and spec.metadata["lo"] <= value <= spec.metadata["hi"]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(database=None, max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=documents(), with_camera=st.booleans())
 def test_fuzz_every_key_loads_or_is_one_config_error(tmp_path, document, with_camera):
     tables: dict[str, list[str]] = {}
@@ -411,7 +414,7 @@ CAMERA_TABLES = st.fixed_dictionaries({}, optional={
     "extra": ANY_VALUE})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(database=None, max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cameras=st.lists(CAMERA_TABLES, max_size=3), raw=st.binary(max_size=30))
 def test_fuzz_cameras_and_raw_bytes(tmp_path, cameras, raw):
     body = "".join("[[cameras]]\n" + "".join(f"{json.dumps(k)} = {toml_literal(v)}\n"

@@ -45,9 +45,9 @@ def reports_errors(command):
     return wrapper
 
 
-# Job ids are 64-bit signed integers in both databases; anything else is no job, not an
-# overflow inside the driver.
-MAX_JOB_ID = 2**63 - 1
+# The id column is a 32-bit INTEGER on PostgreSQL (SQLite's would take two billion jobs
+# to pass it): a larger number is no job, not an overflow inside the driver.
+MAX_JOB_ID = 2**31 - 1
 
 
 def open_store(config):
