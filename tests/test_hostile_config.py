@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from vlmguard.archiver import Archiver
 from vlmguard.cli import main
-from vlmguard.config import (SECTIONS, CameraConfig, StorageConfig, load_config, masked)
+from vlmguard.config import (FFMPEG_PATH_CHARS, SECTIONS, CameraConfig, StorageConfig,
+                             load_config, masked)
 from vlmguard.errors import ConfigError
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary
 from vlmguard.store import JobStore, Outcome
@@ -392,9 +393,18 @@ def assert_loads_or_one_line(path: Path) -> None:
         assert message.startswith(f"{path}: ") and "\n" not in message and "\r" not in message
         return
     json.dumps(masked(config))  # what check-config prints
+    assert not set(str(config.data_dir)) & set(FFMPEG_PATH_CHARS) and str(config.data_dir).isprintable()
     for section, spec in NUMERIC:
         value = getattr(getattr(config, section), spec.name)
         assert math.isfinite(value) and spec.metadata["lo"] <= value <= spec.metadata["hi"]
+
+
+@settings(database=None, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data_dir=st.text(max_size=40))
+def test_fuzz_data_dir(tmp_path, data_dir):
+    body = f"[storage]\ndata_dir = {toml_literal(data_dir)}\n" + CAMERA
+    assert_loads_or_one_line(write_config(tmp_path, body))
 
 
 @settings(database=None, max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

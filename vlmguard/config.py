@@ -213,7 +213,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 def check_data_dir(config: Config, where: str) -> None:
     """The resolved path (a relative one hangs off the config's folder) goes into FFmpeg's
     output specs, so it must hold none of the characters those specs give a meaning."""
-    path = str(config.data_dir)
+    try:
+        path = str(config.data_dir)
+    except RuntimeError:  # "~name" for a user this system does not have
+        raise ConfigError(f"{where}: storage.data_dir: {config.storage.data_dir!r}: no such "
+                          "home directory") from None
     bad = sorted({c for c in path if c in FFMPEG_PATH_CHARS or not c.isprintable()})
     if bad:
         shown = " ".join(repr(c) for c in bad)
