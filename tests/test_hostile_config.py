@@ -527,3 +527,26 @@ def test_reload_that_cannot_start_keeps_the_running_config(vlmguard):
     assert daemon.child_pid("streamer") == streamer and alive(streamer)
     daemon.wait_live()
     assert daemon.stop() == 0
+
+
+# -- the read commands under odd arguments ----------------------------------------------------
+
+@pytest.fixture
+def sqlite_filled(config_file):
+    with JobStore.from_config(load_config(config_file)) as store:
+        start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
+        store.register("cam1", "/a/0.mp4", start, start)
+    return config_file
+
+
+@settings(database=None, max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(camera=st.text(max_size=60), job_id=st.integers(min_value=-2**80, max_value=2**80))
+def test_fuzz_read_commands_never_trace(sqlite_filled, camera, job_id):
+    config = ["--config", sqlite_filled]
+    for args in (["jobs", *config, "--camera", camera], ["incidents", *config, "--camera", camera],
+                 ["job", "show", *config, "--", str(job_id)], ["retry", *config, "--", str(job_id)]):
+        result = cli(*args)
+        assert result.exit_code in (0, 1), (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), args
+        assert "Traceback" not in result.output
