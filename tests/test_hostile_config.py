@@ -239,8 +239,14 @@ def test_relative_data_dir_under_a_hostile_folder_is_refused(tmp_path):
     assert "storage.data_dir:" in one_line_error(cli("check-config", "--config", path))
 
 
-def run_camera_ffmpeg(data_dir: Path) -> tuple[Path, Path, int]:
-    """One camera's real FFmpeg command for ~3 s; returns its live and partial folders."""
+def recording(live: Path, partial: Path) -> bool:
+    playlist = live / "index.m3u8"
+    return (playlist.exists() and "#EXTINF" in playlist.read_text()
+            and any(p.stat().st_size > 0 for p in partial.glob("*.ts")))
+
+
+def run_camera_ffmpeg(data_dir: Path, seconds: float) -> tuple[Path, Path]:
+    """One camera's real FFmpeg command until it records there, or for `seconds`."""
     live, partial = data_dir / "live" / "a", data_dir / "partial" / "a"
     for folder in (live, partial):
         folder.mkdir(parents=True)
@@ -250,27 +256,26 @@ def run_camera_ffmpeg(data_dir: Path) -> tuple[Path, Path, int]:
     # Run from the folder's parent: a split output spec lands relative to the cwd.
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=data_dir.parent)
-    try:
-        proc.wait(3)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline and not recording(live, partial):
+        time.sleep(0.2)
+    if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    return live, partial, proc.returncode
+    return live, partial
 
 
 def test_odd_but_accepted_data_dir_records_with_real_ffmpeg(tmp_path):
     data_dir = tmp_path / 'cams dir=é,;#&($"!~'
     path = write_config(tmp_path, f"[storage]\ndata_dir = {json.dumps(str(data_dir))}\n" + CAMERA)
     assert load_config(path).data_dir == data_dir
-    live, partial, _ = run_camera_ffmpeg(data_dir)
-    assert "#EXTINF" in (live / "index.m3u8").read_text()
-    assert [p for p in partial.glob("*.ts") if p.stat().st_size > 0]
+    assert recording(*run_camera_ffmpeg(data_dir, 60))
 
 
 @pytest.mark.parametrize("char", ["|", ":"])
 def test_refused_characters_really_break_ffmpeg(tmp_path, char):
     """Why they are refused: the same command under such a folder records nothing there."""
-    live, partial, _ = run_camera_ffmpeg(tmp_path / f"cams{char}x")
+    live, partial = run_camera_ffmpeg(tmp_path / f"cams{char}x", 4)
     assert not (live / "index.m3u8").exists()
     assert not list(partial.glob("*.ts"))
 
