@@ -14,6 +14,7 @@ from vlmguard.config import load_config, masked
 from vlmguard.errors import ConfigError
 
 from conftest import write_config
+from daemon import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CAMERA = '[[cameras]]\nid = "a"\nurl = "lavfi:testsrc2"\n'
@@ -116,8 +117,9 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 
 def test_check_config_masks_secrets(tmp_path):
-    path = write_config(tmp_path, """
+    path = write_config(tmp_path, f"""
         [server]
+        port = {free_port()}
         token = "tok-123"
         [database]
         url = "postgresql+psycopg://vlm:hunter2@db.example/vlm"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -39,7 +40,10 @@ log = get_logger("vlmguard.analyzer")
 
 NO_KEY_RECHECK_SECONDS = 10.0
 PAUSE_RECHECK_SECONDS = 1.0  # how soon a paused worker sees a SIGHUP probe or a resume
-IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS, SYS_IOPRIO_SET = 2, 1, 251
+IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS = 2, 1
+# ioprio_set has no libc wrapper, and its system call number differs per architecture.
+SYS_IOPRIO_SET = {"x86_64": 251, "amd64": 251, "aarch64": 30, "arm64": 30, "armv7l": 314,
+                  "armv6l": 314, "i386": 289, "i686": 289}
 NICENESS = 10
 
 
@@ -70,11 +74,17 @@ def lower_priority() -> None:
         os.nice(NICENESS)
     except OSError:
         log.warning("cannot lower CPU priority")
+    number = SYS_IOPRIO_SET.get(platform.machine().lower())
+    if number is None:
+        log.info("I/O priority left as is: ioprio_set's number is unknown here",
+                 machine=platform.machine())
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, (IOPRIO_CLASS_BE << 13) | 7)
+        if libc.syscall(number, IOPRIO_WHO_PROCESS, 0, (IOPRIO_CLASS_BE << 13) | 7) != 0:
+            log.warning("cannot lower I/O priority", error=os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError):
-        pass  # not Linux x86-64: CPU niceness still applies
+        pass  # not Linux: CPU niceness still applies
 
 
 def gemini_client_factory(config: Config) -> Callable[[], VlmClient | None]:

@@ -15,10 +15,11 @@ from pathlib import Path
 import click
 
 from vlmguard import __version__
-from vlmguard.config import load_config, masked
+from vlmguard.config import check_listen_address, check_server_settings, load_config, masked
 from vlmguard.errors import VlmguardError
+from vlmguard.health import read_states
 from vlmguard.logs import configure_logging
-from vlmguard.status import gather_status, iso, job_detail, job_summary, render_status
+from vlmguard.status import daemon_pid, gather_status, iso, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
 
@@ -28,7 +29,8 @@ CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
 def config_option(command):
     return click.option("--config", "config_path", envvar="VLMGUARD_CONFIG",
                         default="config.toml", show_default=True, metavar="PATH",
-                        type=click.Path(dir_okay=False), help=CONFIG_HELP)(command)
+                        # Checked by load_config, whose errors are one line (click's are four).
+                        type=click.Path(), help=CONFIG_HELP)(command)
 
 
 def reports_errors(command):
@@ -43,8 +45,28 @@ def reports_errors(command):
     return wrapper
 
 
+# The id column is a 32-bit INTEGER on PostgreSQL (SQLite's would take two billion jobs
+# to pass it): a larger number is no job, not an overflow inside the driver.
+MAX_JOB_ID = 2**31 - 1
+
+
 def open_store(config):
     return JobStore.from_config(config, create=False)
+
+
+def find_job(store, job_id: int):
+    found = store.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
+    if found is None:
+        raise VlmguardError(f"no job {job_id}")
+    return found
+
+
+def own_daemon_listens(config) -> bool:
+    """Whether this data dir's running daemon already listens on the configured port."""
+    if daemon_pid(config.data_dir) is None:
+        return False
+    listen = read_states(config.data_dir).get("supervisor", {}).get("listen", {})
+    return listen.get("port") == config.server.port
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,9 +103,13 @@ def run(config_path):
 def check_config(config_path):
     """Validate the config file and print the effective settings (secrets masked).
 
+    Applies the rules `run` applies at start too: a token when the server is reachable
+    off this machine, and a free port (or one this data dir's running daemon holds).
     Exit status 0 when the file is valid, 2 with one line naming the key when not.
     """
     config = load_config(config_path)
+    check_server_settings(config)
+    check_listen_address(config, held_by_us=own_daemon_listens(config))
     click.echo(json.dumps(masked(config), indent=2))
 
 
@@ -135,9 +161,7 @@ def retry(config_path, job_id):
     """Send a failed job round again, with a fresh retry budget."""
     config = load_config(config_path)
     with open_store(config) as store:
-        job = store.get(job_id)
-        if job is None:
-            raise VlmguardError(f"no job {job_id}")
+        job = find_job(store, job_id)
         if not store.retry(job_id):
             raise VlmguardError(f"job {job_id} is {job.status}, only failed jobs can be retried")
     click.echo(f"job {job_id} is pending again")
@@ -156,9 +180,7 @@ def job_show(config_path, job_id):
     """Everything about one job, its result and incidents included, as JSON."""
     config = load_config(config_path)
     with open_store(config) as store:
-        found = store.get(job_id)
-        if found is None:
-            raise VlmguardError(f"no job {job_id}")
+        found = find_job(store, job_id)
         detail = job_detail(found, store.list_incidents(job_id))
     click.echo(json.dumps(detail, indent=2))
 

@@ -8,8 +8,11 @@ key is one line and every error names the file and the key path in one line.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
+import math
 import os
+import socket
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +24,11 @@ from vlmguard.errors import ConfigError
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
+# Characters FFmpeg cannot take in data_dir: the tee muxer splits outputs on | and reads
+# [options] with \ and ' as escapes, an option value ends at : or ], and the HLS and
+# segment muxers read % as a pattern. Escaping would take two nested levels (the tee's
+# output split, then its option parser) that differ per position; refusing is certain.
+FFMPEG_PATH_CHARS = "|[]\\':%"
 
 
 def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -55,9 +63,10 @@ class StorageConfig:
     segment_seconds: int = opt(2, lo=1, hi=30)
     live_segments: int = opt(6, lo=3, hi=60)
     archive_seconds: int = opt(600, lo=10, hi=3600)
-    retention_days: float = opt(7.0, lo=0)
-    max_disk_gb: float = opt(0.0, lo=0)
-    min_free_gb: float = opt(1.0, lo=0)
+    # 100 years: far enough, and now - retention stays a valid date (1,000,000 days would not).
+    retention_days: float = opt(7.0, lo=0, hi=36500)
+    max_disk_gb: float = opt(0.0, lo=0, hi=1_000_000)
+    min_free_gb: float = opt(1.0, lo=0, hi=100_000)
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,28 @@ def check_server_settings(config: Config) -> None:
                           f"({config.server.host}) is not a loopback address")
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port right now, or None when it could."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"{host}:{port} is already in use"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def check_listen_address(config: Config, held_by_us: bool = False) -> None:
+    """Run-time rule: the server's port must be free (held_by_us: this data dir's own
+    running daemon listens there, which a restart or reload takes over)."""
+    problem = port_problem(config.server.host, config.server.port)
+    if problem and not (held_by_us and problem.endswith("in use")):
+        raise ConfigError(f"{config.source}: server.port: {problem}")
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and check a config file; any problem raises ConfigError with one line."""
     path = Path(path)
@@ -167,9 +198,11 @@ def load_config(path: str | os.PathLike) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        raise ConfigError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     return parse_config(raw, path)
 
 
@@ -183,7 +216,23 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     cameras = parse_cameras(raw.get("cameras", []), where)
     config = Config(source=path, cameras=cameras, **sections)
     check_database_url(config.database.url, where)
+    check_data_dir(config, where)
     return config
+
+
+def check_data_dir(config: Config, where: str) -> None:
+    """The resolved path (a relative one hangs off the config's folder) goes into FFmpeg's
+    output specs, so it must hold none of the characters those specs give a meaning."""
+    try:
+        path = str(config.data_dir)
+    except RuntimeError:  # "~name" for a user this system does not have
+        raise ConfigError(f"{where}: storage.data_dir: {config.storage.data_dir!r}: no such "
+                          "home directory") from None
+    bad = sorted({c for c in path if c in FFMPEG_PATH_CHARS or not c.isprintable()})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(f"{where}: storage.data_dir: {path!r} holds characters FFmpeg's "
+                          f"output specs cannot take: {shown}")
 
 
 def section(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -207,6 +256,9 @@ def parse_cameras(raw: Any, where: str) -> tuple[CameraConfig, ...]:
         if not camera.url.startswith(CAMERA_SCHEMES):
             raise ConfigError(f"{where}: {key}.url: scheme must be one of "
                               f"{', '.join(CAMERA_SCHEMES)}")
+        if not camera.url.isprintable():
+            # It becomes an FFmpeg argument and log text: no line breaks or control bytes.
+            raise ConfigError(f"{where}: {key}.url: must not contain control characters")
         if any(c.id == camera.id for c in cameras):
             raise ConfigError(f"{where}: {key}.id: duplicate camera id {camera.id!r}")
         cameras.append(camera)
@@ -240,6 +292,12 @@ def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
     # TOML booleans are ints to Python; a bool is never a number in this file.
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
+    if isinstance(value, str) and "\0" in value:
+        # TOML allows \u0000; no path, URL, name or environment variable can hold it.
+        raise ConfigError(f"{label}: must not contain a NUL character")
+    if isinstance(value, float) and not math.isfinite(value):
+        # TOML has nan and inf literals, and NaN compares false with every bound.
+        raise ConfigError(f"{label}: must be a finite number, got {value}")
     meta = spec.metadata
     if meta["lo"] is not None and value < meta["lo"]:
         raise ConfigError(f"{label}: must be >= {meta['lo']}, got {value}")
@@ -271,6 +329,8 @@ def masked(config: Config) -> dict[str, Any]:
     data = {name: table(getattr(config, name)) for name in SECTIONS}
     data["storage"]["data_dir"] = str(config.data_dir)
     data["database"]["url"] = mask_url(config.database_url)
+    if config.gemini.base_url:
+        data["gemini"]["base_url"] = mask_url(config.gemini.base_url)
     data["cameras"] = [table(c) for c in config.cameras]
     for camera, out in zip(config.cameras, data["cameras"]):
         out["url"] = mask_url(camera.url)
@@ -282,12 +342,18 @@ def mask(_value: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """Hide a password (and a query string, where cameras often put tokens) in a URL."""
+    """Hide a URL's user info (the password; a lone user name, often a token) and its query
+    string (where cameras often put tokens). A URL too broken to parse is hidden whole."""
     if url.startswith(("lavfi:", "sqlite:")):
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    userinfo, at, host = parts.netloc.rpartition("@")
     netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
     query = "?***" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -21,5 +21,12 @@ class DatabaseError(VlmguardError):
     """The job table cannot be reached or is not one this vlmguard understands."""
 
 
+class UnusableDatabase(DatabaseError):
+    """The database is there but cannot serve: not SQLite, another program's SQLite file,
+    or a file or folder vlmguard may not write. A person must fix it; retrying will not."""
+
+    exit_code = 2
+
+
 class LeaseLost(Exception):
     """This worker no longer holds the job: another worker or the rescuer has it now."""

@@ -8,6 +8,7 @@ systemd STATUS line; losing one of those writes is harmless.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import multiprocessing
@@ -68,17 +69,41 @@ def clear_states(data_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def stop_when_parent_dies() -> None:
-    """SIGTERM ourselves when the parent goes, even by SIGKILL: the orderly stop then runs."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
+PR_SET_PDEATHSIG = 1
+
+
+def stop_when_parent_dies(lifeline: int | None = None) -> None:
+    """SIGTERM ourselves when the parent goes, even by SIGKILL: the orderly stop then runs.
+
+    lifeline is the read end of a pipe whose write end only the supervisor holds (see
+    Supervisor.lifeline); without one, multiprocessing's parent sentinel serves.
+    """
+    if lifeline is None:
+        parent = multiprocessing.parent_process()
+        if parent is None:
+            return
+        lifeline = parent.sentinel
+    wake_when_parent_dies()
 
     def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
+        multiprocessing.connection.wait([lifeline])
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def wake_when_parent_dies() -> None:
+    """Have the kernel send SIGCONT when the parent dies. A stopped child (SIGSTOP, a
+    debugger) runs no code, so its watch thread cannot see the parent go; the kernel's
+    parent-death signal reaches it all the same, and of the two signals that move a
+    stopped process only SIGCONT keeps the orderly stop: the child resumes, its watch
+    thread finds the lifeline closed and it stops itself in order. SIGKILL would cut
+    that short (an open archive, a leased job). A running child ignores SIGCONT."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGCONT), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: a stopped child stays until someone continues or kills it
 
 
 def name_process(name: str) -> None:
@@ -90,17 +115,21 @@ def name_process(name: str) -> None:
         pass  # not Linux: the name is only a convenience
 
 
-def child_entry(target: str, *args: Any) -> None:
+def child_entry(target: str, *args: Any, lifeline: int | None = None) -> None:
     """First code in every supervised child: fresh signal dispositions, then its main.
 
     SIGINT is ignored so that Ctrl-C on a terminal reaches only the supervisor, which
-    then stops the children in order; SIGTERM stays the way to stop a child.
+    then stops the children in order; SIGTERM stays the way to stop a child. SIGHUP is
+    ignored too: when the supervisor dies and leaves a stopped child behind, the kernel
+    sends SIGHUP (then SIGCONT) to the orphaned process group, and the default action
+    would kill every child before the parent watch could stop it in order.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)
     name_process(multiprocessing.current_process().name)
-    stop_when_parent_dies()
+    stop_when_parent_dies(lifeline)
     module, _, function = target.partition(":")
     try:
         getattr(importlib.import_module(module), function)(*args)

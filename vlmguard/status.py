@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.config import Config
-from vlmguard.errors import DatabaseError
+from vlmguard.errors import DatabaseError, UnusableDatabase
 from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start, playlist_age, stale_after
 from vlmguard.store import STATES, Job, JobStore, redact_url, utcnow
@@ -78,6 +78,8 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
+    except UnusableDatabase:
+        raise  # not "no database yet" but one a person must repair: one line, exit 2
     except DatabaseError as exc:
         report["database"]["error"] = str(exc)
     else:

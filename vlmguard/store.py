@@ -29,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from vlmguard.errors import DatabaseError, LeaseLost
+from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
 SCHEMA_VERSION = 3
 STATES = ("pending", "processing", "completed", "failed")
@@ -249,7 +249,11 @@ class JobStore:
         self.lease_seconds = lease_seconds
         self.retry_backoff = retry_backoff
         self.poll_seconds = poll_seconds
-        self.engine = make_engine(url, create=create, synchronous=synchronous)
+        try:
+            self.engine = make_engine(url, create=create, synchronous=synchronous)
+        except OSError as exc:  # the SQLite file's folder cannot be made
+            raise UnusableDatabase(f"cannot open database {redact_url(url)}: "
+                                   f"{exc.strerror or exc}") from None
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._register = (dialect_insert(self.engine)(jobs)
                           .on_conflict_do_nothing(index_elements=["camera_id", "segment_start"])
@@ -257,10 +261,12 @@ class JobStore:
         self._watcher: SqliteWatcher | PostgresListener | None = None
         try:
             self.prepare_schema(create=create)
-        except sa_exc.OperationalError as exc:
+        except sa_exc.DBAPIError as exc:
             self.engine.dispose()
-            raise DatabaseError(f"cannot open database {redact_url(url)}: "
-                                f"{first_line(exc.orig or exc)}") from None
+            raise open_problem(url, self.is_sqlite, exc) from None
+        except DatabaseError:
+            self.engine.dispose()
+            raise
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "JobStore":
@@ -685,6 +691,7 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
     if not create and not Path(url.database).exists():
         raise DatabaseError(f"no vlmguard database at {url.database} "
                             "(vlmguard run creates it on first start)")
+    refuse_foreign_file(Path(url.database))
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread off: an analyzer heartbeats its lease from a side thread, and the
     # pool hands each thread a connection of its own at a time.
@@ -707,6 +714,30 @@ def sqlite_engine(url, *, create: bool, synchronous: str) -> Engine:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def refuse_foreign_file(path: Path) -> None:
+    """Look at an existing file read-only before the engine's first connection switches it
+    to WAL: a file that is not SQLite, or another program's SQLite file (tables, none of
+    them ours), is refused untouched rather than converted or added to."""
+    try:
+        if path.stat().st_size == 0:
+            return
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except (OSError, sqlite3.Error):
+        return  # missing or unreadable: the engine's own open says why
+    try:
+        names = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:
+        return  # locked, or no -shm can be made here: the engine's own open says why
+    except sqlite3.DatabaseError as exc:
+        raise UnusableDatabase(f"cannot open database {path}: {first_line(exc)}") from None
+    finally:
+        conn.close()
+    if names and meta_table.name not in names:
+        raise UnusableDatabase(f"{path} is not a vlmguard database (it holds other tables: "
+                               f"{', '.join(sorted(names)[:3])}); move it away or set database.url")
 
 
 class SqliteWatcher:
@@ -767,6 +798,17 @@ class PostgresListener:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def open_problem(url: str, is_sqlite: bool, exc: sa_exc.DBAPIError) -> DatabaseError:
+    """Opening failed. A database that is busy or a server that is down may come back
+    (DatabaseError); a SQLite file that is not a database or cannot be written, or a
+    PostgreSQL refusal other than the connection, will not (UnusableDatabase)."""
+    reason = first_line(exc.orig or exc)
+    message = f"cannot open database {redact_url(url)}: {reason}"
+    transient = (("locked" in reason or "busy" in reason) if is_sqlite
+                 else isinstance(exc, sa_exc.OperationalError))
+    return DatabaseError(message) if transient else UnusableDatabase(message)
 
 
 def first_line(exc: BaseException) -> str:

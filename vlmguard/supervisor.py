@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmguard.config import Config, check_server_settings, load_config
-from vlmguard.errors import StartupError, VlmguardError
+from vlmguard.config import Config, check_server_settings, load_config, port_problem
+from vlmguard.errors import ConfigError, StartupError, VlmguardError
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
@@ -113,6 +113,12 @@ class Supervisor:
         self.signals: list[int] = []
         self.lock_file = None
         self.signal_pipe: tuple[int, int] | None = None
+        # Children watch the read end; only the supervisor keeps the write end (each child
+        # closes its inherited copy right after the fork), so the supervisor's death, even
+        # by SIGKILL, is end-of-file in every child. multiprocessing's own parent pipes do
+        # not do this: a forked sibling inherits the supervisor's end of each earlier
+        # child's pipe, and a stopped sibling then holds it open for good.
+        self.lifeline: tuple[int, int] | None = None
         self.store: JobStore | None = None  # for the status line; never open across a fork
         self.started_at = time.time()
         os.register_at_fork(after_in_child=self.close_in_child)
@@ -135,6 +141,7 @@ class Supervisor:
         self.check_dependencies()
         share_with_children(self.config)
         read_fd, write_fd = self.signal_pipe = os.pipe()
+        self.lifeline = os.pipe()
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -201,7 +208,8 @@ class Supervisor:
     def spawn(self, child: Child) -> None:
         child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
         child.process = self.context.Process(target=child_entry, name=child.name,
-                                             args=(child.target, *child.args, child.beat))
+                                             args=(child.target, *child.args, child.beat),
+                                             kwargs={"lifeline": self.lifeline[0]})
         self.close_store()
         settle_memory()
         child.process.start()
@@ -276,10 +284,12 @@ class Supervisor:
                 child.process.kill()
 
     def reload(self) -> None:
-        """SIGHUP: read the config again; if it is valid, restart every child with it."""
+        """SIGHUP: read the config again; if it is valid and can start, restart every child
+        with it. A config that would only fail in a child (a taken port, an unusable
+        database) is refused here: the running one keeps recording instead of crash-looping."""
         try:
             config = load_config(self.config.source)
-            check_server_settings(config)
+            check_startable(config, running=self.config)
         except VlmguardError as exc:
             log.error("reload refused, keeping the running config", error=str(exc))
             return
@@ -290,6 +300,7 @@ class Supervisor:
         self.children = self.plan(config)
         for child in self.children:
             self.spawn(child)
+        self.publish()
 
     def probe_paused(self, config: Config) -> None:
         """SIGHUP also says "fixed it": a paused analysis probes at once, not in 10 minutes."""
@@ -309,6 +320,8 @@ class Supervisor:
     def publish(self) -> None:
         write_state(self.config.data_dir, "supervisor", {
             "started_at": self.started_at,
+            # check-config accepts a port that this data dir's own daemon holds.
+            "listen": {"host": self.config.server.host, "port": self.config.server.port},
             "children": {c.name: {"pid": c.process.pid if c.process else None, "alive": c.alive,
                                   "restarts": c.restart_count} for c in self.children}})
 
@@ -349,15 +362,21 @@ class Supervisor:
             self.lock_file.close()
         if self.notifier.socket is not None:
             self.notifier.socket.close()
+        if self.lifeline is not None:
+            os.close(self.lifeline[1])
         # Nothing left to close should this child ever fork in turn.
-        self.signal_pipe = self.lock_file = self.notifier.socket = None
+        self.signal_pipe = self.lock_file = self.notifier.socket = self.lifeline = None
 
     # -- before anything starts ----------------------------------------------------------------
 
     def lock_data_dir(self) -> None:
         data_dir = self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.lock_file = open(data_dir / "vlmguard.pid", "a+")
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.lock_file = open(data_dir / "vlmguard.pid", "a+")
+        except OSError as exc:
+            raise StartupError(f"cannot use data directory {data_dir}: "
+                               f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -371,17 +390,25 @@ class Supervisor:
 
     def check_dependencies(self) -> None:
         """Fail with one line now rather than crash-loop a child later."""
-        check_server_settings(self.config)
-        ffmpeg_binary()
-        JobStore.from_config(self.config).close()  # creates or upgrades the schema once
-        port = self.config.server.port
-        with socket.socket(socket.AF_INET6 if ":" in self.config.server.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.config.server.host, port))
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {self.config.server.host}:{port}: {exc.strerror}") from None
+        check_startable(self.config)
+
+
+def check_startable(config: Config, running: Config | None = None) -> None:
+    """Everything a child would otherwise find out by crashing: the server rules, FFmpeg,
+    the database (created or upgraded here, once) and the port. On reload (running set),
+    the port the running streamer holds is its own, and the data dir, whose lock the
+    supervisor holds, cannot move."""
+    check_server_settings(config)
+    if running is not None and config.data_dir != running.data_dir:
+        raise ConfigError(f"{config.source}: storage.data_dir: cannot change on reload "
+                          f"(this vlmguard holds {running.data_dir}); restart vlmguard")
+    ffmpeg_binary()
+    JobStore.from_config(config).close()
+    address = (config.server.host, config.server.port)
+    if running is None or address[1] != running.server.port:
+        problem = port_problem(*address)
+        if problem:
+            raise StartupError(problem)
 
 
 def share_with_children(config: Config) -> None:
