@@ -15,9 +15,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from vlmguard.errors import ConfigError
+from vlmguard.redact import mask_url  # noqa: F401  (one redaction, re-exported)
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -271,13 +271,3 @@ def mask(_value: str) -> str:
     return "***"
 
 
-def mask_url(url: str) -> str:
-    """Hide a password (and a query string, where cameras often put tokens) in a URL."""
-    if url.startswith(("lavfi:", "sqlite:")):
-        return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "?***" if parts.query else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -7,6 +7,7 @@ cut short by a crash still plays, and the archiver remuxes it into MP4 without r
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,9 @@ RTSP_TIMEOUT_US = 5_000_000
 DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+)")
 VIDEO_CODEC = re.compile(r"Stream #\S+.*?: Video: (\w+)")
 COPYABLE_CODECS = ("h264", "hevc")
+# What a child program may see of our environment: never the Gemini key or a database
+# password. MALLOC_* are the supervisor's glibc tunings, meant for FFmpeg.
+PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL")
 
 
 def ffmpeg_binary() -> str:
@@ -32,6 +36,16 @@ def ffmpeg_binary() -> str:
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as exc:
         raise VlmguardError(f"no ffmpeg on PATH and none from imageio-ffmpeg: {exc}") from None
+
+
+def child_env() -> dict[str, str]:
+    """The whole environment of every program we run (FFmpeg, setpriv): a minimal one."""
+    env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
+    env.update((name, value) for name, value in os.environ.items()
+               if name.startswith("MALLOC_"))
+    env.setdefault("PATH", os.defpath)
+    env["TZ"] = "UTC"
+    return env
 
 
 def parent_death_prefix() -> list[str]:
@@ -101,7 +115,8 @@ def probe_codec(binary: str, url: str, timeout: float = 20) -> str | None:
     args = [binary, "-hide_banner", *input_args(url)]
     args = [a for a in args if a != "-re"]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                              env=child_env())
     except subprocess.TimeoutExpired:
         return None
     match = VIDEO_CODEC.search(proc.stderr)
@@ -110,7 +125,7 @@ def probe_codec(binary: str, url: str, timeout: float = 20) -> str | None:
 
 def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None:
     proc = subprocess.run([binary, "-hide_banner", "-i", str(path)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=child_env())
     match = DURATION.search(proc.stderr)
     if not match:
         return None
@@ -123,7 +138,7 @@ def remux_to_mp4(binary: str, source: Path, target: Path, timeout: float = 600) 
     proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
                            "-i", str(source), "-map", "0", "-c", "copy",
                            "-movflags", "+faststart", "-f", "mp4", str(target)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
     return proc.returncode == 0 and target.exists() and target.stat().st_size > 0
 
 

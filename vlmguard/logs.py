@@ -13,6 +13,8 @@ import sys
 
 import structlog
 
+from vlmguard.redact import redact_value
+
 
 def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO") -> None:
     if json is None:
@@ -24,6 +26,7 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
     ]
     renderer = (structlog.processors.JSONRenderer() if json
                 else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
@@ -38,6 +41,7 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if json else _keep_exc_info,
+            redact_secrets,  # again: a formatted traceback can quote a URL
             renderer,
         ],
     )
@@ -49,6 +53,12 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
     # aiohttp's access log and SQLAlchemy's echo are noise at INFO on an edge box.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+
+
+def redact_secrets(_logger, _name, event_dict):
+    """Camera passwords and URL tokens out of every string of every event, whoever logs
+    it (FFmpeg's stderr, an aiohttp error, an exception message)."""
+    return {key: redact_value(value) for key, value in event_dict.items()}
 
 
 def _keep_exc_info(logger, name, event_dict):
