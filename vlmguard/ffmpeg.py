@@ -89,11 +89,13 @@ def tee_escape(value: str) -> str:
 
 
 def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
-                   partial_dir: Path, run_list: Path, encode: bool) -> list[str]:
+                   partial_dir: Path, run_list: Path, encode: bool,
+                   start_number: int) -> list[str]:
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",
         "hls_flags=delete_segments+program_date_time+independent_segments+temp_file",
-        "hls_start_number_source=epoch",
+        # Numbered on from the previous run, so the served playlist's sequence grows by one.
+        f"start_number={start_number}",
         f"hls_segment_filename={tee_escape(str(live_dir / 'seg-%d.ts'))}",
     ])
     archive = ":".join([

@@ -68,3 +68,16 @@ def _keep_exc_info(logger, name, event_dict):
 
 def get_logger(name: str = "vlmguard") -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class Noticed:
+    """Remembers what was already logged, so an odd file is reported once, not each loop."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+
+    def first(self, key) -> bool:
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
