@@ -29,6 +29,10 @@ class Layout:
         """The segments the served playlist carries over from ended FFmpeg runs."""
         return self.live(camera_id) / "history.json"
 
+    def camera_input(self, camera_id: str) -> Path:
+        """The 0600 ffconcat file that hands FFmpeg the camera URL (off its command line)."""
+        return self.data_dir / "run" / f"camera-{camera_id}.ffconcat"
+
     def partial(self, camera_id: str) -> Path:
         return self.data_dir / "partial" / camera_id
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from aiohttp import web
 
 from vlmguard.config import CameraConfig, Config, check_server_settings
-from vlmguard.ffmpeg import (camera_command, child_env, ffmpeg_binary, needs_encoding,
-                             probe_codec)
+from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_binary,
+                             needs_encoding, probe_codec, write_input_file)
 from vlmguard.health import Beat, write_state
 from vlmguard.hls import create_app
 from vlmguard.layout import Layout, stale_after
@@ -146,6 +146,20 @@ class CameraFeed:
         self.run_start = 0  # the current run's first segment number
         self.listed_segments = False  # the ended run had put segments in the playlist
         self.pruned_at = 0.0
+        self.input_file: Path | None = None
+
+    def hide_camera_url(self) -> Path | None:
+        """A network camera's URL goes to FFmpeg in a 0600 file, not on its command line."""
+        if not self.camera.url.startswith(NETWORK_SCHEMES):
+            return None
+        path = self.layout.camera_input(self.camera.id)
+        try:
+            write_input_file(path, self.camera.url)
+        except OSError as exc:
+            log.error("camera URL file not written: the URL goes on FFmpeg's command line",
+                      camera_id=self.camera.id, error=str(exc))
+            return None
+        return path
 
     def health(self) -> dict:
         age = live_age(self.layout, self.camera.id, self.config.storage.live_segments)
@@ -157,6 +171,7 @@ class CameraFeed:
                               else f"archiving stopped: {self.archive_problem}")}
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.input_file = self.hide_camera_url()
         backoff = 1.0
         while not stop.is_set():
             started = time.monotonic()
@@ -177,7 +192,7 @@ class CameraFeed:
         """Wait before a restart; cut short when the disk that filled up has room again."""
         deadline = time.monotonic() + seconds
         while not stop.is_set() and time.monotonic() < deadline:
-            if self.archive_problem is not None and self.room_for_archives():
+            if self.archive_failed_in_run and self.room_for_archives():
                 return
             try:
                 await asyncio.wait_for(stop.wait(), min(CHECK_INTERVAL, seconds))
@@ -189,7 +204,8 @@ class CameraFeed:
         if self.encode is None:
             codec = None
             if self.camera.transcode == "auto" and not self.camera.url.startswith("lavfi:"):
-                codec = await asyncio.to_thread(probe_codec, self.binary, self.camera.url)
+                codec = await asyncio.to_thread(probe_codec, self.binary, self.camera.url,
+                                                input_file=self.input_file)
                 if codec is None:
                     return None
             self.encode = needs_encoding(self.camera, codec)
@@ -207,7 +223,7 @@ class CameraFeed:
         run_list = self.layout.partial(self.camera.id) / f"run-{time.time_ns()}.csv"
         command = camera_command(self.binary, self.camera, self.config.storage, live,
                                  self.layout.partial(self.camera.id), run_list, encode,
-                                 self.run_start)
+                                 self.run_start, self.input_file)
         self.archive_failed_in_run = False
         # Forked from the event-loop thread, so the parent-death signal stays armed.
         proc = await asyncio.create_subprocess_exec(
@@ -352,8 +368,9 @@ class CameraFeed:
             self.archive_failed_in_run = True
             self.archive_problem = failed.group(1) or "the archive output failed"
             log.error("archiving stopped", camera_id=self.camera.id, reason=self.archive_problem)
-        elif "No space left on device" in text and self.archive_problem is None:
-            self.archive_problem = "No space left on device"
+        elif "No space left on device" in text:
+            self.archive_failed_in_run = True
+            self.archive_problem = self.archive_problem or "No space left on device"
 
 
 def hand_over_listed(layout: Layout, camera_id: str, run_list: Path, offset: int) -> int:
