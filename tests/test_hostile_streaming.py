@@ -163,11 +163,10 @@ def fill(directory: Path) -> Path:
     """Write until the file system says ENOSPC; returns the filler file."""
     filler = directory / "filler"
     chunk = b"\0" * 65536
-    with open(filler, "wb") as handle:
+    with open(filler, "wb", buffering=0) as handle:  # unbuffered: close has nothing to flush
         try:
             while True:
                 handle.write(chunk)
-                handle.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
