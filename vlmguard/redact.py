@@ -11,6 +11,7 @@ import re
 # scheme://[user[:password]@]rest-up-to-whitespace-or-quote
 URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s'\"<>]*)")
 MASK = "***"
+TRAILING = ":.,;)]}"
 
 
 def mask_url(url: str) -> str:
@@ -24,7 +25,14 @@ def redact_text(text: str) -> str:
     """Every URL in free text (a log line, FFmpeg's stderr) with its secrets masked."""
     if "://" not in text:
         return text
-    return URL.sub(lambda m: m.group(1) + mask_rest(m.group(2)), text)
+    return URL.sub(mask_match, text)
+
+
+def mask_match(match: re.Match) -> str:
+    # Punctuation right after a URL is the sentence's ("<url>: 401 Unauthorized").
+    rest = match.group(2)
+    body = rest.rstrip(TRAILING)
+    return match.group(1) + mask_rest(body) + rest[len(body):]
 
 
 def mask_rest(rest: str) -> str:
