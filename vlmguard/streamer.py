@@ -66,9 +66,9 @@ class Streamer:
     async def run(self) -> None:
         stop = asyncio.Event()
         self.watch_for_stop(stop)
-        for camera in self.config.cameras:
-            self.layout.make_dirs(camera.id)
-            hand_over_leftovers(self.layout, camera.id, Noticed())
+        for feed in self.feeds:
+            self.layout.make_dirs(feed.camera.id)
+            hand_over_leftovers(self.layout, feed.camera.id, feed.noticed)
         runner = web.AppRunner(create_app(self.config), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.server.host, self.config.server.port)
@@ -96,7 +96,7 @@ class Streamer:
                 pass
 
 
-def hand_over_leftovers(layout: Layout, camera_id: str, noticed: "Noticed") -> None:
+def hand_over_leftovers(layout: Layout, camera_id: str, noticed: Noticed) -> None:
     """Everything in partial/ belongs to an FFmpeg that is gone: it is closed now."""
     partial = layout.partial(camera_id)
     for path in sorted(partial.iterdir()):
@@ -144,7 +144,7 @@ class CameraFeed:
         self.archive_problem: str | None = None  # why archiving stopped, None when it runs
         self.archive_failed_in_run = False
         self.run_start = 0  # the current run's first segment number
-        self.listed_segments = False  # the ended run had put segments in the playlist
+        self.listed_segments = False  # the last run put segments in the playlist
         self.pruned_at = 0.0
         self.input_file: Path | None = None
 
@@ -178,14 +178,16 @@ class CameraFeed:
             reason = await self.run_once(stop)
             if stop.is_set():
                 break
-            # A run that produced video earns a quick restart: the live URL carries on.
             if time.monotonic() - started > STABLE_RUN_SECONDS or self.listed_segments:
                 backoff = 1.0
+            # A run that was delivering video is restarted at once: players are waiting
+            # on the live URL. One that produced nothing backs off.
+            wait = 0.0 if self.listed_segments or reason == ROOM_AGAIN else backoff
             self.restarts += 1
             log.warning("ffmpeg restarting", camera_id=self.camera.id, reason=reason,
-                        backoff_s=backoff, restarts=self.restarts)
-            if reason != ROOM_AGAIN:
-                await self.pause(stop, backoff)
+                        backoff_s=wait, restarts=self.restarts)
+            if wait:
+                await self.pause(stop, wait)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def pause(self, stop: asyncio.Event, seconds: float) -> None:
@@ -217,6 +219,7 @@ class CameraFeed:
         """One FFmpeg run; returns why it ended."""
         live = self.layout.live(self.camera.id)
         self.run_start = self.carry_over_live()
+        self.listed_segments = False
         encode = await self.decide_encoding()
         if encode is None:
             return "camera unreachable: no video stream found"
@@ -234,6 +237,8 @@ class CameraFeed:
         stderr = asyncio.create_task(self.log_stderr(proc))
         reason = await self.supervise(proc, stop, run_list, live)
         await stderr
+        # carry_over_live removed the last run's playlist: one there now is this run's.
+        self.listed_segments = (live / "index.m3u8").exists()
         hand_over_listed(self.layout, self.camera.id, run_list, 0)
         hand_over_leftovers(self.layout, self.camera.id, self.noticed)
         log.info("ffmpeg ended", camera_id=self.camera.id, reason=reason,
@@ -252,7 +257,6 @@ class CameraFeed:
         history_path = self.layout.live_history(self.camera.id)
         history = carry_over(read_history(history_path), text, ended_at,
                              self.config.storage.live_segments, stale_after(self.config))
-        self.listed_segments = bool(text and SEGMENT_URI.search(text))
         if history.next_sequence is None:
             # First run ever: start from the clock, so numbers keep growing across reboots.
             history = dataclasses.replace(history, next_sequence=int(time.time()))
