@@ -133,22 +133,27 @@ class ProgressPlayer(threading.Thread):
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.progress = progress
-        self.last_progress = 0.0
+        self.started = time.time()
+        self.seconds: set[int] = set()  # seconds since start with progress in them
         self.tail: list[str] = []
 
     def run(self) -> None:
         for line in self.proc.stdout:
             if self.progress in line:
-                self.last_progress = time.time()
+                self.seconds.add(int(time.time() - self.started))
             else:
                 self.tail = (self.tail + [line.strip()])[-5:]
 
     def verdict(self) -> dict:
         alive = self.proc.poll() is None
+        now = int(time.time() - self.started)
         self.proc.kill()
         self.proc.wait()
         return {"running_at_end": alive,
-                "decoding_in_last_10s": time.time() - self.last_progress < 10,
+                "decoding_in_last_10s": any(s >= now - 10 for s in self.seconds),
+                "first_decode_s": min(self.seconds, default=None),
+                "last_decode_s": max(self.seconds, default=None), "ran_s": now,
+                "seconds_with_frames": len(self.seconds),
                 "last_output": self.tail if not alive else []}
 
 
@@ -161,6 +166,7 @@ def restarts(args) -> None:
         running.start()
         try:
             running.wait_live()
+            time.sleep(3)  # hlsdemux2 sometimes loses sync on a playlist only seconds old
             url = running.url()
             poller = Poller(url)
             poller.start()

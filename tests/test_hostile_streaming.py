@@ -155,6 +155,7 @@ def test_ffmpeg_restarts_keep_one_live_url(hostile):
     assert {status for status, _ in seen} == {200}, [s for s, _ in seen]
     firsts = [media_sequence(text)[0] for _, text in seen]
     assert firsts == sorted(firsts)
+    assert len({re.search(r"#EXT-X-TARGETDURATION:\d+", text).group() for _, text in seen}) == 1
     assert any("#EXT-X-DISCONTINUITY\n" in text for _, text in seen)
     assert any("#EXT-X-DISCONTINUITY-SEQUENCE:" in text for _, text in seen)
 
