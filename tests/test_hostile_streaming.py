@@ -137,8 +137,10 @@ def test_ffmpeg_restarts_keep_one_live_url(hostile):
     stop, seen = threading.Event(), []
     poller = threading.Thread(target=poll_playlist, args=(url, stop, seen), daemon=True)
     poller.start()
+    live = hostile.data_dir / "live" / "cam1"
     try:
         time.sleep(4)
+        first_run = set(live.glob("seg-*.ts"))
         for _ in range(3):
             [pid] = wait_for(lambda: ffmpeg_pids(hostile.data_dir, "cam1"), 20, "cam1's FFmpeg")
             os.kill(pid, signal.SIGKILL)
@@ -158,6 +160,10 @@ def test_ffmpeg_restarts_keep_one_live_url(hostile):
     assert len({re.search(r"#EXT-X-TARGETDURATION:\d+", text).group() for _, text in seen}) == 1
     assert any("#EXT-X-DISCONTINUITY\n" in text for _, text in seen)
     assert any("#EXT-X-DISCONTINUITY-SEQUENCE:" in text for _, text in seen)
+    # Nobody runs the first FFmpeg any more: the streamer deletes what it left behind.
+    assert first_run
+    wait_for(lambda: not any(path.exists() for path in first_run), 40,
+             "the first run's segments to be deleted")
 
 
 def fill(directory: Path) -> Path:
