@@ -134,7 +134,8 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
     outputs = (f"[{hls}]{live_dir / 'index.m3u8'}"
                f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
     return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
-            *input_args(camera.url, input_file), "-map", "0:v:0", "-an", *video_args(encode, storage.segment_seconds),
+            *input_args(camera.url, input_file), "-map", "0:v:0", "-an",
+            *video_args(encode, storage.segment_seconds),
             "-f", "tee", outputs]
 
 

@@ -3,9 +3,9 @@
 It serves what FFmpeg wrote under live/<camera>/, adjusting the playlist on the way out:
 one playlist across FFmpeg restarts (see livelist.py), a constant EXT-X-TARGETDURATION,
 an EXT-X-START three target durations from the end, and the token carried on to segment
-URLs. It never serves a stale playlist: a camera whose
-playlist stopped moving answers 503 with Retry-After, so players retry instead of
-spinning on old video (one cause of the seed's "old video after coming back").
+URLs. It never serves a stale playlist: a camera whose playlist gained no segment for the
+stale limit answers 503 with Retry-After, so players retry instead of spinning on old
+video (one cause of the seed's "old video after coming back").
 """
 
 from __future__ import annotations
@@ -95,11 +95,11 @@ def known_camera(request: web.Request) -> str:
 async def playlist(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     camera_id = known_camera(request)
-    layout = Layout(config.data_dir)
-    window = served_window(layout, camera_id, config.storage.live_segments)
+    window = served_window(Layout(config.data_dir), camera_id, config.storage.live_segments)
     if not window.segments or time.time() - window.fresh_at > stale_after(config):
+        retry = str(config.storage.segment_seconds)
         raise web.HTTPServiceUnavailable(text=f"camera {camera_id} is offline\n",
-                                         headers={"Retry-After": str(config.storage.segment_seconds)})
+                                         headers={"Retry-After": retry})
     targets = request.app[TARGETS_KEY]
     target = max(targets.get(camera_id, 0), config.storage.segment_seconds,
                  longest_segment(window))
