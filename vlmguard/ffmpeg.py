@@ -3,6 +3,7 @@
 One FFmpeg per camera reads the camera once and writes, through the tee muxer, both the
 live HLS window and the clock-aligned archive. Archives are MPEG-TS while written: a TS
 cut short by a crash still plays, and the archiver remuxes it into MP4 without re-encoding.
+Every program run from here gets child_env(), never our whole environment.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ It does no analysis and no database work, so nothing competes with serving video
 each camera it keeps FFmpeg running (restarting it alone, with backoff, when it exits or
 stalls) and hands every closed archive to the archiver by moving it from partial/ to
 closed/: a file FFmpeg's segment list names is closed; when a run ends, whatever it left
-in partial/ was cut short, still plays (MPEG-TS), and is handed over too.
+in partial/ was cut short, still plays (MPEG-TS), and is handed over too. Between runs it
+carries the ended run's live segments over (livelist.py), so the live URL survives a
+restart, and it deletes those segments once no playlist can list them.
 """
 
 from __future__ import annotations
