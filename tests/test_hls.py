@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 
@@ -13,6 +14,7 @@ from vlmguard.config import check_server_settings, load_config
 from vlmguard.errors import ConfigError
 from vlmguard.hls import create_app
 from vlmguard.layout import Layout
+from vlmguard.livelist import carry_over, read_history, write_history
 
 from conftest import write_config
 
@@ -191,3 +193,89 @@ def test_public_host_without_token_refused(tmp_path):
     for host in ("127.0.0.1", "::1", "localhost"):
         check_server_settings(load_config(write_config(
             tmp_path, f'[server]\nhost = "{host}"\n[[cameras]]\nid = "a"\nurl = "lavfi:x"\n')))
+
+
+def ffmpeg_playlist(first: int, count: int) -> str:
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-TARGETDURATION:2",
+             f"#EXT-X-MEDIA-SEQUENCE:{first}"]
+    for n in range(first, first + count):
+        lines += ["#EXTINF:2.000000,", f"seg-{n}.ts"]
+    return "\n".join(lines + ["#EXT-X-ENDLIST"]) + "\n"
+
+
+def end_run(config, first: int, count: int, camera="cam1") -> int:
+    """What the streamer does when an FFmpeg run that listed first..first+count-1 ends."""
+    layout = Layout(config.data_dir)
+    path = layout.live_history(camera)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history = carry_over(read_history(path), ffmpeg_playlist(first, count), time.time(),
+                         keep=config.storage.live_segments, stale_seconds=60)
+    write_history(path, history)
+    (layout.live(camera) / "index.m3u8").unlink(missing_ok=True)
+    return history.next_sequence
+
+
+def served(config) -> tuple[int, str]:
+    status, _headers, body = fetch(config, "GET", "/live/cam1/index.m3u8")
+    return status, body.decode()
+
+
+def listed(text: str) -> list[int]:
+    return [int(line[4:-3]) for line in text.splitlines() if line.startswith("seg-")]
+
+
+def test_playlist_continues_across_ffmpeg_runs(tmp_path):
+    config = make_config(tmp_path)
+    live = Layout(config.data_dir).live("cam1")
+    assert end_run(config, 100, 4) == 104
+    # Between runs: the last run's segments, not a 503.
+    status, text = served(config)
+    assert status == 200 and listed(text) == [100, 101, 102, 103]
+    assert "#EXT-X-ENDLIST" not in text and "#EXT-X-DISCONTINUITY\n" not in text
+    (live / "index.m3u8").write_text(ffmpeg_playlist(104, 3).replace("#EXT-X-ENDLIST\n", ""))
+    status, text = served(config)
+    assert listed(text) == [101, 102, 103, 104, 105, 106]  # live_segments = 6
+    assert "#EXT-X-MEDIA-SEQUENCE:101\n" in text
+    assert text.index("#EXT-X-DISCONTINUITY\n") < text.index("seg-104.ts")
+    assert text.index("#EXT-X-DISCONTINUITY\n") > text.index("seg-103.ts")
+    assert "#EXT-X-DISCONTINUITY-SEQUENCE" not in text
+    assert "#EXT-X-TARGETDURATION:2\n#EXT-X-START:TIME-OFFSET=-6\n" in text
+
+
+def test_discontinuity_sequence_counts_runs_scrolled_off(tmp_path):
+    config = make_config(tmp_path)
+    live = Layout(config.data_dir).live("cam1")
+    end_run(config, 100, 2)
+    end_run(config, 102, 3)
+    end_run(config, 105, 2)
+    (live / "index.m3u8").write_text(ffmpeg_playlist(107, 2).replace("#EXT-X-ENDLIST\n", ""))
+    status, text = served(config)
+    # 100-101 scrolled off with the first discontinuity: the window starts in run 1.
+    assert listed(text) == [103, 104, 105, 106, 107, 108]
+    assert "#EXT-X-MEDIA-SEQUENCE:103\n#EXT-X-DISCONTINUITY-SEQUENCE:1\n" in text
+    assert text.count("#EXT-X-DISCONTINUITY\n") == 2
+
+
+def test_ended_runs_playlist_is_not_listed_twice(tmp_path):
+    """The streamer writes the history before it removes the ended run's playlist."""
+    config = make_config(tmp_path)
+    live = Layout(config.data_dir).live("cam1")
+    live.mkdir(parents=True)
+    (live / "index.m3u8").write_text(ffmpeg_playlist(100, 3))
+    layout = Layout(config.data_dir)
+    write_history(layout.live_history("cam1"),
+                  carry_over(read_history(layout.live_history("cam1")), ffmpeg_playlist(100, 3),
+                             time.time(), keep=6, stale_seconds=60))
+    status, text = served(config)
+    assert listed(text) == [100, 101, 102]
+
+
+def test_camera_offline_between_runs_answers_503(tmp_path):
+    config = make_config(tmp_path)
+    end_run(config, 100, 3)
+    path = Layout(config.data_dir).live_history("cam1")
+    write_history(path, dataclasses.replace(read_history(path), updated=time.time() - 600))
+    assert served(config)[0] == 503
+    # The next run carries on the numbering even though the old segments are dropped.
+    assert end_run(config, 103, 0) == 103
+    assert read_history(path).segments == ()

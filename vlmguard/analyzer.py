@@ -28,7 +28,8 @@ import structlog
 
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
-from vlmguard.ffmpeg import analysis_copy_command, count_frames, ffmpeg_binary, media_duration
+from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames, ffmpeg_binary,
+                             media_duration)
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
@@ -313,7 +314,7 @@ def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: P
     target = workdir / "analysis.mp4"
     proc = subprocess.run(analysis_copy_command(binary, source, target, analysis.fps,
                                                 analysis.height),
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, env=child_env())
     if proc.returncode != 0 or not target.exists():
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",

@@ -20,7 +20,7 @@ from vlmguard.config import Config
 from vlmguard.ffmpeg import ffmpeg_binary, media_duration, remux_to_mp4
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout, archive_start
-from vlmguard.logs import configure_logging, get_logger
+from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.store import JobStore, utcnow
 
 log = get_logger("vlmguard.archiver")
@@ -67,6 +67,7 @@ class Archiver:
         self.store = store
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
+        self.noticed = Noticed()
         for camera in config.cameras:
             self.layout.make_dirs(camera.id)
 
@@ -82,12 +83,18 @@ class Archiver:
     def finalize_closed(self) -> None:
         for camera in self.config.cameras:
             for closed in sorted(self.layout.closed(camera.id).glob("*.ts")):
-                self.finalize(camera.id, closed)
+                if self.is_archive(camera.id, closed):
+                    self.finalize(camera.id, closed)
+
+    def is_archive(self, camera_id: str, path: Path) -> bool:
+        """A file named as FFmpeg names archives; anything else is logged once and skipped."""
+        if archive_start(path) is not None and path.is_file():
+            return True
+        if self.noticed.first(path):
+            log.warning("not an archive, left alone", camera_id=camera_id, file=str(path))
+        return False
 
     def finalize(self, camera_id: str, closed: Path) -> None:
-        if archive_start(closed) is None:
-            log.warning("not an archive name, left alone", camera_id=camera_id, file=str(closed))
-            return
         target = self.layout.archives(camera_id) / f"{closed.stem}.mp4"
         partial = target.with_name(target.name + ".part")
         try:
@@ -121,9 +128,9 @@ class Archiver:
         found = []
         for camera in self.config.cameras:
             for path in self.layout.archives(camera.id).iterdir():
-                start = archive_start(path)
-                if start is None:
+                if path.name.endswith(".part") or not self.is_archive(camera.id, path):
                     continue
+                start = archive_start(path)
                 try:
                     found.append(ArchiveFile(camera.id, path, start, path.stat().st_size))
                 except FileNotFoundError:

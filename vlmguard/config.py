@@ -18,9 +18,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from vlmguard.errors import ConfigError
+from vlmguard.redact import mask_url  # noqa: F401  (one redaction, re-exported)
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -341,19 +341,3 @@ def mask(_value: str) -> str:
     return "***"
 
 
-def mask_url(url: str) -> str:
-    """Hide a URL's user info (the password; a lone user name, often a token) and its query
-    string (where cameras often put tokens). A URL too broken to parse is hidden whole."""
-    if url.startswith(("lavfi:", "sqlite:")):
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    userinfo, at, host = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
-    query = "?***" if parts.query else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -3,10 +3,12 @@
 One FFmpeg per camera reads the camera once and writes, through the tee muxer, both the
 live HLS window and the clock-aligned archive. Archives are MPEG-TS while written: a TS
 cut short by a crash still plays, and the archiver remuxes it into MP4 without re-encoding.
+Every program run from here gets child_env(), never our whole environment.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +22,12 @@ DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+)")
 FRAMES = re.compile(r"frame=\s*(\d+)")
 VIDEO_CODEC = re.compile(r"Stream #\S+.*?: Video: (\w+)")
 COPYABLE_CODECS = ("h264", "hevc")
+NETWORK_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+# What the concat demuxer may open: the ffconcat file itself, then the camera.
+CONCAT_PROTOCOLS = "file,rtsp,rtsps,rtp,srtp,tcp,udp,tls,http,https,httpproxy,crypto"
+# What a child program may see of our environment: never the Gemini key or a database
+# password. MALLOC_* are the supervisor's glibc tunings, meant for FFmpeg.
+PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL")
 
 
 def ffmpeg_binary() -> str:
@@ -35,6 +43,16 @@ def ffmpeg_binary() -> str:
         raise VlmguardError(f"no ffmpeg on PATH and none from imageio-ffmpeg: {exc}") from None
 
 
+def child_env() -> dict[str, str]:
+    """The whole environment of every program we run (FFmpeg, setpriv): a minimal one."""
+    env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
+    env.update((name, value) for name, value in os.environ.items()
+               if name.startswith("MALLOC_"))
+    env.setdefault("PATH", os.defpath)
+    env["TZ"] = "UTC"
+    return env
+
+
 def parent_death_prefix() -> list[str]:
     """Run FFmpeg under `setpriv --pdeathsig KILL` so it dies with the streaming process.
 
@@ -45,7 +63,12 @@ def parent_death_prefix() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
-def input_args(url: str) -> list[str]:
+def input_args(url: str, input_file: Path | None = None) -> list[str]:
+    """How FFmpeg opens the camera. A network URL goes through input_file (see
+    write_input_file) when given, so its password is not on FFmpeg's command line."""
+    if url.startswith(NETWORK_SCHEMES) and input_file is not None:
+        return ["-f", "concat", "-safe", "0", "-protocol_whitelist", CONCAT_PROTOCOLS,
+                "-i", str(input_file)]
     if url.startswith(("rtsp://", "rtsps://")):
         return ["-rtsp_transport", "tcp", "-timeout", str(RTSP_TIMEOUT_US), "-i", url]
     if url.startswith(("http://", "https://")):
@@ -53,6 +76,24 @@ def input_args(url: str) -> list[str]:
     if url.startswith("file://"):
         return ["-re", "-stream_loop", "-1", "-i", url[len("file://"):]]
     return ["-re", "-f", "lavfi", "-i", url[len("lavfi:"):]]
+
+
+def write_input_file(path: Path, url: str) -> None:
+    """An ffconcat file naming the camera URL, readable by us alone: /proc/<pid>/cmdline
+    is readable by every local user, a 0600 file is not. The concat demuxer opens the one
+    entry with the `option` lines as input options and plays it live, as -i would."""
+    if url.startswith(("rtsp://", "rtsps://")):
+        options = ["rtsp_transport tcp", f"timeout {RTSP_TIMEOUT_US}"]
+    else:
+        options = [f"rw_timeout {RTSP_TIMEOUT_US}"]
+    quoted = "'" + url.replace("'", "'\\''") + "'"
+    text = "\n".join(["ffconcat version 1.0", f"file {quoted}",
+                      *(f"option {line}" for line in options)]) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # an older file may have had wider rights
+        handle.write(text)
 
 
 def needs_encoding(camera: CameraConfig, probed_codec: str | None) -> bool:
@@ -76,11 +117,13 @@ def tee_escape(value: str) -> str:
 
 
 def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
-                   partial_dir: Path, run_list: Path, encode: bool) -> list[str]:
+                   partial_dir: Path, run_list: Path, encode: bool,
+                   start_number: int, input_file: Path | None = None) -> list[str]:
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",
         "hls_flags=delete_segments+program_date_time+independent_segments+temp_file",
-        "hls_start_number_source=epoch",
+        # Numbered on from the previous run, so the served playlist's sequence grows by one.
+        f"start_number={start_number}",
         f"hls_segment_filename={tee_escape(str(live_dir / 'seg-%d.ts'))}",
     ])
     archive = ":".join([
@@ -93,16 +136,19 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
     outputs = (f"[{hls}]{live_dir / 'index.m3u8'}"
                f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
     return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
-            *input_args(camera.url), "-map", "0:v:0", "-an", *video_args(encode, storage.segment_seconds),
+            *input_args(camera.url, input_file), "-map", "0:v:0", "-an",
+            *video_args(encode, storage.segment_seconds),
             "-f", "tee", outputs]
 
 
-def probe_codec(binary: str, url: str, timeout: float = 20) -> str | None:
+def probe_codec(binary: str, url: str, timeout: float = 20,
+                input_file: Path | None = None) -> str | None:
     """The camera's video codec, read from `ffmpeg -i` (ffprobe is not always there)."""
-    args = [binary, "-hide_banner", *input_args(url)]
+    args = [binary, "-hide_banner", *input_args(url, input_file)]
     args = [a for a in args if a != "-re"]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                              env=child_env())
     except subprocess.TimeoutExpired:
         return None
     match = VIDEO_CODEC.search(proc.stderr)
@@ -111,7 +157,7 @@ def probe_codec(binary: str, url: str, timeout: float = 20) -> str | None:
 
 def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None:
     proc = subprocess.run([binary, "-hide_banner", "-i", str(path)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=child_env())
     match = DURATION.search(proc.stderr)
     if not match:
         return None
@@ -124,7 +170,7 @@ def remux_to_mp4(binary: str, source: Path, target: Path, timeout: float = 600) 
     proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
                            "-i", str(source), "-map", "0", "-c", "copy",
                            "-movflags", "+faststart", "-f", "mp4", str(target)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
     return proc.returncode == 0 and target.exists() and target.stat().st_size > 0
 
 

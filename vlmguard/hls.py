@@ -1,10 +1,11 @@
 """The HLS file server (aiohttp), run inside the streaming process.
 
 It serves what FFmpeg wrote under live/<camera>/, adjusting the playlist on the way out:
-a constant EXT-X-TARGETDURATION, an EXT-X-START three target durations from the end, and
-the token carried on to segment URLs. It never serves a stale playlist: a camera whose
-playlist stopped moving answers 503 with Retry-After, so players retry instead of
-spinning on old video (one cause of the seed's "old video after coming back").
+one playlist across FFmpeg restarts (see livelist.py), a constant EXT-X-TARGETDURATION,
+an EXT-X-START three target durations from the end, and the token carried on to segment
+URLs. It never serves a stale playlist: a camera whose playlist gained no segment for the
+stale limit answers 503 with Retry-After, so players retry instead of spinning on old
+video (one cause of the seed's "old video after coming back").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hmac
 import html
 import math
 import re
+import time
 from urllib.parse import quote
 
 from aiohttp import web
@@ -20,6 +22,7 @@ from aiohttp import web
 from vlmguard.api import CONFIG_KEY, add_api_routes
 from vlmguard.config import Config
 from vlmguard.layout import Layout, playlist_age, stale_after
+from vlmguard.livelist import Window, render, served_window
 
 SEGMENT_NAME = re.compile(r"seg-\d{1,20}\.ts")
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
@@ -101,45 +104,23 @@ def known_camera(request: web.Request) -> str:
 async def playlist(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     camera_id = known_camera(request)
-    live_dir = Layout(config.data_dir).live(camera_id)
-    retry = str(config.storage.segment_seconds)
-    if playlist_age(live_dir) > stale_after(config):
+    window = served_window(Layout(config.data_dir), camera_id, config.storage.live_segments)
+    if not window.segments or time.time() - window.fresh_at > stale_after(config):
+        retry = str(config.storage.segment_seconds)
         raise web.HTTPServiceUnavailable(text=f"camera {camera_id} is offline\n",
                                          headers={"Retry-After": retry})
-    try:
-        text = (live_dir / "index.m3u8").read_text()
-    except OSError:
-        raise web.HTTPServiceUnavailable(text=f"camera {camera_id} is offline\n",
-                                         headers={"Retry-After": retry}) from None
     targets = request.app[TARGETS_KEY]
-    target = max(targets.get(camera_id, 0), config.storage.segment_seconds, longest_segment(text))
+    target = max(targets.get(camera_id, 0), config.storage.segment_seconds,
+                 longest_segment(window))
     targets[camera_id] = target
     token = request.query.get("token", "")
-    body = rewrite_playlist(text, target, token)
+    body = render(window, target, f"?token={quote(token, safe='')}" if token else "")
     return web.Response(text=body, content_type=PLAYLIST_TYPE,
                         headers={"Cache-Control": "no-cache"})
 
 
-def longest_segment(text: str) -> int:
-    durations = [float(line[8:].split(",")[0]) for line in text.splitlines()
-                 if line.startswith("#EXTINF:")]
-    return math.ceil(max(durations, default=0) - 0.01)
-
-
-def rewrite_playlist(text: str, target: int, token: str) -> str:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("#EXT-X-TARGETDURATION:"):
-            out.append(f"#EXT-X-TARGETDURATION:{target}")
-            # The spec's floor for a live start point: three target durations from the end.
-            out.append(f"#EXT-X-START:TIME-OFFSET=-{3 * target}")
-        elif line.startswith("#EXT-X-ENDLIST"):
-            continue  # FFmpeg ends the list when it stops; the camera is live again soon
-        elif token and line and not line.startswith("#"):
-            out.append(f"{line}?token={quote(token, safe='')}")
-        else:
-            out.append(line)
-    return "\n".join(out) + "\n"
+def longest_segment(window: Window) -> int:
+    return math.ceil(max((s.duration for s in window.segments), default=0) - 0.01)
 
 
 async def segment(request: web.Request) -> web.StreamResponse:

@@ -25,6 +25,14 @@ class Layout:
     def live(self, camera_id: str) -> Path:
         return self.data_dir / "live" / camera_id
 
+    def live_history(self, camera_id: str) -> Path:
+        """The segments the served playlist carries over from ended FFmpeg runs."""
+        return self.live(camera_id) / "history.json"
+
+    def camera_input(self, camera_id: str) -> Path:
+        """The 0600 ffconcat file that hands FFmpeg the camera URL (off its command line)."""
+        return self.data_dir / "run" / f"camera-{camera_id}.ffconcat"
+
     def partial(self, camera_id: str) -> Path:
         return self.data_dir / "partial" / camera_id
 
@@ -48,7 +56,10 @@ def archive_start(path: Path) -> datetime | None:
     match = ARCHIVE_NAME.fullmatch(path.name)
     if not match:
         return None
-    return datetime.strptime(match.group(1), ARCHIVE_TIME).replace(tzinfo=timezone.utc)
+    try:
+        return datetime.strptime(match.group(1), ARCHIVE_TIME).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None  # shaped like ours but no such time (20261131T000000Z): a stray file
 
 
 def playlist_age(live_dir: Path) -> float:

@@ -13,6 +13,8 @@ import sys
 
 import structlog
 
+from vlmguard.redact import redact_value
+
 
 def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO") -> None:
     if json is None:
@@ -24,6 +26,7 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
     ]
     renderer = (structlog.processors.JSONRenderer() if json
                 else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
@@ -38,6 +41,7 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if json else _keep_exc_info,
+            redact_secrets,  # again: a formatted traceback can quote a URL
             renderer,
         ],
     )
@@ -51,6 +55,12 @@ def configure_logging(role: str, *, json: bool | None = None, level: str = "INFO
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
 
 
+def redact_secrets(_logger, _name, event_dict):
+    """Camera passwords and URL tokens out of every string of every event, whoever logs
+    it (FFmpeg's stderr, an aiohttp error, an exception message)."""
+    return {key: redact_value(value) for key, value in event_dict.items()}
+
+
 def _keep_exc_info(logger, name, event_dict):
     """The console renderer formats exceptions itself."""
     return event_dict
@@ -58,3 +68,16 @@ def _keep_exc_info(logger, name, event_dict):
 
 def get_logger(name: str = "vlmguard") -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class Noticed:
+    """Remembers what was already logged, so an odd file is reported once, not each loop."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+
+    def first(self, key) -> bool:
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True

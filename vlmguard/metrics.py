@@ -23,6 +23,11 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_camera_segment_age_seconds", "gauge", "Age of the newest live segment.",
            [(label(camera=c["id"]), c["segment_age_s"]) for c in cameras
             if c["segment_age_s"] is not None])
+    family("vlmguard_camera_archiving", "gauge",
+           "1 while the camera's archive is being written; 0 with the reason it stopped.",
+           [(label(camera=c["id"]) if c["archiving"] == "ok"
+             else label(camera=c["id"], reason=c["archiving"]), int(c["archiving"] == "ok"))
+            for c in cameras])
     family("vlmguard_ffmpeg_restarts_total", "counter",
            "FFmpeg restarts for the camera since the streaming process started.",
            [(label(camera=c["id"]), c["ffmpeg_restarts"]) for c in cameras])

@@ -18,7 +18,8 @@ from typing import Any
 from vlmguard.config import Config
 from vlmguard.errors import DatabaseError, UnusableDatabase
 from vlmguard.health import read_states
-from vlmguard.layout import Layout, archive_start, playlist_age, stale_after
+from vlmguard.layout import Layout, archive_start, stale_after
+from vlmguard.livelist import live_age
 from vlmguard.store import STATES, Job, JobStore, redact_url, utcnow
 
 GB = 1_000_000_000
@@ -117,13 +118,15 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
     cameras = []
     for camera in config.cameras:
         reported = live.get(camera.id, {})
-        age = playlist_age(layout.live(camera.id))
+        age = live_age(layout, camera.id, config.storage.live_segments)
         cameras.append({
             "id": camera.id,
             "online": bool(streamer and streamer.get("alive")) and age <= stale_after(config),
             "segment_age_s": round(age, 1) if age != float("inf") else None,
             "ffmpeg_restarts": reported.get("restarts", 0),
             "mode": reported.get("mode"),
+            # "ok", or "archiving stopped: <reason>" while FFmpeg's archive output is down.
+            "archiving": reported.get("archiving", "ok"),
             "hls_url": hls_url(config, camera.id),
         })
     return cameras
@@ -181,6 +184,8 @@ def problems(report: dict[str, Any]) -> list[str]:
     for camera in report["cameras"]:
         if report["daemon"]["running"] and not camera["online"]:
             found.append(f"camera {camera['id']} offline")
+        if report["daemon"]["running"] and camera["archiving"] != "ok":
+            found.append(f"camera {camera['id']} {camera['archiving']}")
     for pause in report["analysis"]["paused"]:
         found.append(f"analysis paused ({pause['provider']}): {pause['reason']}: {pause['detail']}")
     waiting = {w["state"] for w in report["workers"] if w["state"].startswith("waiting")}

@@ -4,24 +4,32 @@ It does no analysis and no database work, so nothing competes with serving video
 each camera it keeps FFmpeg running (restarting it alone, with backoff, when it exits or
 stalls) and hands every closed archive to the archiver by moving it from partial/ to
 closed/: a file FFmpeg's segment list names is closed; when a run ends, whatever it left
-in partial/ was cut short, still plays (MPEG-TS), and is handed over too.
+in partial/ was cut short, still plays (MPEG-TS), and is handed over too. Between runs it
+carries the ended run's live segments over (livelist.py), so the live URL survives a
+restart, and it deletes those segments once no playlist can list them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
 
 from vlmguard.config import CameraConfig, Config, check_server_settings
-from vlmguard.ffmpeg import camera_command, ffmpeg_binary, needs_encoding, probe_codec
+from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_binary,
+                             needs_encoding, probe_codec, write_input_file)
 from vlmguard.health import Beat, write_state
 from vlmguard.hls import create_app
 from vlmguard.httpguard import start_server
 from vlmguard.layout import Layout, stale_after
-from vlmguard.logs import configure_logging, get_logger
+from vlmguard.livelist import (SEGMENT_URI, carry_over, live_age, read_history,
+                               served_window, write_history)
+from vlmguard.logs import Noticed, configure_logging, get_logger
 
 log = get_logger("vlmguard.streamer")
 
@@ -31,6 +39,13 @@ STOP_TIMEOUT_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 10.0
 STABLE_RUN_SECONDS = 60.0
 REPORT_SECONDS = 1.0
+PRUNE_SECONDS = 2.0
+# Free space on the archive disk before FFmpeg is restarted after a full disk.
+ARCHIVE_ROOM_BYTES = 16 * 1024 * 1024
+ROOM_AGAIN = "archive output failed; there is room again"
+# tee: "Slave muxer #1 failed: No space left on device, continuing with 1/2 slaves."
+ARCHIVE_SLAVE_FAILED = re.compile(r"[Ss]lave muxer #1 failed(?::\s*([^,]+))?")
+LIVE_FILES = ("index.m3u8", "history.json")
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -52,9 +67,9 @@ class Streamer:
     async def run(self) -> None:
         stop = asyncio.Event()
         self.watch_for_stop(stop)
-        for camera in self.config.cameras:
-            self.layout.make_dirs(camera.id)
-            hand_over_leftovers(self.layout, camera.id)
+        for feed in self.feeds:
+            self.layout.make_dirs(feed.camera.id)
+            hand_over_leftovers(self.layout, feed.camera.id, feed.noticed)
         runner = await start_server(create_app(self.config), self.config)
         log.info("hls server listening", host=self.config.server.host,
                  port=self.config.server.port, cameras=len(self.feeds))
@@ -79,13 +94,17 @@ class Streamer:
                 pass
 
 
-def hand_over_leftovers(layout: Layout, camera_id: str) -> None:
+def hand_over_leftovers(layout: Layout, camera_id: str, noticed: Noticed) -> None:
     """Everything in partial/ belongs to an FFmpeg that is gone: it is closed now."""
     partial = layout.partial(camera_id)
-    for path in sorted(partial.glob("*.ts")):
-        move_to_closed(layout, camera_id, path.name)
-    for run_list in partial.glob("run-*.csv"):
-        run_list.unlink(missing_ok=True)
+    for path in sorted(partial.iterdir()):
+        if path.suffix == ".ts" and path.is_file():
+            move_to_closed(layout, camera_id, path.name)
+        elif path.name.startswith("run-") and path.suffix == ".csv" and path.is_file():
+            path.unlink(missing_ok=True)
+        elif noticed.first(path):
+            log.warning("unexpected entry in partial dir, left alone", camera_id=camera_id,
+                        entry=str(path))
 
 
 def move_to_closed(layout: Layout, camera_id: str, name: str) -> None:
@@ -97,11 +116,20 @@ def move_to_closed(layout: Layout, camera_id: str, name: str) -> None:
         source.rename(layout.closed(camera_id) / name)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        log.error("archive not handed over, will retry", camera_id=camera_id, file=name,
+                  error=str(exc))
+        return
     log.info("archive closed", camera_id=camera_id, file=name)
 
 
 class CameraFeed:
-    """Keeps one camera's FFmpeg running and hands its closed archives on."""
+    """Keeps one camera's FFmpeg running and hands its closed archives on.
+
+    FFmpeg's archive output can fail alone (a full disk): tee carries on with the live
+    output and never reopens the archive. The feed reads that from FFmpeg's log, reports
+    "archiving stopped: <reason>", and restarts FFmpeg as soon as there is room again.
+    """
 
     def __init__(self, config: Config, camera: CameraConfig, layout: Layout, binary: str):
         self.config = config
@@ -110,38 +138,74 @@ class CameraFeed:
         self.binary = binary
         self.restarts = 0
         self.encode: bool | None = None
+        self.noticed = Noticed()
+        self.archive_problem: str | None = None  # why archiving stopped, None when it runs
+        self.archive_failed_in_run = False
+        self.run_start = 0  # the current run's first segment number
+        self.listed_segments = False  # the last run put segments in the playlist
+        self.pruned_at = 0.0
+        self.input_file: Path | None = None
+
+    def hide_camera_url(self) -> Path | None:
+        """A network camera's URL goes to FFmpeg in a 0600 file, not on its command line."""
+        if not self.camera.url.startswith(NETWORK_SCHEMES):
+            return None
+        path = self.layout.camera_input(self.camera.id)
+        try:
+            write_input_file(path, self.camera.url)
+        except OSError as exc:
+            log.error("camera URL file not written: the URL goes on FFmpeg's command line",
+                      camera_id=self.camera.id, error=str(exc))
+            return None
+        return path
 
     def health(self) -> dict:
-        age = newest_age(self.layout.live(self.camera.id) / "index.m3u8")
+        age = live_age(self.layout, self.camera.id, self.config.storage.live_segments)
         return {"online": age <= stale_after(self.config),
                 "segment_age_s": round(age, 1) if age != float("inf") else None,
                 "restarts": self.restarts,
-                "mode": None if self.encode is None else ("encode" if self.encode else "copy")}
+                "mode": None if self.encode is None else ("encode" if self.encode else "copy"),
+                "archiving": ("ok" if self.archive_problem is None
+                              else f"archiving stopped: {self.archive_problem}")}
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.input_file = self.hide_camera_url()
         backoff = 1.0
         while not stop.is_set():
             started = time.monotonic()
             reason = await self.run_once(stop)
             if stop.is_set():
                 break
-            if time.monotonic() - started > STABLE_RUN_SECONDS:
+            if time.monotonic() - started > STABLE_RUN_SECONDS or self.listed_segments:
                 backoff = 1.0
+            # A run that was delivering video is restarted at once: players are waiting
+            # on the live URL. One that produced nothing backs off.
+            wait = 0.0 if self.listed_segments or reason == ROOM_AGAIN else backoff
             self.restarts += 1
             log.warning("ffmpeg restarting", camera_id=self.camera.id, reason=reason,
-                        backoff_s=backoff, restarts=self.restarts)
+                        backoff_s=wait, restarts=self.restarts)
+            if wait:
+                await self.pause(stop, wait)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def pause(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait before a restart; cut short when the disk that filled up has room again."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            if self.archive_failed_in_run and self.room_for_archives():
+                return
             try:
-                await asyncio.wait_for(stop.wait(), backoff)
+                await asyncio.wait_for(stop.wait(), min(CHECK_INTERVAL, seconds))
             except asyncio.TimeoutError:
                 pass
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def decide_encoding(self) -> bool | None:
         """Copy or encode; None while an "auto" camera can't be reached to tell."""
         if self.encode is None:
             codec = None
             if self.camera.transcode == "auto" and not self.camera.url.startswith("lavfi:"):
-                codec = await asyncio.to_thread(probe_codec, self.binary, self.camera.url)
+                codec = await asyncio.to_thread(probe_codec, self.binary, self.camera.url,
+                                                input_file=self.input_file)
                 if codec is None:
                     return None
             self.encode = needs_encoding(self.camera, codec)
@@ -152,28 +216,98 @@ class CameraFeed:
     async def run_once(self, stop: asyncio.Event) -> str:
         """One FFmpeg run; returns why it ended."""
         live = self.layout.live(self.camera.id)
-        for stale in live.iterdir():
-            stale.unlink(missing_ok=True)
+        self.run_start = self.carry_over_live()
+        self.listed_segments = False
         encode = await self.decide_encoding()
         if encode is None:
             return "camera unreachable: no video stream found"
         run_list = self.layout.partial(self.camera.id) / f"run-{time.time_ns()}.csv"
         command = camera_command(self.binary, self.camera, self.config.storage, live,
-                                 self.layout.partial(self.camera.id), run_list, encode)
+                                 self.layout.partial(self.camera.id), run_list, encode,
+                                 self.run_start, self.input_file)
+        self.archive_failed_in_run = False
         # Forked from the event-loop thread, so the parent-death signal stays armed.
         proc = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "TZ": "UTC"})
-        log.info("ffmpeg started", camera_id=self.camera.id, pid=proc.pid)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_env())
+        log.info("ffmpeg started", camera_id=self.camera.id, pid=proc.pid,
+                 first_segment=self.run_start)
         stderr = asyncio.create_task(self.log_stderr(proc))
         reason = await self.supervise(proc, stop, run_list, live)
         await stderr
+        # carry_over_live removed the last run's playlist: one there now is this run's.
+        self.listed_segments = (live / "index.m3u8").exists()
         hand_over_listed(self.layout, self.camera.id, run_list, 0)
-        hand_over_leftovers(self.layout, self.camera.id)
+        hand_over_leftovers(self.layout, self.camera.id, self.noticed)
         log.info("ffmpeg ended", camera_id=self.camera.id, reason=reason,
                  returncode=proc.returncode)
         return reason
+
+    def carry_over_live(self) -> int:
+        """Carry the ended run's segments into the served playlist's history, clear its
+        playlist and half-written files; returns the number the next run starts at."""
+        live = self.layout.live(self.camera.id)
+        playlist = live / "index.m3u8"
+        try:
+            ended_at, text = playlist.stat().st_mtime, playlist.read_text()
+        except OSError:
+            ended_at, text = 0.0, None
+        history_path = self.layout.live_history(self.camera.id)
+        history = carry_over(read_history(history_path), text, ended_at,
+                             self.config.storage.live_segments, stale_after(self.config))
+        if history.next_sequence is None:
+            # First run ever: start from the clock, so numbers keep growing across reboots.
+            history = dataclasses.replace(history, next_sequence=int(time.time()))
+        try:
+            write_history(history_path, history)
+            playlist.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("live history not saved", camera_id=self.camera.id, error=str(exc))
+        for entry in live.iterdir():
+            if entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)  # FFmpeg's half-written segment or playlist
+        return history.next_sequence
+
+    def prune_live(self) -> None:
+        """Delete earlier runs' segments once no playlist can list them; FFmpeg deletes
+        its own run's. A removed segment stays downloadable for the spec's time."""
+        now = time.time()
+        if now - self.pruned_at < PRUNE_SECONDS:
+            return
+        self.pruned_at = now
+        storage = self.config.storage
+        live = self.layout.live(self.camera.id)
+        keep_seconds = stale_after(self.config) + \
+            (2 * storage.live_segments + 2) * storage.segment_seconds
+        listed = {s.sequence for s in served_window(self.layout, self.camera.id,
+                                                    storage.live_segments).segments}
+        for entry in live.iterdir():
+            match = SEGMENT_URI.fullmatch(entry.name)
+            if match is None:
+                if entry.name not in LIVE_FILES and not entry.name.endswith(".tmp") and \
+                        self.noticed.first(entry):
+                    log.warning("unexpected entry in live dir, left alone",
+                                camera_id=self.camera.id, entry=str(entry))
+                continue
+            sequence = int(match.group(1))
+            if sequence >= self.run_start or sequence in listed:
+                continue
+            if newest_age(entry) > keep_seconds and entry.is_file():
+                entry.unlink(missing_ok=True)
+
+    def room_for_archives(self) -> bool:
+        try:
+            return shutil.disk_usage(self.layout.partial(self.camera.id)).free >= ARCHIVE_ROOM_BYTES
+        except OSError:
+            return False
+
+    def archive_written(self) -> bool:
+        """Whether this run's archive file has footage in it."""
+        try:
+            return any(p.suffix == ".ts" and p.stat().st_size > 0
+                       for p in self.layout.partial(self.camera.id).iterdir())
+        except OSError:
+            return False
 
     async def supervise(self, proc, stop: asyncio.Event, run_list: Path, live: Path) -> str:
         started = time.monotonic()
@@ -186,9 +320,19 @@ class CameraFeed:
             except asyncio.TimeoutError:
                 pass
             offset = hand_over_listed(self.layout, self.camera.id, run_list, offset)
+            self.prune_live()
             if stop.is_set():
                 await self.stop_ffmpeg(proc)
                 return "stopping"
+            if self.archive_failed_in_run and self.room_for_archives():
+                log.warning("room for archives again: restarting ffmpeg",
+                            camera_id=self.camera.id)
+                await self.stop_ffmpeg(proc)
+                return ROOM_AGAIN
+            if self.archive_problem is not None and not self.archive_failed_in_run and \
+                    self.archive_written():
+                log.info("archiving again", camera_id=self.camera.id)
+                self.archive_problem = None
             if time.monotonic() - started > START_GRACE_SECONDS and \
                     newest_age(live / "index.m3u8") > stall_limit:
                 log.warning("ffmpeg stalled", camera_id=self.camera.id, limit_s=stall_limit)
@@ -216,7 +360,19 @@ class CameraFeed:
         while line := await proc.stderr.readline():
             text = line.decode(errors="replace").strip()
             if text:
+                self.read_ffmpeg_line(text)
                 log.warning("ffmpeg says", camera_id=self.camera.id, line=text[:500])
+
+    def read_ffmpeg_line(self, text: str) -> None:
+        """Spot the archive output failing (tee's slave #1) or the disk filling up."""
+        failed = ARCHIVE_SLAVE_FAILED.search(text)
+        if failed:
+            self.archive_failed_in_run = True
+            self.archive_problem = failed.group(1) or "the archive output failed"
+            log.error("archiving stopped", camera_id=self.camera.id, reason=self.archive_problem)
+        elif "No space left on device" in text:
+            self.archive_failed_in_run = True
+            self.archive_problem = self.archive_problem or "No space left on device"
 
 
 def hand_over_listed(layout: Layout, camera_id: str, run_list: Path, offset: int) -> int:
