@@ -32,7 +32,7 @@ from vlmguard.config import (FFMPEG_PATH_CHARS, SECTIONS, CameraConfig, StorageC
                              load_config, masked)
 from vlmguard.errors import ConfigError
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary
-from vlmguard.store import JobStore, Outcome
+from vlmguard.store import JobStore
 
 from conftest import write_config
 from daemon import RunningVlmguard
@@ -252,7 +252,7 @@ def run_camera_ffmpeg(data_dir: Path, seconds: float) -> tuple[Path, Path]:
         folder.mkdir(parents=True)
     camera = CameraConfig(id="a", url="lavfi:testsrc2=size=160x120:rate=10")
     command = camera_command(ffmpeg_binary(), camera, StorageConfig(segment_seconds=1), live,
-                             partial, partial / "run-1.csv", True)
+                             partial, partial / "run-1.csv", True, 0)
     # Run from the folder's parent: a split output spec lands relative to the cwd.
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=data_dir.parent)

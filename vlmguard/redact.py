@@ -15,10 +15,22 @@ TRAILING = ":.,;)]}"
 
 
 def mask_url(url: str) -> str:
-    """A URL with its userinfo password and its query string replaced by ***."""
+    """A URL with its userinfo password and its query string replaced by ***.
+
+    A whole value known to be one URL is masked by its last "@" before the query, not by
+    the free-text pattern: a password may hold quotes, slashes or "#", which end a URL in
+    free text but not here. Masking too much (an "@" in a path) is the safe way to err."""
     if url.startswith(("lavfi:", "sqlite:")):
         return url
-    return redact_text(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return redact_text(url)
+    head, question, query = rest.partition("?")
+    if "@" in head:
+        userinfo, host = head.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        head = f"{user}:{MASK}@{host}" if ":" in userinfo else f"{MASK}@{host}"
+    return f"{scheme}{sep}{head}" + (f"?{MASK}" if question and query else "")
 
 
 def redact_text(text: str) -> str:
