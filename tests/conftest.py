@@ -77,3 +77,28 @@ def config_file(tmp_path):
         id = "cam2"
         url = "rtsp://user:secret@127.0.0.1:8554/cam2"
     """)
+
+
+@pytest.fixture
+def gemini():
+    """The project's Gemini-protocol server on 127.0.0.1, for the real google-genai SDK."""
+    from gemini_server import FakeGemini  # it imports this module's helpers
+
+    with FakeGemini() as server:
+        yield server
+
+
+@pytest.fixture
+def vlmguard(tmp_path, gemini):
+    """Start `vlmguard run` processes against the test Gemini; killed at the end."""
+    from daemon import RunningVlmguard  # it imports this module's helpers
+
+    started = []
+
+    def start(**kwargs) -> RunningVlmguard:
+        daemon = RunningVlmguard(tmp_path, gemini.base_url, **kwargs).start()
+        started.append(daemon)
+        return daemon
+    yield start
+    for daemon in started:
+        daemon.kill()

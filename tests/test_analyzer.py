@@ -20,7 +20,7 @@ from vlmguard.config import load_config
 from vlmguard.store import JobStore, utcnow
 
 from conftest import write_config
-from gemini_server import VALID_KEY, FakeGemini
+from gemini_server import VALID_KEY
 
 SPAWN = multiprocessing.get_context("spawn")
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
@@ -44,12 +44,6 @@ def gop4_archive(tmp_path_factory) -> Path:
                     "-t", "12", "-c:v", "libx264", "-preset", "ultrafast", "-g", "100",
                     "-pix_fmt", "yuv420p", str(path)], check=True, timeout=120)
     return path
-
-
-@pytest.fixture
-def gemini():
-    with FakeGemini() as server:
-        yield server
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def test_budget_keeps_archives_still_to_be_analysed(tmp_path):
 
 
 def test_disk_nearly_full_deletes_even_unanalysed_archives(tmp_path, capsys):
-    archiver, store, layout = make_archiver(tmp_path, min_free_gb=1_000_000)
+    archiver, store, layout = make_archiver(tmp_path, min_free_gb=100_000)
     paths = fill_archives(layout, 2)
     start = datetime.now(timezone.utc)
     store.register("cam1", paths[0], start, start)

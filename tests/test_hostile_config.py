@@ -35,8 +35,6 @@ from vlmguard.ffmpeg import camera_command, ffmpeg_binary
 from vlmguard.store import JobStore
 
 from conftest import write_config
-from daemon import RunningVlmguard
-from gemini_server import FakeGemini
 from test_streamer import wait_for
 from test_supervisor import alive, descendants
 
@@ -475,25 +473,6 @@ def test_lower_priority_sets_best_effort_7():
 
 
 # -- items 11, 12, 14: the running daemon ----------------------------------------------------
-
-@pytest.fixture
-def gemini():
-    with FakeGemini() as server:
-        yield server
-
-
-@pytest.fixture
-def vlmguard(tmp_path, gemini):
-    started = []
-
-    def start(**kwargs) -> RunningVlmguard:
-        daemon = RunningVlmguard(tmp_path, gemini.base_url, **kwargs).start()
-        started.append(daemon)
-        return daemon
-    yield start
-    for daemon in started:
-        daemon.kill()
-
 
 def test_children_die_with_the_supervisor_even_when_a_sibling_is_stopped(vlmguard):
     daemon = vlmguard(workers=1)

@@ -8,19 +8,11 @@ import sys
 import urllib.error
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import RunningVlmguard
-from gemini_server import FakeGemini
 from test_streamer import wait_for
 from test_supervisor import status_counts
-
-
-@pytest.fixture
-def gemini():
-    with FakeGemini() as server:
-        yield server
 
 
 def status(daemon, *args):

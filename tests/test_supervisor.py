@@ -13,32 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RunningVlmguard
-from gemini_server import FakeGemini
 from test_streamer import decoded_frames, wait_for
 from vlmguard.status import daemon_pid
 from vlmguard.store import JobStore
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def gemini():
-    with FakeGemini() as server:
-        yield server
-
-
-@pytest.fixture
-def vlmguard(tmp_path, gemini):
-    started = []
-
-    def start(**kwargs) -> RunningVlmguard:
-        daemon = RunningVlmguard(tmp_path, gemini.base_url, **kwargs).start()
-        started.append(daemon)
-        return daemon
-    yield start
-    for daemon in started:
-        daemon.kill()
 
 
 def db_rows(daemon, query: str) -> list[tuple]:
