@@ -153,3 +153,39 @@ def count_frames(binary: str, path: Path, timeout: float = 120) -> int | None:
                           timeout=timeout)
     found = FRAMES.findall(proc.stderr)
     return int(found[-1]) if proc.returncode == 0 and found else None
+
+
+SHOWINFO_PTS = re.compile(r"\[Parsed_showinfo.*?\bn:\s*(\d+).*?\bpts_time:\s*([-\d.]+)")
+
+
+def distinct_frames_command(binary: str, source: Path, pattern: Path) -> list[str]:
+    """JPEGs of the frames of source that differ from the last one kept (mpdecimate's
+    defaults tolerate sensor noise and compression flicker), timed from the first frame;
+    showinfo logs each kept frame's time. The source is the small keyframe copy, so this
+    decodes a few dozen frames."""
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "info", "-y", "-threads", "1",
+            "-i", str(source), "-map", "0:v:0", "-an",
+            "-vf", "setpts=PTS-STARTPTS,mpdecimate,showinfo", "-fps_mode", "vfr",
+            "-q:v", "5", "-threads", "1", str(pattern)]
+
+
+def frame_offsets(stderr: str) -> list[float]:
+    """The kept frames' times, in output order, from the showinfo lines."""
+    return [float(t) for _n, t in SHOWINFO_PTS.findall(stderr)]
+
+
+def grid_command(binary: str, frames: list[tuple[Path, str]], target: Path, columns: int,
+                 rows: int, tile_width: int) -> list[str]:
+    """One JPEG tiling the frames left to right, top to bottom, each labelled (text
+    burned in its top-left corner) and scaled to tile_width."""
+    inputs: list[str] = []
+    chains = []
+    for n, (path, text) in enumerate(frames):
+        inputs += ["-i", str(path)]
+        chains.append(f"[{n}:v]scale={tile_width}:-2,drawtext=text='{text}':fontsize=20:"
+                      f"fontcolor=white:box=1:boxcolor=black@0.7:x=4:y=4[v{n}]")
+    joined = "".join(f"[v{n}]" for n in range(len(frames)))
+    graph = ";".join(chains) + (f";{joined}concat=n={len(frames)}:v=1:a=0,"
+                                f"tile={columns}x{rows}:padding=4")
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *inputs,
+            "-filter_complex", graph, "-frames:v", "1", "-q:v", "4", str(target)]
