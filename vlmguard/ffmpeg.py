@@ -177,13 +177,14 @@ def frame_offsets(stderr: str) -> list[float]:
 def grid_command(binary: str, frames: list[tuple[Path, str]], target: Path, columns: int,
                  rows: int, tile_width: int) -> list[str]:
     """One JPEG tiling the frames left to right, top to bottom, each labelled (text
-    burned in its top-left corner) and scaled to tile_width."""
+    burned in its top-left corner) and scaled down to tile_width at most."""
     inputs: list[str] = []
     chains = []
     for n, (path, text) in enumerate(frames):
         inputs += ["-i", str(path)]
-        chains.append(f"[{n}:v]scale={tile_width}:-2,drawtext=text='{text}':fontsize=20:"
-                      f"fontcolor=white:box=1:boxcolor=black@0.7:x=4:y=4[v{n}]")
+        chains.append(f"[{n}:v]scale=w='min(iw\\,{tile_width})':h=-2,"
+                      f"drawtext=text='{text}':fontsize=20:fontcolor=white:box=1:"
+                      f"boxcolor=black@0.7:x=4:y=4[v{n}]")
     joined = "".join(f"[v{n}]" for n in range(len(frames)))
     graph = ";".join(chains) + (f";{joined}concat=n={len(frames)}:v=1:a=0,"
                                 f"tile={columns}x{rows}:padding=4")

@@ -13,6 +13,7 @@ Create a JobStore in the process that uses it, never before a fork.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 import sqlite3
 import time
@@ -24,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
                         Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        case, create_engine, event, func, select, text, update)
+                        case, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
@@ -150,6 +151,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE provider_pauses ADD COLUMN last_error TEXT",
         "ALTER TABLE provider_pauses ADD COLUMN last_error_at TIMESTAMP"),
 }
+ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 
 # The hot statements are built once: constructing Core statements per call cost more than
@@ -337,7 +339,8 @@ class JobStore:
                                 f"vlmguard understands ({SCHEMA_VERSION}); upgrade vlmguard")
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS.get(step, ()):
-                conn.execute(text(statement))
+                if not already_added(conn, statement):
+                    conn.execute(text(statement))
         if version < SCHEMA_VERSION:
             conn.execute(update(meta_table).where(meta_table.c.key == "schema_version")
                          .values(value=str(SCHEMA_VERSION)))
@@ -545,7 +548,7 @@ class JobStore:
         with self.read() as conn:
             return conn.execute(select(func.max(jobs.c.segment_start))
                                 .where(jobs.c.camera_id == camera_id,
-                                       jobs.c.status.in_(("completed", "processing")),
+                                       jobs.c.status == "completed",
                                        jobs.c.provider.is_not(None))).scalar()
 
     def paused_providers(self) -> list[Pause]:
@@ -724,6 +727,16 @@ class JobStore:
                  .order_by(jobs.c.completed_at.desc(), jobs.c.id.desc()).limit(limit))
         with self.read() as conn:
             return [Job.from_row(row) for row in conn.execute(query)]
+
+
+def already_added(conn: Connection, statement: str) -> bool:
+    """A table newer than the database's version was made whole by create_all just before
+    the migration; its ADD COLUMN steps must then be skipped."""
+    found = ADD_COLUMN.match(statement)
+    if not found:
+        return False
+    table, column = found.groups()
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
 
 
 def dialect_insert(engine: Engine):
