@@ -291,6 +291,21 @@ def test_active_and_changing_scenes_are_sent_every_time(setup, local, clips):
     assert len(local.requests) == 5
 
 
+def test_static_check_shows_a_video_model_one_picture(setup, gemini, clips):
+    """The periodic look at a still camera asks whether it still sees: one frame, not ten
+    minutes of the same picture billed by the second."""
+    config, store = setup(order=("cloud",), static_check_minutes=30)
+    still = run_job(config, store, clips["static"])
+    busy = run_job(config, store, clips["busy"], T0 + timedelta(minutes=10))
+    assert (still.provider, busy.provider) == ("cloud", "cloud")
+    first, second = (request["contents"][0]["parts"] for request in gemini.generate_requests)
+    metadata = first[0].get("videoMetadata") or first[0]["video_metadata"]
+    assert metadata["fps"] == 1.0
+    assert "did not change at all during the whole 12-second recording" in first[1]["text"]
+    assert still.prompt_tokens < busy.prompt_tokens
+    assert still.total_tokens < busy.total_tokens
+
+
 def test_gating_off_sends_every_static_clip(setup, local, clips):
     config, store = setup(static_check_minutes=0)
     jobs = [run_job(config, store, clips["static"], T0 + timedelta(minutes=10 * n))

@@ -34,7 +34,8 @@ import structlog
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, count_frames, distinct_frames_command,
-                             ffmpeg_binary, frame_offsets, media_duration)
+                             ffmpeg_binary, frame_offsets, media_duration,
+                             still_video_command)
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
@@ -284,6 +285,8 @@ class Worker:
         if self.skip_static(job, clip):
             log.info("static clip, no request", frames=len(clip.frames))
             return no_activity()
+        if self.gating and len(clip.frames) == 1:
+            clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
         camera = self.config.camera(job.camera_id)
         prompt = build_prompt(camera.prompt if camera else "", clip)
         failures: list[tuple[str, AnalysisError]] = []
@@ -407,6 +410,17 @@ def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: P
     if analysis.mode == "original":
         copy = prepare_video(binary, replace(analysis, mode="reduced"), source, workdir).path
     return replace(clip, frames=distinct_frames(binary, copy, workdir / "frames"))
+
+
+def still_clip(binary: str, clip: Clip, workdir: Path) -> Clip:
+    """A clip in which nothing changed, as its one picture (a one-frame video for the
+    providers that take video): the static check asks whether the camera still sees."""
+    target = workdir / "still.mp4"
+    proc = subprocess.run(still_video_command(binary, clip.frames[0].path, target),
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or not target.exists():
+        return clip  # the full clip answers the same question, at a higher price
+    return replace(clip, path=target, fps=1.0, mime_type="video/mp4", still=True)
 
 
 def distinct_frames(binary: str, copy: Path, directory: Path) -> tuple[Frame, ...]:

@@ -190,3 +190,12 @@ def grid_command(binary: str, frames: list[tuple[Path, str]], target: Path, colu
                                 f"tile={columns}x{rows}:padding=4")
     return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *inputs,
             "-filter_complex", graph, "-frames:v", "1", "-q:v", "4", str(target)]
+
+
+def still_video_command(binary: str, picture: Path, target: Path) -> list[str]:
+    """A one-frame, one-second H.264 video of a picture: what a video model is shown of a
+    clip in which nothing changed (it bills video by the second)."""
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+            "-framerate", "1", "-i", str(picture), "-frames:v", "1", "-r", "1",
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "30", "-threads", "1",
+            "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(target)]

@@ -130,6 +130,8 @@ class Clip:
     mime_type: str = "video/mp4"
     # The keyframes left after near-duplicates were dropped (empty when not extracted).
     frames: tuple[Frame, ...] = ()
+    # Nothing changed in the whole clip: path is a one-frame video of that one picture.
+    still: bool = False
 
     @property
     def frame_interval_s(self) -> float:
@@ -212,6 +214,10 @@ def build_prompt(site_context: str, clip: Clip | None = None) -> str:
 def describe_frames(clip: Clip | None) -> str:
     if clip is None:
         return "frames sampled from a CCTV recording"
+    if clip.still:
+        return (f"one frame, because the picture did not change at all during the whole "
+                f"{clip.duration_s:.0f}-second recording (check that the camera is not "
+                f"covered, frozen or pointed away)")
     return (f"keyframes about {clip.frame_interval_s:.0f} s apart from a "
             f"{clip.duration_s:.0f}-second recording")
 
