@@ -44,6 +44,12 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         # Gray for 6 s, then the test pattern: the one change of an otherwise still scene.
         "changes": encode(folder / "changes.mp4", f"color=c=gray:{size}:d=6[a];"
                           f"testsrc2={size}:d=6[b];[a][b]concat=n=2:v=1"),
+        # A still scene under sensor noise, and the same with one small figure walking.
+        "noisy": encode(folder / "noisy.mp4", "color=c=0x606060:size=640x360:rate=25,"
+                        "noise=alls=16:allf=t"),
+        "walker": encode(folder / "walker.mp4", "color=c=0x606060:size=640x360:rate=25,"
+                         "noise=alls=16:allf=t[bg];color=c=0x803030:size=16x40:rate=25[p];"
+                         "[bg][p]overlay=x='t*40':y=150"),
         "rgb": encode(folder / "rgb.mp4", f"color=c=red:{size}:d=4[r];color=c=lime:{size}:d=4[g];"
                       f"color=c=blue:{size}:d=4[b];[r][g][b]concat=n=3:v=1"),
     }
@@ -289,6 +295,15 @@ def test_active_and_changing_scenes_are_sent_every_time(setup, local, clips):
             for n in range(3)]
     assert [j.provider for j in busy] == ["local"] * 3
     assert len(local.requests) == 5
+
+
+def test_sensor_noise_is_no_activity_but_a_small_figure_walking_is(setup, local, clips):
+    config, store = setup(static_check_minutes=30)
+    assert run_job(config, store, clips["noisy"]).provider == "local"  # the first clip
+    assert run_job(config, store, clips["noisy"], T0 + timedelta(minutes=10)).provider is None
+    walker = run_job(config, store, clips["walker"], T0 + timedelta(minutes=20))
+    assert walker.provider == "local"
+    assert len(local.requests[-1]["images"]) == 6  # every keyframe shows it somewhere new
 
 
 def test_static_check_shows_a_video_model_one_picture(setup, gemini, clips):

@@ -409,7 +409,8 @@ def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: P
     copy = clip.path
     if analysis.mode == "original":
         copy = prepare_video(binary, replace(analysis, mode="reduced"), source, workdir).path
-    return replace(clip, frames=distinct_frames(binary, copy, workdir / "frames"))
+    return replace(clip, frames=distinct_frames(binary, copy, workdir / "frames",
+                                                analysis.change_threshold))
 
 
 def still_clip(binary: str, clip: Clip, workdir: Path) -> Clip:
@@ -423,11 +424,13 @@ def still_clip(binary: str, clip: Clip, workdir: Path) -> Clip:
     return replace(clip, path=target, fps=1.0, mime_type="video/mp4", still=True)
 
 
-def distinct_frames(binary: str, copy: Path, directory: Path) -> tuple[Frame, ...]:
+def distinct_frames(binary: str, copy: Path, directory: Path,
+                    threshold: int) -> tuple[Frame, ...]:
     """The copy's keyframes with near-duplicates dropped (FFmpeg's mpdecimate): one frame
     left means nothing changed in the whole clip."""
     directory.mkdir()
-    proc = subprocess.run(distinct_frames_command(binary, copy, directory / "frame_%04d.jpg"),
+    proc = subprocess.run(distinct_frames_command(binary, copy, directory / "frame_%04d.jpg",
+                                                  threshold),
                           capture_output=True, text=True, timeout=600)
     paths = sorted(directory.glob("frame_*.jpg"))
     offsets = frame_offsets(proc.stderr)

@@ -84,6 +84,8 @@ class AnalysisConfig:
     # A clip in which no frame differs from the first is not sent, except once this often
     # per camera (a covered or frozen camera must still be seen). 0: send every clip.
     static_check_minutes: float = opt(30.0, lo=0, hi=1440)
+    # Grey levels (mean over an 8x8 block) that count as a change between keyframes.
+    change_threshold: int = opt(24, lo=1, hi=255)
 
 
 @dataclass(frozen=True)

@@ -158,14 +158,18 @@ def count_frames(binary: str, path: Path, timeout: float = 120) -> int | None:
 SHOWINFO_PTS = re.compile(r"\[Parsed_showinfo.*?\bn:\s*(\d+).*?\bpts_time:\s*([-\d.]+)")
 
 
-def distinct_frames_command(binary: str, source: Path, pattern: Path) -> list[str]:
-    """JPEGs of the frames of source that differ from the last one kept (mpdecimate's
-    defaults tolerate sensor noise and compression flicker), timed from the first frame;
-    showinfo logs each kept frame's time. The source is the small keyframe copy, so this
+def distinct_frames_command(binary: str, source: Path, pattern: Path,
+                            threshold: int) -> list[str]:
+    """JPEGs of the frames of source that differ from the last one kept, timed from the
+    first frame; showinfo logs each kept frame's time. A frame differs when any 8x8 block
+    changed by more than threshold grey levels on average, or a third of the blocks by
+    half that (mpdecimate's hi, lo and frac): sensor noise and compression flicker stay
+    below it, a person entering does not. The source is the small keyframe copy, so this
     decodes a few dozen frames."""
+    decimate = f"mpdecimate=hi={64 * threshold}:lo={32 * threshold}:frac=0.33"
     return [binary, "-hide_banner", "-nostdin", "-loglevel", "info", "-y", "-threads", "1",
             "-i", str(source), "-map", "0:v:0", "-an",
-            "-vf", "setpts=PTS-STARTPTS,mpdecimate,showinfo", "-fps_mode", "vfr",
+            "-vf", f"setpts=PTS-STARTPTS,{decimate},showinfo", "-fps_mode", "vfr",
             "-q:v", "5", "-threads", "1", str(pattern)]
 
 
