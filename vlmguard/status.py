@@ -242,6 +242,7 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
                    "thoughts": job.thoughts_tokens, "total": job.total_tokens},
         "model_version": job.model_version,
+        "provider": job.provider, "model": job.model,
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
