@@ -113,7 +113,6 @@ def run_clips(tree: Path, jobs: int) -> None:
         config = load_config(write_config(Path(tmp), gemini.base_url))
         store = JobStore.from_config(config)
         worker = Worker(config, store, "bench")
-        client = worker.make_client()
         seconds, per_clip = [], []
         for n in range(jobs):
             store.register("cam1", ARCHIVE, T0 + timedelta(minutes=10 * n),

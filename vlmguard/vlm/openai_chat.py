@@ -13,6 +13,7 @@ job table's backoff and the fallback to the next provider are the retry loop.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import math
 import subprocess
@@ -105,7 +106,8 @@ class OpenAIChatClient:
 
     @staticmethod
     def load_sdk(settings: OpenAISettings) -> None:
-        import openai  # noqa: F401  (shared by the forked analyzers)
+        """Import the SDK in the supervisor, so the forked analyzers share its pages."""
+        importlib.import_module("openai")
 
     @staticmethod
     def longest_wait_seconds(settings: OpenAISettings) -> float:
