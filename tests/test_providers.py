@@ -5,8 +5,10 @@ Real FFmpeg archives, real SQLite, the real SDKs; every server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -376,6 +378,8 @@ url = "lavfi:color=c=gray:size=320x240:rate=25"
                      60, "four clips of the still camera", daemon)
             report = gather_status(config, store)
         text = render_status(report)
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         daemon.stop()
     with JobStore.from_config(config) as store:
@@ -395,3 +399,6 @@ url = "lavfi:color=c=gray:size=320x240:rate=25"
     assert providers["local"]["failed"] >= 1 and providers["local"]["answered"] >= 1
     assert providers["cloud"]["answered"] >= 1
     assert "provider  local: answered" in text and "provider  cloud: answered" in text
+    assert re.search(r'^vlmguard_provider_answered_total\{provider="local"\} [1-9]', metrics, re.M)
+    assert re.search(r'^vlmguard_provider_failures_total\{provider="local"\} [1-9]', metrics, re.M)
+    assert re.search(r'^vlmguard_model_tokens_total\{camera="still",kind="total"\} ', metrics, re.M)

@@ -292,6 +292,8 @@ class Worker:
         failures: list[tuple[str, AnalysisError]] = []
         skipped: list[tuple[str, object]] = []
         for settings in order:
+            if self.stopping.is_set():
+                raise Stopping("stopping between providers")
             name = settings.name
             why = self.blocked(name)
             if why is not None:
