@@ -140,6 +140,9 @@ def request_sizes(clips) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hours", type=int, default=2)
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only these provider/scene/gating keys, e.g. local/busy/on")
+    parser.add_argument("--no-sizes", action="store_true", help="skip frames vs grid")
     args = parser.parse_args()
     clips = make_clips()
     results = {}
@@ -147,6 +150,8 @@ def main() -> None:
         for scene in HOUR:
             for gating in (True, False):
                 key = f"{provider}/{scene}/{'on' if gating else 'off'}"
+                if args.only and key not in args.only:
+                    continue
                 results[key] = run_scene(clips, scene, args.hours, provider, gating)
                 print(key, json.dumps(results[key]), flush=True)
     print()
@@ -157,12 +162,15 @@ def main() -> None:
         print(f"| {provider} | {scene} | {gating} | {r['requests_per_h']:.1f} | "
               f"{r['tokens_per_h']:,.0f} |")
     for provider in ("cloud", "local"):
+        if f"{provider}/static/on" not in results or f"{provider}/busy/on" not in results:
+            continue
         static, busy = results[f"{provider}/static/on"], results[f"{provider}/busy/on"]
         print(f"{provider}: static / busy with gating: requests "
               f"{static['requests_per_h'] / busy['requests_per_h']:.1%}, tokens "
               f"{static['tokens_per_h'] / busy['tokens_per_h']:.1%}")
-    print()
-    print(json.dumps(request_sizes(clips), indent=2))
+    if not args.no_sizes:
+        print()
+        print(json.dumps(request_sizes(clips), indent=2))
 
 
 if __name__ == "__main__":
