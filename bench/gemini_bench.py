@@ -113,7 +113,6 @@ def run_clips(tree: Path, jobs: int) -> None:
         config = load_config(write_config(Path(tmp), gemini.base_url))
         store = JobStore.from_config(config)
         worker = Worker(config, store, "bench")
-        client = worker.make_client()
         seconds, per_clip = [], []
         for n in range(jobs):
             store.register("cam1", ARCHIVE, T0 + timedelta(minutes=10 * n),
@@ -121,7 +120,7 @@ def run_clips(tree: Path, jobs: int) -> None:
             job = store.next_job("bench", timeout=5)
             before = len(calls)
             started = time.perf_counter()
-            worker.process(job, client)
+            worker.process(job)
             seconds.append(time.perf_counter() - started)
             per_clip.append(len(calls) - before)
             done = store.get(job.id)
@@ -151,7 +150,7 @@ def run_tokens() -> None:
             with JobStore.from_config(config) as store:
                 store.register("cam1", ARCHIVE, T0, T0 + timedelta(minutes=10))
                 worker = Worker(config, store, "bench")
-                worker.process(store.next_job("bench", timeout=5), worker.make_client())
+                worker.process(store.next_job("bench", timeout=5))
                 [job] = store.list_jobs()
                 assert job.status == "completed", job.error_message
                 print(f"| {thinking} | {len(gemini.generate_requests)} | {job.prompt_tokens:,} | {job.output_tokens:,} | "

@@ -21,11 +21,11 @@ from vlmguard.hls import create_app
 
 def analyse_forever(config, archives):
     client = genai.Client(api_key="test-key-123", http_options=types.HttpOptions(
-        base_url=config.gemini.base_url, api_version="v1beta", timeout=600_000))
+        base_url=config.providers[0].base_url, api_version="v1beta", timeout=600_000))
     n = 0
     while True:
         data = archives[n % len(archives)].read_bytes()
-        client.models.generate_content(model=config.gemini.model, contents=[
+        client.models.generate_content(model=config.providers[0].model, contents=[
             types.Part.from_bytes(data=data, mime_type="video/mp4"), "Report safety incidents."])
         n += 1
 

@@ -90,8 +90,9 @@ class Daemon:
 class RunningVlmguard:
     """`vlmguard run` as systemd would start it: a real process, logs to a file."""
 
-    def __init__(self, directory: Path, gemini_url: str, *, workers: int = 2, extra: str = "",
-                 daemon: str = "", env: dict | None = None, cameras: str | None = None):
+    def __init__(self, directory: Path, gemini_url: str | None, *, workers: int = 2, extra: str = "",
+                 daemon: str = "", env: dict | None = None, cameras: str | None = None,
+                 analysis: str = ""):
         self.port = free_port()
         self.directory = directory
         self.data_dir = directory / "data"
@@ -99,6 +100,8 @@ class RunningVlmguard:
         self.config_path = directory / "config.toml"
         self.env = env or {}
         cameras = cameras or '[[cameras]]\nid = "cam1"\nurl = "lavfi:testsrc2=size=320x240:rate=25"\n'
+        # No gemini_url: the test writes its own [providers.*] tables in extra.
+        gemini = f'[gemini]\nbase_url = "{gemini_url}"\ntimeout_seconds = 60' if gemini_url else ""
         self.config_path.write_text(f"""
 [server]
 port = {self.port}
@@ -111,9 +114,8 @@ workers = {workers}
 lease_seconds = 5
 retry_backoff_seconds = 0.5
 poll_seconds = 0.5
-[gemini]
-base_url = "{gemini_url}"
-timeout_seconds = 60
+{analysis}
+{gemini}
 [daemon]
 stop_timeout_seconds = 15
 {daemon}

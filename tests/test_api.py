@@ -147,7 +147,7 @@ def test_metrics_parse_with_prometheus_parser(config):
     jobs = {s.labels["state"]: s.value for s in families["vlmguard_jobs"].samples}
     assert jobs == {"pending": 2, "processing": 0, "completed": 8, "failed": 2}
     tokens = {(s.labels["camera"], s.labels["kind"]): s.value
-              for s in families["vlmguard_gemini_tokens"].samples}
+              for s in families["vlmguard_model_tokens"].samples}
     assert tokens[("cam1", "total")] + tokens[("cam2", "total")] == 8 * 110
     histogram = families["vlmguard_analysis_duration_seconds"]
     count = [s.value for s in histogram.samples if s.name.endswith("_count")]

@@ -39,9 +39,17 @@ def test_shipped_config_documents_every_key():
     config = load_config(REPO / "config.toml")
     for section, values in masked(config).items():
         rows = values if isinstance(values, list) else [values]
+        if section == "providers":
+            rows = list(values.values())
         for row in rows:
             for key in row:
                 assert f"\n{key} = " in text, f"{section}.{key} is not in config.toml"
+    # Every kind's keys, including those of kinds the shipped file only shows commented out.
+    from vlmguard.vlm import registry
+    for kind, cls in registry.kinds().items():
+        for field in registry.plain(cls.Settings(kind=kind, model="m")):
+            assert f"\n{field} = " in text or f"\n# {field} = " in text, \
+                f"providers ({kind}).{field} is not in config.toml"
 
 
 def test_state_directory_holds_relative_data_dir(tmp_path, monkeypatch):
@@ -86,6 +94,37 @@ BAD_CONFIGS = [
     ('[server\nport = 1\n', "invalid TOML:"),
     ('[database]\nsqlite_synchronous = "off"\n' + CAMERA,
      "database.sqlite_synchronous: must be one of normal, full, got 'off'"),
+    # Lists of strings are checked like every other key, element by element.
+    ('[analysis]\nproviders = "gemini"\n' + CAMERA,
+     "analysis.providers: must be an array of strings, got string"),
+    ('[analysis]\nproviders = ["gemini", 3]\n' + CAMERA,
+     "analysis.providers[1]: must be a string, got integer"),
+    ('[analysis]\nproviders = ["gemini", "local"]\n' + CAMERA,
+     "analysis.providers: no provider 'local' (configured: gemini)"),
+    ('[analysis]\nproviders = ["gemini", "gemini"]\n' + CAMERA,
+     "analysis.providers: a provider is listed twice"),
+    (CAMERA + 'providers = ["x"]\n', "cameras[0].providers: no provider 'x' (configured: gemini)"),
+    ('[providers.a]\nmodel = "m"\n' + CAMERA, "providers.a.kind: required (one of gemini, openai)"),
+    ('[providers.a]\nkind = "claude"\n' + CAMERA,
+     "providers.a.kind: must be one of gemini, openai, got 'claude'"),
+    ('[providers.a]\nkind = "openai"\n' + CAMERA, "providers.a.model: required"),
+    ('[providers.a]\nkind = "openai"\nmodel = "m"\nthinking = "off"\n' + CAMERA,
+     "providers.a.thinking: unknown key"),
+    ('[providers.a]\nkind = "openai"\nmodel = "m"\nmax_images = 0\n' + CAMERA,
+     "providers.a.max_images: must be >= 1, got 0"),
+    ('[providers.a]\nkind = "openai"\nmodel = "m"\nname = "b"\n' + CAMERA,
+     "providers.a.name: unknown key"),
+    ('[providers.A]\nkind = "openai"\nmodel = "m"\n' + CAMERA,
+     "providers.A: provider names must match [a-z0-9_-]{1,50}"),
+    ('providers = 3\n' + CAMERA, "providers: must be a table"),
+    ('[providers]\n' + CAMERA, "providers: at least one [providers.NAME] table is needed"),
+    ('[gemini]\nmodel = "x"\n[providers.a]\nkind = "openai"\nmodel = "m"\n' + CAMERA,
+     "gemini: cannot be used together with [providers]"),
+    ('[providers.a]\nkind = "gemini"\n[analysis]\nmedia_resolution = "low"\n' + CAMERA,
+     "analysis.media_resolution: unknown key"),
+    ('[gemini]\ntimeout_seconds = 5\n' + CAMERA, "gemini.timeout_seconds: must be >= 60, got 5"),
+    ('[analysis]\nstatic_check_minutes = -1\n' + CAMERA,
+     "analysis.static_check_minutes: must be >= 0, got -1"),
 ]
 
 
@@ -133,3 +172,95 @@ def test_check_config_masks_secrets(tmp_path):
         assert secret not in result.output
     assert "rtsp://admin:***@10.0.0.5/stream?***" in result.output
     assert '"token": "***"' in result.output
+
+
+def test_single_gemini_config_of_earlier_versions_runs_unchanged(tmp_path):
+    """An upgraded box comes back up on its old file: [gemini] plus
+    analysis.media_resolution is one provider named gemini; check-config shows the new form."""
+    path = write_config(tmp_path, """
+        [analysis]
+        fps = 0.5
+        media_resolution = "medium"
+        [gemini]
+        model = "gemini-3.5-flash"
+        thinking = "low"
+        api_key_env = "MY_KEY"
+        [[cameras]]
+        id = "a"
+        url = "lavfi:testsrc2"
+    """)
+    config = load_config(path)
+    assert [(p.name, p.kind, p.model) for p in config.provider_order("a")] == \
+        [("gemini", "gemini", "gemini-3.5-flash")]
+    provider = config.provider("gemini")
+    assert (provider.media_resolution, provider.thinking, provider.api_key_env) == \
+        ("medium", "low", "MY_KEY")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    shown = __import__("json").loads(result.output)
+    assert shown["analysis"]["providers"] == ["gemini"] and "gemini" not in shown
+    assert "media_resolution" not in shown["analysis"]
+    assert shown["providers"]["gemini"]["media_resolution"] == "medium"
+    assert shown["providers"]["gemini"]["kind"] == "gemini"
+    # What check-config prints, written back as TOML, is a valid config in the new form.
+    again = write_config(tmp_path, f"""
+        [analysis]
+        providers = ["gemini"]
+        [providers.gemini]
+        kind = "gemini"
+        model = "gemini-3.5-flash"
+        media_resolution = "medium"
+        [[cameras]]
+        id = "a"
+        url = "lavfi:testsrc2"
+    """)
+    assert load_config(again).provider("gemini") == replace_name(provider, api_key_env="GEMINI_API_KEY",
+                                                                 thinking="off")
+
+
+def replace_name(settings, **changes):
+    import dataclasses
+    return dataclasses.replace(settings, **changes)
+
+
+def test_providers_in_order_and_per_camera(tmp_path):
+    path = write_config(tmp_path, """
+        [analysis]
+        providers = ["cloud", "local"]
+        [providers.local]
+        kind = "openai"
+        model = "qwen2.5vl:7b"
+        base_url = "http://user:pw@127.0.0.1:11434/v1"
+        images = "grid"
+        [providers.cloud]
+        kind = "gemini"
+        [[cameras]]
+        id = "a"
+        url = "lavfi:testsrc2"
+        [[cameras]]
+        id = "private"
+        url = "lavfi:testsrc2"
+        providers = ["local"]
+    """)
+    config = load_config(path)
+    assert [p.name for p in config.provider_order("a")] == ["cloud", "local"]
+    assert [p.name for p in config.provider_order("private")] == ["local"]
+    assert config.provider("local").images == "grid" and config.provider("local").max_images == 20
+    result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
+    assert result.exit_code == 0 and "pw@" not in result.output
+    assert '"images": "grid"' in result.output
+
+
+def test_no_provider_name_outside_the_provider_package():
+    """The seam: analyzer, supervisor, status, metrics and config reach providers only
+    through vlmguard.vlm.registry, so no kind's name is written anywhere else."""
+    from vlmguard.vlm import registry
+    package = REPO / "vlmguard"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.is_relative_to(package / "vlm"):
+            continue
+        text = path.read_text().lower()
+        offenders += [f"{path.relative_to(REPO)}: {kind}" for kind in registry.kinds()
+                      if kind in text]
+    assert offenders == []

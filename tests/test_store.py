@@ -396,7 +396,7 @@ def test_database_from_schema_version_1_is_upgraded(db_url):
             "'2026-01-01 00:10:01')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         job = store.claim("w")
         assert job.camera_id == "old" and job.analysis_seconds is None
         store.complete(job, outcome())
@@ -420,7 +420,7 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 12.5)")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         [old] = store.list_jobs()
         assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
         register(store)
@@ -430,6 +430,46 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
                                                "total": 130}
         store.pause("gemini", "bad_key", "bad API key", probe_in=600)
         assert store.provider_state("gemini").reason == "bad_key"
+
+
+def test_database_from_schema_version_3_is_upgraded_in_place(db_url):
+    """Schema 3 (one provider, before jobs recorded which provider and model answered and
+    before per-provider failure counts) opens, keeps its jobs and pauses, and gains them."""
+    engine = sqlalchemy.create_engine(db_url)
+    v3 = V1_TABLE.replace("total_tokens INTEGER,", "total_tokens INTEGER, analysis_seconds FLOAT, "
+                          "model_version VARCHAR(100), thoughts_tokens INTEGER,")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(v3.replace("INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY")
+                             .replace("DATETIME", "TIMESTAMP") if "postgresql" in db_url else v3)
+        conn.exec_driver_sql("CREATE TABLE vlmguard_meta (key VARCHAR(50) PRIMARY KEY, value VARCHAR(200) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO vlmguard_meta VALUES ('schema_version', '3')")
+        conn.exec_driver_sql(
+            "CREATE TABLE provider_pauses (provider VARCHAR(50) PRIMARY KEY, reason VARCHAR(50), "
+            "detail TEXT, paused_at TIMESTAMP, probe_at TIMESTAMP, not_before TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO provider_pauses (provider, reason, detail) "
+                             "VALUES ('gemini', 'bad_key', 'bad API key')")
+        conn.exec_driver_sql(
+            "INSERT INTO analysis_jobs (camera_id, video_path, segment_start, segment_end, status, "
+            "created_at, retry_count, max_retries, run_after, total_tokens, model_version) "
+            "VALUES ('old', '/old.mp4', '2026-01-01 00:00:00', '2026-01-01 00:10:00', 'completed', "
+            "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 'gemini-3.8-flash')")
+    engine.dispose()
+    with JobStore(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 4
+        [old] = store.list_jobs()
+        assert (old.total_tokens, old.model_version, old.provider, old.model) == \
+            (500, "gemini-3.8-flash", None, None)
+        old_pause = store.provider_state("gemini")
+        assert old_pause.reason == "bad_key" and old_pause.failures == 0
+        register(store)
+        store.complete(store.claim("w"), Outcome(result={}, safety_score=90, total_tokens=130,
+                                                 provider="local", model="qwen2.5vl:7b"))
+        store.note_failure("gemini", "generate: HTTP 503")
+        assert store.answers_by_provider() == {"local": {"answered": 1, "tokens": 130,
+                                                         "models": ["qwen2.5vl:7b"]}}
+        assert store.provider_state("gemini").failures == 1
+        assert store.last_model_request("cam1") is not None
+        assert store.last_model_request("old") is None  # answered before providers were recorded
 
 
 # -- provider pauses -------------------------------------------------------------------------

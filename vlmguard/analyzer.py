@@ -1,9 +1,13 @@
 """An analysis process: claim a job, prepare the video, ask the model, store the result.
 
-claim -> prepare -> generate -> check -> complete, with the lease heartbeated from a side
-thread through every step. Account-wide trouble (bad key, daily quota, retired model)
-pauses every analyzer through a row in the database, and one of them probes now and then
-until it clears; a per-minute rate limit makes them all wait its retryDelay. Runs at low CPU and I/O priority so preparing
+claim -> prepare -> (static? store "no activity") -> ask the providers in order -> check ->
+complete, with the lease heartbeated from a side thread through every step. A provider
+that is down, times out, answers 429/5xx or is paused hands the job to the next one in
+the camera's list; which one answered is stored with the result. Account-wide trouble
+(bad key, daily quota, retired model) pauses that provider for every analyzer through a
+row in the database, and one of them probes now and then until it clears; a per-minute
+rate limit makes them all wait its retry delay. Providers are reached only through
+vlm.registry. Runs at low CPU and I/O priority so preparing
 video never takes time from the live stream. Any failure becomes a job state with an
 error_message; nothing in here is allowed to end the process but a signal.
 """
@@ -20,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -28,14 +33,15 @@ import structlog
 
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
-from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames, ffmpeg_binary,
-                             media_duration)
+from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
+                             distinct_frames_command, ffmpeg_binary, frame_offsets,
+                             media_duration, still_video_command)
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
-from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, RateLimited,
-                          VlmClient, build_prompt, check_answer)
-from vlmguard.vlm.gemini import PROVIDER, GeminiClient, find_api_key, where_keys_come_from
+from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
+                          RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
+from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.analyzer")
 
@@ -46,10 +52,23 @@ IOPRIO_CLASS_BE, IOPRIO_WHO_PROCESS = 2, 1
 SYS_IOPRIO_SET = {"x86_64": 251, "amd64": 251, "aarch64": 30, "arm64": 30, "armv7l": 314,
                   "armv6l": 314, "i386": 289, "i686": 289}
 NICENESS = 10
+NO_ACTIVITY = "no activity"
+# A job whose providers are all paused goes back for this long (the worker keeps
+# taking other cameras' jobs if their providers answer).
+PAUSED_DEFER_SECONDS = 5.0
 
 
 class Stopping(Exception):
     """SIGTERM arrived while a job was in the model's hands: hand the job back."""
+
+
+class NoProvider(Exception):
+    """Every provider of the job is paused, rate-limited or has no key: the job goes back
+    uncharged, until not_before when a rate limit says when."""
+
+    def __init__(self, message: str, until=None):
+        super().__init__(message)
+        self.until = until
 
 
 def worker_name(index: int) -> str:
@@ -88,37 +107,24 @@ def lower_priority() -> None:
         pass  # not Linux: CPU niceness still applies
 
 
-def gemini_client_factory(config: Config) -> Callable[[], VlmClient | None]:
-    """Returns the client for the current key: the same one while the key stays the same
-    (the worker asks every loop), a new one when the key was added or rotated."""
-    made: dict[str, VlmClient] = {}
-
-    def make() -> VlmClient | None:
-        key = find_api_key(config.gemini)
-        if key is None:
-            return None
-        if key not in made:
-            made.clear()
-            made[key] = GeminiClient(config.gemini, key,
-                                     media_resolution=config.analysis.media_resolution)
-        return made[key]
-    return make
+def client_makers(config: Config) -> dict[str, Callable[[], VlmClient | None]]:
+    return {p.name: registry.client_maker(p) for p in config.providers}
 
 
 class Worker:
     def __init__(self, config: Config, store: JobStore, worker_id: str, *,
-                 make_client: Callable[[], VlmClient | None] | None = None,
                  beat: Beat = Beat(), state_name: str | None = None):
         self.config = config
         self.store = store
         self.worker_id = worker_id
-        self.make_client = make_client or gemini_client_factory(config)
+        self.makers = client_makers(config)
         self.binary = ffmpeg_binary()
         self.beat = beat
         self.state_name = state_name
         self.stopping = threading.Event()
         self.interruptible = False
         self._state = "starting"
+        self.warned_keys: set[str] = set()
 
     @property
     def state(self) -> str:
@@ -143,80 +149,93 @@ class Worker:
             raise Stopping(signal.Signals(signum).name)
 
     def run(self) -> None:
-        warned = False
         while not self.stopping.is_set():
             self.beat()
-            client = self.make_client()
-            if client is None:
-                # Jobs stay pending: nothing fails, nothing spins; status says why.
-                self.state = f"waiting: no Gemini API key ({where_keys_come_from(self.config.gemini)})"
-                if not warned:
-                    log.warning("no Gemini API key, not taking jobs",
-                                looked_in=where_keys_come_from(self.config.gemini))
-                    warned = True
-                self.stopping.wait(NO_KEY_RECHECK_SECONDS)
-                continue
-            warned = False
-            if self.held_back(client):
+            if self.held_back():
                 continue
             self.state = "idle"
             job = self.store.next_job(self.worker_id, timeout=1.0)
             if job is not None:
-                self.process(job, client)
+                self.process(job)
 
-    def held_back(self, client: VlmClient) -> bool:
-        """True while the provider is paused or rate-limited (this call waited a little)."""
-        shared = self.store.provider_state(PROVIDER)
+    def client(self, name: str) -> VlmClient | None:
+        client = self.makers[name]()
+        settings = self.config.provider(name)
+        if client is None and name not in self.warned_keys:
+            log.warning("no API key for provider, not using it", provider=name,
+                        looked_in=where_keys_come_from(settings))
+            self.warned_keys.add(name)
+        elif client is not None:
+            self.warned_keys.discard(name)
+        return client
+
+    def blocked(self, name: str) -> tuple[str, float] | None:
+        """Why this provider cannot take a request now, and how long to wait before
+        looking again; None when it can. A due probe of a paused provider runs here."""
+        settings = self.config.provider(name)
+        client = self.client(name)
+        prefix = f"{name}: " if len(self.config.providers) > 1 else ""
+        if client is None:
+            return (f"waiting: {prefix}no {registry.label(settings)} API key "
+                    f"({where_keys_come_from(settings)})", NO_KEY_RECHECK_SECONDS)
+        shared = self.store.provider_state(name)
         if shared is None:
-            return False
+            return None
         now = utcnow()
         if shared.paused:
-            self.state = (f"paused: {shared.reason}: {shared.detail} "
-                          f"(next probe {shared.probe_at:%H:%M:%S} UTC)")
-            if self.store.take_probe(PROVIDER, self.probe_interval):
-                self.probe(client, shared)
-            else:
-                self.store.watcher().wait(PAUSE_RECHECK_SECONDS)
-            return True
+            if self.store.take_probe(name, self.probe_interval(name)):
+                self.probe(name, client, shared)
+                shared = self.store.provider_state(name)
+                if shared is None or not shared.paused:
+                    return None
+            return (f"paused: {prefix}{shared.reason}: {shared.detail} "
+                    f"(next probe {shared.probe_at:%H:%M:%S} UTC)", PAUSE_RECHECK_SECONDS)
         if shared.not_before is not None and shared.not_before > now:
-            self.state = f"waiting: rate limited until {shared.not_before:%H:%M:%S} UTC"
-            self.stopping.wait(min((shared.not_before - now).total_seconds(),
-                                   PAUSE_RECHECK_SECONDS))
-            return True
-        return False
+            return (f"waiting: {prefix}rate limited until {shared.not_before:%H:%M:%S} UTC",
+                    min((shared.not_before - now).total_seconds(), PAUSE_RECHECK_SECONDS))
+        return None
 
-    @property
-    def probe_interval(self) -> float:
-        return self.config.gemini.pause_probe_minutes * 60
+    def held_back(self) -> bool:
+        """True while no provider can take a request (this call waited a little)."""
+        reasons = []
+        for settings in self.config.providers:
+            why = self.blocked(settings.name)
+            if why is None:
+                return False
+            reasons.append(why)
+        self.state = "; ".join(r for r, _ in reasons)
+        wait = min(w for _, w in reasons)
+        if any(r.startswith("paused") for r, _ in reasons) and wait <= PAUSE_RECHECK_SECONDS:
+            self.store.watcher().wait(wait)
+        else:
+            self.stopping.wait(wait)
+        return True
 
-    def probe(self, client: VlmClient, shared: Pause) -> None:
-        self.interruptible = True  # a probe may wait on Gemini as long as a job does
+    def probe_interval(self, name: str) -> float:
+        return self.config.provider(name).pause_probe_minutes * 60
+
+    def probe(self, name: str, client: VlmClient, shared: Pause) -> None:
+        self.interruptible = True  # a probe may wait on the provider as long as a job does
         try:
             client.probe()
         except Stopping:
             return
         except AccountProblem as exc:
-            self.store.pause(PROVIDER, exc.reason, str(exc), self.probe_interval)
-            log.warning("probe: still paused", reason=exc.reason, error=str(exc))
+            self.store.pause(name, exc.reason, str(exc), self.probe_interval(name))
+            log.warning("probe: still paused", provider=name, reason=exc.reason, error=str(exc))
             return
         except (AnalysisError, RateLimited) as exc:
-            log.warning("probe inconclusive, still paused", error=str(exc))
+            log.warning("probe inconclusive, still paused", provider=name, error=str(exc))
             return
         finally:
             self.interruptible = False
-        if self.store.resume(PROVIDER):
-            log.info("probe succeeded, analysis resumed", was=shared.reason)
+        if self.store.resume(name):
+            log.info("probe succeeded, analysis resumed", provider=name, was=shared.reason)
 
-    def pause_all(self, job: Job, problem: AccountProblem) -> None:
-        self.store.pause(PROVIDER, problem.reason, str(problem), self.probe_interval)
-        log.error("analysis paused for every analyzer", reason=problem.reason,
-                  error=str(problem), probe_in_s=self.probe_interval)
-        self.put_back(job)
-
-    def wait_all(self, job: Job, limited: RateLimited) -> None:
-        self.store.hold_off(PROVIDER, limited.retry_after)
-        log.warning("rate limited, every analyzer waits", seconds=limited.retry_after)
-        self.put_back(job, utcnow() + timedelta(seconds=limited.retry_after))
+    def pause_provider(self, name: str, problem: AccountProblem) -> None:
+        self.store.pause(name, problem.reason, str(problem), self.probe_interval(name))
+        log.error("provider paused for every analyzer", provider=name, reason=problem.reason,
+                  error=str(problem), probe_in_s=self.probe_interval(name))
 
     def put_back(self, job: Job, until=None) -> None:
         try:
@@ -224,7 +243,7 @@ class Worker:
         except LeaseLost:
             log.warning("lease lost, job not put back")
 
-    def process(self, job: Job, client: VlmClient) -> None:
+    def process(self, job: Job) -> None:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
             self.state = f"job {job.id}"
             log.info("job claimed", video=job.video_path, attempt=job.retry_count + 1)
@@ -232,16 +251,16 @@ class Worker:
             workdir = Path(tempfile.mkdtemp(prefix=f"vlmguard-job{job.id}-"))
             try:
                 with lease:
-                    outcome = self.analyze(job, client, workdir, self.keep_alive(lease))
+                    outcome = self.analyze(job, workdir, self.keep_alive(lease))
                 self.store.complete(job, outcome)  # checks the lease itself
                 log.info("job completed", safety_score=outcome.safety_score,
-                         incidents=len(outcome.incidents), tokens=outcome.total_tokens)
+                         incidents=len(outcome.incidents), tokens=outcome.total_tokens,
+                         provider=outcome.provider)
             except Stopping:
                 self.hand_back(job)
-            except AccountProblem as exc:
-                self.pause_all(job, exc)
-            except RateLimited as exc:
-                self.wait_all(job, exc)
+            except NoProvider as exc:
+                log.warning("no provider can take the job now, put back", why=str(exc))
+                self.put_back(job, exc.until)
             except LeaseLost:
                 log.warning("lease lost, job dropped without writing")
             except AnalysisError as exc:
@@ -255,12 +274,52 @@ class Worker:
                 shutil.rmtree(workdir, ignore_errors=True)
                 self.state = "idle"
 
-    def analyze(self, job: Job, client: VlmClient, workdir: Path,
-                keep_alive: Callable[[], None]) -> Outcome:
-        clip = prepare_clip(self.binary, self.config.analysis, Path(job.video_path), workdir)
+    def analyze(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Outcome:
+        order = self.config.provider_order(job.camera_id)
+        clip = prepare_clip(self.binary, self.config.analysis, Path(job.video_path), workdir,
+                            frames=self.gating or any(registry.wants_frames(p) for p in order))
         keep_alive()
+        if self.skip_static(job, clip):
+            log.info("static clip, no request", frames=len(clip.frames))
+            return no_activity()
+        if self.gating and len(clip.frames) == 1:
+            clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
         camera = self.config.camera(job.camera_id)
         prompt = build_prompt(camera.prompt if camera else "", clip)
+        failures: list[tuple[str, AnalysisError]] = []
+        skipped: list[tuple[str, object]] = []
+        for settings in order:
+            if self.stopping.is_set():
+                raise Stopping("stopping between providers")
+            name = settings.name
+            why = self.blocked(name)
+            if why is not None:
+                skipped.append((why[0], self.store.provider_state(name)))
+                continue
+            try:
+                return self.ask(settings, self.client(name), job, clip, prompt, keep_alive)
+            except AccountProblem as exc:
+                self.pause_provider(name, exc)
+                skipped.append((str(exc), None))
+            except RateLimited as exc:
+                self.store.hold_off(name, exc.retry_after)
+                log.warning("rate limited, every analyzer waits", provider=name,
+                            seconds=exc.retry_after)
+                skipped.append((str(exc), self.store.provider_state(name)))
+            except AnalysisError as exc:
+                if not exc.retryable:
+                    raise
+                self.store.note_failure(name, str(exc))
+                log.warning("provider failed, trying the next", provider=name, error=str(exc))
+                failures.append((name, exc))
+            keep_alive()
+        if failures:
+            raise combined(failures)
+        raise NoProvider("; ".join(str(why) for why, _ in skipped),
+                         until=earliest_retry(skipped))
+
+    def ask(self, settings, client: VlmClient, job: Job, clip: Clip, prompt: str,
+            keep_alive: Callable[[], None]) -> Outcome:
         self.interruptible = True
         try:
             answer = client.analyze(clip, prompt, keep_alive)
@@ -278,7 +337,23 @@ class Worker:
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
                        prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
                        total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
-                       model_version=answer.model_version)
+                       model_version=answer.model_version, provider=settings.name,
+                       model=settings.model)
+
+    @property
+    def gating(self) -> bool:
+        return self.config.analysis.static_check_minutes > 0
+
+    def skip_static(self, job: Job, clip: Clip) -> bool:
+        """A clip in which nothing changed is not sent, unless the camera has had no clip
+        sent for static_check_minutes (a covered or frozen camera must still be seen)."""
+        if not self.gating or len(clip.frames) != 1:
+            return False
+        last = self.store.last_model_request(job.camera_id)
+        if last is None:
+            return False
+        due = last + timedelta(minutes=self.config.analysis.static_check_minutes)
+        return job.segment_start < due
 
     def hand_back(self, job: Job) -> None:
         try:
@@ -297,7 +372,74 @@ class Worker:
         log.warning("job failed", error=error, status=status, permanent=permanent)
 
 
-def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path) -> Clip:
+def no_activity() -> Outcome:
+    """The stored result of a static clip: no request, no incident, no token."""
+    return Outcome(result={"safety_score": 100, "summary": NO_ACTIVITY, "incidents": []},
+                   safety_score=100, prompt_tokens=0, output_tokens=0, total_tokens=0,
+                   thoughts_tokens=0)
+
+
+def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
+    """One error for a job every provider failed: the job's backoff retries it."""
+    if len(failures) == 1:
+        return failures[0][1]
+    hints = [exc.retry_after for _, exc in failures if exc.retry_after]
+    return AnalysisError("; ".join(f"{name}: {exc}" for name, exc in failures),
+                         retryable=True, retry_after=min(hints) if hints else None)
+
+
+def earliest_retry(skipped: list[tuple[str, object]]):
+    """When to look at the job again: the soonest rate-limit end if every provider is only
+    rate-limited, else a few seconds (a paused provider resumes at its probe)."""
+    ends = [state.not_before for _, state in skipped
+            if isinstance(state, Pause) and not state.paused and state.not_before]
+    if ends and len(ends) == len(skipped):
+        return min(ends)
+    return utcnow() + timedelta(seconds=PAUSED_DEFER_SECONDS)
+
+
+def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path, *,
+                 frames: bool = False) -> Clip:
+    """What the model will see: the reduced copy or the archive itself, and (frames) the
+    distinct keyframes of the reduced copy."""
+    clip = prepare_video(binary, analysis, source, workdir)
+    if not frames:
+        return clip
+    copy = clip.path
+    if analysis.mode == "original":
+        copy = prepare_video(binary, replace(analysis, mode="reduced"), source, workdir).path
+    return replace(clip, frames=distinct_frames(binary, copy, workdir / "frames",
+                                                analysis.change_threshold))
+
+
+def still_clip(binary: str, clip: Clip, workdir: Path) -> Clip:
+    """A clip in which nothing changed, as its one picture (a one-frame video for the
+    providers that take video): the static check asks whether the camera still sees."""
+    target = workdir / "still.mp4"
+    proc = subprocess.run(still_video_command(binary, clip.frames[0].path, target),
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    if proc.returncode != 0 or not target.exists():
+        return clip  # the full clip answers the same question, at a higher price
+    return replace(clip, path=target, fps=1.0, mime_type="video/mp4", still=True)
+
+
+def distinct_frames(binary: str, copy: Path, directory: Path,
+                    threshold: int) -> tuple[Frame, ...]:
+    """The copy's keyframes with near-duplicates dropped (FFmpeg's mpdecimate): one frame
+    left means nothing changed in the whole clip."""
+    directory.mkdir()
+    proc = subprocess.run(distinct_frames_command(binary, copy, directory / "frame_%04d.jpg",
+                                                  threshold),
+                          capture_output=True, text=True, timeout=600, env=child_env())
+    paths = sorted(directory.glob("frame_*.jpg"))
+    offsets = frame_offsets(proc.stderr)
+    if proc.returncode != 0 or not paths or len(offsets) != len(paths):
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise AnalysisError(f"keyframes could not be extracted: {reason}", retryable=False)
+    return tuple(Frame(path, max(offset, 0.0)) for path, offset in zip(paths, offsets))
+
+
+def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path) -> Clip:
     """The video the model will see: the reduced copy, or the archive itself."""
     try:
         size = source.stat().st_size
@@ -312,6 +454,8 @@ def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: P
         return Clip(source, duration, analysis.fps,
                     "video/mp4" if source.suffix == ".mp4" else "video/mp2t")
     target = workdir / "analysis.mp4"
+    if target.exists():
+        return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
     proc = subprocess.run(analysis_copy_command(binary, source, target, analysis.fps,
                                                 analysis.height),
                           capture_output=True, text=True, timeout=1800, env=child_env())
@@ -332,16 +476,23 @@ def copy_fps(binary: str, copy: Path, duration: float, most: float) -> float:
 
 
 def analyze_file(config: Config, source: Path, camera_id: str | None) -> tuple[Finding, Answer]:
-    """One file, analysed now and nothing stored: for tuning prompts (`vlmguard analyze`)."""
-    client = gemini_client_factory(config)()
-    if client is None:
-        raise VlmguardError(f"no Gemini API key: set {where_keys_come_from(config.gemini)}")
+    """One file, analysed now and nothing stored: for tuning prompts (`vlmguard analyze`).
+    The camera's first provider that has a key answers; no fallback, no gating."""
     camera = config.camera(camera_id) if camera_id else None
     if camera_id and camera is None:
         raise VlmguardError(f"no camera {camera_id!r} in {config.source}")
+    order = config.provider_order(camera_id)
+    makers = client_makers(config)
+    chosen = next(((p, makers[p.name]()) for p in order if makers[p.name]() is not None), None)
+    if chosen is None:
+        first = order[0]
+        raise VlmguardError(f"no {registry.label(first)} API key: set "
+                            f"{where_keys_come_from(first)}")
+    settings, client = chosen
     workdir = Path(tempfile.mkdtemp(prefix="vlmguard-analyze-"))
     try:
-        clip = prepare_clip(ffmpeg_binary(), config.analysis, source, workdir)
+        clip = prepare_clip(ffmpeg_binary(), config.analysis, source, workdir,
+                            frames=registry.wants_frames(settings))
         answer = client.analyze(clip, build_prompt(camera.prompt if camera else "", clip),
                                 lambda: None)
         return check_answer(answer.data, clip.duration_s, clip.frame_interval_s), answer

@@ -72,7 +72,7 @@ def own_daemon_listens(config) -> bool:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vlmguard")
 def main():
-    """vlmguard: live HLS, 10-minute archives and Gemini safety analysis for IP cameras.
+    """vlmguard: live HLS, 10-minute archives and vision-model safety analysis for IP cameras.
 
     One `vlmguard run` supervises a streaming process, an archiver and a pool of
     analysis processes that share a job table (SQLite WAL by default, or PostgreSQL).

@@ -85,25 +85,14 @@ class AnalysisConfig:
     mode: str = opt("reduced", choices=("reduced", "original"))
     fps: float = opt(0.5, lo=0.05, hi=5)
     height: int = opt(360, lo=144, hi=2160)
-    media_resolution: str = opt("low", choices=("low", "medium", "high", "default"))
-
-
-@dataclass(frozen=True)
-class GeminiConfig:
-    model: str = opt("gemini-3.8-flash")
-    api_key_env: str = opt("GEMINI_API_KEY")
-    api_key_file: str = opt("")
-    base_url: str = opt("")
-    # The SDK sends the timeout as X-Server-Timeout; short ones come back as 500s.
-    timeout_seconds: float = opt(300.0, lo=60, hi=3600)
-    file_active_timeout_seconds: float = opt(300.0, lo=5, hi=3600)
-    max_output_tokens: int = opt(2048, lo=256, hi=65536)
-    thinking: str = opt("off", choices=("off", "low", "high", "default"))
-    inline_max_mb: float = opt(15.0, lo=0, hi=90)
-    safety_threshold: str = opt("block_none", choices=("off", "block_none", "block_only_high",
-                                                       "block_medium_and_above",
-                                                       "block_low_and_above", "default"))
-    pause_probe_minutes: float = opt(10.0, lo=0.01, hi=1440)
+    # The providers to try, in order (names of [providers.NAME] tables); empty: every
+    # configured provider in the order the file declares them.
+    providers: tuple[str, ...] = opt(())
+    # A clip in which no frame differs from the first is not sent, except once this often
+    # per camera (a covered or frozen camera must still be seen). 0: send every clip.
+    static_check_minutes: float = opt(30.0, lo=0, hi=1440)
+    # Grey levels (mean over an 8x8 block) that count as a change between keyframes.
+    change_threshold: int = opt(24, lo=1, hi=255)
 
 
 @dataclass(frozen=True)
@@ -120,6 +109,7 @@ class CameraConfig:
     url: str = opt(secret=True)
     prompt: str = opt("")
     transcode: str = opt("auto", choices=("auto", "always", "never"))
+    providers: tuple[str, ...] = opt(())  # empty: analysis.providers
 
 
 @dataclass(frozen=True)
@@ -129,9 +119,10 @@ class Config:
     storage: StorageConfig
     database: DatabaseConfig
     analysis: AnalysisConfig
-    gemini: GeminiConfig
     daemon: DaemonConfig
     cameras: tuple[CameraConfig, ...]
+    # Every configured provider (vlmguard.vlm.ProviderSettings of its kind), by name.
+    providers: tuple[Any, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -150,13 +141,21 @@ class Config:
     def camera(self, camera_id: str) -> CameraConfig | None:
         return next((c for c in self.cameras if c.id == camera_id), None)
 
+    def provider(self, name: str) -> Any:
+        return next((p for p in self.providers if p.name == name), None)
+
+    def provider_order(self, camera_id: str | None = None) -> tuple[Any, ...]:
+        """The providers a camera's clips go to, first choice first."""
+        camera = self.camera(camera_id) if camera_id else None
+        names = (camera.providers if camera and camera.providers else self.analysis.providers)
+        return tuple(self.provider(n) for n in names) if names else self.providers
+
 
 SECTIONS = {
     "server": ServerConfig,
     "storage": StorageConfig,
     "database": DatabaseConfig,
     "analysis": AnalysisConfig,
-    "gemini": GeminiConfig,
     "daemon": DaemonConfig,
 }
 
@@ -207,14 +206,29 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    from vlmguard.vlm import registry
+
     where = str(path)
-    unknown = sorted(set(raw) - set(SECTIONS) - {"cameras"})
+    unknown = sorted(set(raw) - set(SECTIONS) - {"cameras", "providers"}
+                     - set(registry.legacy_sections()))
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]}: unknown key")
+    legacy = registry.legacy_tables(raw, where)
+    if legacy is not None:
+        providers = parse_providers(legacy, where, prefix="")
+        raw = dict(raw, analysis={k: v for k, v in section(raw, "analysis", where).items()
+                                  if k not in registry.LEGACY_ANALYSIS_KEYS})
+    else:
+        for name in registry.legacy_sections():
+            if name in raw:
+                raise ConfigError(f"{where}: {name}: cannot be used together with [providers]; "
+                                  f"move its keys to a [providers.NAME] table")
+        providers = parse_providers(section(raw, "providers", where), where, prefix="providers.")
     sections = {name: build(cls, section(raw, name, where), name, where)
                 for name, cls in SECTIONS.items()}
     cameras = parse_cameras(raw.get("cameras", []), where)
-    config = Config(source=path, cameras=cameras, **sections)
+    config = Config(source=path, cameras=cameras, providers=providers, **sections)
+    check_provider_names(config, where)
     check_database_url(config.database.url, where)
     check_data_dir(config, where)
     return config
@@ -233,6 +247,44 @@ def check_data_dir(config: Config, where: str) -> None:
         shown = " ".join(repr(c) for c in bad)
         raise ConfigError(f"{where}: storage.data_dir: {path!r} holds characters FFmpeg's "
                           f"output specs cannot take: {shown}")
+
+
+def parse_providers(tables: dict[str, Any], where: str, prefix: str) -> tuple[Any, ...]:
+    """[providers.NAME] tables, each checked against its kind's settings dataclass."""
+    from vlmguard.vlm import registry
+
+    providers = []
+    for name, table in tables.items():
+        key = f"{prefix}{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {key}: must be a table")
+        if not CAMERA_ID.fullmatch(name):
+            raise ConfigError(f"{where}: {key}: provider names must match [a-z0-9_-]{{1,50}}")
+        kinds = sorted(registry.kinds())
+        kind = table.get("kind")
+        if kind is None:
+            raise ConfigError(f"{where}: {key}.kind: required (one of {', '.join(kinds)})")
+        cls = registry.settings_class(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise ConfigError(f"{where}: {key}.kind: must be one of {', '.join(kinds)}, "
+                              f"got {kind!r}")
+        providers.append(dataclasses.replace(build(cls, table, key, where), name=name))
+    if not providers:
+        raise ConfigError(f"{where}: providers: at least one [providers.NAME] table is needed")
+    return tuple(providers)
+
+
+def check_provider_names(config: Config, where: str) -> None:
+    known = [p.name for p in config.providers]
+    lists = [("analysis.providers", config.analysis.providers)]
+    lists += [(f"cameras[{i}].providers", c.providers) for i, c in enumerate(config.cameras)]
+    for key, names in lists:
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"{where}: {key}: no provider {name!r} (configured: "
+                                  f"{', '.join(known)})")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: {key}: a provider is listed twice")
 
 
 def section(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -272,7 +324,7 @@ def check_database_url(url: str, where: str) -> None:
 
 def build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
     """Check one table against a dataclass's declared fields and build it."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in table:
         if key not in fields:
             raise ConfigError(f"{where}: {prefix}.{key}: unknown key")
@@ -288,6 +340,8 @@ def build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
 
 
 def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
+    if spec.type in LIST_TYPES:
+        return check_list(value, spec, label)
     accepted, noun = TYPES[spec.type]
     # TOML booleans are ints to Python; a bool is never a number in this file.
     if isinstance(value, bool) or not isinstance(value, accepted):
@@ -308,7 +362,18 @@ def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
     return float(value) if spec.type == "float" else value
 
 
+def check_list(value: Any, spec: dataclasses.Field, label: str) -> tuple[Any, ...]:
+    """An array whose every element is checked like a scalar key of the item type."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{label}: must be {LIST_TYPES[spec.type][1]}, got {toml_type(value)}")
+    item = dataclasses.field(metadata=spec.metadata)
+    item.type = LIST_TYPES[spec.type][0]
+    return tuple(check_value(element, item, f"{label}[{n}]") for n, element in enumerate(value))
+
+
 TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
+# Array keys: the element type, checked as above, and the noun for the whole.
+LIST_TYPES = {"tuple[str, ...]": ("str", "an array of strings")}
 
 
 def toml_type(value: Any) -> str:
@@ -323,14 +388,19 @@ def masked(config: Config) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            value = list(value) if isinstance(value, tuple) else value
             out[f.name] = mask(value) if f.metadata.get("secret") and value else value
         return out
 
+    from vlmguard.vlm import registry
+
     data = {name: table(getattr(config, name)) for name in SECTIONS}
+    data["analysis"]["providers"] = [p.name for p in config.provider_order()]
+    data["providers"] = {p.name: registry.plain(p) for p in config.providers}
+    for out in data["providers"].values():
+        out["base_url"] = mask_url(out["base_url"]) if out["base_url"] else ""
     data["storage"]["data_dir"] = str(config.data_dir)
     data["database"]["url"] = mask_url(config.database_url)
-    if config.gemini.base_url:
-        data["gemini"]["base_url"] = mask_url(config.gemini.base_url)
     data["cameras"] = [table(c) for c in config.cameras]
     for camera, out in zip(config.cameras, data["cameras"]):
         out["url"] = mask_url(camera.url)

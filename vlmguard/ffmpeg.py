@@ -193,6 +193,56 @@ def count_frames(binary: str, path: Path, timeout: float = 120) -> int | None:
     """Video frames in a file, counted by copying the stream to nowhere (no decode)."""
     proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
                            "-c", "copy", "-f", "null", "-"], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=child_env())
     found = FRAMES.findall(proc.stderr)
     return int(found[-1]) if proc.returncode == 0 and found else None
+
+
+SHOWINFO_PTS = re.compile(r"\[Parsed_showinfo.*?\bn:\s*(\d+).*?\bpts_time:\s*([-\d.]+)")
+
+
+def distinct_frames_command(binary: str, source: Path, pattern: Path,
+                            threshold: int) -> list[str]:
+    """JPEGs of the frames of source that differ from the last one kept, timed from the
+    first frame; showinfo logs each kept frame's time. A frame differs when any 8x8 block
+    changed by more than threshold grey levels on average, or a third of the blocks by
+    half that (mpdecimate's hi, lo and frac): sensor noise and compression flicker stay
+    below it, a person entering does not. The source is the small keyframe copy, so this
+    decodes a few dozen frames."""
+    decimate = f"mpdecimate=hi={64 * threshold}:lo={32 * threshold}:frac=0.33"
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "info", "-y", "-threads", "1",
+            "-i", str(source), "-map", "0:v:0", "-an",
+            "-vf", f"setpts=PTS-STARTPTS,{decimate},showinfo", "-fps_mode", "vfr",
+            "-q:v", "5", "-threads", "1", str(pattern)]
+
+
+def frame_offsets(stderr: str) -> list[float]:
+    """The kept frames' times, in output order, from the showinfo lines."""
+    return [float(t) for _n, t in SHOWINFO_PTS.findall(stderr)]
+
+
+def grid_command(binary: str, frames: list[tuple[Path, str]], target: Path, columns: int,
+                 rows: int, tile_width: int) -> list[str]:
+    """One JPEG tiling the frames left to right, top to bottom, each labelled (text
+    burned in its top-left corner) and scaled down to tile_width at most."""
+    inputs: list[str] = []
+    chains = []
+    for n, (path, text) in enumerate(frames):
+        inputs += ["-i", str(path)]
+        chains.append(f"[{n}:v]scale=w='min(iw\\,{tile_width})':h=-2,"
+                      f"drawtext=text='{text}':fontsize=20:fontcolor=white:box=1:"
+                      f"boxcolor=black@0.7:x=4:y=4[v{n}]")
+    joined = "".join(f"[v{n}]" for n in range(len(frames)))
+    graph = ";".join(chains) + (f";{joined}concat=n={len(frames)}:v=1:a=0,"
+                                f"tile={columns}x{rows}:padding=4")
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *inputs,
+            "-filter_complex", graph, "-frames:v", "1", "-q:v", "4", str(target)]
+
+
+def still_video_command(binary: str, picture: Path, target: Path) -> list[str]:
+    """A one-frame, one-second H.264 video of a picture: what a video model is shown of a
+    clip in which nothing changed (it bills video by the second)."""
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+            "-framerate", "1", "-i", str(picture), "-frames:v", "1", "-r", "1",
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "30", "-threads", "1",
+            "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(target)]

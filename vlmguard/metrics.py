@@ -41,9 +41,17 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     out.append(f'vlmguard_analysis_duration_seconds_bucket{{le="+Inf"}} {count}')
     out.append(f"vlmguard_analysis_duration_seconds_sum {format_value(total)}")
     out.append(f"vlmguard_analysis_duration_seconds_count {count}")
-    family("vlmguard_gemini_tokens_total", "counter", "Gemini tokens used, by camera and kind.",
+    family("vlmguard_model_tokens_total", "counter",
+           "Model tokens used, by camera and kind, whichever provider answered.",
            [(label(camera=camera, kind=kind), usage[kind]) for camera, usage in tokens.items()
             for kind in ("prompt", "output", "thoughts", "total")])
+    providers = report.get("analysis", {}).get("providers", {})
+    family("vlmguard_provider_answered_total", "counter",
+           "Clips answered by each model provider.",
+           [(label(provider=name), p["answered"]) for name, p in providers.items()])
+    family("vlmguard_provider_failures_total", "counter",
+           "Failed requests to each model provider (down, timed out, 5xx, bad answer).",
+           [(label(provider=name), p["failed"]) for name, p in providers.items()])
     paused = report.get("analysis", {}).get("paused", [])
     family("vlmguard_analysis_paused", "gauge",
            "1 while analysis is paused account-wide, labelled with the provider and why.",

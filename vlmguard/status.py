@@ -75,7 +75,7 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "workers": worker_report(states),
         "failures": [],
         "tokens": {"today": {}, "last_24h": {}},
-        "analysis": {"paused": []},
+        "analysis": {"paused": [], "providers": {}},
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
@@ -107,10 +107,31 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
         {"provider": p.provider, "reason": p.reason, "detail": p.detail,
          "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}
         for p in store.paused_providers()]
+    report["analysis"]["providers"] = provider_report(store)
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
                         "last_24h": store.token_usage(now - timedelta(hours=24))}
+
+
+def provider_report(store: JobStore) -> dict[str, dict[str, Any]]:
+    """Per provider: clips answered (and tokens), failed requests, pause and why."""
+    answers = store.answers_by_provider()
+    states = {p.provider: p for p in store.provider_states()}
+    out = {}
+    for name in sorted(set(answers) | set(states)):
+        state = states.get(name)
+        out[name] = {
+            "answered": answers.get(name, {}).get("answered", 0),
+            "tokens": answers.get(name, {}).get("tokens", 0),
+            "models": answers.get(name, {}).get("models", []),
+            "failed": state.failures if state else 0,
+            "last_error": state.last_error if state else None,
+            "last_error_at": iso(state.last_error_at) if state else None,
+            "paused": state.reason if state and state.paused else None,
+            "paused_detail": state.detail if state and state.paused else None,
+        }
+    return out
 
 
 def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -> list[dict]:
@@ -228,6 +249,7 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
                    "thoughts": job.thoughts_tokens, "total": job.total_tokens},
         "model_version": job.model_version,
+        "provider": job.provider, "model": job.model,
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
@@ -269,6 +291,11 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"analysis  PAUSED ({pause['provider']}) since {pause['since']}: "
                      f"{pause['reason']}: {pause['detail']}; next probe {pause['next_probe']} "
                      f"(SIGHUP probes at once)")
+    for name, p in report["analysis"].get("providers", {}).items():
+        paused = f"  PAUSED: {p['paused']}" if p["paused"] else ""
+        error = f"  last error: {p['last_error']}" if p["failed"] and p["last_error"] else ""
+        lines.append(f"provider  {name}: answered {p['answered']}, failed {p['failed']}"
+                     f"{paused}{error}")
     if report["workers"]:
         lines.append("analyzers")
         for worker in report["workers"]:

@@ -13,6 +13,7 @@ Create a JobStore in the process that uses it, never before a fork.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 import sqlite3
 import time
@@ -24,14 +25,14 @@ from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, CheckConstraint, Column, DateTime, Float, ForeignKey, Index,
                         Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        case, create_engine, event, func, select, text, update)
+                        case, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATES = ("pending", "processing", "completed", "failed")
 NOTIFY_CHANNEL = "vlmguard_jobs"
 MAX_BACKOFF_SECONDS = 3600.0
@@ -87,6 +88,10 @@ jobs = Table(
     Column("analysis_seconds", Float),
     Column("model_version", String(100)),
     Column("thoughts_tokens", Integer),
+    # Which provider and configured model answered; both NULL when no request was made
+    # (a static clip stored as "no activity").
+    Column("provider", String(50)),
+    Column("model", String(100)),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -112,7 +117,9 @@ incidents = Table(
 )
 
 # One row per model provider: an account-wide pause (bad key, daily quota, retired model)
-# and a shared rate-limit wait, seen by every analyzer on every box.
+# and a shared rate-limit wait, seen by every analyzer on every box; and its failed
+# requests (down, timed out, 5xx), which a fallback to the next provider leaves nowhere
+# else.
 pauses = Table(
     "provider_pauses", metadata,
     Column("provider", String(50), primary_key=True),
@@ -121,6 +128,9 @@ pauses = Table(
     Column("paused_at", UTCDateTime),
     Column("probe_at", UTCDateTime),
     Column("not_before", UTCDateTime),
+    Column("failures", Integer, nullable=False, default=0, server_default="0"),
+    Column("last_error", Text),
+    Column("last_error_at", UTCDateTime),
 )
 
 meta_table = Table(
@@ -135,7 +145,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # provider_pauses is new in 3: create_all makes it before the migration runs.
     3: ("ALTER TABLE analysis_jobs ADD COLUMN model_version VARCHAR(100)",
         "ALTER TABLE analysis_jobs ADD COLUMN thoughts_tokens INTEGER"),
+    4: ("ALTER TABLE analysis_jobs ADD COLUMN provider VARCHAR(50)",
+        "ALTER TABLE analysis_jobs ADD COLUMN model VARCHAR(100)",
+        "ALTER TABLE provider_pauses ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE provider_pauses ADD COLUMN last_error TEXT",
+        "ALTER TABLE provider_pauses ADD COLUMN last_error_at TIMESTAMP"),
 }
+ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 
 # The hot statements are built once: constructing Core statements per call cost more than
@@ -178,6 +194,8 @@ class Job:
     analysis_seconds: float | None
     model_version: str | None
     thoughts_tokens: int | None
+    provider: str | None
+    model: str | None
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -211,6 +229,8 @@ class Outcome:
     total_tokens: int | None = None
     thoughts_tokens: int | None = None
     model_version: str | None = None
+    provider: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +243,9 @@ class Pause:
     paused_at: datetime | None
     probe_at: datetime | None
     not_before: datetime | None
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: datetime | None = None
 
     @property
     def paused(self) -> bool:
@@ -312,7 +335,8 @@ class JobStore:
                                 f"vlmguard understands ({SCHEMA_VERSION}); upgrade vlmguard")
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS.get(step, ()):
-                conn.execute(text(statement))
+                if not already_added(conn, statement):
+                    conn.execute(text(statement))
         if version < SCHEMA_VERSION:
             conn.execute(update(meta_table).where(meta_table.c.key == "schema_version")
                          .values(value=str(SCHEMA_VERSION)))
@@ -384,7 +408,8 @@ class JobStore:
                 incident_count=len(outcome.incidents), error_message=None,
                 prompt_tokens=outcome.prompt_tokens, output_tokens=outcome.output_tokens,
                 total_tokens=outcome.total_tokens, thoughts_tokens=outcome.thoughts_tokens,
-                model_version=outcome.model_version, lease_token=None, lease_expires_at=None)
+                model_version=outcome.model_version, provider=outcome.provider,
+                model=outcome.model, lease_token=None, lease_expires_at=None)
             if outcome.incidents:
                 conn.execute(incidents.insert(), [
                     {"job_id": job.id, "camera_id": job.camera_id, "start_at": i.start_at,
@@ -485,6 +510,42 @@ class JobStore:
             if changed:
                 self.notify(conn)
         return bool(changed)
+
+    def note_failure(self, provider: str, error: str) -> None:
+        """Count a failed request to a provider (the job may still be answered by the next)."""
+        with self.write() as conn:
+            self._provider_row(conn, provider)
+            conn.execute(update(pauses).where(pauses.c.provider == provider)
+                         .values(failures=pauses.c.failures + 1, last_error=error[:2000],
+                                 last_error_at=utcnow()))
+
+    def provider_states(self) -> list[Pause]:
+        with self.read() as conn:
+            return [Pause(**row._mapping)
+                    for row in conn.execute(select(pauses).order_by(pauses.c.provider))]
+
+    def answers_by_provider(self) -> dict[str, dict[str, Any]]:
+        """{provider: {answered, tokens, models}} over completed jobs that made a request."""
+        query = (select(jobs.c.provider, jobs.c.model, func.count(),
+                        func.coalesce(func.sum(jobs.c.total_tokens), 0))
+                 .where(jobs.c.status == "completed", jobs.c.provider.is_not(None))
+                 .group_by(jobs.c.provider, jobs.c.model))
+        out: dict[str, dict[str, Any]] = {}
+        with self.read() as conn:
+            for provider, model, n, tokens in conn.execute(query):
+                entry = out.setdefault(provider, {"answered": 0, "tokens": 0, "models": []})
+                entry["answered"] += int(n)
+                entry["tokens"] += int(tokens)
+                entry["models"].append(model)
+        return out
+
+    def last_model_request(self, camera_id: str) -> datetime | None:
+        """The start of the camera's newest clip that was sent to a model."""
+        with self.read() as conn:
+            return conn.execute(select(func.max(jobs.c.segment_start))
+                                .where(jobs.c.camera_id == camera_id,
+                                       jobs.c.status == "completed",
+                                       jobs.c.provider.is_not(None))).scalar()
 
     def paused_providers(self) -> list[Pause]:
         with self.read() as conn:
@@ -662,6 +723,16 @@ class JobStore:
                  .order_by(jobs.c.completed_at.desc(), jobs.c.id.desc()).limit(limit))
         with self.read() as conn:
             return [Job.from_row(row) for row in conn.execute(query)]
+
+
+def already_added(conn: Connection, statement: str) -> bool:
+    """A table newer than the database's version was made whole by create_all just before
+    the migration; its ADD COLUMN steps must then be skipped."""
+    found = ADD_COLUMN.match(statement)
+    if not found:
+        return False
+    table, column = found.groups()
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
 
 
 def dialect_insert(engine: Engine):

@@ -35,7 +35,7 @@ from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
 from vlmguard.store import JobStore
-from vlmguard.vlm.gemini import load_sdk
+from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.supervisor")
 
@@ -128,8 +128,9 @@ class Supervisor:
         hang = config.daemon.hang_seconds
         children = [Child("archiver", "vlmguard.archiver:main", (config,), hang),
                     Child("streamer", "vlmguard.streamer:main", (config,), hang)]
-        # An analyzer's main thread may sit in one API call for up to the request timeout.
-        analyzer_hang = hang + config.gemini.timeout_seconds + config.gemini.file_active_timeout_seconds
+        # An analyzer's main thread may sit in one API call for up to the request timeout,
+        # once per provider when each fails in turn.
+        analyzer_hang = hang + sum(registry.longest_wait_seconds(p) for p in config.providers)
         children += [Child(f"analyzer-{i}", "vlmguard.analyzer:main", (config, i), analyzer_hang)
                      for i in range(config.analysis.workers)]
         return children
@@ -417,7 +418,7 @@ def share_with_children(config: Config) -> None:
     for module in CHILD_MODULES:
         importlib.import_module(module)
     if config.analysis.workers:
-        load_sdk(config.gemini)
+        registry.load_sdks(config.providers)
 
 
 def settle_memory() -> None:

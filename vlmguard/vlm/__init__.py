@@ -1,17 +1,20 @@
 """The vision-language model seen by the analyzer: one small interface, any provider.
 
-A provider (Gemini in vlm/gemini.py) takes a prepared clip and a prompt and returns the
-model's JSON answer with its token usage, or raises AnalysisError saying whether trying
-again later can help. Checking the answer against the fixed contract happens here, once,
-whatever the provider.
+A provider (one module per kind, registered in vlm/registry.py) takes a prepared clip and
+a prompt and returns the model's JSON answer with its token usage, or raises
+AnalysisError saying whether trying again later can help. Checking the answer against the
+fixed contract happens here, once, whatever the provider.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from vlmguard.config import opt
 
 SEVERITIES = ("low", "medium", "high", "critical")
 CATEGORIES = ("fall", "fight", "fire_smoke", "intrusion", "unsafe_machinery", "vehicle",
@@ -44,45 +47,44 @@ clothing and position only. When nothing unsafe happens, report no incident.
 Offsets are seconds from the start of the clip and must lie within it.
 safety_score: 100 when nothing unsafe happens, lower the more serious the risks."""
 
-# The fixed contract, in the OpenAPI subset that structured output takes; the model reads
-# the descriptions, and propertyOrdering makes it write the summary before judging.
+# The fixed contract as one neutral JSON Schema; each provider turns it into its own
+# structured-output form (Gemini's OpenAPI subset, OpenAI's strict json_schema). The
+# models read the descriptions, and the order of the properties is the order they are
+# asked to write them in (the summary before the judgement).
 INCIDENT_SCHEMA: dict[str, Any] = {
-    "type": "OBJECT",
+    "type": "object",
     "description": "One unsafe event seen in the clip.",
     "properties": {
-        "start_offset_s": {"type": "NUMBER", "description": "When it starts, in seconds from "
+        "start_offset_s": {"type": "number", "description": "When it starts, in seconds from "
                            "the start of the clip."},
-        "end_offset_s": {"type": "NUMBER", "description": "When it ends, in seconds from the "
+        "end_offset_s": {"type": "number", "description": "When it ends, in seconds from the "
                          "start of the clip; not before start_offset_s."},
-        "category": {"type": "STRING", "enum": list(CATEGORIES),
+        "category": {"type": "string", "enum": list(CATEGORIES),
                      "description": "The kind of event."},
-        "severity": {"type": "STRING", "enum": list(SEVERITIES),
+        "severity": {"type": "string", "enum": list(SEVERITIES),
                      "description": "How serious the risk is."},
-        "description": {"type": "STRING", "description": "What happens and where in the "
+        "description": {"type": "string", "description": "What happens and where in the "
                         "frame, people described by clothing and position, never named."},
-        "confidence": {"type": "NUMBER", "minimum": 0, "maximum": 1,
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1,
                        "description": "How sure you are that it happened, 0 to 1."},
     },
     "required": ["start_offset_s", "end_offset_s", "category", "severity", "description",
                  "confidence"],
-    "propertyOrdering": ["start_offset_s", "end_offset_s", "category", "severity",
-                         "description", "confidence"],
 }
 RESPONSE_SCHEMA: dict[str, Any] = {
-    "type": "OBJECT",
+    "type": "object",
     "description": "The safety review of one clip.",
     "properties": {
-        "summary": {"type": "STRING", "description": "One or two sentences on what happens "
+        "summary": {"type": "string", "description": "One or two sentences on what happens "
                     "in the clip."},
-        "incidents": {"type": "ARRAY", "items": INCIDENT_SCHEMA,
+        "incidents": {"type": "array", "items": INCIDENT_SCHEMA,
                       "description": "Every unsafe event, in time order; empty when there is "
                       "none."},
-        "safety_score": {"type": "INTEGER", "minimum": 0, "maximum": 100,
+        "safety_score": {"type": "integer", "minimum": 0, "maximum": 100,
                          "description": "100 when nothing unsafe happens, lower the more "
                          "serious the risks."},
     },
     "required": ["summary", "incidents", "safety_score"],
-    "propertyOrdering": ["summary", "incidents", "safety_score"],
 }
 
 
@@ -113,11 +115,23 @@ class RateLimited(Exception):
 
 
 @dataclass(frozen=True)
+class Frame:
+    """One distinct keyframe as a JPEG, offset_s seconds from the start of the clip."""
+
+    path: Path
+    offset_s: float
+
+
+@dataclass(frozen=True)
 class Clip:
     path: Path
     duration_s: float
     fps: float
     mime_type: str = "video/mp4"
+    # The keyframes left after near-duplicates were dropped (empty when not extracted).
+    frames: tuple[Frame, ...] = ()
+    # Nothing changed in the whole clip: path is a one-frame video of that one picture.
+    still: bool = False
 
     @property
     def frame_interval_s(self) -> float:
@@ -132,6 +146,54 @@ class Answer:
     total_tokens: int | None = None
     thoughts_tokens: int | None = None
     model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The keys every [providers.NAME] table has; a kind adds its own in a subclass."""
+
+    kind: str = opt()
+    model: str = opt("")
+    base_url: str = opt("")
+    api_key_env: str = opt("")
+    api_key_file: str = opt("")
+    timeout_seconds: float = opt(120.0, lo=1, hi=3600)
+    max_output_tokens: int = opt(2048, lo=256, hi=65536)
+    pause_probe_minutes: float = opt(10.0, lo=0.01, hi=1440)
+    # Set from the table's name, never written in it.
+    name: str = field(default="", metadata={"internal": True})
+
+    @property
+    def credential_name(self) -> str:
+        return f"{self.name}_api_key"
+
+
+def find_api_key(settings: ProviderSettings) -> str | None:
+    """The key from the environment, systemd's credential store, or a key file."""
+    key = os.environ.get(settings.api_key_env, "").strip() if settings.api_key_env else ""
+    if key:
+        return key
+    candidates = []
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / settings.credential_name)
+    if settings.api_key_file:
+        candidates.append(Path(settings.api_key_file).expanduser())
+    for path in candidates:
+        try:
+            key = path.read_text().strip()
+        except OSError:
+            continue
+        if key:
+            return key
+    return None
+
+
+def where_keys_come_from(settings: ProviderSettings) -> str:
+    places = [f"${settings.api_key_env}"] if settings.api_key_env else []
+    places.append(f"$CREDENTIALS_DIRECTORY/{settings.credential_name}")
+    if settings.api_key_file:
+        places.append(settings.api_key_file)
+    return " or ".join(places)
 
 
 class VlmClient(Protocol):
@@ -152,6 +214,10 @@ def build_prompt(site_context: str, clip: Clip | None = None) -> str:
 def describe_frames(clip: Clip | None) -> str:
     if clip is None:
         return "frames sampled from a CCTV recording"
+    if clip.still:
+        return (f"one frame, because the picture did not change at all during the whole "
+                f"{clip.duration_s:.0f}-second recording (check that the camera is not "
+                f"covered, frozen or pointed away)")
     return (f"keyframes about {clip.frame_interval_s:.0f} s apart from a "
             f"{clip.duration_s:.0f}-second recording")
 

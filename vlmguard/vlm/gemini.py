@@ -12,20 +12,17 @@ retry loop; the SDK still retries a resumable-upload chunk on its own (up to 3 t
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
-from vlmguard.config import GeminiConfig
+from vlmguard.config import opt
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
-                          RateLimited)
+                          ProviderSettings, RateLimited)
+from vlmguard.vlm.registry import register
 
-PROVIDER = "gemini"
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-CREDENTIAL_NAME = "gemini_api_key"
 FILE_POLL_SECONDS = 2.0
 DEFAULT_RATE_WAIT_SECONDS = 60.0
 MEDIA_RESOLUTIONS = {"low": "MEDIA_RESOLUTION_LOW", "medium": "MEDIA_RESOLUTION_MEDIUM",
@@ -60,34 +57,43 @@ class Refused(Exception):
         self.usage = usage
 
 
-def find_api_key(config: GeminiConfig) -> str | None:
-    """The key from the environment, systemd's credential store, or a key file."""
-    key = os.environ.get(config.api_key_env, "").strip() if config.api_key_env else ""
-    if key:
-        return key
-    candidates = []
-    if os.environ.get("CREDENTIALS_DIRECTORY"):
-        candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
-    if config.api_key_file:
-        candidates.append(Path(config.api_key_file).expanduser())
-    for path in candidates:
-        try:
-            key = path.read_text().strip()
-        except OSError:
-            continue
-        if key:
-            return key
-    return None
+@dataclass(frozen=True)
+class GeminiSettings(ProviderSettings):
+    kind: str = opt("gemini")
+    model: str = opt("gemini-3.8-flash")
+    api_key_env: str = opt("GEMINI_API_KEY")
+    # The SDK sends the timeout as X-Server-Timeout; short ones come back as 500s.
+    timeout_seconds: float = opt(300.0, lo=60, hi=3600)
+    file_active_timeout_seconds: float = opt(300.0, lo=5, hi=3600)
+    thinking: str = opt("off", choices=("off", "low", "high", "default"))
+    inline_max_mb: float = opt(15.0, lo=0, hi=90)
+    safety_threshold: str = opt("block_none", choices=("off", "block_none", "block_only_high",
+                                                       "block_medium_and_above",
+                                                       "block_low_and_above", "default"))
+    media_resolution: str = opt("low", choices=("low", "medium", "high", "default"))
 
 
-def where_keys_come_from(config: GeminiConfig) -> str:
-    places = [f"${config.api_key_env}", f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"]
-    if config.api_key_file:
-        places.append(config.api_key_file)
-    return " or ".join(places)
+GeminiConfig = GeminiSettings  # the name of earlier versions
 
 
-def http_options(config: GeminiConfig):
+def to_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """The neutral JSON Schema in the OpenAPI subset Gemini takes: upper-case types, and
+    propertyOrdering so that the model writes the properties in the order given."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type":
+            out[key] = value.upper()
+        elif key == "properties":
+            out[key] = {name: to_openapi(sub) for name, sub in value.items()}
+            out["propertyOrdering"] = list(value)
+        elif key == "items":
+            out[key] = to_openapi(value)
+        elif key != "additionalProperties":
+            out[key] = value
+    return out
+
+
+def http_options(config: GeminiSettings):
     from google.genai import types
 
     options = types.HttpOptions(api_version="v1beta", timeout=int(config.timeout_seconds * 1000),
@@ -97,7 +103,7 @@ def http_options(config: GeminiConfig):
     return options
 
 
-def load_sdk(config: GeminiConfig) -> None:
+def load_sdk(config: GeminiSettings) -> None:
     """Make and close a client that is never used: the SDK imports its HTTP stack with
     the first client, not on import. The supervisor does this before it forks the
     analyzers, so that they share those modules' pages instead of each loading them."""
@@ -110,17 +116,33 @@ def is_gemini_2(model: str) -> bool:
     return re.match(r"(models/)?gemini-[12]\.", model) is not None
 
 
+@register("gemini")
 class GeminiClient:
-    provider = PROVIDER
+    Settings = GeminiSettings
+    WANTS = "video"
+    LABEL = "Gemini"
+    NEEDS_KEY = True
 
-    def __init__(self, config: GeminiConfig, api_key: str, *, media_resolution: str = "low"):
+    def __init__(self, config: GeminiSettings, api_key: str):
         from google import genai
         from google.genai import types
 
         self.config = config
         self.types = types
-        self.media_resolution = MEDIA_RESOLUTIONS[media_resolution]
+        self.media_resolution = MEDIA_RESOLUTIONS[config.media_resolution]
         self.client = genai.Client(api_key=api_key, http_options=http_options(config))
+
+    @staticmethod
+    def load_sdk(config: GeminiSettings) -> None:
+        load_sdk(config)
+
+    @staticmethod
+    def longest_wait_seconds(config: GeminiSettings) -> float:
+        return config.timeout_seconds + config.file_active_timeout_seconds
+
+    @staticmethod
+    def structured_output(schema: dict[str, Any]) -> dict[str, Any]:
+        return to_openapi(schema)
 
     # -- one clip ---------------------------------------------------------------------------
 
@@ -180,7 +202,7 @@ class GeminiClient:
 
     def generation_config(self, max_output_tokens: int):
         settings: dict[str, Any] = dict(response_mime_type="application/json",
-                                        response_schema=RESPONSE_SCHEMA,
+                                        response_schema=to_openapi(RESPONSE_SCHEMA),
                                         max_output_tokens=max_output_tokens)
         if self.media_resolution:
             settings["media_resolution"] = self.media_resolution

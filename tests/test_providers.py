@@ -1,0 +1,404 @@
+"""Any vision model: the OpenAI-compatible provider through the real openai SDK against our
+OpenAI-protocol server, fallback between providers, and no request for a static clip.
+Real FFmpeg archives, real SQLite, the real SDKs; every server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from vlmguard.analyzer import Worker
+from vlmguard.config import load_config
+from vlmguard.status import gather_status, render_status
+from vlmguard.store import JobStore
+
+from conftest import write_config
+from daemon import RunningVlmguard, free_port
+from gemini_server import VALID_KEY, FakeGemini
+from openai_server import FakeOpenAI
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+LOCAL_MODEL = "qwen2.5vl:7b"
+
+
+def encode(path: Path, graph: str) -> Path:
+    """A 12-s H.264 archive with a keyframe every second, as the streamer makes them."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-filter_complex", graph, "-t", "12",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p",
+                    str(path)], check=True, timeout=120)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("clips")
+    size = "size=320x180:rate=25"
+    return {
+        "busy": encode(folder / "busy.mp4", f"testsrc2={size}"),
+        "static": encode(folder / "static.mp4", f"color=c=gray:{size}"),
+        # Gray for 6 s, then the test pattern: the one change of an otherwise still scene.
+        "changes": encode(folder / "changes.mp4", f"color=c=gray:{size}:d=6[a];"
+                          f"testsrc2={size}:d=6[b];[a][b]concat=n=2:v=1"),
+        # A still scene under sensor noise, and the same with one small figure walking.
+        "noisy": encode(folder / "noisy.mp4", "color=c=0x606060:size=640x360:rate=25,"
+                        "noise=alls=16:allf=t"),
+        "walker": encode(folder / "walker.mp4", "color=c=0x606060:size=640x360:rate=25,"
+                         "noise=alls=16:allf=t[bg];color=c=0x803030:size=16x40:rate=25[p];"
+                         "[bg][p]overlay=x='t*40':y=150"),
+        "rgb": encode(folder / "rgb.mp4", f"color=c=red:{size}:d=4[r];color=c=lime:{size}:d=4[g];"
+                      f"color=c=blue:{size}:d=4[b];[r][g][b]concat=n=3:v=1"),
+    }
+
+
+@pytest.fixture
+def local():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def gemini():
+    with FakeGemini() as server:
+        yield server
+
+
+@pytest.fixture
+def setup(tmp_path, local, gemini, monkeypatch):
+    """(config, store) with an OpenAI-compatible provider "local" and a Gemini "cloud"."""
+    monkeypatch.setenv("GEMINI_API_KEY", VALID_KEY)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    made = []
+
+    def make(order=("local",), static_check_minutes=0, local_keys="", local_url=None):
+        config = load_config(write_config(tmp_path, f"""
+            [storage]
+            data_dir = "{tmp_path / 'data'}"
+            [analysis]
+            max_retries = 2
+            retry_backoff_seconds = 0.1
+            lease_seconds = 5
+            poll_seconds = 0.2
+            providers = {json.dumps(list(order))}
+            static_check_minutes = {static_check_minutes}
+            [providers.local]
+            kind = "openai"
+            model = "{LOCAL_MODEL}"
+            base_url = "{local_url or local.base_url}"
+            timeout_seconds = 2
+            {local_keys}
+            [providers.cloud]
+            kind = "gemini"
+            base_url = "{gemini.base_url}"
+            timeout_seconds = 60
+            [[cameras]]
+            id = "cam1"
+            url = "lavfi:testsrc2"
+            prompt = "Loading bay with forklifts."
+        """))
+        store = JobStore.from_config(config)
+        made.append(store)
+        return config, store
+    yield make
+    for store in made:
+        store.close()
+
+
+def run_job(config, store, clip: Path, start: datetime = T0):
+    """Register one clip and let a worker process it, as its loop does."""
+    store.register("cam1", clip, start, start + timedelta(seconds=12), max_retries=2)
+    worker = Worker(config, store, "test-worker")
+    job = store.next_job("test-worker", timeout=5)
+    assert job is not None
+    worker.process(job)
+    return store.get(job.id)
+
+
+# -- the OpenAI-compatible provider ---------------------------------------------------------
+
+def test_frames_go_as_labelled_jpegs_with_a_strict_schema(setup, local, clips):
+    config, store = setup()
+    job = run_job(config, store, clips["busy"])
+    assert job.status == "completed", job.error_message
+    assert (job.provider, job.model, job.model_version) == ("local", LOCAL_MODEL, LOCAL_MODEL)
+    [request] = local.requests
+    # The copy's keyframes at 0.5 fps, all different: six JPEGs 360 px high, each labelled.
+    assert [i["height"] for i in request["images"]] == [360] * 6
+    assert [t for t in request["texts"] if t.startswith("Frame at")] == [
+        f"Frame at {s:.1f} s:" for s in (0, 2, 4, 6, 8, 10)]
+    assert request["response_format"]["type"] == "json_schema"
+    assert request["response_format"]["json_schema"]["strict"] is True
+    assert "Loading bay with forklifts." in request["texts"][0]
+    usage = request["usage"]
+    assert (job.prompt_tokens, job.output_tokens, job.total_tokens) == (
+        usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
+    assert job.analysis_result["incidents"][0]["category"] == "fall"
+    assert store.list_incidents(job.id)[0]["start_at"] == T0 + timedelta(seconds=3)
+
+
+def test_max_images_picks_frames_evenly(setup, local, clips):
+    config, store = setup(local_keys="max_images = 3")
+    job = run_job(config, store, clips["busy"])
+    assert job.status == "completed", job.error_message
+    assert [t for t in local.requests[0]["texts"] if t.startswith("Frame at")] == [
+        "Frame at 0.0 s:", "Frame at 4.0 s:", "Frame at 10.0 s:"]
+
+
+def test_server_without_json_schema_gets_json_mode_checked_by_us(setup, local, clips):
+    config, store = setup()
+    local.schema_support = False
+    worker = Worker(config, store, "w")
+    for n in range(2):
+        store.register("cam1", clips["busy"], T0 + timedelta(minutes=10 * n),
+                       T0 + timedelta(minutes=10 * n, seconds=12))
+        worker.process(store.next_job("w", timeout=5))
+    assert [j.status for j in store.list_jobs()] == ["completed", "completed"]
+    # One refused json_schema request, then JSON mode for the life of the client.
+    assert [(r["status"], r["response_format"]["type"]) for r in local.requests] == [
+        (400, "json_schema"), (200, "json_object"), (200, "json_object")]
+    assert '"safety_score"' in local.requests[1]["texts"][0]  # the schema is in the prompt
+    # An answer that breaks the contract is still refused, by vlmguard's own check.
+    local.answer = {"summary": "fine", "incidents": [], "safety_score": 150}
+    store.register("cam1", clips["busy"], T0 + timedelta(hours=1),
+                   T0 + timedelta(hours=1, seconds=12), max_retries=2)
+    worker.process(store.next_job("w", timeout=5))
+    [bad] = store.list_jobs(states=["pending"])
+    assert bad.retry_count == 1
+    assert "invalid model output: safety_score must be an integer 0-100" in bad.error_message
+
+
+def tile_colour(pixels: bytes, width: int, x: int, y: int) -> tuple[int, int, int]:
+    at = (y * width + x) * 3
+    return tuple(pixels[at:at + 3])
+
+
+def test_grid_is_one_image_whose_tiles_are_the_frames(setup, local, clips, tmp_path):
+    config, store = setup(local_keys='images = "grid"')
+    local.one_image_per_message = True  # a server that takes a single image
+    job = run_job(config, store, clips["rgb"])
+    assert job.status == "completed", job.error_message
+    [request] = local.requests
+    [image] = request["images"]
+    # Three distinct frames (red, green, blue) of the 360-px copy: a 2x2 grid of 640x360
+    # tiles, 4 px apart.
+    assert (image["width"], image["height"]) == (2 * 640 + 4, 2 * 360 + 4)
+    assert any("0.0 s, 4.0 s, 8.0 s" in t for t in request["texts"])
+    grid = tmp_path / "grid.jpg"
+    grid.write_bytes(image["data"])
+    pixels = subprocess.run(["ffmpeg", "-v", "error", "-i", str(grid), "-f", "rawvideo",
+                             "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    width = image["width"]
+    centres = [tile_colour(pixels, width, 320 + 644 * col, 200 + 364 * row)
+               for row, col in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    dominant = [max(range(3), key=lambda c: rgb[c]) if max(rgb) > 128 else None
+                for rgb in centres]
+    assert dominant == [0, 1, 2, None], centres  # red, green, blue, then an empty tile
+    # Each tile's time is burned into its top-left corner: the label box darkens the red.
+    label = tile_colour(pixels, width, 12, 12)
+    assert label[0] < centres[0][0] - 60, (label, centres[0])
+
+
+# -- fallback --------------------------------------------------------------------------------
+
+FALLBACK_FAULTS = ["500", "503", "timeout", "nonjson", "down"]
+
+
+@pytest.mark.parametrize("fault", FALLBACK_FAULTS)
+def test_failing_first_provider_hands_the_clip_to_the_next(setup, local, gemini, clips, fault):
+    down = f"http://127.0.0.1:{free_port()}/v1" if fault == "down" else None
+    config, store = setup(order=("local", "cloud"), local_url=down)
+    local.hang_seconds = 5  # the client gives up after timeout_seconds = 2
+    local.faults = [] if fault == "down" else [fault]
+    job = run_job(config, store, clips["busy"])
+    assert (job.status, job.retry_count, job.provider) == ("completed", 0, "cloud")
+    assert job.model == "gemini-3.8-flash" and len(gemini.generate_requests) == 1
+    shared = store.provider_state("local")
+    assert shared.failures == 1 and not shared.paused
+    expected = {"500": "chat: HTTP 500", "503": "chat: HTTP 503", "timeout": "chat: timed out",
+                "nonjson": "invalid model output: not JSON", "down": "chat: cannot connect"}
+    assert shared.last_error.startswith(expected[fault]), shared.last_error
+
+
+def test_rate_limited_or_paused_provider_is_skipped_without_a_failure(setup, local, gemini, clips):
+    config, store = setup(order=("local", "cloud"))
+    local.faults = ["429"]
+    first = run_job(config, store, clips["busy"])
+    assert first.provider == "cloud"
+    shared = store.provider_state("local")
+    assert shared.failures == 0 and shared.not_before is not None  # Retry-After: 2
+    local.faults = ["quota"]
+    time.sleep(2.1)
+    second = run_job(config, store, clips["busy"], T0 + timedelta(minutes=10))
+    assert second.provider == "cloud" and store.provider_state("local").reason == "quota_exhausted"
+    asked = len(local.requests)
+    third = run_job(config, store, clips["busy"], T0 + timedelta(minutes=20))
+    assert third.provider == "cloud" and len(local.requests) == asked  # paused: not asked
+
+
+def test_every_provider_failing_costs_one_retry_and_names_each(setup, local, gemini, clips):
+    config, store = setup(order=("local", "cloud"))
+    local.faults = ["500"]
+    gemini.faults = ["500"]
+    job = run_job(config, store, clips["busy"])
+    assert (job.status, job.retry_count) == ("pending", 1)
+    assert job.error_message.startswith("local: chat: HTTP 500"), job.error_message
+    assert "; cloud: generate: HTTP 500" in job.error_message
+
+
+def test_every_provider_paused_puts_the_job_back_uncharged(setup, local, gemini, clips):
+    config, store = setup(order=("local", "cloud"))
+    local.faults = ["quota"]
+    gemini.faults = ["429_daily"]
+    job = run_job(config, store, clips["busy"])
+    assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
+    assert {p.provider: p.reason for p in store.paused_providers()} == {
+        "local": "quota_exhausted", "cloud": "quota_exhausted"}
+    worker = Worker(config, store, "other")
+    assert worker.held_back()
+    assert worker.state.startswith("paused: local: quota_exhausted")
+
+
+# -- no request for a static clip --------------------------------------------------------------
+
+def test_static_scene_is_sent_once_per_static_check(setup, local, clips):
+    config, store = setup(static_check_minutes=30)
+    jobs = [run_job(config, store, clips["static"], T0 + timedelta(minutes=10 * n))
+            for n in range(7)]  # an hour of 10-minute archives of a still scene
+    sent = [j.segment_start.minute + 60 * (j.segment_start.hour - 8) for j in jobs if j.provider]
+    assert sent == [0, 30, 60]  # the first clip, then once per 30 minutes
+    assert len(local.requests) == 3
+    for job in jobs:
+        assert job.status == "completed"
+        if not job.provider:
+            assert job.analysis_result == {"safety_score": 100, "summary": "no activity",
+                                           "incidents": []}
+            assert (job.total_tokens, job.prompt_tokens, job.incident_count, job.model) == \
+                (0, 0, 0, None)
+
+
+def test_active_and_changing_scenes_are_sent_every_time(setup, local, clips):
+    config, store = setup(static_check_minutes=30)
+    assert run_job(config, store, clips["static"]).provider == "local"  # first clip
+    quiet = run_job(config, store, clips["static"], T0 + timedelta(minutes=10))
+    assert quiet.provider is None
+    changed = run_job(config, store, clips["changes"], T0 + timedelta(minutes=20))
+    assert changed.provider == "local"  # the clip in which the scene changes
+    [request] = local.requests[1:]
+    # The duplicates are dropped: the gray frames once, then each new test-pattern frame.
+    assert [t for t in request["texts"] if t.startswith("Frame at")] == [
+        "Frame at 0.0 s:", "Frame at 6.0 s:", "Frame at 8.0 s:", "Frame at 10.0 s:"]
+    busy = [run_job(config, store, clips["busy"], T0 + timedelta(minutes=30 + 10 * n))
+            for n in range(3)]
+    assert [j.provider for j in busy] == ["local"] * 3
+    assert len(local.requests) == 5
+
+
+def test_sensor_noise_is_no_activity_but_a_small_figure_walking_is(setup, local, clips):
+    config, store = setup(static_check_minutes=30)
+    assert run_job(config, store, clips["noisy"]).provider == "local"  # the first clip
+    assert run_job(config, store, clips["noisy"], T0 + timedelta(minutes=10)).provider is None
+    walker = run_job(config, store, clips["walker"], T0 + timedelta(minutes=20))
+    assert walker.provider == "local"
+    assert len(local.requests[-1]["images"]) == 6  # every keyframe shows it somewhere new
+
+
+def test_static_check_shows_a_video_model_one_picture(setup, gemini, clips):
+    """The periodic look at a still camera asks whether it still sees: one frame, not ten
+    minutes of the same picture billed by the second."""
+    config, store = setup(order=("cloud",), static_check_minutes=30)
+    still = run_job(config, store, clips["static"])
+    busy = run_job(config, store, clips["busy"], T0 + timedelta(minutes=10))
+    assert (still.provider, busy.provider) == ("cloud", "cloud")
+    first, second = (request["contents"][0]["parts"] for request in gemini.generate_requests)
+    metadata = first[0].get("videoMetadata") or first[0]["video_metadata"]
+    assert metadata["fps"] == 1.0
+    assert "did not change at all during the whole 12-second recording" in first[1]["text"]
+    assert still.prompt_tokens < busy.prompt_tokens
+    assert still.total_tokens < busy.total_tokens
+
+
+def test_gating_off_sends_every_static_clip(setup, local, clips):
+    config, store = setup(static_check_minutes=0)
+    jobs = [run_job(config, store, clips["static"], T0 + timedelta(minutes=10 * n))
+            for n in range(3)]
+    assert [j.provider for j in jobs] == ["local"] * 3
+    assert [len(r["images"]) for r in local.requests] == [1, 1, 1]
+
+
+# -- end to end: `vlmguard run` ----------------------------------------------------------------
+
+def wait_for(condition, seconds, what, daemon):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} not reached:\n{daemon.log_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_run_falls_back_while_the_local_model_is_down_and_gates_a_still_camera(
+        tmp_path, local, gemini):
+    local.outage = "503"
+    daemon = RunningVlmguard(
+        tmp_path, None, workers=1, analysis="static_check_minutes = 0.5",
+        extra=f"""
+[providers.local]
+kind = "openai"
+model = "{LOCAL_MODEL}"
+base_url = "{local.base_url}"
+timeout_seconds = 5
+[providers.cloud]
+kind = "gemini"
+base_url = "{gemini.base_url}"
+timeout_seconds = 60
+""", cameras="""
+[[cameras]]
+id = "cam1"
+url = "lavfi:testsrc2=size=320x240:rate=25"
+[[cameras]]
+id = "still"
+url = "lavfi:color=c=gray:size=320x240:rate=25"
+""", env={"GEMINI_API_KEY": VALID_KEY}).start()
+    config = load_config(daemon.config_path)
+    try:
+        daemon.wait_live()
+        with JobStore.from_config(config) as store:
+            def answered(camera, provider):
+                return [j for j in store.list_jobs(camera_id=camera, states=["completed"])
+                        if j.provider == provider]
+            wait_for(lambda: answered("cam1", "cloud"), 60, "a clip answered by cloud", daemon)
+            local.outage = None  # the GPU box is back
+            wait_for(lambda: answered("cam1", "local"), 60, "a clip answered by local", daemon)
+            wait_for(lambda: len(store.list_jobs(camera_id="still", states=["completed"])) >= 4,
+                     60, "four clips of the still camera", daemon)
+            report = gather_status(config, store)
+        text = render_status(report)
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    finally:
+        daemon.stop()
+    with JobStore.from_config(config) as store:
+        still = sorted(store.list_jobs(camera_id="still", states=["completed"]),
+                       key=lambda j: j.segment_start)
+        cam1 = store.list_jobs(camera_id="cam1", states=["completed"])
+    # The busy camera: every clip went to a model, and the job table says which.
+    assert all(j.provider in ("local", "cloud") for j in cam1)
+    assert {j.model for j in cam1 if j.provider == "local"} == {LOCAL_MODEL}
+    # The still camera: requests at least 30 s of footage apart, "no activity" between.
+    sent = [j.segment_start for j in still if j.provider]
+    assert sent and all(b - a >= timedelta(seconds=30) for a, b in zip(sent, sent[1:]))
+    quiet = [j for j in still if not j.provider]
+    assert quiet and all(j.analysis_result["summary"] == "no activity" and j.total_tokens == 0
+                         for j in quiet)
+    providers = report["analysis"]["providers"]
+    assert providers["local"]["failed"] >= 1 and providers["local"]["answered"] >= 1
+    assert providers["cloud"]["answered"] >= 1
+    assert "provider  local: answered" in text and "provider  cloud: answered" in text
+    assert re.search(r'^vlmguard_provider_answered_total\{provider="local"\} [1-9]', metrics, re.M)
+    assert re.search(r'^vlmguard_provider_failures_total\{provider="local"\} [1-9]', metrics, re.M)
+    assert re.search(r'^vlmguard_model_tokens_total\{camera="still",kind="total"\} ', metrics, re.M)
