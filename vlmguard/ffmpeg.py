@@ -25,7 +25,7 @@ COPYABLE_CODECS = ("h264", "hevc")
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 # What the concat demuxer may open: the ffconcat file itself, then the camera.
 CONCAT_PROTOCOLS = "file,rtsp,rtsps,rtp,srtp,tcp,udp,tls,http,https,httpproxy,crypto"
-# What a child program may see of our environment: never the Gemini key or a database
+# What a child program may see of our environment: never a model API key or a database
 # password. MALLOC_* are the supervisor's glibc tunings, meant for FFmpeg.
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL")
 
