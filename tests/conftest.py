@@ -25,6 +25,22 @@ def postgres_available() -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ram_folders(tmp_path_factory):
+    """Live segments and windows go to /dev/shm folders named for each data directory:
+    remove the ones this session's data directories made (their data_dir.txt says whose)."""
+    yield
+    import shutil
+    base = str(tmp_path_factory.getbasetemp())
+    for folder in Path("/dev/shm").glob("vlmguard-*"):
+        try:
+            owner = (folder / "data_dir.txt").read_text()
+        except OSError:
+            continue
+        if owner.startswith(base):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_up() -> bool:
     return postgres_available()

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 import secrets
 import subprocess
 import tempfile
@@ -49,6 +50,9 @@ SHORTEST_SERVER_TIMEOUT = 10  # seconds; below this the service answers 500
 QUOTA_HELP = {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
     "description": "Learn more about Gemini API quotas",
     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
+
+SHOWINFO_PTS = re.compile(r"\bpts_time:\s*([-\d.]+)")
+SHOWINFO_MEAN = re.compile(r"\bmean:\[([\d ]+)\]")
 
 DEFAULT_ANSWER = {
     "safety_score": 72,
@@ -143,9 +147,53 @@ class StoredFile:
         return body
 
 
+def frame_colours(data: bytes) -> list[tuple[float, tuple[int, int, int]]]:
+    """(timestamp, mean Y U V) of every frame of a video, decoded by FFmpeg: the stand-in
+    model looks at what it is sent."""
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+        handle.write(data)
+        handle.flush()
+        out = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", handle.name,
+                              "-map", "0:v:0", "-vf", "showinfo", "-f", "null", "-"],
+                             capture_output=True, text=True)
+    frames = []
+    for line in out.stderr.splitlines():
+        pts = SHOWINFO_PTS.search(line)
+        mean = SHOWINFO_MEAN.search(line)
+        if pts and mean:
+            frames.append((float(pts.group(1)), tuple(int(v) for v in mean.group(1).split())[:3]))
+    return frames
+
+
+def is_red(yuv: tuple[int, ...]) -> bool:
+    """A solid red picture: BT.601 red is Y 81, U 90, V 240."""
+    y, u, v = yuv
+    return v > 200 and u < 120 and y < 120
+
+
+def answer_from_looking(frames: list[tuple[float, tuple[int, ...]]]) -> dict:
+    """An incident for every run of solid red frames, from the first red frame's time to
+    the last one's: what a model would report of a fire filling the view."""
+    incidents, run = [], []
+    for pts, yuv in frames + [(math.inf, (0, 0, 0))]:
+        if pts != math.inf and is_red(yuv):
+            run.append(pts)
+            continue
+        if run:
+            incidents.append({"start_offset_s": round(run[0], 3), "end_offset_s": round(run[-1], 3),
+                              "category": "fire_smoke", "severity": "high",
+                              "description": "The whole picture turns red: flames fill the view.",
+                              "confidence": 0.9})
+            run = []
+    return {"safety_score": 20 if incidents else 100,
+            "summary": "Flames fill the view." if incidents else "Nothing unsafe happens.",
+            "incidents": incidents}
+
+
 class FakeGemini:
     """Set .faults (consumed one per generateContent), .outage (every generateContent
-    fails so until cleared), .file_fails, .answer, .generate_delay."""
+    fails so until cleared), .file_fails, .answer, .generate_delay, .looks (answer from
+    what the frames show: solid red frames are an incident)."""
 
     def __init__(self):
         self.port = free_port()
@@ -164,6 +212,7 @@ class FakeGemini:
         self.answer: Any = DEFAULT_ANSWER
         self.upload_delay = 0.0
         self.generate_delay = 0.0  # "realistic latency" for the benchmarks
+        self.looks = False
         self.upload_started = threading.Event()
         self.generate_started = threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -316,7 +365,9 @@ class FakeGemini:
             data, fps = video
             seconds = await asyncio.to_thread(video_seconds, data)
         answer = self.answer
-        if answer is DEFAULT_ANSWER and video is not None:
+        if self.looks and video is not None:
+            answer = answer_from_looking(await asyncio.to_thread(frame_colours, data))
+        elif answer is DEFAULT_ANSWER and video is not None:
             answer = answer_within(seconds)
         return web.json_response(self.completion(json.dumps(answer), model=model, body=body,
                                                  video_seconds=seconds, fps=fps))
@@ -461,12 +512,14 @@ def without_media(body: dict) -> dict:
 
 
 def main() -> None:
-    """Run standalone (for the benchmarks): python tests/gemini_server.py PORT [DELAY_S]."""
+    """Run standalone (for the benchmarks): python tests/gemini_server.py PORT [DELAY_S]
+    [looks]."""
     import sys
 
     server = FakeGemini()
     server.port = int(sys.argv[1])
     server.generate_delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    server.looks = len(sys.argv) > 3 and sys.argv[3] == "looks"
     with server:
         print("ready", flush=True)
         threading.Event().wait()

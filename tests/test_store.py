@@ -396,9 +396,10 @@ def test_database_from_schema_version_1_is_upgraded(db_url):
             "'2026-01-01 00:10:01')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         job = store.claim("w")
         assert job.camera_id == "old" and job.analysis_seconds is None
+        assert job.kind == "archive" and job.priority == 0 and job.first_frame_at == job.segment_start
         store.complete(job, outcome())
         assert store.get(job.id).analysis_seconds >= 0
 
@@ -420,7 +421,7 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 12.5)")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         [old] = store.list_jobs()
         assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
         register(store)
@@ -455,7 +456,7 @@ def test_database_from_schema_version_3_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 'gemini-3.8-flash')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         [old] = store.list_jobs()
         assert (old.total_tokens, old.model_version, old.provider, old.model) == \
             (500, "gemini-3.8-flash", None, None)
@@ -511,3 +512,104 @@ def test_token_usage_and_duration_histogram(store):
     assert count == 3 and total >= 0
     assert buckets[0] == (5.0, 3) and [n for _, n in buckets] == [3] * len(buckets)
     assert store.count_jobs(states=["completed"]) == 3 and store.count_jobs(camera_id="b") == 1
+
+
+# -- windows, incident merging, lag (schema 5) ---------------------------------------------------
+
+def window(store, n, camera="cam1", seconds=60, kind="window"):
+    start = T0 + timedelta(seconds=seconds * n)
+    return store.register(camera, f"/ram/{camera}/{n}/clip.ffconcat", start,
+                          start + timedelta(seconds=seconds), kind=kind,
+                          clip_start=start + timedelta(seconds=0.5),
+                          sources=[{"path": f"/data/{camera}/a.ts", "offset_s": 60.0 * n,
+                                    "duration_s": 60.0}])
+
+
+def fire(start, end):
+    return IncidentRecord(start_at=start, end_at=end, category="fire_smoke", severity="high",
+                          description="flames")
+
+
+def finish(store, job_id, incidents, within=2.5):
+    job = store.claim("w")
+    assert job.id == job_id
+    store.complete(job, Outcome(result={}, safety_score=20, incidents=incidents,
+                                merge_within_s=within))
+
+
+def test_an_incident_across_a_window_edge_is_one_incident_with_a_stable_id(store):
+    first, second, third = window(store, 0), window(store, 1), window(store, 2)
+    finish(store, first, [fire(T0 + timedelta(seconds=55), T0 + timedelta(seconds=59))])
+    [stored] = store.find_incidents()
+    # Two seconds later (one frame interval) the next window still sees it.
+    finish(store, second, [fire(T0 + timedelta(seconds=61), T0 + timedelta(seconds=64))])
+    [merged] = store.find_incidents()
+    assert merged["id"] == stored["id"]
+    assert (merged["start_at"], merged["end_at"]) == (T0 + timedelta(seconds=55),
+                                                      T0 + timedelta(seconds=64))
+    # Out of touch (a frame interval and more apart): a new incident.
+    finish(store, third, [fire(T0 + timedelta(seconds=130), T0 + timedelta(seconds=131))])
+    assert len(store.find_incidents()) == 2
+
+
+def test_incidents_of_other_categories_or_archive_jobs_are_not_merged(store):
+    first, second = window(store, 0), window(store, 1)
+    finish(store, first, [fire(T0 + timedelta(seconds=55), T0 + timedelta(seconds=59))])
+    other = IncidentRecord(start_at=T0 + timedelta(seconds=60), end_at=T0 + timedelta(seconds=62),
+                           category="fall", severity="high", description="a fall")
+    finish(store, second, [other, fire(T0 + timedelta(seconds=60), T0 + timedelta(seconds=61))],
+           within=None)
+    assert sorted(i["category"] for i in store.find_incidents()) == ["fall", "fire_smoke",
+                                                                     "fire_smoke"]
+
+
+def test_window_columns_round_trip_and_first_frame_time(store):
+    job = store.get(window(store, 3))
+    assert job.kind == "window" and job.priority == 0 and job.windows == 1
+    assert job.first_frame_at == job.segment_start + timedelta(seconds=0.5)
+    assert job.sources == [{"path": "/data/cam1/a.ts", "offset_s": 180.0, "duration_s": 60.0}]
+
+
+def test_live_windows_are_claimed_before_catch_up(store):
+    old = store.register("cam1", "/data/cam1/old.ts", T0 - timedelta(hours=1),
+                         T0 - timedelta(minutes=50), kind="catchup")
+    live = window(store, 0)
+    assert store.claim("w").id == live
+    assert store.claim("w").id == old
+
+
+def test_lag_is_now_minus_the_end_of_the_oldest_unanalysed_footage(store):
+    window(store, 0)
+    window(store, 1)
+    window(store, 0, camera="cam2")
+    now = T0 + timedelta(minutes=5)
+    assert store.lag_seconds(now) == {"cam1": 240.0, "cam2": 240.0}
+    finish(store, store.pending_windows("cam1")[0].id, [])
+    assert store.lag_seconds(now)["cam1"] == 180.0
+
+
+def test_merging_pending_windows_keeps_one_job_over_them_all(store):
+    ids = [window(store, n) for n in range(4)]
+    pending = store.pending_windows("cam1")
+    assert [j.id for j in pending] == ids
+    assert store.merge_jobs(pending[0], pending[1:3], "/ram/merged.ffconcat", [])
+    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    assert [j.id for j in jobs] == [ids[0], ids[3]]
+    merged = jobs[0]
+    assert (merged.kind, merged.windows, merged.segment_end) == (
+        "merged", 3, T0 + timedelta(minutes=3))
+    assert merged.video_path == "/ram/merged.ffconcat"
+    assert store.merge_counts() == {"cam1": 2}
+
+
+def test_a_window_claimed_meanwhile_is_not_merged(store):
+    ids = [window(store, n) for n in range(3)]
+    pending = store.pending_windows("cam1")
+    store.claim("w")  # takes the first
+    assert not store.merge_jobs(pending[0], pending[1:], "/ram/merged.ffconcat", [])
+    assert sorted(j.id for j in store.list_jobs()) == ids
+
+
+def test_in_flight_paths_name_the_archives_a_window_covers(store):
+    window(store, 0)
+    assert {"/ram/cam1/0/clip.ffconcat", "/data/cam1/a.ts"} <= store.in_flight_paths()

@@ -33,9 +33,10 @@ import structlog
 
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
-from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
+from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             media_duration, still_video_command)
+                             media_duration, source_args, still_video_command)
+from vlmguard.layout import Layout
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
@@ -53,6 +54,9 @@ SYS_IOPRIO_SET = {"x86_64": 251, "amd64": 251, "aarch64": 30, "arm64": 30, "armv
                   "armv6l": 314, "i386": 289, "i686": 289}
 NICENESS = 10
 NO_ACTIVITY = "no activity"
+# Incidents of adjacent windows merge when their times are this many frame intervals
+# apart or closer: one interval, plus a quarter for keyframe jitter at the window edge.
+MERGE_FRAME_INTERVALS = 1.25
 # A job whose providers are all paused goes back for this long (the worker keeps
 # taking other cameras' jobs if their providers answer).
 PAUSED_DEFER_SECONDS = 5.0
@@ -248,7 +252,9 @@ class Worker:
             self.state = f"job {job.id}"
             log.info("job claimed", video=job.video_path, attempt=job.retry_count + 1)
             lease = LeaseKeeper(self.store, job)
-            workdir = Path(tempfile.mkdtemp(prefix=f"vlmguard-job{job.id}-"))
+            work = Layout(self.config.data_dir).work()
+            work.mkdir(parents=True, exist_ok=True)  # RAM: the copies never touch the disk
+            workdir = Path(tempfile.mkdtemp(prefix=f"job{job.id}-", dir=work))
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
@@ -276,7 +282,8 @@ class Worker:
 
     def analyze(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Outcome:
         order = self.config.provider_order(job.camera_id)
-        clip = prepare_clip(self.binary, self.config.analysis, Path(job.video_path), workdir,
+        source = job_video(Layout(self.config.data_dir), job, workdir)
+        clip = prepare_clip(self.binary, self.config.analysis, source, workdir,
                             frames=self.gating or any(registry.wants_frames(p) for p in order))
         keep_alive()
         if self.skip_static(job, clip):
@@ -285,7 +292,8 @@ class Worker:
         if self.gating and len(clip.frames) == 1:
             clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
         camera = self.config.camera(job.camera_id)
-        prompt = build_prompt(camera.prompt if camera else "", clip)
+        window = None if job.kind == "archive" else (job.first_frame_at, job.duration_seconds)
+        prompt = build_prompt(camera.prompt if camera else "", clip, window)
         failures: list[tuple[str, AnalysisError]] = []
         skipped: list[tuple[str, object]] = []
         for settings in order:
@@ -327,9 +335,10 @@ class Worker:
             self.interruptible = False
         finding = check_answer(answer.data, clip_duration(job, clip), clip.frame_interval_s,
                                log=log.warning)
+        base = job.first_frame_at
         incidents = [IncidentRecord(
-            start_at=job.segment_start + timedelta(seconds=i["start_offset_s"]),
-            end_at=job.segment_start + timedelta(seconds=i["end_offset_s"]),
+            start_at=base + timedelta(seconds=i["start_offset_s"]),
+            end_at=base + timedelta(seconds=i["end_offset_s"]),
             category=i["category"], severity=i["severity"], description=i["description"],
             confidence=i["confidence"]) for i in finding.incidents]
         result = {"safety_score": finding.safety_score, "summary": finding.summary,
@@ -338,7 +347,9 @@ class Worker:
                        prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
                        total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
                        model_version=answer.model_version, provider=settings.name,
-                       model=settings.model)
+                       model=settings.model,
+                       merge_within_s=(None if job.kind == "archive"
+                                       else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
 
     @property
     def gating(self) -> bool:
@@ -398,6 +409,40 @@ def earliest_retry(skipped: list[tuple[str, object]]):
     return utcnow() + timedelta(seconds=PAUSED_DEFER_SECONDS)
 
 
+def job_video(layout: Layout, job: Job, workdir: Path) -> Path:
+    """The video a job covers: its window in RAM, else the part of the archive(s) its
+    sources name (cut by the concat demuxer's in- and out-points, no copy), else its file.
+    Offset 0 of what is returned is job.first_frame_at."""
+    video = Path(job.video_path)
+    sources = [s for s in job.sources or () if isinstance(s, dict) and s.get("path")]
+    whole = len(sources) == 1 and not sources[0].get("offset_s") and video.suffix == ".ts"
+    if video.exists() and (video.suffix == ".ffconcat" or not sources or whole):
+        return video
+    if not sources:
+        return video  # prepare_video says it is missing
+    entries = []
+    for source in sources:
+        path = find_archive(layout, job.camera_id, Path(source["path"]))
+        if path is None:
+            raise AnalysisError(f"footage gone: neither the window in RAM nor the archive "
+                                f"{source['path']} exists", retryable=False)
+        offset = float(source.get("offset_s") or 0.0)
+        entries.append((str(path), None, offset,
+                        offset + float(source["duration_s"]) if source.get("duration_s") else None))
+    listing = workdir / "sources.ffconcat"
+    listing.write_text(concat_text(entries))
+    return listing
+
+
+def find_archive(layout: Layout, camera_id: str, path: Path) -> Path | None:
+    """An archive by its final path, or where it is on its way there (still written,
+    or closed and not yet filed)."""
+    for folder in (path.parent, layout.closed(camera_id), layout.partial(camera_id)):
+        if (folder / path.name).exists():
+            return folder / path.name
+    return None
+
+
 def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path, *,
                  frames: bool = False) -> Clip:
     """What the model will see: the reduced copy or the archive itself, and (frames) the
@@ -451,6 +496,8 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
     if not duration:
         raise AnalysisError(f"archive is not readable video: {source}", retryable=False)
     if analysis.mode == "original":
+        if source.suffix == ".ffconcat":
+            source = joined_copy(binary, source, workdir / "original.ts")
         return Clip(source, duration, analysis.fps,
                     "video/mp4" if source.suffix == ".mp4" else "video/mp2t")
     target = workdir / "analysis.mp4"
@@ -464,6 +511,18 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
+
+
+def joined_copy(binary: str, listing: Path, target: Path) -> Path:
+    """A window's segments as one MPEG-TS file (streams copied, in RAM) for mode original."""
+    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                           *source_args(listing), "-map", "0:v:0", "-c", "copy", "-f", "mpegts",
+                           str(target)], capture_output=True, text=True, timeout=600,
+                          env=child_env())
+    if proc.returncode != 0 or not target.exists():
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise AnalysisError(f"window could not be joined: {reason}", retryable=False)
+    return target
 
 
 def copy_fps(binary: str, copy: Path, duration: float, most: float) -> float:

@@ -1,9 +1,13 @@
-"""The archiver process: closed archives become MP4 files and jobs; old ones are deleted.
+"""The archiver process: closed archives are filed, footage becomes jobs, old archives go.
 
-It only reads what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
-finished with), remuxes each into archives/<camera>/<start>.mp4 without re-encoding, and
-registers it. Registering is idempotent, so on start it simply registers every archive on
-disk again: whatever a crash or a stop left behind is caught up.
+It moves what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
+finished with) to archives/<camera>/ - a rename: the archive's bytes were written once, by
+FFmpeg. With analysis.window_seconds = 0 each archive is a job. Otherwise the jobs are
+clock-aligned windows cut from the live segments in RAM (windows.py); at start, footage on
+disk that no job covers (recorded while analysis was down) becomes archive-sized catch-up
+jobs, claimed after the live windows. When a camera's analysis lags more than
+analysis.max_lag_seconds, its waiting windows are merged into longer jobs. Registering is
+idempotent, so a crash or a stop leaves nothing behind that the next start misses.
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from vlmguard.config import Config
-from vlmguard.ffmpeg import ffmpeg_binary, media_duration, remux_to_mp4
+from vlmguard.ffmpeg import ffmpeg_binary, media_duration
 from vlmguard.health import Beat, write_state
-from vlmguard.layout import Layout, archive_start
+from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.store import JobStore, utcnow
+from vlmguard.windows import WindowCutter, adjacent_groups, archive_sources
 
 log = get_logger("vlmguard.archiver")
 
 LOOP_SECONDS = 1.0
 RETENTION_EVERY_SECONDS = 30.0
+HOUSEKEEPING_SECONDS = 5.0
+# Windows are clock-aligned and back to back, so any gap in them is footage missed; under
+# a second is rounding, not footage.
+CATCH_UP_LEAST_SECONDS = 1.0
 GB = 1_000_000_000
+MB = 1_000_000
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -39,17 +49,23 @@ def main(config: Config, beat: Beat = Beat()) -> None:
         archiver = Archiver(config, store)
         beat()
         archiver.catch_up()
-        last_retention = 0.0
+        last_retention = last_housekeeping = 0.0
         while not stopping.is_set():
             beat()
             archiver.finalize_closed()
+            archiver.cut_windows()
+            if time.monotonic() - last_housekeeping > HOUSEKEEPING_SECONDS:
+                archiver.housekeeping()
+                last_housekeeping = time.monotonic()
+                write_state(config.data_dir, "archiver", archiver.state())
             if time.monotonic() - last_retention > RETENTION_EVERY_SECONDS:
                 archiver.enforce_retention()
                 last_retention = time.monotonic()
-                write_state(config.data_dir, "archiver", {"state": "running"})
             stopping.wait(LOOP_SECONDS)
-        # The supervisor stops the streamer first: register what it closed on the way out.
+        # The supervisor stops the streamer first: register what it closed on the way out,
+        # and the window it was in the middle of.
         archiver.finalize_closed()
+        archiver.flush_windows()
     log.info("archiver stopped")
 
 
@@ -68,17 +84,133 @@ class Archiver:
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
         self.noticed = Noticed()
+        self.window_seconds = config.analysis.window_seconds
+        self.ram_bytes = 0
+        self.evicted = 0
+        self.cutters = {}
         for camera in config.cameras:
             self.layout.make_dirs(camera.id)
+            if self.window_seconds:
+                self.cutters[camera.id] = WindowCutter(
+                    self.layout, camera.id, self.window_seconds,
+                    stale_after(config) + config.storage.segment_seconds,
+                    self.window_registrar(camera.id))
+
+    def window_registrar(self, camera_id: str):
+        def register(clip: Path, start: datetime, end: datetime, clip_start: datetime,
+                     sources: list) -> int | None:
+            return self.store.register(camera_id, clip, start, end, kind="window",
+                                       clip_start=clip_start, sources=sources,
+                                       max_retries=self.config.analysis.max_retries)
+        return register
+
+    def state(self) -> dict:
+        return {"state": "running", "ram_bytes": self.ram_bytes,
+                "ram_max_bytes": self.config.storage.ram_max_mb * MB,
+                "windows_evicted": self.evicted}
 
     def catch_up(self) -> None:
         """Register what a crash or a stop left unregistered. Only unknown archives are
         probed: a week of archives is thousands of files, each an FFmpeg run to measure."""
         self.finalize_closed()
+        if self.window_seconds:
+            for cutter in self.cutters.values():
+                cutter.flush()  # windows a crash left in RAM
+            self.catch_up_gaps()
+            return
         known = self.store.registered_paths()
         for archive in self.archives():
             if str(archive.path) not in known:
                 self.register(archive.camera_id, archive.path)
+
+    def catch_up_gaps(self) -> None:
+        """Footage on disk that no job covers (analysis was down, windows were lost)
+        becomes catch-up jobs, one per archive, oldest first."""
+        by_camera: dict[str, list[ArchiveFile]] = {}
+        for archive in self.archives():
+            by_camera.setdefault(archive.camera_id, []).append(archive)
+        least = timedelta(seconds=CATCH_UP_LEAST_SECONDS)
+        for camera_id, archives in by_camera.items():
+            spans = self.store.job_spans(camera_id, since=archives[0].start)
+            for n, archive in enumerate(archives):
+                limit = archive.start + timedelta(seconds=self.config.storage.archive_seconds)
+                if n + 1 < len(archives):
+                    limit = min(limit, archives[n + 1].start)
+                if not uncovered(archive.start, limit, spans, least):
+                    continue
+                duration = media_duration(self.binary, archive.path) or 0.0
+                end = min(limit, archive.start + timedelta(seconds=duration))
+                for low, high in uncovered(archive.start, end, spans, least):
+                    self.register_catch_up(archive, low, high)
+
+    def register_catch_up(self, archive: "ArchiveFile", low: datetime, high: datetime) -> None:
+        offset = (low - archive.start).total_seconds()
+        sources = [{"path": str(archive.path), "offset_s": round(offset, 3),
+                    "duration_s": round((high - low).total_seconds(), 3)}]
+        job_id = self.store.register(archive.camera_id, archive.path, low, high,
+                                     kind="catchup", clip_start=low, sources=sources,
+                                     max_retries=self.config.analysis.max_retries)
+        if job_id is not None:
+            log.info("footage not analysed yet: catch-up job", camera_id=archive.camera_id,
+                     job_id=job_id, file=archive.path.name, offset_s=round(offset, 1),
+                     seconds=round((high - low).total_seconds(), 1))
+
+    def cut_windows(self) -> None:
+        for cutter in self.cutters.values():
+            try:
+                cutter.step()
+            except OSError as exc:
+                log.error("window not cut, will retry", camera_id=cutter.camera_id,
+                          error=str(exc))
+
+    def flush_windows(self) -> None:
+        for cutter in self.cutters.values():
+            try:
+                cutter.flush()
+            except OSError as exc:
+                log.error("window not registered on stop", camera_id=cutter.camera_id,
+                          error=str(exc))
+
+    def housekeeping(self) -> None:
+        """Windows analysed leave RAM; lagging cameras' windows merge; RAM stays bounded."""
+        if not self.cutters:
+            self.ram_bytes = self.layout.ram_bytes()
+            return
+        for camera_id, cutter in self.cutters.items():
+            cutter.sweep(self.store.job_spans(camera_id, in_flight=True))
+        lags = self.store.lag_seconds()
+        for camera_id, lag in lags.items():
+            if lag > self.config.analysis.max_lag_seconds and camera_id in self.cutters:
+                self.merge_lagging(camera_id, lag)
+        budget = self.config.storage.ram_max_mb * MB
+        while self.layout.ram_bytes(windows_only=True) > budget and self.evict_one():
+            self.evicted += 1
+        self.ram_bytes = self.layout.ram_bytes()
+
+    def evict_one(self) -> bool:
+        for camera_id, cutter in self.cutters.items():
+            pending = [(j.segment_start, j.segment_end)
+                       for j in self.store.pending_windows(camera_id)]
+            if cutter.evict(pending):
+                return True
+        return False
+
+    def merge_lagging(self, camera_id: str, lag: float) -> None:
+        """Fewer, longer requests for the same frames: back-to-back waiting windows are
+        merged, up to one archive's length each."""
+        cutter = self.cutters[camera_id]
+        longest = timedelta(seconds=max(self.config.storage.archive_seconds, 2 * self.window_seconds))
+        for group in adjacent_groups(self.store.pending_windows(camera_id), longest):
+            start, end = group[0].segment_start, group[-1].segment_end
+            clip = cutter.merged_clip(start, end)
+            first = group[0].first_frame_at
+            sources = archive_sources(self.layout, camera_id, first.timestamp(),
+                                      end.timestamp())
+            path = str(clip) if clip else (sources[0]["path"] if sources else group[0].video_path)
+            if self.store.merge_jobs(group[0], group[1:], path, sources):
+                log.warning("analysis lagging: windows merged into one job",
+                            camera_id=camera_id, lag_s=round(lag), windows=len(group),
+                            job_id=group[0].id, seconds=(end - start).total_seconds())
 
     def finalize_closed(self) -> None:
         for camera in self.config.cameras:
@@ -95,25 +227,17 @@ class Archiver:
         return False
 
     def finalize(self, camera_id: str, closed: Path) -> None:
-        target = self.layout.archives(camera_id) / f"{closed.stem}.mp4"
-        partial = target.with_name(target.name + ".part")
+        """File the archive as it is: a rename, so its bytes reach the disk once."""
+        target = self.layout.archives(camera_id) / closed.name
         try:
-            if remux_to_mp4(self.binary, closed, partial):
-                partial.rename(target)
-                closed.unlink()
-            else:
-                # Unreadable as video, or no room for a copy: keep the footage as it is;
-                # the analyzer will say what is wrong with it rather than it vanishing.
-                partial.unlink(missing_ok=True)
-                target = self.layout.archives(camera_id) / closed.name
-                closed.rename(target)
-                log.error("archive kept as MPEG-TS: remux failed", camera_id=camera_id,
-                          file=str(target))
+            closed.rename(target)
         except OSError as exc:
             log.error("archive not finalized, will retry", camera_id=camera_id,
                       file=str(closed), error=str(exc))
             return
-        self.register(camera_id, target)
+        log.info("archive filed", camera_id=camera_id, file=target.name)
+        if not self.window_seconds:
+            self.register(camera_id, target)
 
     def register(self, camera_id: str, path: Path) -> None:
         start = archive_start(path)
@@ -170,3 +294,20 @@ class Archiver:
             return False
         log.info("archive deleted", camera_id=archive.camera_id, file=archive.path.name)
         return True
+
+
+def uncovered(start: datetime, end: datetime, spans: list[tuple[datetime, datetime]],
+              least: timedelta) -> list[tuple[datetime, datetime]]:
+    """The parts of [start, end) no span covers, each at least `least` long."""
+    gaps, cursor = [], start
+    for low, high in sorted(spans):
+        if high <= cursor:
+            continue
+        if low >= end:
+            break
+        if low > cursor:
+            gaps.append((cursor, low))
+        cursor = max(cursor, high)
+    if cursor < end:
+        gaps.append((cursor, end))
+    return [(a, b) for a, b in gaps if b - a >= least]

@@ -29,6 +29,7 @@ CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lav
 # segment muxers read % as a pattern. Escaping would take two nested levels (the tee's
 # output split, then its option parser) that differ per position; refusing is certain.
 FFMPEG_PATH_CHARS = "|[]\\':%"
+MIN_WINDOW_SECONDS = 10
 
 
 def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -67,6 +68,9 @@ class StorageConfig:
     retention_days: float = opt(7.0, lo=0, hi=36500)
     max_disk_gb: float = opt(0.0, lo=0, hi=1_000_000)
     min_free_gb: float = opt(1.0, lo=0, hi=100_000)
+    # What the analysis windows may hold in RAM; past it the oldest waiting windows are
+    # dropped from RAM and analysed from their archive instead.
+    ram_max_mb: int = opt(256, lo=16, hi=65536)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,10 @@ class AnalysisConfig:
     static_check_minutes: float = opt(30.0, lo=0, hi=1440)
     # Grey levels (mean over an 8x8 block) that count as a change between keyframes.
     change_threshold: int = opt(24, lo=1, hi=255)
+    # Clock-aligned analysis windows (10-600 s); 0 = one job per archive file.
+    window_seconds: int = opt(60, lo=0, hi=600)
+    # Past this lag a camera's waiting windows are merged into longer jobs.
+    max_lag_seconds: float = opt(600.0, lo=30, hi=86400)
 
 
 @dataclass(frozen=True)
@@ -231,7 +239,15 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     check_provider_names(config, where)
     check_database_url(config.database.url, where)
     check_data_dir(config, where)
+    check_window(config, where)
     return config
+
+
+def check_window(config: Config, where: str) -> None:
+    seconds = config.analysis.window_seconds
+    if 0 < seconds < MIN_WINDOW_SECONDS:
+        raise ConfigError(f"{where}: analysis.window_seconds: must be 0 or "
+                          f">= {MIN_WINDOW_SECONDS}, got {seconds}")
 
 
 def check_data_dir(config: Config, where: str) -> None:

@@ -1,8 +1,11 @@
 """Finding FFmpeg and building its command lines; nothing here runs for long.
 
 One FFmpeg per camera reads the camera once and writes, through the tee muxer, both the
-live HLS window and the clock-aligned archive. Archives are MPEG-TS while written: a TS
-cut short by a crash still plays, and the archiver remuxes it into MP4 without re-encoding.
+live HLS window (in RAM) and the clock-aligned archive. Archives are MPEG-TS and stay so:
+written once, in their final form (a TS cut short by a crash still plays, and any part of
+one can be cut out or rewrapped as MP4 with -c copy, no re-encoding). An analysis window
+is an ffconcat list of the live segments it covers, or of archive files with in- and
+out-points.
 Every program run from here gets child_env(), never our whole environment.
 """
 
@@ -156,7 +159,7 @@ def probe_codec(binary: str, url: str, timeout: float = 20,
 
 
 def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None:
-    proc = subprocess.run([binary, "-hide_banner", "-i", str(path)], capture_output=True,
+    proc = subprocess.run([binary, "-hide_banner", *source_args(path)], capture_output=True,
                           text=True, timeout=timeout, env=child_env())
     match = DURATION.search(proc.stderr)
     if not match:
@@ -165,13 +168,26 @@ def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def remux_to_mp4(binary: str, source: Path, target: Path, timeout: float = 600) -> bool:
-    """Copy the streams into an MP4 with its index up front; True when FFmpeg succeeded."""
-    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                           "-i", str(source), "-map", "0", "-c", "copy",
-                           "-movflags", "+faststart", "-f", "mp4", str(target)],
-                          capture_output=True, text=True, timeout=timeout, env=child_env())
-    return proc.returncode == 0 and target.exists() and target.stat().st_size > 0
+def source_args(path: Path) -> list[str]:
+    """How FFmpeg opens a video we stored: an ffconcat list (a window) through the concat
+    demuxer, which may name archive files by absolute path, anything else as it is."""
+    if Path(path).suffix == ".ffconcat":
+        return ["-f", "concat", "-safe", "0", "-i", str(path)]
+    return ["-i", str(path)]
+
+
+def concat_text(entries: list[tuple[str, float | None, float | None, float | None]]) -> str:
+    """An ffconcat list: (file, duration, inpoint, outpoint) per entry, None for unset."""
+    lines = ["ffconcat version 1.0"]
+    for name, duration, inpoint, outpoint in entries:
+        lines.append("file '" + name.replace("'", "'\\''") + "'")
+        if duration is not None:
+            lines.append(f"duration {duration:.6f}")
+        if inpoint is not None:
+            lines.append(f"inpoint {inpoint:.6f}")
+        if outpoint is not None:
+            lines.append(f"outpoint {outpoint:.6f}")
+    return "\n".join(lines) + "\n"
 
 
 def analysis_copy_command(binary: str, source: Path, target: Path, fps: float,
@@ -183,7 +199,7 @@ def analysis_copy_command(binary: str, source: Path, target: Path, fps: float,
     interval = 1.0 / fps
     select = f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{interval:.3f})'"
     return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-threads", "1", "-skip_frame", "nokey", "-i", str(source), "-map", "0:v:0", "-an",
+            "-threads", "1", "-skip_frame", "nokey", *source_args(source), "-map", "0:v:0", "-an",
             "-vf", f"{select},scale=-2:{height}", "-fps_mode", "vfr",
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "30", "-threads", "1",
             "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(target)]

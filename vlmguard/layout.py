@@ -1,16 +1,22 @@
-"""Where each process's files live under data_dir: the contract between them.
+"""Where each process's files live: the contract between them.
 
-camera -> FFmpeg writes live/<cam>/ (HLS) and partial/<cam>/ (archive being written);
-the streamer moves a closed archive to closed/<cam>/; the archiver remuxes it into
-archives/<cam>/<start>.mp4 and registers it. A file is only ever in one of these places.
+camera -> FFmpeg writes live/<cam>/ (HLS, in RAM) and partial/<cam>/<start>.ts (the archive
+being written, on disk); the streamer moves a closed archive to closed/<cam>/; the archiver
+moves it on to archives/<cam>/ and registers it. Moves are renames on one file system, so
+an archive's bytes are written once, by FFmpeg. The archiver hard-links the live segments
+of each analysis window into windows/<cam>/<start>/ (RAM too), where they stay until the
+window is analysed. A file is only ever in one of these places.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,12 +24,41 @@ ARCHIVE_NAME = re.compile(r"(\d{8}T\d{6}Z)\.(ts|mp4)")
 ARCHIVE_TIME = "%Y%m%dT%H%M%SZ"
 
 
+WINDOW_NAME = re.compile(r"(\d{8}T\d{6}Z)")
+SHM = Path("/dev/shm")
+
+
+def ram_root(data_dir: Path) -> Path:
+    """The tmpfs folder for this data directory: systemd's RuntimeDirectory when the unit
+    has one, else a /dev/shm folder named for the user and the data directory (two
+    daemons with different data directories never share one)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return Path(runtime)
+    digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    if SHM.is_dir() and os.access(SHM, os.W_OK):
+        return SHM / f"vlmguard-{os.getuid()}-{digest}"
+    return data_dir / "ram"  # no tmpfs here: correct, just not flash-friendly
+
+
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
 
+    @cached_property
+    def ram(self) -> Path:
+        return ram_root(Path(self.data_dir))
+
     def live(self, camera_id: str) -> Path:
-        return self.data_dir / "live" / camera_id
+        return self.ram / "live" / camera_id
+
+    def windows(self, camera_id: str) -> Path:
+        """One folder per analysis window: hard links to its live segments."""
+        return self.ram / "windows" / camera_id
+
+    def work(self) -> Path:
+        """The analyzers' scratch space (reduced copies, frames): RAM, not the disk."""
+        return self.ram / "work"
 
     def live_history(self, camera_id: str) -> Path:
         """The segments the served playlist carries over from ended FFmpeg runs."""
@@ -47,8 +82,26 @@ class Layout:
 
     def make_dirs(self, camera_id: str) -> None:
         for path in (self.live(camera_id), self.partial(camera_id), self.closed(camera_id),
-                     self.archives(camera_id)):
+                     self.archives(camera_id), self.windows(camera_id), self.work()):
             path.mkdir(parents=True, exist_ok=True)
+        owner = self.ram / "data_dir.txt"  # whose folder this is (tests clean theirs up)
+        if not owner.exists():
+            owner.write_text(str(self.data_dir))
+
+    def ram_bytes(self, windows_only: bool = False) -> int:
+        """Bytes held in RAM: live segments plus analysis windows (a hard link counts
+        once); windows_only: what the windows alone keep (segments FFmpeg has deleted)."""
+        seen, total = set(), 0
+        for root, _dirs, files in os.walk(self.ram / "windows" if windows_only else self.ram):
+            for name in files:
+                try:
+                    info = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                if info.st_ino not in seen and not (windows_only and info.st_nlink > 1):
+                    seen.add(info.st_ino)
+                    total += info.st_size
+        return total
 
 
 def archive_start(path: Path) -> datetime | None:

@@ -15,6 +15,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 SEGMENT_URI = re.compile(r"seg-(\d{1,20})\.ts")
@@ -178,3 +179,14 @@ def render(window: Window, target: int, token_query: str = "") -> str:
         out.append(segment.uri + token_query)
         previous = segment
     return "\n".join(out) + "\n"
+
+
+def program_date(segment: Segment) -> float | None:
+    """The wall-clock start (epoch) FFmpeg wrote for a segment, None without one."""
+    for tag in segment.tags:
+        if tag.startswith("#EXT-X-PROGRAM-DATE-TIME:"):
+            try:
+                return datetime.strptime(tag[25:], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+            except ValueError:
+                return None
+    return None

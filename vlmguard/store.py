@@ -32,8 +32,12 @@ from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATES = ("pending", "processing", "completed", "failed")
+# What a job covers: a whole archive file (window_seconds = 0), one live window, windows
+# merged because analysis lagged, or footage found unanalysed (catch-up, after live work).
+KINDS = ("archive", "window", "merged", "catchup")
+LIVE_PRIORITY, CATCH_UP_PRIORITY = 0, 1
 NOTIFY_CHANNEL = "vlmguard_jobs"
 MAX_BACKOFF_SECONDS = 3600.0
 SQLITE_BUSY_MS = 30_000
@@ -92,6 +96,15 @@ jobs = Table(
     # (a static clip stored as "no activity").
     Column("provider", String(50)),
     Column("model", String(100)),
+    # Near-live analysis (schema 5). clip_start: the wall-clock time of the clip's first
+    # frame (NULL: segment_start); sources: the archive files and offsets the job covers,
+    # [{"path", "offset_s", "duration_s"}], so an incident maps to a file and a position;
+    # windows: how many windows a merged job took in. Lower priority is claimed first.
+    Column("kind", String(16), nullable=False, default="archive", server_default="archive"),
+    Column("clip_start", UTCDateTime),
+    Column("sources", JSON),
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Column("windows", Integer, nullable=False, default=1, server_default="1"),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -150,6 +163,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE provider_pauses ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE provider_pauses ADD COLUMN last_error TEXT",
         "ALTER TABLE provider_pauses ADD COLUMN last_error_at TIMESTAMP"),
+    5: ("ALTER TABLE analysis_jobs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'archive'",
+        "ALTER TABLE analysis_jobs ADD COLUMN clip_start TIMESTAMP",
+        "ALTER TABLE analysis_jobs ADD COLUMN sources JSON",
+        "ALTER TABLE analysis_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE analysis_jobs ADD COLUMN windows INTEGER NOT NULL DEFAULT 1"),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
@@ -159,7 +177,7 @@ DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 CLAIM = (update(jobs)
          .where(jobs.c.id == select(jobs.c.id)
                 .where(jobs.c.status == "pending", jobs.c.run_after <= bindparam("b_now"))
-                .order_by(jobs.c.run_after, jobs.c.id).limit(1)
+                .order_by(jobs.c.priority, jobs.c.run_after, jobs.c.id).limit(1)
                 .with_for_update(skip_locked=True).scalar_subquery(),
                 jobs.c.status == "pending")
          .returning(*jobs.c))
@@ -196,6 +214,11 @@ class Job:
     thoughts_tokens: int | None
     provider: str | None
     model: str | None
+    kind: str = "archive"
+    clip_start: datetime | None = None
+    sources: Any = None
+    priority: int = 0
+    windows: int = 1
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -205,6 +228,11 @@ class Job:
     @property
     def duration_seconds(self) -> float:
         return (self.segment_end - self.segment_start).total_seconds()
+
+    @property
+    def first_frame_at(self) -> datetime:
+        """The wall-clock time of the clip's offset 0."""
+        return self.clip_start or self.segment_start
 
 
 @dataclass(frozen=True)
@@ -231,6 +259,9 @@ class Outcome:
     model_version: str | None = None
     provider: str | None = None
     model: str | None = None
+    # Incidents of the same camera and category that touch one stored earlier (within this
+    # many seconds: one frame interval) extend it instead of adding one; None: never.
+    merge_within_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -367,12 +398,15 @@ class JobStore:
     # -- producing -----------------------------------------------------------------------
 
     def register(self, camera_id: str, video_path: str | Path, segment_start: datetime,
-                 segment_end: datetime, *, max_retries: int = 3) -> int | None:
-        """Add a job for a finished archive; None when that archive is already registered."""
+                 segment_end: datetime, *, max_retries: int = 3, kind: str = "archive",
+                 clip_start: datetime | None = None, sources: list | None = None) -> int | None:
+        """Add a job for a finished archive or window; None when already registered."""
         now = utcnow()
         values = dict(camera_id=camera_id, video_path=str(video_path), segment_start=segment_start,
                       segment_end=segment_end, status="pending", created_at=now, run_after=now,
-                      retry_count=0, max_retries=max_retries)
+                      retry_count=0, max_retries=max_retries, kind=kind, clip_start=clip_start,
+                      sources=sources, windows=1,
+                      priority=CATCH_UP_PRIORITY if kind == "catchup" else LIVE_PRIORITY)
         with self.write() as conn:
             job_id = conn.execute(self._register, values).scalar()
             if job_id is not None:
@@ -410,12 +444,37 @@ class JobStore:
                 total_tokens=outcome.total_tokens, thoughts_tokens=outcome.thoughts_tokens,
                 model_version=outcome.model_version, provider=outcome.provider,
                 model=outcome.model, lease_token=None, lease_expires_at=None)
-            if outcome.incidents:
+            fresh = [i for i in outcome.incidents
+                     if not self._extend_incident(conn, job, i, outcome.merge_within_s)]
+            if fresh:
                 conn.execute(incidents.insert(), [
                     {"job_id": job.id, "camera_id": job.camera_id, "start_at": i.start_at,
                      "end_at": i.end_at, "category": i.category, "severity": i.severity,
                      "description": i.description, "confidence": i.confidence}
-                    for i in outcome.incidents])
+                    for i in fresh])
+
+    def _extend_incident(self, conn: Connection, job: Job, incident: IncidentRecord,
+                         within: float | None) -> bool:
+        """An event cut by a window edge is one incident: extend the stored incident of
+        this camera and category (another job's) whose times touch this one's, keeping its
+        id; True when one was extended."""
+        if within is None:
+            return False
+        slack = timedelta(seconds=within)
+        row = conn.execute(
+            select(incidents.c.id, incidents.c.start_at, incidents.c.end_at)
+            .where(incidents.c.camera_id == job.camera_id,
+                   incidents.c.category == incident.category,
+                   incidents.c.job_id != job.id,
+                   incidents.c.end_at >= incident.start_at - slack,
+                   incidents.c.start_at <= incident.end_at + slack)
+            .order_by(incidents.c.end_at.desc()).limit(1).with_for_update()).first()
+        if row is None:
+            return False
+        conn.execute(update(incidents).where(incidents.c.id == row.id).values(
+            start_at=min(row.start_at, incident.start_at),
+            end_at=max(row.end_at, incident.end_at)))
+        return True
 
     def fail(self, job: Job, error: str, *, permanent: bool = False,
              retry_after: float | None = None) -> str:
@@ -608,6 +667,66 @@ class JobStore:
                              else PostgresListener(self.engine.url))
         return self._watcher
 
+    # -- windows, lag and catch-up -----------------------------------------------------------
+
+    def job_spans(self, camera_id: str, *, in_flight: bool = False,
+                  since: datetime | None = None) -> list[tuple[datetime, datetime]]:
+        """(segment_start, segment_end) of the camera's jobs (in_flight: pending or
+        processing only), oldest first: what footage is or will be analysed."""
+        query = (select(jobs.c.segment_start, jobs.c.segment_end)
+                 .where(jobs.c.camera_id == camera_id).order_by(jobs.c.segment_start))
+        if in_flight:
+            query = query.where(jobs.c.status.in_(("pending", "processing")))
+        if since is not None:
+            query = query.where(jobs.c.segment_end > since)
+        with self.read() as conn:
+            return [(a, b) for a, b in conn.execute(query)]
+
+    def lag_seconds(self, now: datetime | None = None) -> dict[str, float]:
+        """{camera_id: now minus the end of its oldest unanalysed footage} for every camera
+        with pending or processing jobs."""
+        now = now or utcnow()
+        query = (select(jobs.c.camera_id, func.min(jobs.c.segment_end))
+                 .where(jobs.c.status.in_(("pending", "processing")))
+                 .group_by(jobs.c.camera_id))
+        with self.read() as conn:
+            return {camera: max((now - end).total_seconds(), 0.0)
+                    for camera, end in conn.execute(query)}
+
+    def pending_windows(self, camera_id: str) -> list[Job]:
+        """The camera's live windows (and merged ones) not yet claimed, oldest first."""
+        query = (select(jobs).where(jobs.c.camera_id == camera_id, jobs.c.status == "pending",
+                                    jobs.c.kind.in_(("window", "merged")))
+                 .order_by(jobs.c.segment_start))
+        with self.read() as conn:
+            return [Job.from_row(row) for row in conn.execute(query)]
+
+    def merge_jobs(self, keep: Job, absorbed: Sequence[Job], video_path: str,
+                   sources: list | None) -> bool:
+        """Fold pending jobs into keep, which then covers them all (one request for the
+        same frames); False, with nothing changed, when any of them was claimed meanwhile."""
+        ids = [keep.id, *(j.id for j in absorbed)]
+        end = max(j.segment_end for j in (keep, *absorbed))
+        windows = keep.windows + sum(j.windows for j in absorbed)
+        with self.write() as conn:
+            still = conn.execute(select(func.count()).select_from(
+                select(jobs.c.id).where(jobs.c.id.in_(ids), jobs.c.status == "pending")
+                .with_for_update().subquery())).scalar_one()
+            if still != len(ids):
+                return False
+            conn.execute(jobs.delete().where(jobs.c.id.in_(ids[1:])))
+            conn.execute(update(jobs).where(jobs.c.id == keep.id).values(
+                segment_end=end, video_path=video_path, sources=sources, kind="merged",
+                windows=windows))
+        return True
+
+    def merge_counts(self) -> dict[str, int]:
+        """{camera_id: windows folded into merged jobs because analysis lagged}."""
+        query = (select(jobs.c.camera_id, func.sum(jobs.c.windows - 1))
+                 .where(jobs.c.kind == "merged").group_by(jobs.c.camera_id))
+        with self.read() as conn:
+            return {camera: int(n or 0) for camera, n in conn.execute(query)}
+
     # -- by hand ----------------------------------------------------------------------------
 
     def retry(self, job_id: int) -> bool:
@@ -708,10 +827,16 @@ class JobStore:
             return set(conn.execute(select(jobs.c.video_path)).scalars())
 
     def in_flight_paths(self) -> set[str]:
-        """Archives whose analysis is still to come (retention must keep them)."""
-        query = select(jobs.c.video_path).where(jobs.c.status.in_(("pending", "processing")))
+        """Archives whose analysis is still to come (retention must keep them): a job's
+        video and the archives its sources name."""
+        query = (select(jobs.c.video_path, jobs.c.sources)
+                 .where(jobs.c.status.in_(("pending", "processing"))))
+        paths = set()
         with self.read() as conn:
-            return set(conn.execute(query).scalars())
+            for video, sources in conn.execute(query):
+                paths.add(video)
+                paths.update(s.get("path") for s in sources or () if isinstance(s, dict))
+        return paths
 
     def oldest_pending(self) -> datetime | None:
         with self.read() as conn:

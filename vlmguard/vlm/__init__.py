@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -204,8 +205,17 @@ class VlmClient(Protocol):
         """The cheapest real request; raises AccountProblem while the account is unusable."""
 
 
-def build_prompt(site_context: str, clip: Clip | None = None) -> str:
+def build_prompt(site_context: str, clip: Clip | None = None,
+                 part_of_stream: tuple[datetime, float] | None = None) -> str:
+    """part_of_stream: (wall-clock start, seconds) when the clip is one window of a
+    continuous recording, so that an event cut off at its edge is still reported."""
     prompt = PROMPT.format(frames=describe_frames(clip))
+    if part_of_stream is not None:
+        start, seconds = part_of_stream
+        prompt += (f"\n\nThis clip is one {seconds:.0f}-second window of a continuous "
+                   f"recording; it starts at {start:%Y-%m-%d %H:%M:%S} UTC. The footage "
+                   "before and after it is reviewed separately: report an event even when it "
+                   "is cut off at the start or the end of the clip, with the part you see.")
     if not site_context.strip():
         return prompt
     return f"{prompt}\n\nAbout this camera: {site_context.strip()}"
