@@ -1,0 +1,103 @@
+"""Near-live analysis end to end: `vlmguard run` with a camera that burns solid red frames
+in at known wall-clock times, and the Gemini stand-in that really looks at the frames it
+is sent (it reports an incident for each run of red frames, offsets from their
+timestamps). Window logic without FFmpeg is in test_archiver.py."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+
+from vlmguard.store import JobStore
+
+PERIOD = 30
+# Red, in seconds of each 30-s period: 13-16 inside a window, 28-32 across the window
+# edge at 30 (0 of the next period).
+INSIDE = (13, 16)
+ACROSS = (28, 32)
+RED = ("gte(mod(time(0),30),28)+lt(mod(time(0),30),2)+between(mod(time(0),30),13,15.999)")
+CAMERA = f"""[[cameras]]
+id = "cam1"
+url = "lavfi:testsrc2=size=320x240:rate=10,drawbox=x=0:y=0:w=iw:h=ih:color=red:t=fill:enable='{RED}'"
+"""
+FPS = 1.0  # frames the model sees a second: one frame interval is 1 s
+WINDOW = 10
+
+
+def events_between(start: float, end: float, at: tuple[int, int]) -> list[float]:
+    """The wall-clock starts (epoch) of the events at `at` of each period within [start, end]."""
+    first = math.floor(start / PERIOD) * PERIOD
+    return [t for t in (first + n * PERIOD + at[0] for n in range(int((end - first) / PERIOD) + 2))
+            if start <= t and t + (at[1] - at[0]) <= end]
+
+
+def wait_for(condition, seconds, what, daemon):
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} not reached:\n{daemon.log_text()[-4000:]}"
+        time.sleep(0.5)
+    return result
+
+
+def incidents(store) -> list[dict]:
+    return sorted(store.find_incidents(limit=1000), key=lambda i: i["start_at"])
+
+
+def at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard, gemini):
+    gemini.looks = True
+    daemon = vlmguard(cameras=CAMERA, workers=1,
+                      analysis=f"window_seconds = {WINDOW}\nfps = {FPS}\nmax_lag_seconds = 600")
+    daemon.wait_live()
+    live_since = time.time()
+    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    try:
+        # The first whole event inside a window and the first across a window edge.
+        inside = events_between(live_since + 2, live_since + 3 * PERIOD, INSIDE)[0]
+        across = events_between(live_since + 2, live_since + 3 * PERIOD, ACROSS)[0]
+
+        last_window = at(max(inside, across + 4) // WINDOW * WINDOW)
+
+        def analysed():
+            return any(j.segment_start == last_window and j.status == "completed"
+                       for j in store.list_jobs(limit=1000))
+        wait_for(analysed, max(inside, across) + 5 + WINDOW + 40 - time.time(),
+                 "the windows of both events analysed", daemon)
+        found = incidents(store)
+        tolerance = 1 / FPS + 1.0  # one frame interval plus a second
+        [whole] = [i for i in found if abs((i["start_at"] - at(inside)).total_seconds()) < 5]
+        assert abs((whole["start_at"] - at(inside)).total_seconds()) <= tolerance, whole
+        assert abs((whole["end_at"] - at(inside + 2.9)).total_seconds()) <= tolerance, whole
+        edge = [i for i in found if abs((i["start_at"] - at(across)).total_seconds()) < 5
+                or abs((i["end_at"] - at(across + 3.9)).total_seconds()) < 5]
+        assert len(edge) == 1, found  # one incident, not one per window
+        [edge] = edge
+        assert abs((edge["start_at"] - at(across)).total_seconds()) <= tolerance, edge
+        assert abs((edge["end_at"] - at(across + 3.9)).total_seconds()) <= tolerance, edge
+        # Two windows saw it: the incident was extended by the second, its id kept.
+        jobs = {j.id: j for j in store.list_jobs(limit=1000)}
+        assert jobs[edge["job_id"]].segment_end == at(across - ACROSS[0] + PERIOD)
+        # Every window is one job of the window's length, with its archive and offset.
+        windows = [j for j in jobs.values() if j.kind == "window"]
+        assert windows and all(j.duration_seconds == WINDOW for j in windows)
+        assert all(j.segment_start.timestamp() % WINDOW == 0 for j in windows)
+        done = [j for j in windows if j.status == "completed"]
+        assert done and all(j.sources and j.sources[0]["path"].endswith(".ts") for j in done)
+        # A window's clip starts at its first segment (1 s long here); the first window of
+        # the run starts when the camera did.
+        later = sorted(done, key=lambda j: j.segment_start)[1:]
+        assert later and all(0 <= (j.first_frame_at - j.segment_start).total_seconds() < 1.5
+                             for j in later)
+        # The model was told where the window sits in the stream.
+        prompts = [p["text"] for r in gemini.generate_requests
+                   for p in r["contents"][0]["parts"] if "text" in p]
+        assert any("window of a continuous recording" in p for p in prompts)
+    finally:
+        store.close()
+        assert daemon.stop() == 0
