@@ -25,7 +25,8 @@ def free_port() -> int:
 
 class Daemon:
     def __init__(self, directory: Path, camera_url: str = "lavfi:testsrc2=size=320x240:rate=25",
-                 archive_seconds: int = 10, extra: str = ""):
+                 archive_seconds: int = 10, extra: str = "",
+                 analysis: str = "window_seconds = 0"):
         self.port = free_port()
         self.data_dir = directory / "data"
         self.config_path = write_config(directory, f"""
@@ -35,6 +36,8 @@ class Daemon:
             data_dir = "{self.data_dir}"
             segment_seconds = 1
             archive_seconds = {archive_seconds}
+            [analysis]
+            {analysis}
             [[cameras]]
             id = "cam1"
             url = "{camera_url}"
@@ -92,7 +95,7 @@ class RunningVlmguard:
 
     def __init__(self, directory: Path, gemini_url: str | None, *, workers: int = 2, extra: str = "",
                  daemon: str = "", env: dict | None = None, cameras: str | None = None,
-                 analysis: str = ""):
+                 analysis: str = "", window_seconds: int = 0):
         self.port = free_port()
         self.directory = directory
         self.data_dir = directory / "data"
@@ -114,6 +117,7 @@ workers = {workers}
 lease_seconds = 5
 retry_backoff_seconds = 0.5
 poll_seconds = 0.5
+window_seconds = {window_seconds}
 {analysis}
 {gemini}
 [daemon]

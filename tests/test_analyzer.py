@@ -575,3 +575,44 @@ def test_client_is_reused_until_the_key_changes(setup, monkeypatch):
     assert make() is not first
     monkeypatch.delenv("GEMINI_API_KEY")
     assert make() is None
+
+
+@pytest.fixture(scope="module")
+def red_archive(tmp_path_factory) -> Path:
+    """A 20-s MPEG-TS archive whose picture is solid red from 12 s to 14 s."""
+    path = tmp_path_factory.mktemp("red") / "20261126T080000Z.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=10,drawbox=x=0:y=0:w=iw:h=ih:color=red:t=fill:"
+                    "enable='between(t,12,13.99)'", "-t", "20", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-g", "10", "-pix_fmt", "yuv420p", "-f", "mpegts",
+                    str(path)], check=True, timeout=120)
+    return path
+
+
+def test_a_window_gone_from_ram_is_cut_from_its_archive(setup, gemini, red_archive):
+    """A window whose RAM copy is gone (a reboot, the RAM bound) is analysed from the
+    archive part its sources name; offsets count from the window, not the archive."""
+    gemini.looks = True
+    config, store = setup(analysis={"fps": 1})
+    start = T0 + timedelta(seconds=10)
+    store.register("cam1", "/nowhere/clip.ffconcat", start, start + timedelta(seconds=10),
+                   kind="window", clip_start=start,
+                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+    job = attempt(config, store)
+    assert job.status == "completed", job.error_message
+    [incident] = store.list_incidents(job.id)
+    assert abs((incident["start_at"] - (T0 + timedelta(seconds=12))).total_seconds()) <= 1.0
+    assert abs((incident["end_at"] - (T0 + timedelta(seconds=13))).total_seconds()) <= 1.0
+    text = [p["text"] for p in sent(gemini)["contents"][0]["parts"] if "text" in p][0]
+    assert "one 10-second window of a continuous recording" in text
+    assert "2026-11-26 08:00:10 UTC" in text
+
+
+def test_a_window_with_neither_ram_copy_nor_archive_fails_saying_so(setup, gemini, tmp_path):
+    config, store = setup()
+    store.register("cam1", "/nowhere/clip.ffconcat", T0, T0 + timedelta(seconds=10),
+                   kind="window", sources=[{"path": str(tmp_path / "gone.ts"), "offset_s": 0.0,
+                                            "duration_s": 10.0}])
+    job = attempt(config, store)
+    assert job.status == "failed" and job.error_message.startswith("footage gone")
+    assert gemini.calls == []

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from daemon import RunningVlmguard, free_port
+from vlmguard.layout import Layout
 from test_streamer import ffprobe_duration, start_rtsp_camera, wait_for
 
 SECRET = "sekrit-pw"
@@ -34,7 +35,7 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def ffmpeg_pids(data_dir: Path, camera: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ffmpeg.*{data_dir}/live/{camera}/"],
+    out = subprocess.run(["pgrep", "-f", f"ffmpeg.*{Layout(data_dir).live(camera)}/"],
                          capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
 
@@ -43,7 +44,7 @@ def plant_stray_files(data_dir: Path) -> None:
     for camera in ("cam1",):
         (data_dir / "archives" / camera).mkdir(parents=True)
         (data_dir / "archives" / camera / "20261131T000000Z.mp4").write_bytes(b"\0" * 100)
-        (data_dir / "live" / camera / "a-directory").mkdir(parents=True)
+        (Layout(data_dir).live(camera) / "a-directory").mkdir(parents=True)
         (data_dir / "partial" / camera / "20260101T000000Z.ts").mkdir(parents=True)
         (data_dir / "closed" / camera).mkdir(parents=True)
         (data_dir / "closed" / camera / "20261131T250000Z.ts").write_bytes(b"\0" * 100)
@@ -79,7 +80,7 @@ def events(running, text: str) -> list[dict]:
 def test_stray_files_are_logged_once_and_skipped(hostile):
     streamer = hostile.child_pid("streamer")
     archives = hostile.data_dir / "archives" / "cam1"
-    wait_for(lambda: [p for p in archives.glob("*.mp4") if not p.name.startswith("2026113")],
+    wait_for(lambda: [p for p in archives.glob("*.ts") if not p.name.startswith("2026113")],
              40, "a real archive next to the stray one")
     for path in ("/api/health", "/metrics", "/api/cameras"):
         status, body = get(f"http://127.0.0.1:{hostile.port}{path}")
@@ -89,7 +90,7 @@ def test_stray_files_are_logged_once_and_skipped(hostile):
     assert len(events(hostile, "unexpected entry in partial dir")) == 1
     stray = [e["file"] for e in events(hostile, "not an archive, left alone")]
     assert sorted(Path(f).name for f in stray) == ["20261131T000000Z.mp4", "20261131T250000Z.ts"]
-    assert (hostile.data_dir / "live" / "cam1" / "a-directory").is_dir()
+    assert (Layout(hostile.data_dir).live("cam1") / "a-directory").is_dir()
 
 
 def test_credentials_absent_from_logs_cmdline_and_environ(hostile):
@@ -137,7 +138,7 @@ def test_ffmpeg_restarts_keep_one_live_url(hostile):
     stop, seen = threading.Event(), []
     poller = threading.Thread(target=poll_playlist, args=(url, stop, seen), daemon=True)
     poller.start()
-    live = hostile.data_dir / "live" / "cam1"
+    live = Layout(hostile.data_dir).live("cam1")
     try:
         time.sleep(4)
         first_run = set(live.glob("seg-*.ts"))
@@ -230,7 +231,7 @@ def test_full_archive_disk_stops_archiving_visibly_and_recovers(tmp_path):
                  20, "a new archive being written")
         # The archive cut by the full disk is kept and plays.
         archives = running.data_dir / "archives" / "cam1"
-        cut = wait_for(lambda: list(archives.glob("*.mp4")), 30, "the cut archive")
+        cut = wait_for(lambda: list(archives.glob("*.ts")), 30, "the cut archive")
         assert ffprobe_duration(cut[0]) >= 1
     finally:
         running.stop()

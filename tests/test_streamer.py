@@ -78,12 +78,12 @@ def test_gstreamer_playbin3_plays(daemon):
 
 def test_archives_are_full_length_with_one_job_each(daemon):
     archives = daemon.data_dir / "archives" / "cam1"
-    wait_for(lambda: len(list(archives.glob("*.mp4"))) >= 3, 60, "three archives")
-    files = sorted(archives.glob("*.mp4"))
+    wait_for(lambda: len(list(archives.glob("*.ts"))) >= 3, 60, "three archives")
+    files = sorted(archives.glob("*.ts"))
     # The first one starts whenever the daemon did; the next are whole clock-aligned files.
     for path in files[1:3]:
         assert abs(ffprobe_duration(path) - 10) <= 1.0, path
-        assert re.fullmatch(r"\d{8}T\d{5}0Z\.mp4", path.name)
+        assert re.fullmatch(r"\d{8}T\d{5}0Z\.ts", path.name)
     rows = wait_for(lambda: len(job_rows(daemon)) >= len(files) and job_rows(daemon), 10, "jobs")
     assert [Path(r[0]).name for r in rows][:len(files)] == [f.name for f in files]
     assert {r[3] for r in rows} == {"pending"}
@@ -105,7 +105,7 @@ def test_ffmpeg_killed_mid_archive_is_restarted_and_partial_archive_registered(t
         [pid] = wait_for(daemon.ffmpeg_pids, 10, "ffmpeg")
         os.kill(pid, signal.SIGKILL)
         archives = daemon.data_dir / "archives" / "cam1"
-        [cut] = wait_for(lambda: list(archives.glob("*.mp4")), 30, "the cut archive")
+        [cut] = wait_for(lambda: list(archives.glob("*.ts")), 30, "the cut archive")
         assert ffprobe_duration(cut) >= 3
         assert decoded_frames(str(cut)) >= 75
         wait_for(lambda: [p for p in daemon.ffmpeg_pids() if p != pid], 30, "a new ffmpeg")
@@ -130,7 +130,7 @@ def test_ffmpeg_dies_with_a_sigkilled_streamer(tmp_path):
         daemon.start_streamer()
         daemon.wait_live()
         archives = daemon.data_dir / "archives" / "cam1"
-        assert wait_for(lambda: list(archives.glob("*.mp4")), 30, "the orphaned archive")
+        assert wait_for(lambda: list(archives.glob("*.ts")), 30, "the orphaned archive")
     finally:
         daemon.stop()
 
@@ -142,7 +142,7 @@ def test_orderly_stop_closes_and_registers_open_archive(tmp_path):
     daemon.stop()
     assert daemon.streamer.exitcode == 0 and daemon.archiver.exitcode == 0
     assert not daemon.ffmpeg_pids()
-    [archive] = list((daemon.data_dir / "archives" / "cam1").glob("*.mp4"))
+    [archive] = list((daemon.data_dir / "archives" / "cam1").glob("*.ts"))
     assert ffprobe_duration(archive) >= 2
     assert [Path(r[0]) for r in job_rows(daemon)] == [archive]
     assert not list((daemon.data_dir / "partial" / "cam1").iterdir())
@@ -188,7 +188,7 @@ def test_rtsp_camera_outage_resumes_without_restart_and_keeps_partial_archive(tm
         archives = daemon.data_dir / "archives" / "cam1"
         # The 60-s archives are clock-aligned: a run that crosses a minute boundary has closed
         # one full archive before the outage, so the cut one is the newest.
-        cut = max(wait_for(lambda: list(archives.glob("*.mp4")), 30, "the partial archive"))
+        cut = max(wait_for(lambda: list(archives.glob("*.ts")), 30, "the partial archive"))
         assert ffprobe_duration(cut) >= 3 and decoded_frames(str(cut)) >= 50
         wait_for(lambda: cut in [Path(r[0]) for r in job_rows(daemon)], 10, "its job")
         time.sleep(max(0.0, 20 - (time.time() - down_at)))

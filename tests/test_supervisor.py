@@ -104,14 +104,14 @@ def test_sigkilled_child_is_restarted_and_no_job_is_lost(vlmguard, gemini, victi
                    f"{victim} restarted")
     assert alive(new)
     daemon.wait_live()
-    archives_before = len(list((daemon.data_dir / "archives" / "cam1").glob("*.mp4")))
-    wait_for(lambda: len(list((daemon.data_dir / "archives" / "cam1").glob("*.mp4")))
+    archives_before = len(list((daemon.data_dir / "archives" / "cam1").glob("*.ts")))
+    wait_for(lambda: len(list((daemon.data_dir / "archives" / "cam1").glob("*.ts")))
              >= archives_before + 1, 40, "another archive after the restart")
     assert daemon.stop() == 0
     restart = [e for e in daemon.log_events() if e["event"] == "child exited"]
     assert restart and restart[0]["child"] == victim and restart[0]["signal"] == "SIGKILL"
     # Every archive on disk has exactly one job; no job holds a second set of incidents.
-    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.mp4"))
+    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.ts"))
     jobs = sorted(Path(p).name for (p,) in db_rows(daemon, "SELECT video_path FROM analysis_jobs"))
     assert files == jobs
     doubled = db_rows(daemon, "SELECT j.id FROM analysis_jobs j JOIN incidents i ON i.job_id = j.id "
@@ -164,8 +164,8 @@ def test_sigterm_during_analysis_hands_the_job_back(vlmguard, gemini):
     counts = status_counts(daemon)
     assert counts.get("processing", 0) == 0 and counts.get("failed", 0) == 0
     assert db_rows(daemon, "SELECT max(retry_count) FROM analysis_jobs")[0][0] == 0
-    # The archive open at the stop was closed, remuxed and registered.
-    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.mp4"))
+    # The archive open at the stop was closed, filed and registered.
+    files = sorted(p.name for p in (daemon.data_dir / "archives" / "cam1").glob("*.ts"))
     jobs = sorted(Path(p).name for (p,) in db_rows(daemon, "SELECT video_path FROM analysis_jobs"))
     assert files == jobs and len(files) >= 1
     assert not list((daemon.data_dir / "partial" / "cam1").glob("*.ts"))

@@ -52,8 +52,7 @@ def at(epoch: float) -> datetime:
 
 def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard, gemini):
     gemini.looks = True
-    daemon = vlmguard(cameras=CAMERA, workers=1,
-                      analysis=f"window_seconds = {WINDOW}\nfps = {FPS}\nmax_lag_seconds = 600")
+    daemon = vlmguard(cameras=CAMERA, workers=1, window_seconds=WINDOW, analysis=f"fps = {FPS}")
     daemon.wait_live()
     live_since = time.time()
     store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
