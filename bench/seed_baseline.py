@@ -16,7 +16,7 @@ from google import genai
 from google.genai import types
 
 from vlmguard.config import load_config
-from vlmguard.hls import create_app
+from vlmguard.web import create_app
 
 
 def analyse_forever(config, archives):

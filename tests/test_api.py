@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from vlmguard.config import load_config
-from vlmguard.hls import create_app
+from vlmguard.web import create_app
 from vlmguard.store import IncidentRecord, JobStore, Outcome
 
 from conftest import write_config

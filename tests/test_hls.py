@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from vlmguard.config import check_server_settings, load_config
 from vlmguard.errors import ConfigError
-from vlmguard.hls import create_app
+from vlmguard.web import create_app
 from vlmguard.layout import Layout
 from vlmguard.livelist import carry_over, read_history, write_history
 

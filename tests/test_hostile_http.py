@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlmguard.config import load_config
-from vlmguard.hls import create_app
+from vlmguard.web import create_app
 from vlmguard.httpguard import connection_cap, start_server
 from vlmguard.layout import Layout
 from vlmguard.store import JobStore, Outcome

@@ -24,7 +24,7 @@ from vlmguard.config import CameraConfig, Config, check_server_settings
 from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_binary,
                              needs_encoding, probe_codec, write_input_file)
 from vlmguard.health import Beat, write_state
-from vlmguard.hls import create_app
+from vlmguard.web import create_app
 from vlmguard.httpguard import start_server
 from vlmguard.layout import Layout, stale_after
 from vlmguard.livelist import (SEGMENT_URI, carry_over, live_age, read_history,

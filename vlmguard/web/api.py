@@ -1,4 +1,4 @@
-"""The REST API and Prometheus metrics, served by the streaming process's aiohttp app.
+"""The REST API and the /metrics route, served by the streaming process's aiohttp app.
 
 Every database read runs in a worker thread (asyncio.to_thread): the event loop that serves
 the video never waits on SQL. Bad query parameters get 400 with a JSON body naming the
@@ -15,17 +15,16 @@ from typing import Any, Callable
 from aiohttp import web
 
 from vlmguard.config import Config
-from vlmguard.metrics import render_metrics
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
+from vlmguard.web.keys import CONFIG_KEY, STORE_KEY
+from vlmguard.web.metrics import render_metrics
 
 MAX_PAGE = 500
 MAX_OFFSET = 10**9
 MAX_JOB_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL's BIGINT hold
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
-CONFIG_KEY = web.AppKey("config", Config)
-STORE_KEY = web.AppKey("store", list)
 
 
 def add_api_routes(app: web.Application) -> None:

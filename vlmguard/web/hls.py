@@ -10,7 +10,6 @@ video (one cause of the seed's "old video after coming back").
 
 from __future__ import annotations
 
-import hmac
 import html
 import math
 import re
@@ -19,59 +18,19 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from vlmguard.api import CONFIG_KEY, add_api_routes
-from vlmguard.config import Config
 from vlmguard.layout import Layout, playlist_age, stale_after
 from vlmguard.livelist import Window, render, served_window
+from vlmguard.web.keys import CONFIG_KEY, TARGETS_KEY
 
 SEGMENT_NAME = re.compile(r"seg-\d{1,20}\.ts")
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
-CORS = {"Access-Control-Allow-Origin": "*",
-        "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-        "Access-Control-Allow-Headers": "Authorization, Range",
-        "Access-Control-Expose-Headers": "Content-Length, Content-Range"}
-TARGETS_KEY = web.AppKey("targets", dict)
 
 
-def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware, token_middleware])
-    app[CONFIG_KEY] = config
+def add_hls_routes(app: web.Application) -> None:
     app[TARGETS_KEY] = {}  # camera -> largest target duration served, so it never shrinks
     app.router.add_get("/", index)
     app.router.add_get("/live/{camera}/index.m3u8", playlist)
     app.router.add_get("/live/{camera}/{segment}", segment)
-    add_api_routes(app)
-    return app
-
-
-@web.middleware
-async def cors_middleware(request: web.Request, handler):
-    if request.method == "OPTIONS":  # a browser's preflight: no route, no token
-        return web.Response(status=204, headers=CORS)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers.update(CORS)
-        raise
-    response.headers.update(CORS)
-    return response
-
-
-@web.middleware
-async def token_middleware(request: web.Request, handler):
-    expected = request.app[CONFIG_KEY].server.token
-    if expected and not token_ok(request, expected):
-        raise web.HTTPUnauthorized(text="token required\n",
-                                   headers={"WWW-Authenticate": "Bearer"})
-    return await handler(request)
-
-
-def token_ok(request: web.Request, expected: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-    # Undecodable bytes reach us as surrogates: compare them, never fail on them.
-    return hmac.compare_digest(given.encode(errors="surrogateescape"),
-                               expected.encode(errors="surrogateescape"))
 
 
 def token_suffix(request: web.Request) -> str:
