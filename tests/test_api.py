@@ -177,3 +177,17 @@ def test_an_account_wide_pause_is_said_by_health_metrics_and_status(config):
     assert ("analysis paused (gemini): quota_exhausted: generate: HTTP 429 RESOURCE_EXHAUSTED: "
             "daily quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)") in body["problems"]
     assert "analysis  PAUSED (gemini) since " in text and "next probe" in text
+
+
+def test_analysis_lag_is_in_metrics_and_health(config):
+    """Lag: now minus the end of the oldest unanalysed footage (cam1's job 10 is pending)."""
+    text = call(config, "/metrics")[2]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    lag = {s.labels["camera"]: s.value for s in families["vlmguard_analysis_lag_seconds"].samples}
+    expected = (datetime.now(timezone.utc) - (T0 + timedelta(minutes=110))).total_seconds()
+    assert abs(lag["cam1"] - expected) < 60 and lag["cam2"] == 0
+    merged = {s.labels["camera"]: s.value
+              for s in families["vlmguard_analysis_windows_merged"].samples}
+    assert merged == {"cam1": 0, "cam2": 0}
+    body = as_json(config, "/api/health")[1]
+    assert abs(body["analysis_lag_s"]["cam1"] - expected) < 60 and body["analysis_lag_s"]["cam2"] == 0

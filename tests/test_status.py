@@ -52,6 +52,9 @@ def test_status_running_then_stopped(tmp_path, gemini):
         code, text = status(daemon)
         assert text.startswith(f"vlmguard  running, pid {daemon.proc.pid} since ")
         assert "cam1             live" in text and text.rstrip().endswith("healthy")
+        assert "analysis lag " in text and "ram       " in text
+        assert camera["analysis_lag_s"] >= 0 and report["ram"]["bytes"] > 0
+        assert report["ram"]["folder"].startswith("/dev/shm/vlmguard-")
         assert get(daemon, "/api/health")[0] == 200
         _, metrics = get(daemon, "/metrics")
         families = {f.name: f for f in text_string_to_metric_families(metrics)}

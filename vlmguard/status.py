@@ -76,6 +76,7 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "failures": [],
         "tokens": {"today": {}, "last_24h": {}},
         "analysis": {"paused": [], "providers": {}},
+        "ram": ram_report(config, states.get("archiver", {})),
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
@@ -108,6 +109,10 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
          "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}
         for p in store.paused_providers()]
     report["analysis"]["providers"] = provider_report(store)
+    lags, merged = store.lag_seconds(), store.merge_counts()
+    for camera in report["cameras"]:
+        camera["analysis_lag_s"] = round(lags.get(camera["id"], 0.0), 1)
+        camera["windows_merged"] = merged.get(camera["id"], 0)
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
@@ -149,8 +154,18 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
             # "ok", or "archiving stopped: <reason>" while FFmpeg's archive output is down.
             "archiving": reported.get("archiving", "ok"),
             "hls_url": hls_url(config, camera.id),
+            # Now minus the end of the oldest unanalysed footage (None: no job table).
+            "analysis_lag_s": None,
+            "windows_merged": 0,
         })
     return cameras
+
+
+def ram_report(config: Config, archiver: dict[str, Any]) -> dict[str, Any]:
+    """The RAM folder (live segments, analysis windows), as the archiver last measured it."""
+    return {"folder": str(Layout(config.data_dir).ram), "bytes": archiver.get("ram_bytes"),
+            "windows_max_bytes": config.storage.ram_max_mb * 1_000_000,
+            "windows_evicted": archiver.get("windows_evicted", 0)}
 
 
 def archive_report(config: Config) -> dict[str, Any]:
@@ -278,7 +293,12 @@ def render_status(report: dict[str, Any]) -> str:
         age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])
         lines.append(f"  {camera['id']:<16} {'live' if camera['online'] else 'OFFLINE':<8} "
                      f"segment {age:>5} old  ffmpeg restarts {camera['ffmpeg_restarts']}  "
-                     f"{camera['hls_url']}")
+                     f"{lag_text(camera)}{camera['hls_url']}")
+    ram = report["ram"]
+    if ram["bytes"] is not None:
+        lines.append(f"ram       {ram['bytes'] / 1e6:.1f} MB in {ram['folder']} (live segments and "
+                     f"windows; windows at most {ram['windows_max_bytes'] / 1e6:.0f} MB, "
+                     f"{ram['windows_evicted']} dropped to their archive)")
     archives = report["archives"]
     budget = f" of {archives['budget_bytes'] / GB:.1f} GB" if archives["budget_bytes"] else ""
     free = f", {archives['disk_free_bytes'] / GB:.1f} GB free" if archives["disk_free_bytes"] else ""
@@ -313,6 +333,13 @@ def render_status(report: dict[str, Any]) -> str:
                          f"{job['error_message']}")
     lines.append("healthy" if report["healthy"] else "needs attention: " + "; ".join(report["problems"]))
     return "\n".join(lines)
+
+
+def lag_text(camera: dict[str, Any]) -> str:
+    if camera.get("analysis_lag_s") is None:
+        return ""
+    merged = f", {camera['windows_merged']} windows merged" if camera["windows_merged"] else ""
+    return f"analysis lag {format_age(camera['analysis_lag_s'])}{merged}  "
 
 
 def format_age(seconds: float) -> str:

@@ -113,7 +113,8 @@ def since_param(request: web.Request) -> datetime | None:
 async def health(request: web.Request) -> web.Response:
     report = await read(request, lambda config, store: gather_status(config, store))
     body = {"healthy": report["healthy"], "problems": report["problems"],
-            "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES}}
+            "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES},
+            "analysis_lag_s": {c["id"]: c["analysis_lag_s"] for c in report["cameras"]}}
     return web.json_response(body, status=200 if report["healthy"] else 503)
 
 

@@ -31,6 +31,21 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_ffmpeg_restarts_total", "counter",
            "FFmpeg restarts for the camera since the streaming process started.",
            [(label(camera=c["id"]), c["ffmpeg_restarts"]) for c in cameras])
+    family("vlmguard_analysis_lag_seconds", "gauge",
+           "Now minus the end of the camera's oldest unanalysed footage (0: none waits).",
+           [(label(camera=c["id"]), c["analysis_lag_s"]) for c in cameras
+            if c.get("analysis_lag_s") is not None])
+    family("vlmguard_analysis_windows_merged_total", "counter",
+           "Analysis windows merged into longer jobs because the camera's analysis lagged.",
+           [(label(camera=c["id"]), c.get("windows_merged", 0)) for c in cameras])
+    ram = report.get("ram", {})
+    if ram.get("bytes") is not None:
+        family("vlmguard_ram_bytes", "gauge",
+               "Bytes in the RAM folder: live segments and analysis windows.",
+               [("", ram["bytes"])])
+        family("vlmguard_windows_evicted_total", "counter",
+               "Analysis windows dropped from RAM (over storage.ram_max_mb) to be read from "
+               "their archive.", [("", ram["windows_evicted"])])
     family("vlmguard_jobs", "gauge", "Analysis jobs by state.",
            [(label(state=s), report["jobs"][s]) for s in STATES])
     buckets, count, total = histogram
