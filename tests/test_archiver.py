@@ -244,3 +244,25 @@ def test_footage_no_job_covers_is_caught_up_archive_by_archive(tmp_path):
     assert store.claim("w").id == live
     assert [store.claim("w").id for _ in catch_up] == [j.id for j in catch_up]
     store.close()
+
+
+def test_footage_after_its_window_was_closed_becomes_a_window_of_its_own(tmp_path):
+    """A restart (or a camera back from a silence) inside a window already registered: the
+    rest of that window is a job from the first new segment to the window's end."""
+    archiver, store, layout = make_archiver(tmp_path, analysis="window_seconds = 10")
+    t0 = datetime.fromtimestamp((time.time() // 60 + 1) * 60, timezone.utc)
+    live_playlist(layout, 10, [t0 + timedelta(seconds=2 * n) for n in range(2)])
+    archiver.cut_windows()
+    archiver.flush_windows()  # an orderly stop at t0 + 4 s
+    restarted = archiver.__class__(archiver.config, store)
+    live_playlist(layout, 12, [t0 + timedelta(seconds=6.5 + 2 * n) for n in range(3)])
+    restarted.cut_windows()
+    restarted.flush_windows()
+    restarted.flush_windows()
+    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    assert [(j.segment_start - t0, j.segment_end - t0) for j in jobs] == [
+        (timedelta(0), timedelta(seconds=10)), (timedelta(seconds=6), timedelta(seconds=10)),
+        (timedelta(seconds=10), timedelta(seconds=20))]
+    assert jobs[1].first_frame_at == t0 + timedelta(seconds=6.5)
+    assert Path(jobs[1].video_path).read_text().count("file '") == 2
+    store.close()

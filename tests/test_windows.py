@@ -100,3 +100,51 @@ def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard
     finally:
         store.close()
         assert daemon.stop() == 0
+
+
+def analyzer_state(daemon) -> str:
+    import json
+    try:
+        return json.loads((daemon.data_dir / "run" / "analyzer-0.json").read_text())["state"]
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def test_stop_and_killed_analyzer_windows_are_analysed_once(vlmguard, gemini):
+    """A SIGKILLed analyzer's window goes back when its lease ends; an orderly stop
+    registers the window in progress, analysed after the next start; nothing twice."""
+    import os
+    daemon = vlmguard(workers=1, window_seconds=WINDOW)
+    daemon.wait_live()
+    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    try:
+        gemini.generate_delay = 30
+        wait_for(lambda: analyzer_state(daemon).startswith("job"), 60, "a window in analysis",
+                 daemon)
+        killed_job = int(analyzer_state(daemon)[4:])
+        os.kill(daemon.child_pid("analyzer-0"), signal.SIGKILL)
+        gemini.generate_delay = 0
+        wait_for(lambda: store.get(killed_job).status == "completed", 60,
+                 "the killed analyzer's window analysed again", daemon)
+        # Stop in the middle of a window: it is registered on the way out.
+        wait_for(lambda: 3 < time.time() % WINDOW < 7, 15, "mid-window", daemon)
+        stopped_in = at(time.time() // WINDOW * WINDOW)
+        assert daemon.stop() == 0
+        assert any(j.segment_start == stopped_in for j in store.list_jobs(limit=1000))
+        daemon.start()
+        daemon.wait_live()
+        wait_for(lambda: store.get(next(j.id for j in store.list_jobs(limit=1000)
+                                        if j.segment_start == stopped_in)).status == "completed",
+                 60, "the stop's window analysed after the restart", daemon)
+        jobs = store.list_jobs(limit=1000)
+        starts = [j.segment_start for j in jobs]
+        assert len(starts) == len(set(starts))
+        killed = store.get(killed_job)
+        assert killed.retry_count == 1 and killed.status == "completed"
+        # One set of incidents per analysed window (the stand-in reports one each).
+        for job in jobs:
+            if job.status == "completed":
+                assert len(store.list_incidents(job.id)) == job.incident_count
+    finally:
+        store.close()
+        daemon.stop()

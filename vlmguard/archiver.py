@@ -202,7 +202,7 @@ class Archiver:
         longest = timedelta(seconds=max(self.config.storage.archive_seconds, 2 * self.window_seconds))
         for group in adjacent_groups(self.store.pending_windows(camera_id), longest):
             start, end = group[0].segment_start, group[-1].segment_end
-            clip = cutter.merged_clip(start, end)
+            clip = cutter.merged_clip(start, end, [j.video_path for j in group])
             first = group[0].first_frame_at
             sources = archive_sources(self.layout, camera_id, first.timestamp(),
                                       end.timestamp())

@@ -32,6 +32,7 @@ SEGMENTS_FILE = "segments.txt"
 CLIP_FILE = "clip.ffconcat"
 JOB_FILE = "job"
 MERGED_FILE = "merged.ffconcat"
+PLACED_KEPT = 4096  # segment names remembered; a playlist lists far fewer
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class WindowCutter:
         self.seconds = seconds
         self.silent_after = silent_after
         self.register = register  # (clip, start, end, clip_start, sources) -> job id
-        # Windows up to here are closed: a segment still listed from one is not relinked
-        # (its folder may be gone already, its job done).
-        self.closed_until = 0.0
+        # Segments already placed (by name: numbers are never reused), so that one still
+        # listed after its window was analysed and removed is not placed again.
+        self.placed: dict[str, None] = {}
 
     @property
     def root(self) -> Path:
@@ -130,7 +131,7 @@ class WindowCutter:
             begun = self.start_of(folder)
             if begun is None:
                 continue
-            end = begun + self.seconds
+            end = self.end_of(begun)
             if (newest is not None and newest >= end) or now > end + self.silent_after:
                 self.close(folder)
 
@@ -148,6 +149,11 @@ class WindowCutter:
         except ValueError:
             return None
 
+    def end_of(self, begun: float) -> float:
+        """A window ends at the next clock boundary (the rest of a window closed early
+        starts between two)."""
+        return window_start(begun, self.seconds) + self.seconds
+
     def link_segments(self) -> float | None:
         """Hard-link each listed segment into its window; returns the newest segment's
         program date (None when the playlist is gone)."""
@@ -163,12 +169,13 @@ class WindowCutter:
             if begun is None or not SEGMENT_URI.fullmatch(segment.uri):
                 continue
             newest = begun if newest is None else max(newest, begun)
-            if begun < self.closed_until:
+            if segment.uri in self.placed:
                 continue
-            folder = self.root / stamp(window_start(begun, self.seconds))
+            folder = self.open_folder(begun, segment.uri)
+            if folder is None:
+                self.place(segment.uri)
+                continue
             target = folder / segment.uri
-            if target.exists() or (folder / JOB_FILE).exists():
-                continue  # linked already, or it came after its window was closed
             folder.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(live / segment.uri, target)
@@ -178,13 +185,32 @@ class WindowCutter:
                 continue  # FFmpeg deleted it between the listing and now
             with (folder / SEGMENTS_FILE).open("a") as handle:
                 handle.write(f"{segment.uri} {begun:.3f} {segment.duration:.6f}\n")
+            self.place(segment.uri)
         return newest
+
+    def open_folder(self, begun: float, name: str) -> Path | None:
+        """The folder a segment starting at begun goes to: its window's, or, when that
+        was closed already (a restart, or the camera came back after a silence), the
+        rest of the window as a window of its own from this segment on. None when the
+        segment is there already."""
+        aligned = window_start(begun, self.seconds)
+        parts = [f for f in self.folders()
+                 if (s := self.start_of(f)) is not None and aligned <= s < aligned + self.seconds]
+        if any((f / name).exists() for f in parts):
+            return None
+        open_parts = [f for f in parts if not (f / JOB_FILE).exists()]
+        if open_parts:
+            return open_parts[-1]
+        return self.root / stamp(aligned if not parts else math.floor(begun))
+
+    def place(self, name: str) -> None:
+        self.placed[name] = None
+        while len(self.placed) > PLACED_KEPT:
+            del self.placed[next(iter(self.placed))]
 
     def close(self, folder: Path) -> None:
         pieces = read_pieces(folder)
         begun = self.start_of(folder)
-        if begun is not None:
-            self.closed_until = max(self.closed_until, begun + self.seconds)
         if not pieces or begun is None:
             shutil.rmtree(folder, ignore_errors=True)
             return
@@ -193,21 +219,23 @@ class WindowCutter:
         first = pieces[0].start
         last = pieces[-1].start + pieces[-1].duration
         sources = archive_sources(self.layout, self.camera_id, first, last)
-        job_id = self.register(clip, utc(begun), utc(begun + self.seconds), utc(first), sources)
+        end = self.end_of(begun)
+        job_id = self.register(clip, utc(begun), utc(end), utc(first), sources)
         (folder / JOB_FILE).write_text(f"{job_id}\n")
         if job_id is None:
             return  # registered before (a restart): the unique key keeps it to one job
         log.info("window registered", camera_id=self.camera_id, window=folder.name,
                  job_id=job_id, segments=len(pieces), seconds=round(last - first, 2))
 
-    def merged_clip(self, start: datetime, end: datetime) -> Path | None:
+    def merged_clip(self, start: datetime, end: datetime, videos: list[str]) -> Path | None:
         """One ffconcat over every window in [start, end), written in the first window's
-        folder; None when any of them has left RAM (the job then reads the archive)."""
+        folder; None when any of them (videos) has left RAM (the job reads the archive)."""
+        if not all(Path(v).exists() and Path(v).is_relative_to(self.root) for v in videos):
+            return None
         folders = [f for f in self.folders()
                    if (s := self.start_of(f)) is not None
                    and start.timestamp() <= s < end.timestamp()]
-        expected = round((end - start).total_seconds() / self.seconds)
-        if not folders or len(folders) != expected:
+        if not folders:
             return None
         entries = []
         for folder in folders:
