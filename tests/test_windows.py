@@ -148,3 +148,35 @@ def test_stop_and_killed_analyzer_windows_are_analysed_once(vlmguard, gemini):
     finally:
         store.close()
         daemon.stop()
+
+
+def test_footage_recorded_while_analysis_was_down_is_caught_up(vlmguard, gemini, tmp_path):
+    """Archives on disk that no job covers (fabricated: 15 minutes ago, while analysis was
+    down) become archive-sized catch-up jobs at start, and are analysed."""
+    import subprocess
+    from vlmguard.layout import ARCHIVE_TIME
+    archives = tmp_path / "data" / "archives" / "cam1"
+    archives.mkdir(parents=True)
+    now = time.time() // 10 * 10
+    made = []
+    for minutes in (15, 10, 5):
+        path = archives / f"{at(now - 60 * minutes).strftime(ARCHIVE_TIME)}.ts"
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                        "testsrc2=size=160x120:rate=10", "-t", "10", "-c:v", "libx264",
+                        "-preset", "ultrafast", "-g", "10", "-f", "mpegts", str(path)],
+                       check=True, timeout=60)
+        made.append(path)
+    daemon = vlmguard(workers=1, window_seconds=WINDOW)
+    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    try:
+        def caught_up():
+            jobs = [j for j in store.list_jobs(limit=1000) if j.kind == "catchup"]
+            return len(jobs) == 3 and all(j.status == "completed" for j in jobs) and jobs
+        jobs = sorted(wait_for(caught_up, 90, "three catch-up jobs analysed", daemon),
+                      key=lambda j: j.segment_start)
+        assert [j.video_path for j in jobs] == [str(p) for p in made]
+        assert all(9 <= j.duration_seconds <= 11 and j.priority == 1 for j in jobs)
+        assert all(j.incident_count == 1 for j in jobs)
+    finally:
+        store.close()
+        daemon.stop()
