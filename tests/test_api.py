@@ -191,3 +191,15 @@ def test_analysis_lag_is_in_metrics_and_health(config):
     assert merged == {"cam1": 0, "cam2": 0}
     body = as_json(config, "/api/health")[1]
     assert abs(body["analysis_lag_s"]["cam1"] - expected) < 60 and body["analysis_lag_s"]["cam2"] == 0
+
+
+def test_a_window_job_names_its_archive_and_offset(config):
+    start = datetime.now(timezone.utc).replace(microsecond=0)
+    sources = [{"path": "/data/archives/cam1/x.ts", "offset_s": 30.5, "duration_s": 60.0}]
+    with JobStore.from_config(config) as store:
+        job_id = store.register("cam1", "/ram/clip.ffconcat", start, start + timedelta(minutes=1),
+                                kind="window", clip_start=start + timedelta(seconds=0.25),
+                                sources=sources)
+    status, body = as_json(config, f"/api/jobs/{job_id}")
+    assert status == 200 and (body["kind"], body["sources"]) == ("window", sources)
+    assert body["clip_start"] == (start + timedelta(seconds=0.25)).isoformat(timespec="milliseconds")

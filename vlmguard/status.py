@@ -265,6 +265,10 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
                    "thoughts": job.thoughts_tokens, "total": job.total_tokens},
         "model_version": job.model_version,
         "provider": job.provider, "model": job.model,
+        # What the job covers: an archive, a window, merged windows or catch-up; its
+        # clip's first frame; the archive file(s) and offsets, to play an incident back.
+        "kind": job.kind, "windows": job.windows, "sources": job.sources,
+        "clip_start": job.first_frame_at.isoformat(timespec="milliseconds"),
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
