@@ -266,3 +266,29 @@ def test_footage_after_its_window_was_closed_becomes_a_window_of_its_own(tmp_pat
     assert jobs[1].first_frame_at == t0 + timedelta(seconds=6.5)
     assert Path(jobs[1].video_path).read_text().count("file '") == 2
     store.close()
+
+
+def test_at_start_windows_left_by_a_crash_are_registered_or_go_on_collecting(tmp_path):
+    archiver, store, layout = make_archiver(tmp_path, analysis="window_seconds = 10")
+    now = datetime.fromtimestamp(time.time() // 10 * 10, timezone.utc)
+    past, current = now - timedelta(seconds=20), now
+    live_playlist(layout, 10, [past + timedelta(seconds=2 * n) for n in range(3)]
+                  + [current + timedelta(seconds=0.5)])
+    archiver.cut_windows()  # links; the past window closes (a later segment exists)
+    [done] = store.list_jobs()
+    store.close()
+    (tmp_path / "data" / "vlmguard.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "data" / f"vlmguard.db{suffix}").unlink(missing_ok=True)
+    for folder in layout.windows("cam1").iterdir():
+        (folder / "job").unlink(missing_ok=True)  # as if the crash came before registering
+    # The previous run's archive: 25 s from the past window on; nothing was linked for
+    # its second 10 s (say the archiver was down), the last 5 s are the open window's.
+    real_ts(layout.archives("cam1") / name_at(past, "ts"), seconds=25)
+    archiver2, store2, _ = make_archiver(tmp_path, analysis="window_seconds = 10")
+    archiver2.catch_up()
+    jobs = sorted(store2.list_jobs(), key=lambda j: j.segment_start)
+    assert [(j.kind, j.segment_start - past, j.segment_end - past) for j in jobs] == [
+        ("window", timedelta(0), timedelta(seconds=10)),
+        ("catchup", timedelta(seconds=10), timedelta(seconds=20))]
+    store2.close()

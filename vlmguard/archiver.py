@@ -115,7 +115,7 @@ class Archiver:
         self.finalize_closed()
         if self.window_seconds:
             for cutter in self.cutters.values():
-                cutter.flush()  # windows a crash left in RAM
+                cutter.close_past()  # windows a crash left in RAM
             self.catch_up_gaps()
             return
         known = self.store.registered_paths()
@@ -132,6 +132,8 @@ class Archiver:
         least = timedelta(seconds=CATCH_UP_LEAST_SECONDS)
         for camera_id, archives in by_camera.items():
             spans = self.store.job_spans(camera_id, since=archives[0].start)
+            if camera_id in self.cutters:
+                spans += self.cutters[camera_id].open_spans()
             for n, archive in enumerate(archives):
                 limit = archive.start + timedelta(seconds=self.config.storage.archive_seconds)
                 if n + 1 < len(archives):

@@ -135,6 +135,25 @@ class WindowCutter:
             if (newest is not None and newest >= end) or now > end + self.silent_after:
                 self.close(folder)
 
+    def close_past(self, now: float | None = None) -> None:
+        """At start: the windows a crash left in RAM whose time is over become jobs; one
+        still running (a quick restart) goes on collecting segments."""
+        now = time.time() if now is None else now
+        for folder in self.folders():
+            begun = self.start_of(folder)
+            if begun is not None and not (folder / JOB_FILE).exists() \
+                    and self.end_of(begun) <= now:
+                self.close(folder)
+
+    def open_spans(self) -> list[tuple[datetime, datetime]]:
+        """The windows still collecting: footage they will cover needs no catch-up."""
+        spans = []
+        for folder in self.folders():
+            begun = self.start_of(folder)
+            if begun is not None and not (folder / JOB_FILE).exists():
+                spans.append((utc(begun), utc(self.end_of(begun))))
+        return spans
+
     def flush(self) -> None:
         """An orderly stop: every window with footage becomes a job, complete or not."""
         self.link_segments()
