@@ -125,6 +125,13 @@ BAD_CONFIGS = [
     ('[gemini]\ntimeout_seconds = 5\n' + CAMERA, "gemini.timeout_seconds: must be >= 60, got 5"),
     ('[analysis]\nstatic_check_minutes = -1\n' + CAMERA,
      "analysis.static_check_minutes: must be >= 0, got -1"),
+    ('[analysis]\nwindow_seconds = 5\n' + CAMERA,
+     "analysis.window_seconds: must be 0 or >= 10, got 5"),
+    ('[analysis]\nwindow_seconds = 601\n' + CAMERA,
+     "analysis.window_seconds: must be <= 600, got 601"),
+    ('[analysis]\nmax_lag_seconds = 10\n' + CAMERA,
+     "analysis.max_lag_seconds: must be >= 30, got 10"),
+    ('[storage]\nram_max_mb = 8\n' + CAMERA, "storage.ram_max_mb: must be >= 16, got 8"),
 ]
 
 
