@@ -19,7 +19,8 @@ archives), each with a lavfi camera whose picture turns solid red for 3 s twice 
 minute (at :13 and :43 of each minute, from FFmpeg's wall clock), and the looking
 stand-in answering in 1 s. Time to incident = the completed_at of the job that first
 stored the incident minus the event's wall-clock start; tokens per camera-hour = total
-tokens of completed jobs over the footage seconds they cover.
+tokens of completed jobs over the footage seconds they cover. Defaults otherwise
+(analysis.fps 0.5, static gating on).
 
 prepare: CPU (user+sys of FFmpeg, via RUSAGE_CHILDREN) to prepare 10 minutes of
 footage for the model, as ten 60-s windows (ffconcat lists of 2-s live segments) against
@@ -183,7 +184,7 @@ def incidents(args) -> None:
     runs = {}
     for window in (60, 0):
         config = write_config(work / f"w{window}", port, RED_CAMERA,
-                              f"window_seconds = {window}\nfps = 1", 600)
+                              f"window_seconds = {window}", 600)
         runs[window] = (config, start_daemon(config))
     began = time.time()
     try:
