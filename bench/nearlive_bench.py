@@ -170,6 +170,14 @@ def disk(args) -> None:
     if rams:
         print(f"RAM folder (live + windows): median {statistics.median(rams) / 1e6:.1f} MB, "
               f"max {max(rams) / 1e6:.1f} MB")
+    remove_work(work)
+
+
+def remove_work(work: Path) -> None:
+    """The bench's folder and the RAM folders of the data directories in it."""
+    from vlmguard.layout import Layout
+    for data in work.glob("*/data"):
+        shutil.rmtree(Layout(data).ram, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -220,7 +228,7 @@ def incidents(args) -> None:
         if seconds:
             print(f"  completed jobs {count}, tokens per camera-hour "
                   f"{(tokens or 0) / seconds * 3600:.0f} over {seconds:.0f} s of footage")
-    shutil.rmtree(work, ignore_errors=True)
+    remove_work(work)
 
 
 def prepare(args) -> None:
