@@ -109,6 +109,8 @@ jobs = Table(
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
     Index("ix_jobs_status_run_after", "status", "run_after"),
+    # The claim's order: live windows before catch-up, then the oldest due.
+    Index("ix_jobs_status_priority_run_after", "status", "priority", "run_after"),
     Index("ix_jobs_camera_status", "camera_id", "status"),
     Index("ix_jobs_segment_start", "segment_start"),
 )
@@ -167,7 +169,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE analysis_jobs ADD COLUMN clip_start TIMESTAMP",
         "ALTER TABLE analysis_jobs ADD COLUMN sources JSON",
         "ALTER TABLE analysis_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE analysis_jobs ADD COLUMN windows INTEGER NOT NULL DEFAULT 1"),
+        "ALTER TABLE analysis_jobs ADD COLUMN windows INTEGER NOT NULL DEFAULT 1",
+        "CREATE INDEX IF NOT EXISTS ix_jobs_status_priority_run_after "
+        "ON analysis_jobs (status, priority, run_after)"),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
