@@ -616,3 +616,19 @@ def test_a_window_with_neither_ram_copy_nor_archive_fails_saying_so(setup, gemin
     job = attempt(config, store)
     assert job.status == "failed" and job.error_message.startswith("footage gone")
     assert gemini.calls == []
+
+
+def test_a_merged_window_missing_a_segment_is_cut_from_its_archive(setup, gemini, red_archive,
+                                                                   tmp_path):
+    gemini.looks = True
+    config, store = setup(analysis={"fps": 1})
+    listing = tmp_path / "merged.ffconcat"
+    listing.write_text(f"ffconcat version 1.0\nfile '{red_archive}'\nfile '{tmp_path}/gone.ts'\n")
+    start = T0 + timedelta(seconds=10)
+    store.register("cam1", listing, start, start + timedelta(seconds=10), kind="merged",
+                   clip_start=start,
+                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+    job = attempt(config, store)
+    assert job.status == "completed", job.error_message
+    [incident] = store.list_incidents(job.id)
+    assert abs((incident["start_at"] - (T0 + timedelta(seconds=12))).total_seconds()) <= 1.0

@@ -36,8 +36,8 @@ from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
                              media_duration, source_args, still_video_command)
-from vlmguard.layout import Layout
 from vlmguard.health import Beat, write_state
+from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
 from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
@@ -416,7 +416,9 @@ def job_video(layout: Layout, job: Job, workdir: Path) -> Path:
     video = Path(job.video_path)
     sources = [s for s in job.sources or () if isinstance(s, dict) and s.get("path")]
     whole = len(sources) == 1 and not sources[0].get("offset_s") and video.suffix == ".ts"
-    if video.exists() and (video.suffix == ".ffconcat" or not sources or whole):
+    if video.suffix == ".ffconcat" and complete_listing(video):
+        return video
+    if video.suffix != ".ffconcat" and video.exists() and (not sources or whole):
         return video
     if not sources:
         return video  # prepare_video says it is missing
@@ -432,6 +434,18 @@ def job_video(layout: Layout, job: Job, workdir: Path) -> Path:
     listing = workdir / "sources.ffconcat"
     listing.write_text(concat_text(entries))
     return listing
+
+
+def complete_listing(listing: Path) -> bool:
+    """An ffconcat list (a window in RAM) whose every file is still there: a merged
+    window's segments sit in several window folders, and RAM pressure may drop one."""
+    try:
+        lines = listing.read_text().splitlines()
+    except OSError:
+        return False
+    names = [line[6:-1].replace("'\\''", "'") for line in lines
+             if line.startswith("file '") and line.endswith("'")]
+    return bool(names) and all((listing.parent / name).exists() for name in names)
 
 
 def find_archive(layout: Layout, camera_id: str, path: Path) -> Path | None:
