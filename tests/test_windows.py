@@ -180,3 +180,39 @@ def test_footage_recorded_while_analysis_was_down_is_caught_up(vlmguard, gemini,
     finally:
         store.close()
         daemon.stop()
+
+
+def test_a_lagging_camera_has_its_windows_merged_and_says_so(vlmguard):
+    """No analyzer (workers = 0): the lag grows past max_lag_seconds, the waiting windows
+    are merged (logged, counted), and health names the lag."""
+    import json
+    import urllib.error
+    import urllib.request
+    daemon = vlmguard(workers=0, window_seconds=WINDOW, analysis="max_lag_seconds = 30")
+    daemon.wait_live()
+
+    def health():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/api/health") as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())
+    body = wait_for(lambda: (b := health()) and any("analysis lags" in p for p in b["problems"])
+                    and b, 90, "the lag in health", daemon)
+    assert body["analysis_lag_s"]["cam1"] > 30
+    wait_for(lambda: any(e["event"] == "analysis lagging: windows merged into one job"
+                         for e in daemon.log_events()), 30, "a merge", daemon)
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics") as response:
+        metrics = response.read().decode()
+    merged = [line for line in metrics.splitlines()
+              if line.startswith('vlmguard_analysis_windows_merged_total{camera="cam1"}')]
+    assert merged and float(merged[0].split()[-1]) >= 1
+    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    try:
+        jobs = sorted(store.list_jobs(limit=1000), key=lambda j: j.segment_start)
+        # No footage skipped: the jobs still cover back to back what was recorded.
+        assert any(j.kind == "merged" and j.windows >= 2 for j in jobs)
+        assert all(a.segment_end <= b.segment_start for a, b in zip(jobs, jobs[1:]))
+    finally:
+        store.close()
+        assert daemon.stop() == 0

@@ -90,6 +90,9 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         finally:
             if store is None:
                 opened.close()
+    for camera in report["cameras"]:
+        lag = camera["analysis_lag_s"]
+        camera["lagging"] = lag is not None and lag > config.analysis.max_lag_seconds
     report["problems"] = problems(report)
     report["healthy"] = not report["problems"]
     return report
@@ -222,6 +225,10 @@ def problems(report: dict[str, Any]) -> list[str]:
             found.append(f"camera {camera['id']} offline")
         if report["daemon"]["running"] and camera["archiving"] != "ok":
             found.append(f"camera {camera['id']} {camera['archiving']}")
+        if report["daemon"]["running"] and camera.get("lagging"):
+            found.append(f"camera {camera['id']} analysis lags "
+                         f"{format_age(camera['analysis_lag_s'])} (more than "
+                         "analysis.max_lag_seconds: waiting windows are merged)")
     for pause in report["analysis"]["paused"]:
         found.append(f"analysis paused ({pause['provider']}): {pause['reason']}: {pause['detail']}")
     waiting = {w["state"] for w in report["workers"] if w["state"].startswith("waiting")}
