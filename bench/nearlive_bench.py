@@ -15,8 +15,9 @@ windows) sampled from the archiver's state. --code DIR runs another checkout's v
 (for the before figure: `git archive <commit> | tar -x -C DIR`).
 
 incidents: two daemons side by side, analysis.window_seconds = 60 and = 0 (10-min
-archives), each with a lavfi camera whose picture turns solid red for 3 s twice a
-minute (at :13 and :43 of each minute, from FFmpeg's wall clock), and the looking
+archives), each with a lavfi camera whose picture turns solid red for 3 s every 37 s
+(epoch seconds = 13 mod 37, from FFmpeg's wall clock: every position in a minute), and
+the looking
 stand-in answering in 1 s. Time to incident = the completed_at of the job that first
 stored the incident minus the event's wall-clock start; tokens per camera-hour = total
 tokens of completed jobs over the footage seconds they cover. Defaults otherwise
@@ -48,7 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from daemon import free_port  # noqa: E402
 
-RED = ("between(mod(time(0),30),13,15.999)")
+# Every 37 s (epoch-based), so that events fall at every position within a minute.
+PERIOD = 37
+RED = f"between(mod(time(0),{PERIOD}),13,15.999)"
 RED_CAMERA = ("lavfi:testsrc2=size=640x360:rate=25,drawbox=x=0:y=0:w=iw:h=ih:color=red:"
               f"t=fill:enable='{RED}'")
 
@@ -216,15 +219,16 @@ def incidents(args) -> None:
         for start_at, completed_at in rows:
             start = datetime.fromisoformat(start_at).replace(tzinfo=timezone.utc).timestamp()
             done = datetime.fromisoformat(completed_at).replace(tzinfo=timezone.utc).timestamp()
-            event = round((start - 13) / 30) * 30 + 13  # the event this incident is of
+            event = round((start - 13) / PERIOD) * PERIOD + 13  # the event it is of
             if abs(start - event) < 5 and event > began + 10:
                 found.append(done - event)
-        events = len([t for t in range(int(began) + 11, int(ended)) if t % 30 == 13])
+        events = len([t for t in range(int(began) + 11, int(ended)) if t % PERIOD == 13])
         tokens, seconds, count = jobs
         print(f"window_seconds = {window}: events {events}, incidents stored {len(found)}")
         if found:
             print(f"  time to incident: p50 {percentile(found, 50):.1f} s, p95 "
-                  f"{percentile(found, 95):.1f} s, max {max(found):.1f} s")
+                  f"{percentile(found, 95):.1f} s, min {min(found):.1f} s, "
+                  f"max {max(found):.1f} s")
         if seconds:
             print(f"  completed jobs {count}, tokens per camera-hour "
                   f"{(tokens or 0) / seconds * 3600:.0f} over {seconds:.0f} s of footage")
