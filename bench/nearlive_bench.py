@@ -248,7 +248,8 @@ def prepare(args) -> None:
     # Ten minutes of a 1080p camera at ~4 Mbit/s, 2-s GOP: the archive and the same
     # stream cut as HLS segments (what a window is made of).
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
-                    f"testsrc2=size=1920x1080:rate=25:duration={seconds}", "-c:v", "libx264",
+                    f"testsrc2=size=1920x1080:rate=25:duration={seconds}", "-map", "0:v",
+                    "-c:v", "libx264",
                     "-preset", "ultrafast", "-b:v", "4M", "-g", "50", "-pix_fmt", "yuv420p",
                     "-f", "tee", f"[f=mpegts]{archive}|[f=hls:hls_time=2:hls_list_size=0:"
                     f"hls_segment_filename={live}/seg-%d.ts]{live}/index.m3u8"], check=True)
