@@ -158,7 +158,33 @@ def probe_codec(binary: str, url: str, timeout: float = 20,
     return match.group(1) if match else None
 
 
+def listed_duration(path: Path) -> float | None:
+    """The length of an ffconcat list whose every entry says it (a window's segments
+    with their durations, archive parts with in- and out-points): no FFmpeg run."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    total, entries, known, inpoint = 0.0, 0, 0, 0.0
+    for line in lines:
+        key, _, value = line.partition(" ")
+        try:
+            if key == "file":
+                entries, inpoint = entries + 1, 0.0
+            elif key == "duration":
+                total, known = total + float(value), known + 1
+            elif key == "inpoint":
+                inpoint = float(value)
+            elif key == "outpoint":
+                total, known = total + float(value) - inpoint, known + 1
+        except ValueError:
+            return None
+    return total if entries and known == entries and total > 0 else None
+
+
 def media_duration(binary: str, path: Path, timeout: float = 60) -> float | None:
+    if Path(path).suffix == ".ffconcat" and (listed := listed_duration(path)) is not None:
+        return listed
     proc = subprocess.run([binary, "-hide_banner", *source_args(path)], capture_output=True,
                           text=True, timeout=timeout, env=child_env())
     match = DURATION.search(proc.stderr)
