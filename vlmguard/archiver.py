@@ -12,6 +12,7 @@ idempotent, so a crash or a stop leaves nothing behind that the next start misse
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 import threading
@@ -232,7 +233,12 @@ class Archiver:
         """File the archive as it is: a rename, so its bytes reach the disk once."""
         target = self.layout.archives(camera_id) / closed.name
         try:
-            closed.rename(target)
+            try:
+                closed.rename(target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self.copy_across(camera_id, closed, target)
         except OSError as exc:
             log.error("archive not finalized, will retry", camera_id=camera_id,
                       file=str(closed), error=str(exc))
@@ -240,6 +246,18 @@ class Archiver:
         log.info("archive filed", camera_id=camera_id, file=target.name)
         if not self.window_seconds:
             self.register(camera_id, target)
+
+    def copy_across(self, camera_id: str, closed: Path, target: Path) -> None:
+        """archives/ on another file system than closed/ (a mount of its own): the file
+        is copied, which writes it a second time; said once, as it wears flash."""
+        if self.noticed.first(Path("exdev")):
+            log.warning("archives are on another file system than partial/ and closed/: "
+                        "each archive is copied, written twice; keep them on one file "
+                        "system", camera_id=camera_id)
+        temp = target.with_name(target.name + ".part")
+        shutil.copyfile(closed, temp)
+        temp.rename(target)
+        closed.unlink()
 
     def register(self, camera_id: str, path: Path) -> None:
         start = archive_start(path)
