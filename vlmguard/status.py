@@ -76,6 +76,7 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "failures": [],
         "tokens": {"today": {}, "last_24h": {}},
         "analysis": {"paused": [], "providers": {}},
+        "alerts": {},
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
@@ -108,10 +109,17 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
          "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}
         for p in store.paused_providers()]
     report["analysis"]["providers"] = provider_report(store)
+    report["alerts"] = alerts_report(store)
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
                         "last_24h": store.token_usage(now - timedelta(hours=24))}
+
+
+def alerts_report(store: JobStore) -> dict[str, dict[str, Any]]:
+    """Per alert destination: pending, delivered, failed, suppressed and the last error."""
+    return {name: counts | {"last_error_at": iso(counts["last_error_at"])}
+            for name, counts in sorted(store.delivery_counts().items())}
 
 
 def provider_report(store: JobStore) -> dict[str, dict[str, Any]]:
@@ -216,6 +224,9 @@ def problems(report: dict[str, Any]) -> list[str]:
               if f["completed_at"] and datetime.fromisoformat(f["completed_at"]) >= day_ago]
     if recent:
         found.append(f"{len(recent)} job(s) failed in the last 24 h")
+    failed = sum(d["failed"] for d in report.get("alerts", {}).values())
+    if failed:
+        found.append(f"{failed} alert delivery(ies) failed")
     archives = report["archives"]
     if archives["disk_free_bytes"] is not None and archives["disk_free_bytes"] < archives["min_free_bytes"]:
         found.append("disk below min_free_gb")
@@ -296,6 +307,10 @@ def render_status(report: dict[str, Any]) -> str:
         error = f"  last error: {p['last_error']}" if p["failed"] and p["last_error"] else ""
         lines.append(f"provider  {name}: answered {p['answered']}, failed {p['failed']}"
                      f"{paused}{error}")
+    for name, d in report.get("alerts", {}).items():
+        error = f"  last error: {d['last_error']}" if d["last_error"] else ""
+        lines.append(f"alerts    {name}: pending {d['pending']}, delivered {d['delivered']}, "
+                     f"failed {d['failed']}, suppressed {d['suppressed']}{error}")
     if report["workers"]:
         lines.append("analyzers")
         for worker in report["workers"]:
