@@ -40,6 +40,7 @@ class Receiver:
         self.fail_until = 0.0
         self.fail_count = 0
         self.status = 200
+        self.delay = 0.0  # seconds before answering (a slow receiver: kill mid-delivery)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -98,6 +99,8 @@ class Receiver:
             if isinstance(payload, dict):
                 for item in payload.get("attachments") or []:
                     files[item.get("filename", "?")] = item.get("base64", "")
+        if self.delay:
+            await asyncio.sleep(self.delay)
         failing = time.time() < self.fail_until or self.fail_count > 0
         if self.fail_count > 0:
             self.fail_count -= 1

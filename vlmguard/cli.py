@@ -261,6 +261,9 @@ def alerts_test(config_path, rule):
     from vlmguard.notifier import send_tests
 
     config = load_config(config_path)
+    # Each destination's answer is printed below; the plug-ins' own log lines would only
+    # repeat it in between.
+    configure_logging("cli", level="CRITICAL")
     if rule is not None and rule not in [r.name for r in config.alerts.rules]:
         raise VlmguardError(f"no rule {rule!r} (configured: "
                             f"{', '.join(r.name for r in config.alerts.rules) or 'none'})")
