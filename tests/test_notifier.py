@@ -248,3 +248,45 @@ def test_alerts_test_command_reports_each_destination(tmp_path):
         result = CliRunner().invoke(cli_main, ["alerts", "test", "--rule", "nope", "--config",
                                                str(config.source)])
         assert result.exit_code != 0 and "no rule 'nope'" in result.output
+
+
+def test_vlmguard_run_alerts_end_to_end(tmp_path, vlmguard):
+    """`vlmguard run` with the stand-in Gemini: an analysed archive's incident reaches the
+    webhook and MQTT; the supervisor restarts a SIGKILLed notifier (the broker says
+    offline by the will, then online again); a SIGKILLed supervisor leaves offline."""
+    prefix = "t" + secrets.token_hex(4)
+    with Receiver(secret=SECRET) as receiver:
+        watcher = Subscriber(1883, f"{prefix}/#")
+        daemon = vlmguard(workers=1, extra=f"""
+[mqtt]
+host = "127.0.0.1"
+topic_prefix = "{prefix}"
+discovery_prefix = "ha{prefix}"
+keepalive_seconds = 5
+[[alerts.rules]]
+name = "site"
+min_severity = "high"
+webhooks = ["{receiver.url}/hook"]
+webhook_secret = "{SECRET}"
+""")
+        receiver.wait_for(lambda: receiver.delivered("/hook"), timeout=120)
+        sent = receiver.delivered("/hook")[0]
+        assert sent.signature_ok and sent.json["camera_id"] == "cam1"
+        assert (sent.json["category"], sent.json["severity"]) == ("fall", "high")
+        assert sent.json["snapshot_url"] == (f"http://127.0.0.1:{daemon.port}/api/incidents/"
+                                             f"{sent.json['id']}/snapshot.jpg")
+        watcher.wait_for(lambda: any(json.loads(p)["id"] == sent.json["id"]
+                                     for p, _ in watcher.on(f"{prefix}/cam1/incident")))
+        watcher.wait_for(lambda: watcher.on(f"{prefix}/cam1/safety_score") != [])
+        watcher.wait_for(lambda: (b"online", False) in watcher.on(f"{prefix}/cam1/online"))
+        pid = daemon.child_pid("notifier")
+        assert pid is not None
+        before = len(watcher.on(f"{prefix}/available"))
+        os.kill(pid, signal.SIGKILL)
+        watcher.wait_for(lambda: [p for p, _ in watcher.on(f"{prefix}/available")[before:]]
+                         [:2] == [b"offline", b"online"], timeout=30)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+        watcher.wait_for(lambda: watcher.on(f"{prefix}/available")[-1][0] == b"offline")
+        watcher.close()
+    assert SECRET not in daemon.log_text()
