@@ -22,7 +22,7 @@ from vlmguard import notifier
 from vlmguard.alerts.media import snapshot_path
 from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config
-from vlmguard.status import gather_status
+from vlmguard.status import gather_status, render_status
 from vlmguard.store import JobStore
 from vlmguard.web.metrics import render_metrics
 
@@ -143,6 +143,7 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
     assert (hook["delivered"], hook["pending"], hook["failed"]) == (len(ids), 0, 0)
     assert hook["last_error"].startswith("HTTP 500")
     assert report["alerts"]["mqtt"]["delivered"] == len(ids) + 6
+    assert "alerts    webhook:r:0: pending 0, delivered 12" in render_status(report)
     metrics = render_metrics(report, histogram, {})
     assert f'vlmguard_alert_deliveries{{destination="webhook:r:0",state="delivered"}} {len(ids)}' in metrics
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import ConfigError
-from vlmguard.redact import mask_url  # noqa: F401  (one redaction, re-exported)
+from vlmguard.redact import mask_path, mask_url  # noqa: F401  (one redaction, re-exported)
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -524,7 +524,7 @@ def masked(config: Config) -> dict[str, Any]:
     for rule, out in zip(config.alerts.rules, data["alerts"]["rules"]):
         # Apprise URLs carry their tokens in the path (tgram://TOKEN/CHAT): only the scheme shows.
         out["urls"] = [url.partition("://")[0] + "://***" for url in rule.urls]
-        out["webhooks"] = [mask_url(url) for url in rule.webhooks]
+        out["webhooks"] = [mask_path(url) for url in rule.webhooks]
     data["cameras"] = [table(c) for c in config.cameras]
     for camera, out in zip(config.cameras, data["cameras"]):
         out["url"] = mask_url(camera.url)

@@ -224,9 +224,11 @@ def problems(report: dict[str, Any]) -> list[str]:
               if f["completed_at"] and datetime.fromisoformat(f["completed_at"]) >= day_ago]
     if recent:
         found.append(f"{len(recent)} job(s) failed in the last 24 h")
-    failed = sum(d["failed"] for d in report.get("alerts", {}).values())
-    if failed:
-        found.append(f"{failed} alert delivery(ies) failed")
+    failing = [name for name, d in report.get("alerts", {}).items()
+               if d["failed"] and d["last_error_at"]
+               and datetime.fromisoformat(d["last_error_at"]) >= utcnow() - timedelta(hours=24)]
+    if failing:
+        found.append(f"alert deliveries failed in the last 24 h: {', '.join(failing)}")
     archives = report["archives"]
     if archives["disk_free_bytes"] is not None and archives["disk_free_bytes"] < archives["min_free_bytes"]:
         found.append("disk below min_free_gb")

@@ -140,6 +140,14 @@ class Child:
         return self.process is not None and self.process.exitcode is None
 
 
+def plan_children(config: Config) -> list[Child]:
+    """The children the role table asks for, in start order (the reverse of stopping)."""
+    return [Child(role.child_name(config, i), role, role.args(config, i),
+                  role.hang_seconds(config))
+            for role in sorted(ROLES, key=lambda r: -r.stop_order)
+            for i in range(role.count(config))]
+
+
 class Notifier:
     """sd_notify over the datagram socket systemd names in $NOTIFY_SOCKET (if any)."""
 
@@ -187,11 +195,7 @@ class Supervisor:
         os.register_at_fork(after_in_child=self.close_in_child)
 
     def plan(self, config: Config) -> list[Child]:
-        """The children the role table asks for, in start order (the reverse of stopping)."""
-        return [Child(role.child_name(config, i), role, role.args(config, i),
-                      role.hang_seconds(config))
-                for role in sorted(ROLES, key=lambda r: -r.stop_order)
-                for i in range(role.count(config))]
+        return plan_children(config)
 
     # -- the loop ---------------------------------------------------------------------------
 

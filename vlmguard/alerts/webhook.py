@@ -20,7 +20,7 @@ import aiohttp
 
 from vlmguard.alerts.plan import destination_name
 from vlmguard.alerts.registry import Answer, delivered, failed, register, retry
-from vlmguard.redact import mask_url, redact_text
+from vlmguard.redact import mask_path, redact_text
 
 TIMEOUT_SECONDS = 10.0
 RETRIED_STATUSES = (408, 429)
@@ -67,7 +67,7 @@ class Webhook:
                 for rule in config.alerts.rules for n, url in enumerate(rule.webhooks)}
 
     def describe(self) -> str:
-        return mask_url(self.url)
+        return mask_path(self.url)
 
     async def start(self) -> None:
         if self.session is None:
