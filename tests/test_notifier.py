@@ -167,6 +167,26 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
     assert all(retained for t, _, retained, _ in late.messages if t.startswith(disc))
 
 
+@pytest.mark.postgres
+def test_notifier_on_postgresql(tmp_path, pg_url):
+    with Receiver(secret=SECRET) as receiver:
+        config = notifier_config(tmp_path, receiver)
+        config.source.write_text(config.source.read_text()
+                                 + f'\n[database]\nurl = "{pg_url}"\n')
+        config = load_config(config.source)
+        with JobStore.from_config(config) as store:
+            proc = start_notifier(config)
+            ids = []
+            for n in range(3):
+                job_id = store_window(store, "gate", T0 + timedelta(minutes=10 * n),
+                                      [incident(600 * n + 3)])
+                ids += [i["id"] for i in store.list_incidents(job_id)]
+                time.sleep(0.2)
+            wait_all_done(store)
+            stop(proc)
+    assert sorted(r.json["id"] for r in receiver.delivered("/hook")) == sorted(ids)
+
+
 @pytest.fixture
 def own_broker(tmp_path):
     """A Mosquitto of this test's own, which the test may stop and start again."""
@@ -251,6 +271,21 @@ def test_alerts_test_command_reports_each_destination(tmp_path):
         assert result.exit_code != 0 and "no rule 'nope'" in result.output
 
 
+def daemon_config(daemon):
+    return load_config(daemon.config_path)
+
+
+def wait_gone(daemon, timeout: float = 30) -> None:
+    """The SIGKILLed supervisor's children stop in order on their own (the lifeline)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not subprocess.run(["pgrep", "-f", str(daemon.config_path)],
+                              capture_output=True).stdout.strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError("the children outlived their supervisor")
+
+
 def test_vlmguard_run_alerts_end_to_end(tmp_path, vlmguard):
     """`vlmguard run` with the stand-in Gemini: an analysed archive's incident reaches the
     webhook and MQTT; the supervisor restarts a SIGKILLed notifier (the broker says
@@ -258,7 +293,7 @@ def test_vlmguard_run_alerts_end_to_end(tmp_path, vlmguard):
     prefix = "t" + secrets.token_hex(4)
     with Receiver(secret=SECRET) as receiver:
         watcher = Subscriber(1883, f"{prefix}/#")
-        daemon = vlmguard(workers=1, extra=f"""
+        daemon_extra = f"""
 [mqtt]
 host = "127.0.0.1"
 topic_prefix = "{prefix}"
@@ -267,9 +302,11 @@ keepalive_seconds = 5
 [[alerts.rules]]
 name = "site"
 min_severity = "high"
+cooldown_seconds = 0
 webhooks = ["{receiver.url}/hook"]
 webhook_secret = "{SECRET}"
-""")
+"""
+        daemon = vlmguard(workers=1, extra=daemon_extra)
         receiver.wait_for(lambda: receiver.delivered("/hook"), timeout=120)
         sent = receiver.delivered("/hook")[0]
         assert sent.signature_ok and sent.json["camera_id"] == "cam1"
@@ -286,8 +323,25 @@ webhook_secret = "{SECRET}"
         os.kill(pid, signal.SIGKILL)
         watcher.wait_for(lambda: [p for p, _ in watcher.on(f"{prefix}/available")[before:]]
                          [:2] == [b"offline", b"online"], timeout=30)
-        daemon.proc.send_signal(signal.SIGKILL)
-        daemon.proc.wait(10)
-        watcher.wait_for(lambda: watcher.on(f"{prefix}/available")[-1][0] == b"offline")
+        # The whole daemon SIGKILLed while the receiver is down: what it had not delivered
+        # stays in the outbox and goes out after the next start.
+        receiver.fail_until = time.time() + 3600
+        with JobStore.from_config(daemon_config(daemon)) as store:
+            receiver.wait_for(lambda: [r for r in store.list_deliveries(statuses=("pending",))
+                                       if r["destination"] == "webhook:site:0"], timeout=60)
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(10)
+            watcher.wait_for(lambda: watcher.on(f"{prefix}/available")[-1][0] == b"offline")
+            receiver.fail_until = 0
+            wait_gone(daemon)
+            again = vlmguard(workers=0, extra=daemon_extra)
+            wait_all_done(store)
+            incident_ids = {r["incident_id"] for r in store.list_deliveries()
+                            if r["destination"] == "webhook:site:0"}
+            rows_after = store.list_deliveries()
+            again.stop()
         watcher.close()
+    assert {r["status"] for r in rows_after} == {"delivered"}
+    assert len(incident_ids) >= 2
+    assert {r.json["id"] for r in receiver.delivered("/hook")} == incident_ids
     assert SECRET not in daemon.log_text()
