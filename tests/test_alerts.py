@@ -318,7 +318,7 @@ urls = ["json://127.0.0.1:{receiver.port}/apprise"]
         with JobStore(db_url, alerts=AlertPlan(config)) as store:
             job_id = store_window(store, "dock-2", T0, [incident(3)])
             [row] = store.list_incidents(job_id)
-            snapshot = snapshot_path(config.data_dir, row["id"], "dock-2")
+            snapshot = snapshot_path(config.data_dir, "dock-2", row["id"])
             snapshot.parent.mkdir(parents=True)
             snapshot.write_bytes(b"\xff\xd8 a jpeg \xff\xd9")
             delivery = delivery_of(store, "apprise:r:0")

@@ -97,7 +97,7 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
                 job_id = store_window(store, "dock-2", T0 + timedelta(minutes=10 * n),
                                       [incident(600 * n + 3), incident(600 * n + 30)])
                 ids += [i["id"] for i in store.list_incidents(job_id)]
-            snapshot = snapshot_path(config.data_dir, ids[0], "dock-2")
+            snapshot = snapshot_path(config.data_dir, "dock-2", ids[0])
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             snapshot.write_bytes(b"\xff\xd8jpeg\xff\xd9")
             # Mid-delivery: requests are in the receiver's hands when the notifier dies.

@@ -51,13 +51,13 @@ class AppriseUrl:
     async def close(self) -> None:
         pass
 
-    def notify(self, payload: dict[str, Any]) -> Answer:
+    def notify(self, payload: dict[str, Any], committed_at=None) -> Answer:
         import apprise
 
         sender = apprise.Apprise()
         if not sender.add(self.url):
             return failed(f"{self.describe()}: not a URL Apprise knows")
-        snapshot = existing_snapshot(self.data_dir, payload)
+        snapshot = existing_snapshot(self.data_dir, payload, committed_at)
         heading = title(payload) if payload.get("type") == "incident" else "vlmguard test"
         with apprise.LogCapture(level=logging.WARNING) as captured:
             ok = sender.notify(title=heading, body=body(payload),
@@ -69,7 +69,7 @@ class AppriseUrl:
 
     async def send(self, delivery: Any) -> Answer:
         # Apprise's own calls block; a thread keeps the other deliveries moving.
-        return await asyncio.to_thread(self.notify, delivery.payload)
+        return await asyncio.to_thread(self.notify, delivery.payload, delivery.created_at)
 
     async def test(self, payload: dict[str, Any], key: str) -> Answer:
         return await asyncio.to_thread(self.notify, payload)
