@@ -68,6 +68,7 @@ class Notifier:
         self.in_flight: set[asyncio.Task] = set()
         self.stopping = False
         self.sent = 0
+        self.last_state: dict[str, int] | None = None
         self.max_age_seconds = config.alerts.max_age_hours * 3600
 
     def on_signal(self, _signum, _frame) -> None:
@@ -89,10 +90,12 @@ class Notifier:
                     self.publish_camera_states()
                     last_states = time.monotonic()
                 self.retry_after_reconnect()
-                if self.dispatch():
+                # A read first: claiming is a write transaction, taken only when one is due.
+                due = self.store.seconds_until_delivery_due()
+                if due == 0 and self.dispatch():
                     await asyncio.sleep(0)
                     continue
-                await self.idle()
+                await self.idle(due)
         finally:
             await self.finish()
 
@@ -107,9 +110,8 @@ class Notifier:
             task.add_done_callback(self.in_flight.discard)
         return len(batch)
 
-    async def idle(self) -> None:
+    async def idle(self, due: float | None) -> None:
         """Until a commit (an analyzer's incident), a retry falls due, or a second passes."""
-        due = self.store.seconds_until_delivery_due()
         wait = IDLE_WAIT if due is None else min(IDLE_WAIT, due)
         if wait <= 0:
             await asyncio.sleep(0.05 if self.in_flight else 0)
@@ -163,8 +165,10 @@ class Notifier:
         from vlmguard.status import live_cameras
 
         mqtt = self.destinations.get(MQTT)
-        write_state(self.config.data_dir, "notifier", {"sent": self.sent,
-                                                       "in_flight": len(self.in_flight)})
+        state = {"sent": self.sent, "in_flight": len(self.in_flight)}
+        if state != self.last_state:  # the data disk may be flash: write on change only
+            write_state(self.config.data_dir, "notifier", state)
+            self.last_state = state
         if mqtt is not None:
             mqtt.set_camera_states({c["id"]: bool(c["online"]) for c in live_cameras(self.config)})
 

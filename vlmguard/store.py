@@ -634,6 +634,7 @@ class JobStore:
                                       camera_id=job.camera_id, job_id=job.id, status="pending",
                                       payload=plan.score_payload(job, outcome.safety_score, summary))
                 for d in plan.score_destinations(job.camera_id)]
+        made = len(rows)
         if rows:
             conn.execute(deliveries.insert(), rows)
         alerted = select(deliveries.c.id).where(deliveries.c.incident_id == incidents.c.id)
@@ -653,8 +654,8 @@ class JobStore:
                     category=incident["category"], incident_at=incident["start_at"],
                     status="suppressed" if cooling else "pending", payload=payload,
                     last_error=f"cooldown: {cooling}" if cooling else None))
-                rows.append(route)
-        if rows:
+                made += 1
+        if made:
             self.notify(conn)
 
     @staticmethod
