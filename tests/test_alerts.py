@@ -10,6 +10,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vlmguard.alerts import registry
 from vlmguard.alerts.media import snapshot_path
@@ -21,6 +23,7 @@ from vlmguard.store import IncidentRecord, JobStore, Outcome
 
 from alert_receiver import Receiver
 from conftest import write_config
+from test_hostile_config import ANY_VALUE, assert_loads_or_one_line, toml_literal
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 CAMERAS = """
@@ -343,3 +346,28 @@ urls = ["json://127.0.0.1:{free_port()}/apprise"]
     [destination] = registry.configured(config).values()
     answer = asyncio.run(destination.test({"type": "test", "message": "hi"}, "k"))
     assert answer.outcome == "retry" and answer.detail
+
+
+RULE_VALUES = {
+    "name": st.sampled_from(["a", "b", "A!", ""]),
+    "min_severity": st.sampled_from(["low", "high", "urgent"]),
+    "categories": st.lists(st.sampled_from(["fall", "fire_smoke", "cats"]), max_size=2),
+    "cameras": st.lists(st.sampled_from(["gate", "dock-2", "nope"]), max_size=2),
+    "cooldown_seconds": st.floats(min_value=-1, max_value=1e6) | st.integers(-5, 100000),
+    "urls": st.lists(st.sampled_from(["json://127.0.0.1/x", "tgram://t/c", "nourl", ""]), max_size=2),
+    "webhooks": st.lists(st.sampled_from(["http://127.0.0.1/x", "ftp://x", "https://h/\n"]), max_size=2),
+    "webhook_secret": st.text(max_size=8),
+    "webhook_secret_file": st.text(max_size=8),
+}
+
+
+@settings(database=None, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rules=st.lists(st.fixed_dictionaries({}, optional={
+    key: strategy | ANY_VALUE for key, strategy in RULE_VALUES.items()}), max_size=3),
+       max_age=st.none() | ANY_VALUE | st.floats(min_value=-1, max_value=1000))
+def test_fuzz_alert_rules_load_or_are_one_config_error(tmp_path, rules, max_age):
+    body = "[alerts]\n" + (f"max_age_hours = {toml_literal(max_age)}\n" if max_age is not None else "")
+    for rule in rules:
+        body += "[[alerts.rules]]\n" + "".join(f"{k} = {toml_literal(v)}\n" for k, v in rule.items())
+    assert_loads_or_one_line(write_config(tmp_path, body + CAMERAS))
