@@ -371,3 +371,11 @@ def test_fuzz_alert_rules_load_or_are_one_config_error(tmp_path, rules, max_age)
     for rule in rules:
         body += "[[alerts.rules]]\n" + "".join(f"{k} = {toml_literal(v)}\n" for k, v in rule.items())
     assert_loads_or_one_line(write_config(tmp_path, body + CAMERAS))
+
+
+def test_apprise_failure_reason_hides_the_url_pieces():
+    from vlmguard.alerts.apprise_urls import scrub
+
+    url = "tgram://123456:Zq-bot-token/-100200"
+    assert scrub("Failed to send to 123456:Zq-bot-token chat -100200: 401", url) == \
+        "Failed to send to ***:*** chat ***: 401"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ def body(payload: dict[str, Any]) -> str:
     lines.append(f"Snapshot: {payload['snapshot_url']}")
     lines.append(f"Clip: {payload['clip_url']}")
     return "\n".join(lines)
+
+
+def scrub(text: str, url: str) -> str:
+    """Apprise's log lines may quote pieces of the URL (a bot token, a topic, a user);
+    every piece of the URL is masked wherever it shows."""
+    for piece in sorted(re.split(r"[/:@?&=#,]+", url.partition("://")[2]), key=len, reverse=True):
+        if len(piece) >= 4:
+            text = text.replace(piece, "***")
+    return text
 
 
 @register("apprise")
@@ -65,7 +75,7 @@ class AppriseUrl:
         if ok:
             return delivered("sent" + (" with snapshot" if snapshot else ""))
         reason = " ".join(captured.getvalue().split())[-300:] or "Apprise reported a failure"
-        return retry(redact_text(reason))
+        return retry(scrub(redact_text(reason), self.url))
 
     async def send(self, delivery: Any) -> Answer:
         # Apprise's own calls block; a thread keeps the other deliveries moving.
