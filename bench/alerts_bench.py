@@ -2,7 +2,7 @@
 
 Run by hand (the shared Mosquitto on 127.0.0.1:1883 for `latency`; `outage` starts its
 own on a free port):
-    .venv/bin/python bench/alerts_bench.py latency [--incidents 200] [--every 0.1]
+    .venv/bin/python bench/alerts_bench.py latency [--incidents 200] [--every 0.1] [--database URL]
     .venv/bin/python bench/alerts_bench.py outage [--minutes 10] [--outage-minutes 10] [--every 5]
 
 Both run the real notifier process (vlmguard.notifier.main) against a SQLite job table in
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -46,10 +47,12 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SECRET = "bench-secret"
 
 
-def make_config(folder: Path, receiver: Receiver, broker_port: int):
+def make_config(folder: Path, receiver: Receiver, broker_port: int, database: str = ""):
     prefix = "bench" + secrets.token_hex(4)
     path = folder / "config.toml"
     path.write_text(f"""
+[database]
+url = "{database}"
 [storage]
 data_dir = "{folder / 'data'}"
 [mqtt]
@@ -84,6 +87,26 @@ def store_incident(store: JobStore, n: int) -> tuple[int, float]:
     return row["id"], committed
 
 
+@contextmanager
+def own_schema(url: str):
+    """A schema of the bench's own in the given PostgreSQL database, dropped at the end."""
+    import sqlalchemy
+
+    if not url:
+        yield ""
+        return
+    schema = "alerts_bench_" + secrets.token_hex(4)
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
 def percentiles(values: list[float]) -> str:
     ordered = sorted(values)
     q = statistics.quantiles(ordered, n=100, method="inclusive")
@@ -98,8 +121,9 @@ def wait_drained(store: JobStore, timeout: float) -> None:
 
 
 def latency(args) -> None:
-    with tempfile.TemporaryDirectory() as tmp, Receiver(secret=SECRET) as receiver:
-        config = make_config(Path(tmp), receiver, 1883)
+    with tempfile.TemporaryDirectory() as tmp, Receiver(secret=SECRET) as receiver, \
+            own_schema(args.database) as database:
+        config = make_config(Path(tmp), receiver, 1883, database)
         topic = f"{config.mqtt.topic_prefix}/incidents"
         watcher = Subscriber(1883, topic)
         with JobStore.from_config(config) as store:
@@ -159,7 +183,7 @@ def outage(args) -> None:
             proc.start()
             time.sleep(2)
             began = time.time()
-            committed, n, down = {}, 0, False
+            committed, n, down, back_at = {}, 0, False, None
             while time.time() - began < total:
                 elapsed = time.time() - began
                 if not down and down_from <= elapsed < down_to:
@@ -169,6 +193,7 @@ def outage(args) -> None:
                     print(f"{elapsed:6.1f} s: webhook answers 500, broker stopped")
                 if down and elapsed >= down_to:
                     broker.start()
+                    back_at = time.time()
                     down = False
                     print(f"{elapsed:6.1f} s: both back")
                 incident_id, at = store_incident(store, n)
@@ -177,6 +202,7 @@ def outage(args) -> None:
                 time.sleep(max(0.0, began + n * args.every - time.time()))
             if down:
                 broker.start()
+                back_at = time.time()
             recovered = time.time()
             wait_drained(store, 300)
             drained = time.time() - recovered
@@ -201,6 +227,17 @@ def outage(args) -> None:
         print(f"{name}: delivered {len(set(count) & set(committed))}, lost {lost}, duplicates {dups}")
     print(f"webhook duplicates with a different Idempotency-Key: "
           f"{sum(1 for keys in hooks.values() if len(keys) > 1)}")
+    during = {i for i, at in committed.items() if at < (back_at or 0)}
+    hook_first = {}
+    for r in receiver.delivered("/hook"):
+        hook_first.setdefault(r.json["id"], r.at)
+    mqtt_first = {}
+    for _t, p, _r, at in watcher.messages:
+        mqtt_first.setdefault(json.loads(p)["id"], at)
+    for name, first in (("webhook", hook_first), ("mqtt", mqtt_first)):
+        late = [first[i] - back_at for i in during if i in first and first[i] >= back_at]
+        if late:
+            print(f"{name}: backlog of {len(late)} delivered {min(late):.1f}-{max(late):.1f} s after recovery")
     print(f"webhook attempts answered 500: {sum(1 for r in receiver.requests if r.answered == 500)}")
 
 
@@ -210,6 +247,7 @@ def main() -> None:
     one = sub.add_parser("latency")
     one.add_argument("--incidents", type=int, default=200)
     one.add_argument("--every", type=float, default=0.1)
+    one.add_argument("--database", default="", help="a PostgreSQL URL (default: SQLite in a temporary folder)")
     two = sub.add_parser("outage")
     two.add_argument("--minutes", type=float, default=20)
     two.add_argument("--outage-minutes", type=float, default=10)
