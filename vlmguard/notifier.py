@@ -69,6 +69,7 @@ class Notifier:
         self.stopping = False
         self.sent = 0
         self.last_state: dict[str, int] | None = None
+        self.troubled: set[str] = set()  # destinations whose last attempt failed
         self.max_age_seconds = config.alerts.max_age_hours * 3600
 
     def on_signal(self, _signum, _frame) -> None:
@@ -144,7 +145,13 @@ class Notifier:
             self.store.delivered(delivery.id)
             self.sent += 1
             log.info("alert delivered", **fields)
+            if delivery.destination in self.troubled:
+                # It answers again: what waits in backoff for it goes now, not up to a
+                # minute later.
+                self.troubled.discard(delivery.destination)
+                self.store.deliveries_due_now(delivery.destination)
             return
+        self.troubled.add(delivery.destination)
         delay = (retry_delay(delivery.attempts, answer.retry_after)
                  if answer.outcome == "retry" else None)
         status = self.store.delivery_failed(delivery.id, answer.detail, retry_in=delay,
