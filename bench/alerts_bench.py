@@ -227,15 +227,19 @@ def outage(args) -> None:
         print(f"{name}: delivered {len(set(count) & set(committed))}, lost {lost}, duplicates {dups}")
     print(f"webhook duplicates with a different Idempotency-Key: "
           f"{sum(1 for keys in hooks.values() if len(keys) > 1)}")
-    during = {i for i, at in committed.items() if at < (back_at or 0)}
+    # The receiver answers 200 again from began + down_to; the broker restarts at the
+    # first incident after that.
+    receiver_back = receiver.fail_until
     hook_first = {}
     for r in receiver.delivered("/hook"):
         hook_first.setdefault(r.json["id"], r.at)
     mqtt_first = {}
     for _t, p, _r, at in watcher.messages:
         mqtt_first.setdefault(json.loads(p)["id"], at)
-    for name, first in (("webhook", hook_first), ("mqtt", mqtt_first)):
-        late = [first[i] - back_at for i in during if i in first and first[i] >= back_at]
+    for name, first, back in (("webhook", hook_first, receiver_back),
+                              ("mqtt", mqtt_first, back_at)):
+        late = [first[i] - back for i, at in committed.items()
+                if at < back and i in first and first[i] >= back]
         if late:
             print(f"{name}: backlog of {len(late)} delivered {min(late):.1f}-{max(late):.1f} s after recovery")
     print(f"webhook attempts answered 500: {sum(1 for r in receiver.requests if r.answered == 500)}")
