@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vlmguard.alerts import registry
@@ -76,6 +77,10 @@ class Notifier:
         self.stopping = True
 
     async def run(self) -> None:
+        # Plug-ins block in threads (a PUBACK wait, Apprise, its wait for a snapshot): one
+        # per delivery in flight, so a slow kind never queues another behind it.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(MAX_IN_FLIGHT + 4, thread_name_prefix="deliver"))
         for destination in self.destinations.values():
             await destination.start()
         taken_back = self.store.release_deliveries(self.worker_id)
