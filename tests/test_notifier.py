@@ -194,15 +194,35 @@ def own_broker(tmp_path):
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    yield from broker_process(binary, port, conf)
 
+
+@pytest.fixture
+def auth_broker(tmp_path):
+    """A Mosquitto that takes user guard with its password only."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "guard", "Zq-mqtt-pass"],
+                   check=True, capture_output=True)
+    conf = tmp_path / "mosquitto-auth.conf"
+    # Started as root, Mosquitto drops to its own user, who cannot read tmp_path (0700);
+    # "user root" keeps it as it was started (and means nothing when not started as root).
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\nuser root\n"
+                    f"password_file {passwords}\n")
+    yield from broker_process(binary, port, conf)
+
+
+def broker_process(binary, port, conf):
     class Broker:
         def __init__(self):
             self.port = port
             self.proc = None
 
         def start(self):
-            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+            self.log = open(f"{conf}.log", "ab")
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,
+                                         stderr=subprocess.STDOUT)
             deadline = time.time() + 10
             while time.time() < deadline:
                 if subprocess.run(["ss", "-ltn", f"sport = :{port}"], capture_output=True,
@@ -219,6 +239,39 @@ def own_broker(tmp_path):
     yield broker
     if broker.proc.poll() is None:
         broker.stop()
+
+
+def test_broker_password_from_systemd_credential(tmp_path, auth_broker, monkeypatch):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt_password").write_text("Zq-mqtt-pass\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    with Receiver() as receiver:
+        config = notifier_config(tmp_path, receiver, auth_broker.port, rules=False)
+        config.source.write_text(config.source.read_text().replace(
+            "[mqtt]\n", '[mqtt]\nusername = "guard"\n'))
+        config = load_config(config.source)
+        prefix = config.mqtt.topic_prefix
+        proc = start_notifier(config)  # spawn: the child inherits the environment
+        try:
+            # Anonymous clients are refused by this broker: the notifier's "online" is
+            # seen through a subscriber that logs in too.
+            import paho.mqtt.client as paho
+            seen = []
+            client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+            client.username_pw_set("guard", "Zq-mqtt-pass")
+            client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/available", 1)
+            client.on_message = lambda _c, _u, m: seen.append(m.payload)
+            client.connect("127.0.0.1", auth_broker.port)
+            client.loop_start()
+            deadline = time.time() + 20
+            while b"online" not in seen and time.time() < deadline:
+                time.sleep(0.05)
+            client.loop_stop()
+            client.disconnect()
+        finally:
+            stop(proc)
+    assert b"online" in seen
 
 
 def test_broker_outage_loses_nothing(tmp_path, own_broker):

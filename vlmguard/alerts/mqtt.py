@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import threading
@@ -30,8 +31,18 @@ PUBACK_SECONDS = 10.0
 NODE_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
 
+CREDENTIAL = "mqtt_password"
+
+
 def password(path: str) -> str | None:
-    return Path(path).read_text().strip() if path else None
+    """From password_file, else systemd's credential $CREDENTIALS_DIRECTORY/mqtt_password
+    (LoadCredential=), else none."""
+    if path:
+        return Path(path).read_text().strip()
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL).is_file():
+        return (Path(credentials) / CREDENTIAL).read_text().strip()
+    return None
 
 
 def node_id(prefix: str, camera_id: str) -> str:
