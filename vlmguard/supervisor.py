@@ -401,10 +401,13 @@ class Supervisor:
             if self.store is None:
                 self.store = JobStore.from_config(self.config, create=False)
             pending = sum(s["pending"] for s in self.store.counts().values())
+            alerts = (sum(d["pending"] for d in self.store.delivery_counts().values())
+                      if notifier_count(self.config) else None)
         except Exception:  # the status line must not take the supervisor down
-            pending = "?"
+            pending = alerts = "?"
         return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
-                f"analyzers busy {busy}/{self.config.analysis.workers}")
+                f"analyzers busy {busy}/{self.config.analysis.workers}"
+                + (f", alerts pending {alerts}" if alerts is not None else ""))
 
     def close_store(self) -> None:
         if self.store is not None:
