@@ -120,7 +120,9 @@ class Notifier:
         """Until a commit (an analyzer's incident), a retry falls due, or a second passes."""
         wait = IDLE_WAIT if due is None else min(IDLE_WAIT, due)
         if wait <= 0:
-            await asyncio.sleep(0.05 if self.in_flight else 0)
+            # Due, yet nothing was claimed: another notifier holds those rows (PostgreSQL's
+            # SKIP LOCKED) for a moment, or this one is full. Never spin.
+            await asyncio.sleep(0.05)
             return
         if self.in_flight:
             # Tasks are running on this loop: wait without blocking it.
