@@ -396,7 +396,7 @@ def test_database_from_schema_version_1_is_upgraded(db_url):
             "'2026-01-01 00:10:01')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         job = store.claim("w")
         assert job.camera_id == "old" and job.analysis_seconds is None
         assert job.kind == "archive" and job.priority == 0 and job.first_frame_at == job.segment_start
@@ -421,7 +421,7 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 12.5)")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         [old] = store.list_jobs()
         assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
         register(store)
@@ -456,7 +456,7 @@ def test_database_from_schema_version_3_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 'gemini-3.8-flash')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         [old] = store.list_jobs()
         assert (old.total_tokens, old.model_version, old.provider, old.model) == \
             (500, "gemini-3.8-flash", None, None)

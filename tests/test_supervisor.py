@@ -283,3 +283,24 @@ def test_systemd_unit_is_hardened_and_valid(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", str(installed)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def test_role_table_orders_start_and_stop_and_adds_the_notifier_when_alerting(tmp_path):
+    from conftest import write_config
+    from vlmguard import notifier
+    from vlmguard.config import load_config
+    from vlmguard.supervisor import ROLES, plan_children
+
+    camera = '[[cameras]]\nid = "a"\nurl = "lavfi:testsrc2"\n'
+    plain = load_config(write_config(tmp_path, "[analysis]\nworkers = 2\n" + camera))
+    assert [c.name for c in plan_children(plain)] == ["archiver", "streamer", "analyzer-0",
+                                                      "analyzer-1"]
+    alerting = load_config(write_config(tmp_path, '[mqtt]\nhost = "127.0.0.1"\n' + camera))
+    children = plan_children(alerting)
+    assert [c.name for c in children] == ["archiver", "streamer", "notifier", "analyzer-0",
+                                          "analyzer-1"]
+    assert children[2].role.entry is notifier.main
+    assert children[2].hang_seconds == alerting.daemon.hang_seconds
+    # Analyzers first (they make incidents), the notifier next (it sends them).
+    assert [r.name for r in sorted(ROLES, key=lambda r: r.stop_order)] == [
+        "analyzer", "notifier", "streamer", "archiver"]

@@ -242,5 +242,39 @@ def incidents(config_path, camera_id, since, severity, limit, as_json):
                        f"  (job {row['job_id']})")
 
 
+@main.group()
+def alerts():
+    """Alert destinations (MQTT, webhooks, Apprise URLs)."""
+
+
+@alerts.command("test")
+@config_option
+@click.option("--rule", metavar="NAME", help="Only this rule's destinations (MQTT is not a rule's).")
+@reports_errors
+def alerts_test(config_path, rule):
+    """Send a test message to every destination now and print what each answered.
+
+    Exit status 0 when every destination took it, 1 when one did not.
+    """
+    import asyncio
+
+    from vlmguard.notifier import send_tests
+
+    config = load_config(config_path)
+    # Each destination's answer is printed below; the plug-ins' own log lines would only
+    # repeat it in between.
+    configure_logging("cli", level="CRITICAL")
+    if rule is not None and rule not in [r.name for r in config.alerts.rules]:
+        raise VlmguardError(f"no rule {rule!r} (configured: "
+                            f"{', '.join(r.name for r in config.alerts.rules) or 'none'})")
+    results = asyncio.run(send_tests(config, rule))
+    if not results:
+        raise VlmguardError("no alert destinations configured ([mqtt] host or [[alerts.rules]])")
+    for name, label, answer in results:
+        verdict = "ok" if answer.delivered else answer.outcome.upper()
+        click.echo(f"{name:<28} {label:<40} {verdict}  {answer.detail}")
+    sys.exit(0 if all(answer.delivered for _, _, answer in results) else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import ConfigError
-from vlmguard.redact import mask_url  # noqa: F401  (one redaction, re-exported)
+from vlmguard.redact import mask_path, mask_url  # noqa: F401  (one redaction, re-exported)
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -47,6 +47,8 @@ class ServerConfig:
     max_connections: int = opt(256, lo=8, hi=100000)
     header_timeout_seconds: float = opt(10.0, lo=1, hi=300)
     idle_timeout_seconds: float = opt(30.0, lo=1, hi=3600)
+    # How people and systems outside reach this server (alert links); empty: http://host:port.
+    public_url: str = opt("")
 
     @property
     def is_loopback(self) -> bool:
@@ -112,6 +114,46 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    host: str = opt("")  # empty: MQTT off
+    port: int = opt(1883, lo=1, hi=65535)
+    username: str = opt("")
+    password_file: str = opt("")
+    tls: bool = opt(False)
+    topic_prefix: str = opt("vlmguard")
+    discovery_prefix: str = opt("homeassistant")  # empty: no Home Assistant discovery
+    keepalive_seconds: int = opt(30, lo=5, hi=3600)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str = opt()
+    min_severity: str = opt("high", choices=("low", "medium", "high", "critical"))
+    categories: tuple[str, ...] = opt(())  # empty: every category
+    cameras: tuple[str, ...] = opt(())  # empty: every camera
+    cooldown_seconds: float = opt(300.0, lo=0, hi=86400)
+    urls: tuple[str, ...] = opt((), secret=True)  # Apprise URLs
+    webhooks: tuple[str, ...] = opt((), secret=True)
+    webhook_secret: str = opt("", secret=True)
+    webhook_secret_file: str = opt("")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    # A delivery still failing this long after its incident is given up (failed, counted).
+    max_age_hours: float = opt(24.0, lo=0.01, hi=720)
+    rules: tuple[AlertRule, ...] = field(default=(), metadata={"internal": True})
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     id: str = opt()
     url: str = opt(secret=True)
@@ -131,6 +173,17 @@ class Config:
     cameras: tuple[CameraConfig, ...]
     # Every configured provider (vlmguard.vlm.ProviderSettings of its kind), by name.
     providers: tuple[Any, ...] = ()
+    mqtt: MqttConfig = MqttConfig()
+    alerts: AlertsConfig = AlertsConfig()
+
+    @property
+    def public_url(self) -> str:
+        """The base of links in alerts, without a trailing slash."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -165,6 +218,7 @@ SECTIONS = {
     "database": DatabaseConfig,
     "analysis": AnalysisConfig,
     "daemon": DaemonConfig,
+    "mqtt": MqttConfig,
 }
 
 
@@ -217,7 +271,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     from vlmguard.vlm import registry
 
     where = str(path)
-    unknown = sorted(set(raw) - set(SECTIONS) - {"cameras", "providers"}
+    unknown = sorted(set(raw) - set(SECTIONS) - {"cameras", "providers", "alerts"}
                      - set(registry.legacy_sections()))
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]}: unknown key")
@@ -235,8 +289,10 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     sections = {name: build(cls, section(raw, name, where), name, where)
                 for name, cls in SECTIONS.items()}
     cameras = parse_cameras(raw.get("cameras", []), where)
-    config = Config(source=path, cameras=cameras, providers=providers, **sections)
+    alerts = parse_alerts(section(raw, "alerts", where), where, cameras)
+    config = Config(source=path, cameras=cameras, providers=providers, alerts=alerts, **sections)
     check_provider_names(config, where)
+    check_mqtt(config.mqtt, where)
     check_database_url(config.database.url, where)
     check_data_dir(config, where)
     check_window(config, where)
@@ -333,6 +389,61 @@ def parse_cameras(raw: Any, where: str) -> tuple[CameraConfig, ...]:
     return tuple(cameras)
 
 
+def check_mqtt(mqtt: MqttConfig, where: str) -> None:
+    """Topic prefixes become topic levels: MQTT's wildcards and empty levels are refused."""
+    for key in ("topic_prefix", "discovery_prefix"):
+        value = getattr(mqtt, key)
+        if (key == "topic_prefix" and not value) or any(c in value for c in "+#") \
+                or value.startswith("/") or value.endswith("/") or "//" in value \
+                or not value.isprintable():
+            raise ConfigError(f"{where}: mqtt.{key}: must be a topic without + # or empty "
+                              f"levels, got {value!r}")
+
+
+def parse_alerts(table: dict[str, Any], where: str,
+                 cameras: tuple[CameraConfig, ...]) -> AlertsConfig:
+    """[alerts] (max_age_hours) and its [[alerts.rules]]."""
+    from vlmguard.vlm import CATEGORIES
+
+    settings = build(AlertsConfig, {k: v for k, v in table.items() if k != "rules"}, "alerts", where)
+    raw_rules = table.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{where}: alerts.rules: must be an array of tables ([[alerts.rules]])")
+    rules: list[AlertRule] = []
+    known_cameras = {c.id for c in cameras}
+    for index, item in enumerate(raw_rules):
+        key = f"alerts.rules[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: {key}: must be a table")
+        rule = build(AlertRule, item, key, where)
+        if not CAMERA_ID.fullmatch(rule.name):
+            raise ConfigError(f"{where}: {key}.name: must match [a-z0-9_-]{{1,50}}, got {rule.name!r}")
+        if any(r.name == rule.name for r in rules):
+            raise ConfigError(f"{where}: {key}.name: duplicate rule name {rule.name!r}")
+        for n, category in enumerate(rule.categories):
+            if category not in CATEGORIES:
+                raise ConfigError(f"{where}: {key}.categories[{n}]: must be one of "
+                                  f"{', '.join(CATEGORIES)}, got {category!r}")
+        for n, camera in enumerate(rule.cameras):
+            if camera not in known_cameras:
+                raise ConfigError(f"{where}: {key}.cameras[{n}]: no camera {camera!r}")
+        for n, url in enumerate(rule.webhooks):
+            if not url.startswith(("http://", "https://")) or not url.isprintable():
+                raise ConfigError(f"{where}: {key}.webhooks[{n}]: must be an http:// or "
+                                  "https:// URL")
+        for n, url in enumerate(rule.urls):
+            if "://" not in url or not url.isprintable():
+                raise ConfigError(f"{where}: {key}.urls[{n}]: must be an Apprise URL "
+                                  "(scheme://...)")
+        if rule.webhook_secret and rule.webhook_secret_file:
+            raise ConfigError(f"{where}: {key}.webhook_secret_file: set webhook_secret or "
+                              "webhook_secret_file, not both")
+        if not rule.urls and not rule.webhooks:
+            raise ConfigError(f"{where}: {key}: needs urls or webhooks (a destination)")
+        rules.append(rule)
+    return dataclasses.replace(settings, rules=tuple(rules))
+
+
 def check_database_url(url: str, where: str) -> None:
     if url and not url.startswith(("sqlite:///", "postgresql")):
         raise ConfigError(f"{where}: database.url: must start with sqlite:/// or postgresql+psycopg://")
@@ -359,6 +470,10 @@ def check_value(value: Any, spec: dataclasses.Field, label: str) -> Any:
     if spec.type in LIST_TYPES:
         return check_list(value, spec, label)
     accepted, noun = TYPES[spec.type]
+    if spec.type == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
+        return value
     # TOML booleans are ints to Python; a bool is never a number in this file.
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ConfigError(f"{label}: must be {noun}, got {toml_type(value)}")
@@ -387,7 +502,8 @@ def check_list(value: Any, spec: dataclasses.Field, label: str) -> tuple[Any, ..
     return tuple(check_value(element, item, f"{label}[{n}]") for n, element in enumerate(value))
 
 
-TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
+TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+         "bool": (bool, "a boolean (true or false)")}
 # Array keys: the element type, checked as above, and the noun for the whole.
 LIST_TYPES = {"tuple[str, ...]": ("str", "an array of strings")}
 
@@ -404,6 +520,8 @@ def masked(config: Config) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            if f.metadata.get("internal"):
+                continue
             value = list(value) if isinstance(value, tuple) else value
             out[f.name] = mask(value) if f.metadata.get("secret") and value else value
         return out
@@ -417,6 +535,12 @@ def masked(config: Config) -> dict[str, Any]:
         out["base_url"] = mask_url(out["base_url"]) if out["base_url"] else ""
     data["storage"]["data_dir"] = str(config.data_dir)
     data["database"]["url"] = mask_url(config.database_url)
+    data["alerts"] = {"max_age_hours": config.alerts.max_age_hours,
+                      "rules": [table(r) for r in config.alerts.rules]}
+    for rule, out in zip(config.alerts.rules, data["alerts"]["rules"]):
+        # Apprise URLs carry their tokens in the path (tgram://TOKEN/CHAT): only the scheme shows.
+        out["urls"] = [url.partition("://")[0] + "://***" for url in rule.urls]
+        out["webhooks"] = [mask_path(url) for url in rule.webhooks]
     data["cameras"] = [table(c) for c in config.cameras]
     for camera, out in zip(config.cameras, data["cameras"]):
         out["url"] = mask_url(camera.url)

@@ -9,7 +9,6 @@ systemd STATUS line; losing one of those writes is harmless.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -115,7 +114,7 @@ def name_process(name: str) -> None:
         pass  # not Linux: the name is only a convenience
 
 
-def child_entry(target: str, *args: Any, lifeline: int | None = None) -> None:
+def child_entry(entry: Any, *args: Any, lifeline: int | None = None) -> None:
     """First code in every supervised child: fresh signal dispositions, then its main.
 
     SIGINT is ignored so that Ctrl-C on a terminal reaches only the supervisor, which
@@ -130,9 +129,8 @@ def child_entry(target: str, *args: Any, lifeline: int | None = None) -> None:
         signal.signal(signum, signal.SIG_DFL)
     name_process(multiprocessing.current_process().name)
     stop_when_parent_dies(lifeline)
-    module, _, function = target.partition(":")
     try:
-        getattr(importlib.import_module(module), function)(*args)
+        entry(*args)
     except VlmguardError as exc:
         # A problem a person must fix (a database from a newer vlmguard, say): one line.
         get_logger("vlmguard").error("cannot run", error=str(exc))

@@ -75,3 +75,13 @@ def redact_value(value):
     if isinstance(value, (list, tuple)):
         return type(value)(redact_value(item) for item in value)
     return value
+
+
+def mask_path(url: str) -> str:
+    """scheme://host/*** for URLs whose path may itself be the secret (webhook URLs such as
+    https://hooks.slack.com/services/T00/B00/TOKEN, Apprise URLs)."""
+    scheme, sep, rest = mask_url(url).partition("://")
+    if not sep:
+        return MASK
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    return f"{scheme}://{authority}/{MASK}"

@@ -77,6 +77,7 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "tokens": {"today": {}, "last_24h": {}},
         "analysis": {"paused": [], "providers": {}},
         "ram": ram_report(config, states.get("archiver", {})),
+        "alerts": {},
     }
     try:
         opened = store or JobStore.from_config(config, create=False)
@@ -116,10 +117,17 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
     for camera in report["cameras"]:
         camera["analysis_lag_s"] = round(lags.get(camera["id"], 0.0), 1)
         camera["windows_merged"] = merged.get(camera["id"], 0)
+    report["alerts"] = alerts_report(store)
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
                         "last_24h": store.token_usage(now - timedelta(hours=24))}
+
+
+def alerts_report(store: JobStore) -> dict[str, dict[str, Any]]:
+    """Per alert destination: pending, delivered, failed, suppressed and the last error."""
+    return {name: counts | {"last_error_at": iso(counts["last_error_at"])}
+            for name, counts in sorted(store.delivery_counts().items())}
 
 
 def provider_report(store: JobStore) -> dict[str, dict[str, Any]]:
@@ -238,6 +246,11 @@ def problems(report: dict[str, Any]) -> list[str]:
               if f["completed_at"] and datetime.fromisoformat(f["completed_at"]) >= day_ago]
     if recent:
         found.append(f"{len(recent)} job(s) failed in the last 24 h")
+    failing = [name for name, d in report.get("alerts", {}).items()
+               if d["failed"] and d["last_error_at"]
+               and datetime.fromisoformat(d["last_error_at"]) >= utcnow() - timedelta(hours=24)]
+    if failing:
+        found.append(f"alert deliveries failed in the last 24 h: {', '.join(failing)}")
     archives = report["archives"]
     if archives["disk_free_bytes"] is not None and archives["disk_free_bytes"] < archives["min_free_bytes"]:
         found.append("disk below min_free_gb")
@@ -327,6 +340,10 @@ def render_status(report: dict[str, Any]) -> str:
         error = f"  last error: {p['last_error']}" if p["failed"] and p["last_error"] else ""
         lines.append(f"provider  {name}: answered {p['answered']}, failed {p['failed']}"
                      f"{paused}{error}")
+    for name, d in report.get("alerts", {}).items():
+        error = f"  last error: {d['last_error']}" if d["last_error"] else ""
+        lines.append(f"alerts    {name}: pending {d['pending']}, delivered {d['delivered']}, "
+                     f"failed {d['failed']}, suppressed {d['suppressed']}{error}")
     if report["workers"]:
         lines.append("analyzers")
         for worker in report["workers"]:

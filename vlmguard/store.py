@@ -32,7 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATES = ("pending", "processing", "completed", "failed")
 # What a job covers: a whole archive file (window_seconds = 0), one live window, windows
 # merged because analysis lagged, or footage found unanalysed (catch-up, after live work).
@@ -148,6 +148,39 @@ pauses = Table(
     Column("last_error_at", UTCDateTime),
 )
 
+# -- alerts outbox (issue 14, schema step 6) ---------------------------------------------
+# One row per (incident or analysed window, destination), written in the transaction that
+# stores the incident: the notifier sends each at least once (the transactional outbox).
+DELIVERY_STATES = ("pending", "delivered", "failed", "suppressed")
+deliveries = Table(
+    "alert_deliveries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # The Idempotency-Key: random, so two databases (or a reset one) never reuse one.
+    Column("key", String(32), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # incident, safety_score
+    Column("destination", String(120), nullable=False),
+    Column("rule", String(50)),
+    Column("camera_id", String(50), nullable=False),
+    Column("category", String(100)),
+    Column("incident_id", Integer, ForeignKey("incidents.id", ondelete="CASCADE")),
+    Column("job_id", Integer, ForeignKey("analysis_jobs.id", ondelete="CASCADE")),
+    Column("incident_at", UTCDateTime),
+    Column("status", String(16), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("claimed_by", String(100)),
+    Column("delivered_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("last_error_at", UTCDateTime),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed', 'suppressed')",
+                    name="ck_deliveries_status"),
+    Index("ix_deliveries_status_due", "status", "next_attempt_at"),
+    Index("ix_deliveries_incident", "incident_id"),
+    Index("ix_deliveries_cooldown", "rule", "camera_id", "category", "incident_at"),
+)
+
 meta_table = Table(
     "vlmguard_meta", metadata,
     Column("key", String(50), primary_key=True),
@@ -172,6 +205,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE analysis_jobs ADD COLUMN windows INTEGER NOT NULL DEFAULT 1",
         "CREATE INDEX IF NOT EXISTS ix_jobs_status_priority_run_after "
         "ON analysis_jobs (status, priority, run_after)"),
+    # 6: alert_deliveries is new; create_all makes it.
+    6: (),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
@@ -269,6 +304,28 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """One outbox row as the notifier sees it."""
+
+    id: int
+    key: str
+    kind: str
+    destination: str
+    rule: str | None
+    camera_id: str
+    incident_id: int | None
+    job_id: int | None
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Delivery":
+        mapping = row._mapping
+        return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class Pause:
     """A provider's shared state: paused (reason set) and/or rate-limited until not_before."""
 
@@ -302,8 +359,12 @@ class JobStore:
     """The analysis job queue and its results, on SQLite or PostgreSQL."""
 
     def __init__(self, url: str, *, lease_seconds: float = 60, retry_backoff: float = 10.0,
-                 poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal"):
+                 poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal",
+                 alerts: Any = None):
         self.url = url
+        # The alerts routing (vlmguard.alerts.plan.AlertPlan): which deliveries complete()
+        # writes with a job's incidents. None: none.
+        self.alerts = alerts
         self.lease_seconds = lease_seconds
         self.retry_backoff = retry_backoff
         self.poll_seconds = poll_seconds
@@ -328,10 +389,13 @@ class JobStore:
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "JobStore":
+        from vlmguard.alerts.plan import AlertPlan
+
         return cls(config.database_url, lease_seconds=config.analysis.lease_seconds,
                    retry_backoff=config.analysis.retry_backoff_seconds,
                    poll_seconds=config.analysis.poll_seconds,
-                   synchronous=config.database.sqlite_synchronous, **kwargs)
+                   synchronous=config.database.sqlite_synchronous,
+                   alerts=AlertPlan(config), **kwargs)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -456,6 +520,7 @@ class JobStore:
                      "end_at": i.end_at, "category": i.category, "severity": i.severity,
                      "description": i.description, "confidence": i.confidence}
                     for i in fresh])
+            self._enqueue_deliveries(conn, job, outcome)
 
     def _extend_incident(self, conn: Connection, job: Job, incident: IncidentRecord,
                          within: float | None) -> bool:
@@ -615,6 +680,184 @@ class JobStore:
             rows = conn.execute(select(pauses).where(pauses.c.reason.is_not(None))
                                 .order_by(pauses.c.provider))
             return [Pause(**row._mapping) for row in rows]
+
+    # -- alerts outbox (issue 14) ---------------------------------------------------------
+
+    def _enqueue_deliveries(self, conn: Connection, job: Job, outcome: Outcome) -> None:
+        """Inside complete()'s transaction: a delivery per (new incident, destination) and
+        per (window, score destination). An incident that already has deliveries (one
+        extended by a later window keeps its id) gets none again."""
+        plan = self.alerts
+        if plan is None or not plan.enabled:
+            return
+        now = utcnow()
+        summary = (outcome.result or {}).get("summary") if isinstance(outcome.result, dict) else None
+        rows = [self._delivery_values(now, kind="safety_score", destination=d, rule=None,
+                                      camera_id=job.camera_id, job_id=job.id, status="pending",
+                                      payload=plan.score_payload(job, outcome.safety_score, summary))
+                for d in plan.score_destinations(job.camera_id)]
+        made = len(rows)
+        if rows:
+            conn.execute(deliveries.insert(), rows)
+        alerted = select(deliveries.c.id).where(deliveries.c.incident_id == incidents.c.id)
+        fresh = conn.execute(select(incidents).where(incidents.c.job_id == job.id,
+                                                     ~alerted.exists())
+                             .order_by(incidents.c.id)).all()
+        for found in fresh:
+            incident = dict(found._mapping)
+            payload = plan.incident_payload(incident, job, outcome.safety_score, summary)
+            for route in plan.incident_routes(job.camera_id, incident["category"],
+                                              incident["severity"]):
+                cooling = self._cooling(conn, route, job.camera_id, incident)
+                # One row at a time: the next incident's cooldown check must see this one.
+                conn.execute(deliveries.insert(), self._delivery_values(
+                    now, kind="incident", destination=route.destination, rule=route.rule,
+                    camera_id=job.camera_id, job_id=job.id, incident_id=incident["id"],
+                    category=incident["category"], incident_at=incident["start_at"],
+                    status="suppressed" if cooling else "pending", payload=payload,
+                    last_error=f"cooldown: {cooling}" if cooling else None))
+                made += 1
+        if made:
+            self.notify(conn)
+
+    @staticmethod
+    def _delivery_values(now: datetime, **values: Any) -> dict[str, Any]:
+        return dict(key=secrets.token_hex(16), attempts=0, created_at=now, next_attempt_at=now,
+                    **values)
+
+    def _cooling(self, conn: Connection, route: Any, camera_id: str,
+                 incident: dict[str, Any]) -> str | None:
+        """Why this route is in its cooldown (the earlier incident that was sent), or None."""
+        if not route.cooldown_seconds or route.rule is None:
+            return None
+        window = timedelta(seconds=route.cooldown_seconds)
+        start = incident["start_at"]
+        earlier = conn.execute(
+            select(deliveries.c.incident_id, deliveries.c.incident_at)
+            .where(deliveries.c.rule == route.rule, deliveries.c.destination == route.destination,
+                   deliveries.c.camera_id == camera_id,
+                   deliveries.c.category == incident["category"],
+                   deliveries.c.status != "suppressed",
+                   deliveries.c.incident_at > start - window,
+                   deliveries.c.incident_at < start + window)
+            .order_by(deliveries.c.incident_at.desc()).limit(1)).first()
+        if earlier is None:
+            return None
+        return (f"incident {earlier.incident_id} of the same rule, camera and category "
+                f"within {route.cooldown_seconds:g} s")
+
+    def claim_deliveries(self, worker_id: str, limit: int, lease_seconds: float,
+                         destinations: Sequence[str] | None = None) -> list[Delivery]:
+        """Take due pending deliveries for lease_seconds (another notifier skips them;
+        one that dies leaves them due again when the lease runs out)."""
+        now = utcnow()
+        due = (select(deliveries.c.id)
+               .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now)
+               .order_by(deliveries.c.id).limit(limit).with_for_update(skip_locked=True))
+        if destinations is not None:
+            due = due.where(deliveries.c.destination.in_(destinations))
+        with self.write() as conn:
+            ids = list(conn.execute(due).scalars())
+            if not ids:
+                return []
+            conn.execute(update(deliveries).where(deliveries.c.id.in_(ids))
+                         .values(claimed_by=worker_id,
+                                 next_attempt_at=now + timedelta(seconds=lease_seconds)))
+            rows = conn.execute(select(deliveries).where(deliveries.c.id.in_(ids))
+                                .order_by(deliveries.c.id)).all()
+        return [Delivery.from_row(row) for row in rows]
+
+    def release_deliveries(self, worker_id: str) -> int:
+        """A restarted notifier takes back what its previous life had claimed, at once."""
+        with self.write() as conn:
+            return conn.execute(update(deliveries)
+                                .where(deliveries.c.status == "pending",
+                                       deliveries.c.claimed_by == worker_id)
+                                .values(claimed_by=None, next_attempt_at=utcnow())).rowcount
+
+    def deliveries_due_now(self, destination: str) -> int:
+        """A destination is back (the broker reconnected): its waiting retries go now."""
+        with self.write() as conn:
+            return conn.execute(update(deliveries)
+                                .where(deliveries.c.status == "pending",
+                                       deliveries.c.destination == destination,
+                                       deliveries.c.claimed_by.is_(None))
+                                .values(next_attempt_at=utcnow())).rowcount
+
+    def delivered(self, delivery_id: int) -> None:
+        with self.write() as conn:
+            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id)
+                         .values(status="delivered", delivered_at=utcnow(), claimed_by=None,
+                                 attempts=deliveries.c.attempts + 1))
+
+    def delivery_failed(self, delivery_id: int, error: str, *, retry_in: float | None,
+                        max_age_seconds: float) -> str:
+        """Record a failed attempt: pending again after retry_in seconds, or failed for
+        good (retry_in None, or the delivery is older than max_age_seconds). Returns the
+        new status."""
+        now = utcnow()
+        with self.write() as conn:
+            created = conn.execute(select(deliveries.c.created_at)
+                                   .where(deliveries.c.id == delivery_id)).scalar()
+            if created is None:
+                return "failed"
+            too_old = (now - created).total_seconds() >= max_age_seconds
+            if retry_in is None or too_old:
+                status, values = "failed", dict(next_attempt_at=now)
+                if too_old and retry_in is not None:
+                    error = f"gave up after {max_age_seconds / 3600:g} h: {error}"
+            else:
+                status, values = "pending", dict(next_attempt_at=now + timedelta(seconds=retry_in))
+            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id)
+                         .values(status=status, claimed_by=None, last_error=error[:2000],
+                                 last_error_at=now, attempts=deliveries.c.attempts + 1,
+                                 **values))
+        return status
+
+    def seconds_until_delivery_due(self) -> float | None:
+        with self.read() as conn:
+            due = conn.execute(select(func.min(deliveries.c.next_attempt_at))
+                               .where(deliveries.c.status == "pending")).scalar()
+        if due is None:
+            return None
+        return max((due - utcnow()).total_seconds(), 0.0)
+
+    def delivery_counts(self) -> dict[str, dict[str, Any]]:
+        """{destination: {pending, delivered, failed, suppressed, last_error, last_error_at}}."""
+        out: dict[str, dict[str, Any]] = {}
+        query = select(deliveries.c.destination, deliveries.c.status,
+                       func.count()).group_by(deliveries.c.destination, deliveries.c.status)
+        with self.read() as conn:
+            for destination, status, n in conn.execute(query):
+                entry = out.setdefault(destination, dict.fromkeys(DELIVERY_STATES, 0)
+                                       | {"last_error": None, "last_error_at": None})
+                entry[status] = int(n)
+            latest = (select(deliveries.c.destination, func.max(deliveries.c.last_error_at)
+                             .label("at"))
+                      .where(deliveries.c.last_error_at.is_not(None),
+                             deliveries.c.status != "suppressed")
+                      .group_by(deliveries.c.destination).subquery())
+            errors = conn.execute(
+                select(deliveries.c.destination, deliveries.c.last_error,
+                       deliveries.c.last_error_at)
+                .join(latest, (latest.c.destination == deliveries.c.destination)
+                      & (latest.c.at == deliveries.c.last_error_at)))
+            for destination, error, at in errors:
+                if destination in out:
+                    out[destination].update(last_error=error, last_error_at=at)
+        return out
+
+    def list_deliveries(self, *, incident_id: int | None = None,
+                        statuses: Sequence[str] = ()) -> list[dict[str, Any]]:
+        query = select(deliveries).order_by(deliveries.c.id)
+        if incident_id is not None:
+            query = query.where(deliveries.c.incident_id == incident_id)
+        if statuses:
+            query = query.where(deliveries.c.status.in_(statuses))
+        with self.read() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # -- (end of the alerts outbox) ------------------------------------------------------
 
     def _owned_update(self, conn: Connection, job: Job, **values: Any) -> None:
         params = {"b_id": job.id, "b_token": job.lease_token, **values}

@@ -27,8 +27,9 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from vlmguard import analyzer, archiver, notifier, streamer
 from vlmguard.config import Config, check_server_settings, load_config, port_problem
 from vlmguard.errors import ConfigError, StartupError, VlmguardError
 from vlmguard.ffmpeg import ffmpeg_binary
@@ -40,10 +41,10 @@ from vlmguard.vlm import registry
 log = get_logger("vlmguard.supervisor")
 
 START_METHOD = "fork"
-# Imported by the supervisor before the first fork so that the children share their pages;
-# google.genai is the analyzers' alone, but sharing it costs the others nothing.
-CHILD_MODULES = ("vlmguard.archiver", "vlmguard.streamer", "vlmguard.analyzer",
-                 "google.genai", "google.genai.types")
+# Imported by the supervisor before the first fork so that the children share their pages
+# (the children's own modules are imported above, for the role table); google.genai is the
+# analyzers' alone, but sharing it costs the others nothing.
+CHILD_MODULES = ("google.genai", "google.genai.types")
 # glibc malloc settings, as (mallopt parameter number, environment variable, value).
 MALLOC_SETTINGS = (
     # Two arenas per process rather than one per thread.
@@ -56,12 +57,74 @@ FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 60.0, 60.0
 STATUS_EVERY = 5.0
 
 
+@dataclass(frozen=True)
+class Role:
+    """One kind of child: how many the config wants, how to start one, how long it may be
+    silent before it counts as hung, and when it stops (lower stop_order stops first;
+    roles start in the reverse order)."""
+
+    name: str
+    entry: Callable[..., None]
+    count: Callable[[Config], int]
+    args: Callable[[Config, int], tuple]
+    hang_seconds: Callable[[Config], float]
+    stop_order: int
+
+    def child_name(self, config: Config, index: int) -> str:
+        # A role of which there may be several numbers its children (analyzer-0 ...).
+        return f"{self.name}-{index}" if self.name == "analyzer" else self.name
+
+
+def one(_config: Config) -> int:
+    return 1
+
+
+def config_only(config: Config, _index: int) -> tuple:
+    return (config,)
+
+
+def config_and_index(config: Config, index: int) -> tuple:
+    return (config, index)
+
+
+def daemon_hang(config: Config) -> float:
+    return config.daemon.hang_seconds
+
+
+def analyzer_hang(config: Config) -> float:
+    """An analyzer's main thread may sit in one API call for up to the request timeout,
+    once per provider when each fails in turn."""
+    return config.daemon.hang_seconds + sum(registry.longest_wait_seconds(p)
+                                            for p in config.providers)
+
+
+def analyzer_count(config: Config) -> int:
+    return config.analysis.workers
+
+
+def notifier_count(config: Config) -> int:
+    """The notifier runs when there is somewhere to send alerts."""
+    return int(config.mqtt.enabled or config.alerts.enabled)
+
+
+# The role table the supervisor reads: start in ascending stop_order reversed (archiver
+# first, so every closed archive is registered), stop analyzers first (they make the
+# incidents), then the notifier (which sends what they made), then the streamer (which
+# closes the open archive), then the archiver (which registers it on the way out).
+ROLES = (
+    Role("analyzer", analyzer.main, analyzer_count, config_and_index, analyzer_hang, 0),
+    Role("notifier", notifier.main, notifier_count, config_only, daemon_hang, 1),
+    Role("streamer", streamer.main, one, config_only, daemon_hang, 2),
+    Role("archiver", archiver.main, one, config_only, daemon_hang, 3),
+)
+
+
 @dataclass
 class Child:
     """One supervised slot: its role, how to start it, and its restart history."""
 
     name: str
-    target: str  # "module:function", imported in the child only
+    role: Role
     args: tuple
     hang_seconds: float
     process: Any = None
@@ -75,6 +138,14 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.exitcode is None
+
+
+def plan_children(config: Config) -> list[Child]:
+    """The children the role table asks for, in start order (the reverse of stopping)."""
+    return [Child(role.child_name(config, i), role, role.args(config, i),
+                  role.hang_seconds(config))
+            for role in sorted(ROLES, key=lambda r: -r.stop_order)
+            for i in range(role.count(config))]
 
 
 class Notifier:
@@ -124,16 +195,7 @@ class Supervisor:
         os.register_at_fork(after_in_child=self.close_in_child)
 
     def plan(self, config: Config) -> list[Child]:
-        """Start order: archiver, streamer, analyzers; stopping goes the other way."""
-        hang = config.daemon.hang_seconds
-        children = [Child("archiver", "vlmguard.archiver:main", (config,), hang),
-                    Child("streamer", "vlmguard.streamer:main", (config,), hang)]
-        # An analyzer's main thread may sit in one API call for up to the request timeout,
-        # once per provider when each fails in turn.
-        analyzer_hang = hang + sum(registry.longest_wait_seconds(p) for p in config.providers)
-        children += [Child(f"analyzer-{i}", "vlmguard.analyzer:main", (config, i), analyzer_hang)
-                     for i in range(config.analysis.workers)]
-        return children
+        return plan_children(config)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -209,7 +271,7 @@ class Supervisor:
     def spawn(self, child: Child) -> None:
         child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
         child.process = self.context.Process(target=child_entry, name=child.name,
-                                             args=(child.target, *child.args, child.beat),
+                                             args=(child.role.entry, *child.args, child.beat),
                                              kwargs={"lifeline": self.lifeline[0]})
         self.close_store()
         settle_memory()
@@ -262,11 +324,11 @@ class Supervisor:
         log.info("vlmguard stopped")
 
     def stop_children(self, children: list[Child]) -> None:
-        """Analyzers, then the streamer, then the archiver; each group gets the stop
-        timeout, then whatever is left of it is killed."""
+        """Role by role in the table's stop order; each group gets the stop timeout, then
+        whatever is left of it is killed."""
         timeout = self.config.daemon.stop_timeout_seconds
-        for prefix in ("analyzer-", "streamer", "archiver"):
-            group = self.named(prefix, children)
+        for role in sorted(ROLES, key=lambda r: r.stop_order):
+            group = [c for c in children if c.role.name == role.name]
             for child in group:
                 if child.alive:
                     child.process.terminate()
@@ -339,10 +401,13 @@ class Supervisor:
             if self.store is None:
                 self.store = JobStore.from_config(self.config, create=False)
             pending = sum(s["pending"] for s in self.store.counts().values())
+            alerts = (sum(d["pending"] for d in self.store.delivery_counts().values())
+                      if notifier_count(self.config) else None)
         except Exception:  # the status line must not take the supervisor down
-            pending = "?"
+            pending = alerts = "?"
         return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
-                f"analyzers busy {busy}/{self.config.analysis.workers}")
+                f"analyzers busy {busy}/{self.config.analysis.workers}"
+                + (f", alerts pending {alerts}" if alerts is not None else ""))
 
     def close_store(self) -> None:
         if self.store is not None:
@@ -404,12 +469,29 @@ def check_startable(config: Config, running: Config | None = None) -> None:
         raise ConfigError(f"{config.source}: storage.data_dir: cannot change on reload "
                           f"(this vlmguard holds {running.data_dir}); restart vlmguard")
     ffmpeg_binary()
+    check_secret_files(config)
     JobStore.from_config(config).close()
     address = (config.server.host, config.server.port)
     if running is None or address[1] != running.server.port:
         problem = port_problem(*address)
         if problem:
             raise StartupError(problem)
+
+
+def check_secret_files(config: Config) -> None:
+    """The notifier reads these files; one that cannot be read is one line now."""
+    files = [("mqtt.password_file", config.mqtt.password_file)] if config.mqtt.enabled else []
+    files += [(f"alerts.rules[{n}].webhook_secret_file", rule.webhook_secret_file)
+              for n, rule in enumerate(config.alerts.rules)]
+    for key, path in files:
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{config.source}: {key}: cannot read {path}: "
+                              f"{exc.strerror or exc}") from None
 
 
 def share_with_children(config: Config) -> None:

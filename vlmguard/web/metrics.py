@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from vlmguard.store import STATES
@@ -72,6 +73,15 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
            "1 while analysis is paused account-wide, labelled with the provider and why.",
            [(label(provider=p["provider"], reason=p["reason"]), 1) for p in paused]
            or [("", 0)])
+    alerts = report.get("alerts", {})
+    family("vlmguard_alert_deliveries", "gauge",
+           "Alert deliveries by destination and state (suppressed: within a rule's cooldown).",
+           [(label(destination=name, state=state), d[state]) for name, d in alerts.items()
+            for state in ("pending", "delivered", "failed", "suppressed")])
+    family("vlmguard_alert_last_error_timestamp_seconds", "gauge",
+           "When a destination last failed an attempt (the reason is in vlmguard status).",
+           [(label(destination=name), datetime.fromisoformat(d["last_error_at"]).timestamp())
+            for name, d in alerts.items() if d["last_error_at"]])
     children = report["daemon"]["children"]
     family("vlmguard_child_restarts_total", "counter",
            "Restarts of each supervised process since vlmguard started.",

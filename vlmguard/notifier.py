@@ -1,0 +1,221 @@
+"""The notifier process: sends the alerts outbox (alert_deliveries) at least once.
+
+The analyzers write a delivery row per (incident, destination) in the transaction that
+stores the incident; this process claims due rows, hands each to its destination's
+plug-in (vlmguard.alerts.registry) and records what came of it: delivered; pending again
+with a backoff (1 s doubling to 60 s) until alerts.max_age_hours; or failed with the
+reason. A claim is a lease: if this process dies mid-delivery its rows come back (at
+once when it restarts here), so an alert may arrive twice, always with the same
+Idempotency-Key, never not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from vlmguard.alerts import registry
+from vlmguard.alerts.plan import MQTT
+from vlmguard.config import Config
+from vlmguard.health import Beat, write_state
+from vlmguard.logs import configure_logging, get_logger
+from vlmguard.redact import redact_text
+from vlmguard.store import Delivery, JobStore
+
+log = get_logger("vlmguard.notifier")
+
+LEASE_SECONDS = 120.0  # longer than any one attempt (webhooks time out at 10 s)
+FIRST_RETRY, MAX_RETRY = 1.0, 60.0
+MAX_IN_FLIGHT = 32
+IDLE_WAIT = 1.0
+CAMERA_STATES_EVERY = 2.0
+STOP_GRACE_SECONDS = 5.0
+
+
+def worker_name() -> str:
+    """Stable across restarts on this box, so a restart takes back its own claims."""
+    return f"{socket.gethostname()}-notifier"
+
+
+def retry_delay(attempts: int, retry_after: float | None = None,
+                rng: random.Random | None = None) -> float:
+    """1 s, 2 s, 4 s ... capped at 60 s, +-20% jitter; at least what the receiver asked."""
+    rng = rng or random
+    delay = min(FIRST_RETRY * 2 ** max(attempts, 0), MAX_RETRY) * rng.uniform(0.8, 1.2)
+    return max(delay, retry_after or 0.0)
+
+
+def main(config: Config, beat: Beat = Beat()) -> None:
+    configure_logging("notifier")
+    with JobStore.from_config(config) as store:
+        notifier = Notifier(config, store, beat)
+        signal.signal(signal.SIGTERM, notifier.on_signal)
+        asyncio.run(notifier.run())
+    log.info("notifier stopped")
+
+
+class Notifier:
+    def __init__(self, config: Config, store: JobStore, beat: Beat = Beat()):
+        self.config = config
+        self.store = store
+        self.beat = beat
+        self.worker_id = worker_name()
+        self.destinations = registry.configured(config)
+        self.in_flight: set[asyncio.Task] = set()
+        self.stopping = False
+        self.sent = 0
+        self.last_state: dict[str, int] | None = None
+        self.troubled: set[str] = set()  # destinations whose last attempt failed
+        self.max_age_seconds = config.alerts.max_age_hours * 3600
+
+    def on_signal(self, _signum, _frame) -> None:
+        self.stopping = True
+
+    async def run(self) -> None:
+        # Plug-ins block in threads (a PUBACK wait, Apprise, its wait for a snapshot): one
+        # per delivery in flight, so a slow kind never queues another behind it.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(MAX_IN_FLIGHT + 4, thread_name_prefix="deliver"))
+        for destination in self.destinations.values():
+            await destination.start()
+        taken_back = self.store.release_deliveries(self.worker_id)
+        if taken_back:
+            log.info("deliveries taken back from an earlier run", count=taken_back)
+        log.info("notifier running", destinations={n: d.describe()
+                                                   for n, d in self.destinations.items()})
+        last_states = 0.0
+        try:
+            while not self.stopping:
+                self.beat()
+                if time.monotonic() - last_states >= CAMERA_STATES_EVERY:
+                    self.publish_camera_states()
+                    last_states = time.monotonic()
+                self.retry_after_reconnect()
+                # A read first: claiming is a write transaction, taken only when one is due.
+                due = self.store.seconds_until_delivery_due()
+                if due == 0 and self.dispatch():
+                    await asyncio.sleep(0)
+                    continue
+                await self.idle(due)
+        finally:
+            await self.finish()
+
+    def dispatch(self) -> int:
+        room = MAX_IN_FLIGHT - len(self.in_flight)
+        if room <= 0:
+            return 0
+        batch = self.store.claim_deliveries(self.worker_id, room, LEASE_SECONDS)
+        for delivery in batch:
+            task = asyncio.create_task(self.deliver(delivery))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+        return len(batch)
+
+    async def idle(self, due: float | None) -> None:
+        """Until a commit (an analyzer's incident), a retry falls due, or a second passes."""
+        wait = IDLE_WAIT if due is None else min(IDLE_WAIT, due)
+        if wait <= 0:
+            # Due, yet nothing was claimed: another notifier holds those rows (PostgreSQL's
+            # SKIP LOCKED) for a moment, or this one is full. Never spin.
+            await asyncio.sleep(0.05)
+            return
+        if self.in_flight:
+            # Tasks are running on this loop: wait without blocking it.
+            await asyncio.sleep(min(wait, 0.05))
+            return
+        # Nothing else runs on this loop now, so blocking it is free; and the SQLite
+        # watcher's connection belongs to this thread.
+        self.store.watcher().wait(wait)
+
+    async def deliver(self, delivery: Delivery) -> None:
+        destination = self.destinations.get(delivery.destination)
+        if destination is None:
+            answer = registry.failed(f"destination {delivery.destination} is no longer "
+                                     "in the config")
+        else:
+            try:
+                answer = await destination.send(delivery)
+            except Exception as exc:  # a plug-in's bug must not lose the delivery
+                answer = registry.retry(redact_text(f"{type(exc).__name__}: {exc}"))
+        self.record(delivery, answer)
+
+    def record(self, delivery: Delivery, answer: registry.Answer) -> None:
+        fields = dict(delivery=delivery.id, destination=delivery.destination,
+                      kind=delivery.kind, incident=delivery.incident_id,
+                      attempt=delivery.attempts + 1)
+        if answer.delivered:
+            self.store.delivered(delivery.id)
+            self.sent += 1
+            log.info("alert delivered", **fields)
+            if delivery.destination in self.troubled:
+                # It answers again: what waits in backoff for it goes now, not up to a
+                # minute later.
+                self.troubled.discard(delivery.destination)
+                self.store.deliveries_due_now(delivery.destination)
+            return
+        self.troubled.add(delivery.destination)
+        delay = (retry_delay(delivery.attempts, answer.retry_after)
+                 if answer.outcome == "retry" else None)
+        status = self.store.delivery_failed(delivery.id, answer.detail, retry_in=delay,
+                                            max_age_seconds=self.max_age_seconds)
+        if status == "failed":
+            log.error("alert delivery failed", error=answer.detail, **fields)
+        else:
+            log.warning("alert delivery will be retried", error=answer.detail,
+                        retry_in_s=round(delay, 1), **fields)
+
+    def retry_after_reconnect(self) -> None:
+        mqtt = self.destinations.get(MQTT)
+        if mqtt is not None and mqtt.came_back.is_set():
+            mqtt.came_back.clear()
+            self.store.deliveries_due_now(MQTT)
+
+    def publish_camera_states(self) -> None:
+        from vlmguard.status import live_cameras
+
+        mqtt = self.destinations.get(MQTT)
+        state = {"sent": self.sent, "in_flight": len(self.in_flight)}
+        if state != self.last_state:  # the data disk may be flash: write on change only
+            write_state(self.config.data_dir, "notifier", state)
+            self.last_state = state
+        if mqtt is not None:
+            mqtt.set_camera_states({c["id"]: bool(c["online"]) for c in live_cameras(self.config)})
+
+    async def finish(self) -> None:
+        """Let what is in flight end (briefly); what does not stays claimed and goes
+        again at the next start. Then say goodbye to the broker."""
+        if self.in_flight:
+            await asyncio.wait(self.in_flight, timeout=STOP_GRACE_SECONDS)
+        for task in list(self.in_flight):
+            task.cancel()
+        for destination in self.destinations.values():
+            try:
+                await destination.close()
+            except Exception as exc:
+                log.warning("closing a destination failed", error=str(exc))
+
+
+async def send_tests(config: Config, rule: str | None) -> list[tuple[str, str, Any]]:
+    """`vlmguard alerts test`: one test message to every destination (or one rule's), now,
+    outside the outbox. Returns (name, label, answer) per destination."""
+    import secrets
+
+    destinations = registry.configured(config, rule)
+    payload = {"type": "test", "message": "vlmguard test alert: this destination works",
+               "camera_id": "test", "public_url": config.public_url}
+    results = []
+    for name, destination in destinations.items():
+        await destination.start()
+        try:
+            answer = await destination.test(payload, "test-" + secrets.token_hex(8))
+        except Exception as exc:
+            answer = registry.failed(redact_text(f"{type(exc).__name__}: {exc}"))
+        finally:
+            await destination.close()
+        results.append((name, destination.describe(), answer))
+    return results
