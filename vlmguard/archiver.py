@@ -2,9 +2,9 @@
 
 It only reads what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
 finished with), remuxes each into archives/<camera>/<start>.mp4 without re-encoding, and
-registers it. Retention deletes the oldest archives, and with them the snapshots of
-incidents that have no footage left. Registering is idempotent, so on start it simply registers every archive on
-disk again: whatever a crash or a stop left behind is caught up.
+registers it. Registering is idempotent, so on start it simply registers every archive on
+disk again: whatever a crash or a stop left behind is caught up. Retention deletes the
+oldest archives, and with them the snapshots of incidents that have no footage left.
 """
 
 from __future__ import annotations

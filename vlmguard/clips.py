@@ -112,8 +112,8 @@ def cut_command(binary: str, plan: ClipPlan, list_file: Path, target: Path) -> l
     source = (["-f", "concat", "-safe", "0", "-i", str(list_file)] if len(plan.files) > 1
               else ["-i", str(plan.files[0])])
     nice = shutil.which("nice")
-    return [*parent_death_prefix(), *([nice, "-n", "10"] if nice else []), binary, "-hide_banner", "-nostdin",
-            "-loglevel", "error", "-y", "-threads", "1", "-ss", f"{plan.offset:.3f}", *source,
+    return [*parent_death_prefix(), *([nice, "-n", "10"] if nice else []), binary,
+            "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-threads", "1", "-ss", f"{plan.offset:.3f}", *source,
             "-t", f"{plan.duration:.3f}", "-map", "0:v:0", "-map", "0:a?", "-c", "copy",
             "-movflags", "+faststart", "-f", "mp4", str(target)]
 

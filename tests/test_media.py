@@ -1,0 +1,230 @@
+"""Incident media: clips cut from real archives by real FFmpeg, served through aiohttp's
+test client; snapshots made by a real analyzer (against the test Gemini) and deleted by
+the archiver's retention.
+
+The fabricated archives show a flat grey whose brightness grows 20 levels a second from
+the file's start, so a decoded frame says which second of which file it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from vlmguard.analyzer import Worker
+from vlmguard.archiver import Archiver
+from vlmguard.clips import cut_clip, plan_clip, recordings
+from vlmguard.config import load_config
+from vlmguard.ffmpeg import ffmpeg_binary
+from vlmguard.layout import Layout, snapshot_path
+from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.web import create_app
+
+from conftest import write_config
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+OLD = datetime(2020, 1, 1, 8, 0, tzinfo=timezone.utc)
+LEVELS_PER_SECOND = 20 * 255 / 219  # the ramp's grey levels a second, decoded full range
+
+
+def make_archive(path: Path, seconds: int = 10) -> None:
+    """An H.264 archive with a keyframe every 2 s (like a camera's), grey ramp inside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "nullsrc=s=64x48:r=10,geq=lum='16+20*T':cb=128:cr=128", "-t", str(seconds),
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "20", "-pix_fmt", "yuv420p",
+                    str(path)], check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory) -> Path:
+    """cam1: two 10-s MP4 archives back to back from T0, a gap, then two MPEG-TS ones
+    from T0+60 s; cam2: nothing."""
+    data = tmp_path_factory.mktemp("media") / "data"
+    archives = Layout(data).archives("cam1")
+    make_archive(archives / "20261126T080000Z.mp4")
+    shutil.copy(archives / "20261126T080000Z.mp4", archives / "20261126T080010Z.mp4")
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(archives / "20261126T080000Z.mp4"),
+                    "-c", "copy", str(archives / "20261126T080100Z.ts")], check=True, timeout=60)
+    shutil.copy(archives / "20261126T080100Z.ts", archives / "20261126T080110Z.ts")
+    return data
+
+
+@pytest.fixture
+def config(tmp_path, footage):
+    return load_config(write_config(tmp_path, f"""
+        [server]
+        token = "tok"
+        [storage]
+        data_dir = "{footage}"
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2"
+        [[cameras]]
+        id = "cam2"
+        url = "lavfi:testsrc2"
+    """))
+
+
+def fetch(config, path, token="tok", headers=None):
+    async def go():
+        async with TestClient(TestServer(create_app(config))) as client:
+            sent = dict(headers or {})
+            if token:
+                sent["Authorization"] = f"Bearer {token}"
+            response = await client.get(path, headers=sent)
+            return response.status, response.headers, await response.read()
+    return asyncio.run(go())
+
+
+def second_at(video: Path, at: float) -> float | None:
+    """Which second of its archive the frame shown at `at` s into the video comes from."""
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-ss", str(at), "-i", str(video),
+                           "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                          capture_output=True, timeout=60)
+    pixels = proc.stdout
+    return sum(pixels) / len(pixels) / LEVELS_PER_SECOND if pixels else None
+
+
+def duration_of(video: Path) -> float:
+    proc = subprocess.run(["ffmpeg", "-hide_banner", "-i", str(video)], capture_output=True,
+                          text=True, timeout=60)
+    hours, minutes, seconds = proc.stderr.split("Duration: ")[1].split(",")[0].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+@pytest.mark.parametrize("minute", [0, 1], ids=["mp4", "ts"])
+def test_clip_across_two_archives_starts_at_the_requested_time(config, tmp_path, minute):
+    start = T0 + timedelta(minutes=minute, seconds=7.3)
+    plan = plan_clip(ffmpeg_binary(), Layout(config.data_dir), "cam1", start, 6)
+    kind = "mp4" if minute == 0 else "ts"
+    assert [p.name for p in plan.files] == [f"20261126T08{minute:02d}00Z.{kind}",
+                                            f"20261126T08{minute:02d}10Z.{kind}"]
+    assert plan.start == start
+    clip = asyncio.run(cut_clip(ffmpeg_binary(), plan, tmp_path))
+    assert abs(second_at(clip, 0) - 7.3) < 1.0  # time 0 is the requested start
+    assert abs(second_at(clip, 4) - 1.3) < 1.0  # 4 s later: the second archive
+    assert abs(duration_of(clip) - 6) < 1.0
+
+
+def test_api_clip_is_an_mp4_from_the_start_with_range_support(config, tmp_path):
+    status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:05Z"
+                                          "&duration=10")
+    assert status == 200 and headers["Content-Type"] == "video/mp4"
+    assert headers["X-Clip-Start"] == "2026-11-26T08:00:05.000Z"
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(body)
+    assert abs(second_at(video, 0) - 5) < 1.0 and abs(second_at(video, 7) - 2) < 1.0
+    assert abs(duration_of(video) - 10) < 1.0
+    status, headers, part = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:05Z"
+                                          "&duration=10", headers={"Range": "bytes=0-99"})
+    assert status == 206 and part == body[:100]
+    assert not list(Path("/dev/shm").glob("vlmguard-clip-*"))  # nothing left in RAM
+
+
+def test_footage_beginning_later_moves_time_zero_and_says_so(config, tmp_path):
+    status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:55Z"
+                                          "&duration=10")
+    assert status == 200 and headers["X-Clip-Start"] == "2026-11-26T08:01:00.000Z"
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(body)
+    assert second_at(video, 0) < 1.0
+
+
+@pytest.mark.parametrize("query", ["camera=cam1&start=2026-11-26T08:00:30Z&duration=20",
+                                   "camera=cam1&start=2026-11-26T07:00:00Z&duration=600",
+                                   "camera=cam2&start=2026-11-26T08:00:00Z&duration=10"])
+def test_no_footage_is_404(config, query):
+    status, headers, body = fetch(config, f"/api/clip?{query}")
+    assert status == 404 and "no recorded video" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("query,parameter", [
+    ("start=2026-11-26T08:00:00Z", "camera"),
+    ("camera=nope&start=2026-11-26T08:00:00Z", "camera"),
+    ("camera=cam1", "start"),
+    ("camera=cam1&start=yesterday", "start"),
+    ("camera=cam1&start=9999-12-31T23:59:59-23:59", "start"),
+    ("camera=cam1&start=2026-11-26T08:00:00Z&duration=0", "duration"),
+    ("camera=cam1&start=2026-11-26T08:00:00Z&duration=601", "duration"),
+    ("camera=cam1&start=2026-11-26T08:00:00Z&duration=-5", "duration"),
+    ("camera=cam1&start=2026-11-26T08:00:00Z&duration=nan", "duration"),
+    ("camera=cam1&start=2026-11-26T08:00:00Z&duration=1e3", "duration"),
+])
+def test_bad_parameters_are_400_naming_them(config, query, parameter):
+    status, _, body = fetch(config, f"/api/clip?{query}")
+    assert status == 400 and json.loads(body)["parameter"] == parameter
+
+
+@pytest.mark.parametrize("path", ["/api/clip?camera=cam1&start=2026-11-26T08:00:00Z",
+                                  "/api/incidents/1/clip.mp4", "/api/incidents/1/snapshot.jpg"])
+def test_media_needs_the_token(config, path):
+    assert fetch(config, path, token=None)[0] == 401
+    assert fetch(config, path, token="wrong")[0] == 401
+
+
+def store_incident(config, start, end, when=T0) -> int:
+    with JobStore.from_config(config) as store:
+        store.register("cam1", f"/x/{when:%H%M%S}-{start}.mp4", when + timedelta(seconds=start),
+                       when + timedelta(seconds=end))
+        job = store.claim("w")
+        store.complete(job, Outcome(result={}, safety_score=50, incidents=[IncidentRecord(
+            when + timedelta(seconds=start), when + timedelta(seconds=end), "fall", "high",
+            "a fall", 0.9)]))
+        return store.list_incidents(job.id)[0]["id"]
+
+
+def test_incident_clip_has_five_seconds_either_side(config, tmp_path):
+    incident_id = store_incident(config, 8, 12)
+    status, headers, body = fetch(config, f"/api/incidents/{incident_id}/clip.mp4")
+    assert status == 200 and headers["X-Clip-Start"] == "2026-11-26T08:00:03.000Z"
+    video = tmp_path / "incident.mp4"
+    video.write_bytes(body)
+    assert abs(second_at(video, 0) - 3) < 1.0 and abs(duration_of(video) - 14) < 1.0
+    assert fetch(config, "/api/incidents/999999/clip.mp4")[0] == 404
+    assert fetch(config, "/api/incidents/abc/clip.mp4")[0] == 400
+    assert fetch(config, f"/api/incidents/{incident_id}/snapshot.jpg")[0] == 404  # none made
+
+
+def test_analyzer_makes_the_snapshot_and_retention_deletes_it(tmp_path, gemini, monkeypatch):
+    from gemini_server import VALID_KEY
+
+    monkeypatch.setenv("GEMINI_API_KEY", VALID_KEY)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = load_config(write_config(tmp_path, f"""
+        [server]
+        token = "tok"
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+        retention_days = 1
+        [analysis]
+        lease_seconds = 5
+        [gemini]
+        base_url = "{gemini.base_url}"
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2"
+    """))
+    layout = Layout(config.data_dir)
+    old = layout.archives("cam1") / f"{OLD:%Y%m%dT%H%M%SZ}.mp4"
+    make_archive(old, seconds=12)
+    with JobStore.from_config(config) as store:
+        job_id = store.register("cam1", old, OLD, OLD + timedelta(seconds=12))
+        worker = Worker(config, store, "test-worker")
+        worker.process(store.next_job("test-worker", timeout=5))
+        [incident] = store.list_incidents(job_id)  # the test model reports one at 3-5 s
+        picture = snapshot_path(config.data_dir, "cam1", incident["id"])
+        assert picture.read_bytes()[:2] == b"\xff\xd8" and picture.stat().st_size < 50_000
+        status, headers, body = fetch(config, f"/api/incidents/{incident['id']}/snapshot.jpg")
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        assert body == picture.read_bytes()
+        Archiver(config, store).enforce_retention()  # 2020 is past retention_days
+        assert not old.exists() and not picture.exists()
+        assert recordings(layout, "cam1") == []
