@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from vlmguard.analyzer import Worker
@@ -228,3 +229,63 @@ def test_analyzer_makes_the_snapshot_and_retention_deletes_it(tmp_path, gemini, 
         Archiver(config, store).enforce_retention()  # 2020 is past retention_days
         assert not old.exists() and not picture.exists()
         assert recordings(layout, "cam1") == []
+
+
+CLIP_PAGE = """<!doctype html><meta charset="utf-8">
+<video id="v" muted playsinline preload="auto" src="%s"></video>
+<canvas id="c" width="64" height="48"></canvas>
+<script>
+  // What a console does: load the clip, look at time 0, seek, look again.
+  const video = document.getElementById("v");
+  const canvas = document.getElementById("c").getContext("2d");
+  const report = (body) => fetch("/report?token=tok", {method: "POST", body: JSON.stringify(body)});
+  const red = () => {
+    canvas.drawImage(video, 0, 0, 64, 48);
+    const data = canvas.getImageData(0, 0, 64, 48).data;
+    let sum = 0;
+    for (let i = 0; i < data.length; i += 4) sum += data[i];
+    return sum / (data.length / 4);
+  };
+  video.addEventListener("error", () => report({error: String(video.error.code)}));
+  video.addEventListener("loadeddata", () => {
+    const first = red();
+    video.addEventListener("seeked", () => report({duration: video.duration, first: first,
+                                                   at4: red()}), {once: true});
+    video.currentTime = 4;
+  }, {once: true});
+</script>"""
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")
+def test_chromium_plays_the_clip_from_time_zero_and_seeks(config, tmp_path):
+    from browser import CHROMIUM_FLAGS
+
+    src = "/api/clip?camera=cam1&start=2026-11-26T08:00:07.300Z&duration=6&token=tok"
+
+    async def go():
+        reports: asyncio.Queue = asyncio.Queue()
+        app = create_app(config)
+
+        async def page(request):
+            return web.Response(text=CLIP_PAGE % src, content_type="text/html")
+
+        async def report(request):
+            await reports.put(json.loads(await request.text()))
+            return web.Response(text="ok")
+        app.router.add_get("/clip-check", page)
+        app.router.add_post("/report", report)
+        async with TestServer(app, host="127.0.0.1") as server:
+            browser = await asyncio.create_subprocess_exec(
+                shutil.which("chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path}",
+                str(server.make_url("/clip-check?token=tok")),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                return await asyncio.wait_for(reports.get(), 60)
+            finally:
+                browser.kill()
+                await browser.wait()
+    result = asyncio.run(go())
+    assert "error" not in result, result
+    assert abs(result["duration"] - 6) < 1.0
+    assert abs(result["first"] / LEVELS_PER_SECOND - 7.3) < 1.0  # time 0 = requested start
+    assert abs(result["at4"] / LEVELS_PER_SECOND - 1.3) < 1.0  # 4 s on: the next archive
