@@ -289,3 +289,23 @@ def test_chromium_plays_the_clip_from_time_zero_and_seeks(config, tmp_path):
     assert abs(result["duration"] - 6) < 1.0
     assert abs(result["first"] / LEVELS_PER_SECOND - 7.3) < 1.0  # time 0 = requested start
     assert abs(result["at4"] / LEVELS_PER_SECOND - 1.3) < 1.0  # 4 s on: the next archive
+
+
+def test_clip_requests_beyond_the_bound_get_503(config, monkeypatch):
+    from vlmguard.web import media
+    from vlmguard.web.keys import CLIP_SLOTS_KEY
+
+    monkeypatch.setattr(media, "QUEUE_SECONDS", 0.2)
+
+    async def go():
+        app = create_app(config)
+        async with TestClient(TestServer(app)) as client:
+            slots = app[CLIP_SLOTS_KEY]
+            for _ in range(media.MAX_CLIP_JOBS):  # every slot busy cutting someone's clip
+                await slots.acquire()
+            path = "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z&duration=5&token=tok"
+            busy = await client.get(path)
+            slots.release()
+            served = await client.get(path)
+            return busy.status, busy.headers.get("Retry-After"), served.status
+    assert asyncio.run(go()) == (503, "5", 200)
