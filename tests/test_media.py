@@ -23,7 +23,7 @@ from vlmguard.analyzer import Worker
 from vlmguard.archiver import Archiver
 from vlmguard.clips import cut_clip, plan_clip, recordings
 from vlmguard.config import load_config
-from vlmguard.ffmpeg import ffmpeg_binary
+from vlmguard.ffmpeg import count_frames, ffmpeg_binary
 from vlmguard.layout import Layout, snapshot_path
 from vlmguard.store import IncidentRecord, JobStore, Outcome
 from vlmguard.web import create_app
@@ -113,6 +113,7 @@ def test_clip_across_two_archives_starts_at_the_requested_time(config, tmp_path,
     assert abs(second_at(clip, 0) - 7.3) < 1.0  # time 0 is the requested start
     assert abs(second_at(clip, 4) - 1.3) < 1.0  # 4 s later: the second archive
     assert abs(duration_of(clip) - 6) < 1.0
+    assert count_frames(ffmpeg_binary(), clip) <= 6 * 10 + 20  # the range and one GOP
 
 
 def test_api_clip_is_an_mp4_from_the_start_with_range_support(config, tmp_path):

@@ -5,7 +5,7 @@ GET /api/incidents/{id}/clip.mp4       the incident with 5 s before and after
 GET /api/clip?camera=ID&start=ISO&duration=S   any stretch of recorded video (<= 600 s)
 
 A clip is cut by FFmpeg (clips.py) into a temporary file in RAM (/dev/shm), then served
-with Range support so a <video> can seek, and deleted. Its time 0 is the wall-clock time in
+with Range support so a <video> can seek, and deleted (ClipResponse). Its time 0 is the wall-clock time in
 the X-Clip-Start header: the requested start, or later when the footage begins later. At
 most MAX_CLIP_JOBS clips are cut or sent at once; a request that waits longer than
 QUEUE_SECONDS for its turn gets 503: no client can take CPU, disk or memory from the
@@ -140,22 +140,39 @@ async def serve_clip(request: web.Request, camera_id: str, start: datetime, seco
             raise web.HTTPInternalServerError(
                 text='{"error": "the recording could not be cut (see the log)"}',
                 content_type="application/json") from None
-        response = web.FileResponse(path, headers=clip_headers(plan, name))
-        await response.prepare(request)  # sends the file (Range honoured) before it goes
-        return response
-    finally:
+        response = ClipResponse(path, workdir, slots, headers=clip_headers(plan, name))
+    except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         slots.release()
+        raise
+    return response  # it owns the slot and the file now
+
+
+class ClipResponse(web.FileResponse):
+    """A clip made for one request: sent (Range honoured, so a <video> can seek), then
+    deleted and its slot freed, also when the client went away mid-way."""
+
+    def __init__(self, path: Path, workdir: Path, slots: asyncio.Semaphore, **kwargs):
+        super().__init__(path, **kwargs)
+        self.workdir = workdir
+        self.slots = slots
+
+    async def prepare(self, request: web.BaseRequest):
+        if self.workdir is None:  # aiohttp may call prepare again once it is sent
+            return await web.StreamResponse.prepare(self, request)
+        try:
+            return await super().prepare(request)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            self.slots.release()
 
 
 def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
     return {"Content-Type": "video/mp4", "Cache-Control": "private, no-store",
             "Content-Disposition": f'inline; filename="{name}.mp4"',
-            "X-Clip-Start": iso(plan.start),
-            # The middleware adds CORS after the handler; this response is sent by then.
-            "Access-Control-Allow-Origin": "*",
-            "Access-Control-Expose-Headers": "Content-Length, Content-Range, X-Clip-Start"}
+            "X-Clip-Start": iso(plan.start)}
 
 
 def iso(when: datetime) -> str:
