@@ -310,3 +310,13 @@ def test_clip_requests_beyond_the_bound_get_503(config, monkeypatch):
             served = await client.get(path)
             return busy.status, busy.headers.get("Retry-After"), served.status
     assert asyncio.run(go()) == (503, "5", 200)
+
+
+def test_a_clip_that_would_not_fit_in_memory_gets_503(config, monkeypatch):
+    from vlmguard.web import media
+
+    monkeypatch.setattr(media, "MEMORY_RESERVE", 2**62)  # as if the box had no RAM to spare
+    status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")
+    assert status == 503 and "memory" in json.loads(body)["error"]
+    monkeypatch.setattr(media, "MEMORY_RESERVE", 0)
+    assert fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")[0] == 200

@@ -59,6 +59,11 @@ class ClipPlan:
     start: datetime  # the wall-clock time of the clip's time 0
     duration: float
     lead: float = 0.0  # the first file's own start time (MPEG-TS: ~1.4 s)
+    bytes_per_second: float = 0.0  # the first file's, to foresee the clip's size
+
+    @property
+    def expected_bytes(self) -> int:
+        return int(self.bytes_per_second * self.duration)
 
 
 Probe = Callable[[str, Path], "tuple[float, float] | None"]
@@ -117,7 +122,14 @@ def plan_clip(binary: str, layout: Layout, camera_id: str, start: datetime, seco
     return ClipPlan(files=tuple(f.path for f in chosen),
                     offset=(clip_start - first.start).total_seconds(), start=clip_start,
                     duration=(end - clip_start).total_seconds(),
-                    lead=times[0] if times else 0.0)
+                    lead=times[0] if times else 0.0, bytes_per_second=rate(first.path, times))
+
+
+def rate(path: Path, times: tuple[float, float] | None) -> float:
+    try:
+        return path.stat().st_size / times[1] if times and times[1] > 0 else 0.0
+    except OSError:
+        return 0.0
 
 
 def concat_list(plan: ClipPlan) -> str:

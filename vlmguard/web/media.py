@@ -38,6 +38,7 @@ MAX_CLIP_JOBS = 2
 QUEUE_SECONDS = 10.0
 INCIDENT_MARGIN = timedelta(seconds=5)
 RAM_DIR = Path("/dev/shm")
+MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
 
 
@@ -132,6 +133,11 @@ async def serve_clip(request: web.Request, camera_id: str, start: datetime, seco
         if plan is None:
             raise not_found(f"no recorded video of {camera_id} from {iso(start)} "
                             f"for {seconds:g} s")
+        if not room_for(plan.expected_bytes):
+            raise web.HTTPServiceUnavailable(
+                text='{"error": "not enough free memory for this clip now: ask for a '
+                     'shorter one or retry later"}',
+                content_type="application/json", headers={"Retry-After": "30"})
         workdir = Path(tempfile.mkdtemp(prefix="vlmguard-clip-", dir=ram_dir()))
         try:
             path = await cut_clip(binary, plan, workdir)
@@ -177,6 +183,29 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
 
 def iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def room_for(size: int) -> bool:
+    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
+    machine keep MEMORY_RESERVE available besides."""
+    try:
+        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
+    except OSError:
+        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
+    available = memory_available()
+    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
+
+
+def memory_available() -> int | None:
+    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def ram_dir() -> str | None:
