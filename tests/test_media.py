@@ -320,3 +320,21 @@ def test_a_clip_that_would_not_fit_in_memory_gets_503(config, monkeypatch):
     assert status == 503 and "memory" in json.loads(body)["error"]
     monkeypatch.setattr(media, "MEMORY_RESERVE", 0)
     assert fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")[0] == 200
+
+
+def test_recordings_include_the_archive_being_written_once(tmp_path):
+    layout = Layout(tmp_path)
+    for directory, name in [(layout.archives("cam1"), "20261126T080000Z.mp4"),
+                            (layout.closed("cam1"), "20261126T080000Z.ts"),  # being remuxed
+                            (layout.closed("cam1"), "20261126T081000Z.ts"),
+                            (layout.partial("cam1"), "20261126T082000Z.ts"),
+                            (layout.archives("cam1"), "20261126T080000Z.mp4.part"),
+                            (layout.archives("cam1"), "notes.txt")]:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(b"x")
+    found = recordings(layout, "cam1")
+    assert [(f.path.parent.name, f.path.name) for f in found] == [
+        ("cam1", "20261126T080000Z.mp4"), ("cam1", "20261126T081000Z.ts"),
+        ("cam1", "20261126T082000Z.ts")]
+    assert [f.path.parent.parent.name for f in found] == ["archives", "closed", "partial"]
+    assert recordings(layout, "cam2") == []
