@@ -338,3 +338,26 @@ def test_recordings_include_the_archive_being_written_once(tmp_path):
         ("cam1", "20261126T082000Z.ts")]
     assert [f.path.parent.parent.name for f in found] == ["archives", "closed", "partial"]
     assert recordings(layout, "cam2") == []
+
+
+def test_pictures_are_staged_before_the_commit_and_never_left_behind(config):
+    from vlmguard.clips import complete_with_snapshots
+    from vlmguard.errors import LeaseLost
+
+    layout = Layout(config.data_dir)
+    found = [IncidentRecord(T0 + timedelta(seconds=2), T0 + timedelta(seconds=4), "fall", "high",
+                            "in the footage", 0.9),
+             IncidentRecord(T0 + timedelta(seconds=40), T0 + timedelta(seconds=44), "fire", "low",
+                            "in the gap: no picture", 0.5)]
+    with JobStore.from_config(config) as store:
+        store.register("cam1", "/x/staged.mp4", T0 + timedelta(hours=5), T0 + timedelta(hours=6))
+        job = store.claim("w")
+        complete_with_snapshots(store, job, Outcome(result={}, safety_score=50, incidents=found),
+                                ffmpeg_binary(), layout)
+        rows = {r["description"]: r["id"] for r in store.list_incidents(job.id)}
+        assert layout.snapshot("cam1", rows["in the footage"]).is_file()
+        assert not layout.snapshot("cam1", rows["in the gap: no picture"]).exists()
+        with pytest.raises(LeaseLost):  # a second completion: the lease is gone, nothing kept
+            complete_with_snapshots(store, job, Outcome(result={}, safety_score=50,
+                                                        incidents=found), ffmpeg_binary(), layout)
+    assert not list(layout.snapshots("cam1").glob("*.part"))

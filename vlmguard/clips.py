@@ -188,38 +188,74 @@ def snapshot_command(binary: str, source: Path, offset: float, target: Path) -> 
             "-f", "image2", "-c:v", "mjpeg", str(target)]
 
 
-def save_snapshot(binary: str, layout: Layout, camera_id: str, incident_id: int,
-                  when: datetime) -> Path | None:
-    """The picture at `when`, written to layout.snapshot(); None (logged) when there is no
+def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
+                 target: Path) -> bool:
+    """The camera's picture at `when` written to target; False (logged) when there is no
     footage then or FFmpeg failed: an incident is stored with or without its picture."""
     found = [f for f in recordings(layout, camera_id) if f.start <= when]
     if not found:
         log.warning("no footage for the incident's snapshot", camera_id=camera_id,
-                    incident_id=incident_id)
-        return None
-    target = layout.snapshot(camera_id, incident_id)
-    partial = target.with_name(target.name + ".part")
+                    at=when.isoformat())
+        return False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(snapshot_command(binary, found[-1].path,
-                                               (when - found[-1].start).total_seconds(), partial),
+                                               (when - found[-1].start).total_seconds(), target),
                               capture_output=True, text=True, timeout=60, env=child_env())
-        if proc.returncode != 0 or not partial.exists() or partial.stat().st_size == 0:
-            reason = (proc.stderr.strip().splitlines() or ["no frame at that time"])[-1]
-            log.warning("snapshot not made", camera_id=camera_id, incident_id=incident_id,
-                        error=reason[:300])
-            partial.unlink(missing_ok=True)
-            return None
-        partial.rename(target)  # whoever sees the file sees all of it
+        if proc.returncode == 0 and target.exists() and target.stat().st_size > 0:
+            return True
+        reason = (proc.stderr.strip().splitlines() or ["no frame at that time"])[-1][:300]
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("snapshot not made", camera_id=camera_id, incident_id=incident_id,
-                    error=str(exc))
-        partial.unlink(missing_ok=True)
+        reason = str(exc)
+    log.warning("snapshot not made", camera_id=camera_id, at=when.isoformat(), error=reason)
+    target.unlink(missing_ok=True)
+    return False
+
+
+def save_snapshot(binary: str, layout: Layout, camera_id: str, incident_id: int,
+                  when: datetime) -> Path | None:
+    """The picture of a stored incident, made now and put in place in one rename."""
+    target = layout.snapshot(camera_id, incident_id)
+    partial = target.with_name(target.name + ".part")
+    if not make_picture(binary, layout, camera_id, when, partial):
         return None
+    partial.rename(target)
     return target
 
 
-def save_snapshots(binary: str, layout: Layout, incidents: Iterable[dict[str, Any]]) -> None:
-    """A picture of each stored incident's middle frame (rows as JobStore returns them)."""
-    for incident in incidents:
-        save_snapshot(binary, layout, incident["camera_id"], incident["id"], middle(incident))
+def complete_with_snapshots(store: Any, job: Any, outcome: Any, binary: str,
+                            layout: Layout) -> None:
+    """store.complete(job, outcome), each incident's picture made before the commit and
+    put in place by a rename right after it: whoever reads a committed incident (the
+    notifier attaching it to a message) finds its picture milliseconds later, not after
+    an FFmpeg run per incident. Pictures are named by incident id, known only then."""
+    staged = [stage_picture(binary, layout, job, n, incident)
+              for n, incident in enumerate(outcome.incidents)]
+    try:
+        store.complete(job, outcome)  # checks the lease itself
+        if any(staged):
+            publish(layout, outcome.incidents, staged, store.list_incidents(job.id))
+    finally:
+        for path in staged:
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def stage_picture(binary: str, layout: Layout, job: Any, n: int, incident: Any) -> Path | None:
+    target = layout.snapshots(job.camera_id) / f"job{job.id}-{n}.jpg.part"
+    when = incident.start_at + (incident.end_at - incident.start_at) / 2
+    return target if make_picture(binary, layout, job.camera_id, when, target) else None
+
+
+def publish(layout: Layout, incidents: list[Any], staged: list[Path | None],
+            rows: list[dict[str, Any]]) -> None:
+    """Each staged picture renamed to its stored incident's id (matched by content)."""
+    left = dict(enumerate(incidents))
+    for row in sorted(rows, key=lambda r: r["id"]):
+        for n, incident in left.items():
+            if (incident.start_at, incident.end_at, incident.category, incident.description) \
+                    == (row["start_at"], row["end_at"], row["category"], row["description"]):
+                del left[n]
+                if staged[n] is not None:
+                    staged[n].rename(layout.snapshot(row["camera_id"], row["id"]))
+                break
