@@ -23,7 +23,6 @@ from vlmguard.analyzer import Worker
 from vlmguard.archiver import Archiver
 from vlmguard.clips import recordings
 from vlmguard.config import load_config
-from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout, snapshot_path
 from vlmguard.store import IncidentRecord, JobStore, Outcome
 from vlmguard.web import create_app
