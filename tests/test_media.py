@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -211,8 +213,13 @@ def test_analyzer_makes_the_snapshot_and_retention_deletes_it(tmp_path, gemini, 
         status, headers, body = fetch(config, f"/api/incidents/{incident['id']}/snapshot.jpg")
         assert status == 200 and headers["Content-Type"] == "image/jpeg"
         assert body == picture.read_bytes()
+        stale, fresh = (picture.with_name(f"job{n}-0.jpg.part") for n in (7, 8))
+        stale.write_bytes(b"x")  # staged by an analyzer that died before its commit
+        fresh.write_bytes(b"x")  # staged by one still running
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
         Archiver(config, store).enforce_retention()  # 2020 is past retention_days
         assert not old.exists() and not picture.exists()
+        assert not stale.exists() and fresh.exists()
         assert recordings(layout, "cam1") == []
 
 

@@ -30,6 +30,7 @@ log = get_logger("vlmguard.archiver")
 LOOP_SECONDS = 1.0
 RETENTION_EVERY_SECONDS = 30.0
 GB = 1_000_000_000
+STALE_STAGED_SECONDS = 3600
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -170,7 +171,14 @@ class Archiver:
 
     def prune_snapshots(self, camera_id: str) -> None:
         """An incident's picture goes with the last of its footage: when it ended before
-        the camera's oldest recording left on disk."""
+        the camera's oldest recording left on disk. A picture staged by an analyzer that
+        died before its commit is swept once it is an hour old."""
+        for staged in self.layout.snapshots(camera_id).glob("*.part"):
+            try:
+                if time.time() - staged.stat().st_mtime > STALE_STAGED_SECONDS:
+                    staged.unlink()
+            except OSError:
+                continue
         files = {snapshot_id(p): p for p in self.layout.snapshots(camera_id).glob("*.jpg")}
         files.pop(None, None)
         if not files:
