@@ -18,11 +18,11 @@ from vlmguard.store import IncidentRecord, JobStore, Outcome
 from test_media import T0, config, duration_of, footage, second_at  # noqa: F401 (fixtures)
 
 
-@pytest.mark.parametrize("minute", [0, 1], ids=["mp4", "ts"])
-def test_clip_across_two_archives_starts_at_the_requested_time(config, tmp_path, minute):
+@pytest.mark.parametrize("minute,kind", [(0, "mp4"), (1, "ts"), (2, "mp4")],
+                         ids=["mp4", "ts", "fragmented-mp4"])
+def test_clip_across_two_archives_starts_at_the_requested_time(config, tmp_path, minute, kind):
     start = T0 + timedelta(minutes=minute, seconds=7.3)
     plan = plan_clip(ffmpeg_binary(), Layout(config.data_dir), "cam1", start, 6)
-    kind = "mp4" if minute == 0 else "ts"
     assert [p.name for p in plan.files] == [f"20261126T08{minute:02d}00Z.{kind}",
                                             f"20261126T08{minute:02d}10Z.{kind}"]
     assert plan.start == start

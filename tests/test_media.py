@@ -48,7 +48,8 @@ def make_archive(path: Path, seconds: int = 10) -> None:
 @pytest.fixture(scope="module")
 def footage(tmp_path_factory) -> Path:
     """cam1: two 10-s MP4 archives back to back from T0, a gap, then two MPEG-TS ones
-    from T0+60 s; cam2: nothing."""
+    from T0+60 s and two fragmented MP4 ones (which start at 0.2 s) from T0+120 s; cam2:
+    nothing."""
     data = tmp_path_factory.mktemp("media") / "data"
     archives = Layout(data).archives("cam1")
     make_archive(archives / "20261126T080000Z.mp4")
@@ -56,6 +57,10 @@ def footage(tmp_path_factory) -> Path:
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(archives / "20261126T080000Z.mp4"),
                     "-c", "copy", str(archives / "20261126T080100Z.ts")], check=True, timeout=60)
     shutil.copy(archives / "20261126T080100Z.ts", archives / "20261126T080110Z.ts")
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(archives / "20261126T080000Z.mp4"),
+                    "-c", "copy", "-movflags", "frag_keyframe+empty_moov+default_base_moof",
+                    str(archives / "20261126T080200Z.mp4")], check=True, timeout=60)
+    shutil.copy(archives / "20261126T080200Z.mp4", archives / "20261126T080210Z.mp4")
     return data
 
 
