@@ -8,8 +8,8 @@ so a clip of the last minutes reads the archive FFmpeg is still writing.
 A clip is the concat demuxer over those files, the first entered at `inpoint` (the demuxer
 seeks it to the keyframe at or before the start), with -copyts: the frames between that
 keyframe and the start keep negative times, and the MP4 muxer writes an edit list that
-hides them. So nothing is decoded, the clip's time 0 is the requested start (FFmpeg,
-Chromium and Firefox honour the edit list), and what is copied is the range plus at most
+hides them. So nothing is decoded, the clip's time 0 is the requested start (FFmpeg and
+Chromium honour the edit list; both are tested), and what is copied is the range plus at most
 one GOP. (`-ss` before a concat input does not work here: FFmpeg 5.1 cannot seek the
 concat demuxer and then copies every packet from the first file's start.) The inpoint is
 in the file's own times: an MPEG-TS file starts at ~1.4 s, not 0, so its start is probed
@@ -22,9 +22,9 @@ import asyncio
 import re
 import shutil
 import subprocess
-from itertools import takewhile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -70,9 +70,13 @@ Probe = Callable[[str, Path], "tuple[float, float] | None"]
 
 
 def media_times(binary: str, path: Path, timeout: float = 30) -> tuple[float, float] | None:
-    """(start, duration) in seconds of a video file as `ffmpeg -i` reads them."""
-    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-i", str(path)],
-                          capture_output=True, text=True, timeout=timeout, env=child_env())
+    """(start, duration) in seconds of a video file as `ffmpeg -i` reads them; None when
+    it cannot tell (not video, gone, or FFmpeg hung on it)."""
+    try:
+        proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-i", str(path)],
+                              capture_output=True, text=True, timeout=timeout, env=child_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     match = TIMES.search(proc.stderr)
     if not match:
         return None
