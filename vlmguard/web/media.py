@@ -16,6 +16,7 @@ asyncio.to_thread: the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import shutil
@@ -50,7 +51,7 @@ def add_media_routes(app: web.Application) -> None:
 
 
 def not_found(message: str) -> web.HTTPNotFound:
-    return web.HTTPNotFound(text=f'{{"error": "{message}"}}', content_type="application/json")
+    return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
 
 
 async def incident_of(request: web.Request) -> dict:
