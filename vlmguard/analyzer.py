@@ -31,6 +31,7 @@ from typing import Callable
 
 import structlog
 
+from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
@@ -258,7 +259,8 @@ class Worker:
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
-                self.store.complete(job, outcome)  # checks the lease itself
+                complete_with_snapshots(self.store, job, outcome, self.binary,
+                                        Layout(self.config.data_dir))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)

@@ -8,6 +8,8 @@ disk that no job covers (recorded while analysis was down) becomes archive-sized
 jobs, claimed after the live windows. When a camera's analysis lags more than
 analysis.max_lag_seconds, its waiting windows are merged into longer jobs. Registering is
 idempotent, so a crash or a stop leaves nothing behind that the next start misses.
+Retention deletes the oldest archives, and with them the snapshots of incidents that
+have no footage left.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from vlmguard.clips import recordings
 from vlmguard.config import Config
 from vlmguard.ffmpeg import ffmpeg_binary, media_duration
 from vlmguard.health import Beat, write_state
-from vlmguard.layout import Layout, archive_start, stale_after
+from vlmguard.layout import Layout, archive_start, snapshot_id, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.store import JobStore, utcnow
 from vlmguard.windows import WindowCutter, adjacent_groups, archive_sources
@@ -39,6 +42,7 @@ HOUSEKEEPING_SECONDS = 5.0
 CATCH_UP_LEAST_SECONDS = 1.0
 GB = 1_000_000_000
 MB = 1_000_000
+STALE_STAGED_SECONDS = 3600
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -289,6 +293,7 @@ class Archiver:
         total = sum(a.size for a in archives)
         free = shutil.disk_usage(self.layout.data_dir).free
         cutoff = utcnow() - timedelta(days=storage.retention_days)
+        pruned: set[str] = set()
         for archive in archives:
             expired = storage.retention_days > 0 and archive.start < cutoff
             over_budget = storage.max_disk_gb > 0 and total > storage.max_disk_gb * GB
@@ -305,6 +310,28 @@ class Archiver:
             if self.delete(archive):
                 total -= archive.size
                 free += archive.size
+                pruned.add(archive.camera_id)
+        for camera_id in pruned:
+            self.prune_snapshots(camera_id)
+
+    def prune_snapshots(self, camera_id: str) -> None:
+        """An incident's picture goes with the last of its footage: when it ended before
+        the camera's oldest recording left on disk. A picture staged by an analyzer that
+        died before its commit is swept once it is an hour old."""
+        for staged in self.layout.snapshots(camera_id).glob("*.part"):
+            try:
+                if time.time() - staged.stat().st_mtime > STALE_STAGED_SECONDS:
+                    staged.unlink()
+            except OSError:
+                continue
+        files = {snapshot_id(p): p for p in self.layout.snapshots(camera_id).glob("*.jpg")}
+        files.pop(None, None)
+        if not files:
+            return
+        left = recordings(self.layout, camera_id)
+        oldest = left[0].start if left else utcnow()
+        for incident_id in self.store.incidents_ended_before(camera_id, oldest, list(files)):
+            files[incident_id].unlink(missing_ok=True)
 
     def delete(self, archive: ArchiveFile) -> bool:
         try:

@@ -6,6 +6,8 @@ moves it on to archives/<cam>/ and registers it. Moves are renames on one file s
 an archive's bytes are written once, by FFmpeg. The archiver hard-links the live segments
 of each analysis window into windows/<cam>/<start>/ (RAM too), where they stay until the
 window is analysed. A file is only ever in one of these places.
+An analyzer that stores an incident leaves its picture in snapshots/<cam>/<incident id>.jpg;
+the archiver deletes it when the incident's footage is gone.
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ class Layout:
     def archive_root(self) -> Path:
         return self.data_dir / "archives"
 
+    def footage_dirs(self, camera_id: str) -> tuple[Path, ...]:
+        """Where a camera's recorded video may be, oldest stage last: a clip of the last
+        minutes reads the archive FFmpeg is still writing."""
+        return (self.archives(camera_id), self.closed(camera_id), self.partial(camera_id))
+
+    def snapshots(self, camera_id: str) -> Path:
+        return self.data_dir / "snapshots" / camera_id
+
+    def snapshot(self, camera_id: str, incident_id: int) -> Path:
+        """The JPEG of an incident's middle frame (it may not exist: no footage, or gone)."""
+        return self.snapshots(camera_id) / f"{int(incident_id)}.jpg"
+
     def make_dirs(self, camera_id: str) -> None:
         for path in (self.live(camera_id), self.partial(camera_id), self.closed(camera_id),
                      self.archives(camera_id), self.windows(camera_id), self.work()):
@@ -102,6 +116,17 @@ class Layout:
                     seen.add(info.st_ino)
                     total += info.st_size
         return total
+
+
+def snapshot_path(data_dir: Path, camera_id: str, incident_id: int) -> Path:
+    """data_dir/snapshots/<camera>/<incident id>.jpg: the one place that says so."""
+    return Layout(Path(data_dir)).snapshot(camera_id, incident_id)
+
+
+def snapshot_id(path: Path) -> int | None:
+    """The incident id a snapshot file is named for, or None for anything else."""
+    stem, dot, ext = path.name.partition(".")
+    return int(stem) if ext == "jpg" and stem.isascii() and stem.isdigit() else None
 
 
 def archive_start(path: Path) -> datetime | None:

@@ -1024,6 +1024,23 @@ class JobStore:
         with self.read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def get_incident(self, incident_id: int) -> dict[str, Any] | None:
+        with self.read() as conn:
+            row = conn.execute(select(incidents).where(incidents.c.id == incident_id)).first()
+        return dict(row._mapping) if row else None
+
+    def incidents_ended_before(self, camera_id: str, before: datetime,
+                               ids: Sequence[int]) -> list[int]:
+        """Which of these incidents of the camera ended before `before` (their footage is
+        gone when that is the camera's oldest recording)."""
+        if not ids:
+            return []
+        query = select(incidents.c.id).where(incidents.c.camera_id == camera_id,
+                                             incidents.c.end_at <= before,
+                                             incidents.c.id.in_(list(ids)))
+        with self.read() as conn:
+            return list(conn.execute(query).scalars())
+
     def counts(self) -> dict[str, dict[str, int]]:
         """{camera_id: {state: n}} with every state present."""
         query = select(jobs.c.camera_id, jobs.c.status, func.count()).group_by(

@@ -9,12 +9,13 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.web.api import add_api_routes
 from vlmguard.web.hls import add_hls_routes
+from vlmguard.web.media import add_media_routes
 from vlmguard.web.keys import CONFIG_KEY
 
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Range",
-        "Access-Control-Expose-Headers": "Content-Length, Content-Range"}
+        "Access-Control-Expose-Headers": "Content-Length, Content-Range, X-Clip-Start"}
 
 
 def create_app(config: Config) -> web.Application:
@@ -22,6 +23,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG_KEY] = config
     add_hls_routes(app)
     add_api_routes(app)
+    add_media_routes(app)
     return app
 
 
