@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmguard.alerts import registry
-from vlmguard.alerts.media import snapshot_path
+from vlmguard.layout import snapshot_path
 from vlmguard.alerts.plan import AlertPlan, title
 from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config

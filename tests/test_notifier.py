@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from vlmguard import notifier
-from vlmguard.alerts.media import snapshot_path
+from vlmguard.layout import snapshot_path
 from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config
 from vlmguard.status import gather_status, render_status

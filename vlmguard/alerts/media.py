@@ -1,7 +1,7 @@
 """Where an incident's snapshot lies on disk, for the destinations that attach it.
 
-The analyzer writes it (the incident media work); this module only reads it, by the path
-convention both sides share. A missing file means no attachment, never a failed alert.
+The analyzer writes it (clips.py); this module only reads it, at the path layout.py
+names. A missing file means no attachment, never a failed alert.
 """
 
 from __future__ import annotations
@@ -11,18 +11,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from vlmguard.layout import snapshot_path
 
 # The analyzer writes the snapshot right after the incident's commit (the file is named for
 # the incident's id): a delivery that starts within this long of that commit waits for it.
 SNAPSHOT_GRACE_SECONDS = 5.0
 SNAPSHOT_POLL_SECONDS = 0.1
-
-
-def snapshot_path(data_dir: Path, camera_id: str, incident_id: int) -> Path:
-    """<data_dir>/snapshots/<camera>/<incident id>.jpg: the convention of
-    vlmguard.layout.snapshot_path (branch i14m, same arguments); once merged, this
-    should simply call that."""
-    return Path(data_dir) / "snapshots" / camera_id / f"{int(incident_id)}.jpg"
 
 
 def existing_snapshot(data_dir: Path, payload: dict[str, Any],
