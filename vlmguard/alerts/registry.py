@@ -10,12 +10,13 @@ label with no secret in it). The table is filled once, on import of the plug-in 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-KINDS: dict[str, type] = {}
+from vlmguard.plugins import PluginTable
+
 PLUGIN_MODULES = ("vlmguard.alerts.mqtt", "vlmguard.alerts.webhook", "vlmguard.alerts.apprise_urls")
+KINDS = PluginTable(PLUGIN_MODULES)
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,11 @@ def failed(detail: str) -> Answer:
 
 
 def register(kind: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.KIND = kind
-        KINDS[kind] = cls
-        return cls
-    return add
+    return KINDS.register(kind)
 
 
 def kinds() -> dict[str, type]:
-    for module in PLUGIN_MODULES:
-        importlib.import_module(module)
-    return KINDS
+    return KINDS.kinds()
 
 
 def configured(config: Any, rule: str | None = None) -> dict[str, Any]:

@@ -11,13 +11,13 @@ provider modules, and only read after that.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
+from vlmguard.plugins import PluginTable
 from vlmguard.vlm import ProviderSettings, VlmClient, find_api_key
 
-KINDS: dict[str, type] = {}
 PROVIDER_MODULES = ("vlmguard.vlm.gemini", "vlmguard.vlm.openai_chat")
+KINDS = PluginTable(PROVIDER_MODULES)
 # The single-provider config of earlier versions: a [gemini] section, plus the one
 # [analysis] key that belonged to it. Read as one provider with the section's name.
 LEGACY_SECTION = "gemini"
@@ -27,17 +27,11 @@ DEFAULT_PROVIDER = {"kind": "gemini"}
 
 
 def register(kind: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.KIND = kind
-        KINDS[kind] = cls
-        return cls
-    return add
+    return KINDS.register(kind)
 
 
 def kinds() -> dict[str, type]:
-    for module in PROVIDER_MODULES:
-        importlib.import_module(module)
-    return KINDS
+    return KINDS.kinds()
 
 
 def kind_of(settings: ProviderSettings) -> type:
