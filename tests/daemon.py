@@ -92,7 +92,7 @@ class RunningVlmguard:
 
     def __init__(self, directory: Path, gemini_url: str | None, *, workers: int = 2, extra: str = "",
                  daemon: str = "", env: dict | None = None, cameras: str | None = None,
-                 analysis: str = ""):
+                 analysis: str = "", segment_seconds: int = 1):
         self.port = free_port()
         self.directory = directory
         self.data_dir = directory / "data"
@@ -107,7 +107,7 @@ class RunningVlmguard:
 port = {self.port}
 [storage]
 data_dir = "{self.data_dir}"
-segment_seconds = 1
+segment_seconds = {segment_seconds}
 archive_seconds = 10
 [analysis]
 workers = {workers}

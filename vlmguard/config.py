@@ -46,6 +46,10 @@ class ServerConfig:
     max_connections: int = opt(256, lo=8, hi=100000)
     header_timeout_seconds: float = opt(10.0, lo=1, hi=300)
     idle_timeout_seconds: float = opt(30.0, lo=1, hi=3600)
+    # The console's sign-in lasts this long (a signed session cookie), then asks again.
+    session_hours: float = opt(12.0, lo=0.01, hi=720)
+    # Console live-update streams (/api/events) held at once; each holds a connection.
+    max_event_streams: int = opt(16, lo=1, hi=1000)
 
     @property
     def is_loopback(self) -> bool:
@@ -93,6 +97,8 @@ class AnalysisConfig:
     static_check_minutes: float = opt(30.0, lo=0, hi=1440)
     # Grey levels (mean over an 8x8 block) that count as a change between keyframes.
     change_threshold: int = opt(24, lo=1, hi=255)
+    # For the console's cost estimate only: what a million tokens cost (any currency).
+    price_per_million_tokens: float = opt(0.0, lo=0, hi=100000)
 
 
 @dataclass(frozen=True)
