@@ -31,12 +31,14 @@ from typing import Callable
 
 import structlog
 
+from vlmguard.clips import save_snapshots
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
                              media_duration, still_video_command)
 from vlmguard.health import Beat, write_state
+from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
 from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
@@ -253,6 +255,9 @@ class Worker:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
                 self.store.complete(job, outcome)  # checks the lease itself
+                if outcome.incidents:  # after the commit: a snapshot is named by incident id
+                    save_snapshots(self.binary, Layout(self.config.data_dir),
+                                   self.store.list_incidents(job.id))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)

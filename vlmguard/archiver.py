@@ -2,7 +2,8 @@
 
 It only reads what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
 finished with), remuxes each into archives/<camera>/<start>.mp4 without re-encoding, and
-registers it. Registering is idempotent, so on start it simply registers every archive on
+registers it. Retention deletes the oldest archives, and with them the snapshots of
+incidents that have no footage left. Registering is idempotent, so on start it simply registers every archive on
 disk again: whatever a crash or a stop left behind is caught up.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from vlmguard.config import Config
 from vlmguard.ffmpeg import ffmpeg_binary, media_duration, remux_to_mp4
 from vlmguard.health import Beat, write_state
-from vlmguard.layout import Layout, archive_start
+from vlmguard.clips import recordings
+from vlmguard.layout import Layout, archive_start, snapshot_id
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.store import JobStore, utcnow
 
@@ -147,6 +149,7 @@ class Archiver:
         total = sum(a.size for a in archives)
         free = shutil.disk_usage(self.layout.data_dir).free
         cutoff = utcnow() - timedelta(days=storage.retention_days)
+        pruned: set[str] = set()
         for archive in archives:
             expired = storage.retention_days > 0 and archive.start < cutoff
             over_budget = storage.max_disk_gb > 0 and total > storage.max_disk_gb * GB
@@ -163,6 +166,21 @@ class Archiver:
             if self.delete(archive):
                 total -= archive.size
                 free += archive.size
+                pruned.add(archive.camera_id)
+        for camera_id in pruned:
+            self.prune_snapshots(camera_id)
+
+    def prune_snapshots(self, camera_id: str) -> None:
+        """An incident's picture goes with the last of its footage: when it ended before
+        the camera's oldest recording left on disk."""
+        files = {snapshot_id(p): p for p in self.layout.snapshots(camera_id).glob("*.jpg")}
+        files.pop(None, None)
+        if not files:
+            return
+        left = recordings(self.layout, camera_id)
+        oldest = left[0].start if left else utcnow()
+        for incident_id in self.store.incidents_ended_before(camera_id, oldest, list(files)):
+            files[incident_id].unlink(missing_ok=True)
 
     def delete(self, archive: ArchiveFile) -> bool:
         try:

@@ -3,6 +3,8 @@
 camera -> FFmpeg writes live/<cam>/ (HLS) and partial/<cam>/ (archive being written);
 the streamer moves a closed archive to closed/<cam>/; the archiver remuxes it into
 archives/<cam>/<start>.mp4 and registers it. A file is only ever in one of these places.
+An analyzer that stores an incident leaves its picture in snapshots/<cam>/<incident id>.jpg;
+the archiver deletes it when the incident's footage is gone.
 """
 
 from __future__ import annotations
@@ -45,10 +47,33 @@ class Layout:
     def archive_root(self) -> Path:
         return self.data_dir / "archives"
 
+    def footage_dirs(self, camera_id: str) -> tuple[Path, ...]:
+        """Where a camera's recorded video may be, oldest stage last: a clip of the last
+        minutes reads the archive FFmpeg is still writing."""
+        return (self.archives(camera_id), self.closed(camera_id), self.partial(camera_id))
+
+    def snapshots(self, camera_id: str) -> Path:
+        return self.data_dir / "snapshots" / camera_id
+
+    def snapshot(self, camera_id: str, incident_id: int) -> Path:
+        """The JPEG of an incident's middle frame (it may not exist: no footage, or gone)."""
+        return self.snapshots(camera_id) / f"{int(incident_id)}.jpg"
+
     def make_dirs(self, camera_id: str) -> None:
         for path in (self.live(camera_id), self.partial(camera_id), self.closed(camera_id),
                      self.archives(camera_id)):
             path.mkdir(parents=True, exist_ok=True)
+
+
+def snapshot_path(data_dir: Path, camera_id: str, incident_id: int) -> Path:
+    """data_dir/snapshots/<camera>/<incident id>.jpg: the one place that says so."""
+    return Layout(Path(data_dir)).snapshot(camera_id, incident_id)
+
+
+def snapshot_id(path: Path) -> int | None:
+    """The incident id a snapshot file is named for, or None for anything else."""
+    stem, dot, ext = path.name.partition(".")
+    return int(stem) if ext == "jpg" and stem.isascii() and stem.isdigit() else None
 
 
 def archive_start(path: Path) -> datetime | None:

@@ -736,6 +736,18 @@ class JobStore:
                 "acknowledged": [dict(r._mapping) for r in acknowledged],
                 "failed": [Job.from_row(r) for r in failures]}
 
+    def incidents_ended_before(self, camera_id: str, before: datetime,
+                               ids: Sequence[int]) -> list[int]:
+        """Which of these incidents of the camera ended before `before` (their footage is
+        gone when that is the camera's oldest recording)."""
+        if not ids:
+            return []
+        query = select(incidents.c.id).where(incidents.c.camera_id == camera_id,
+                                             incidents.c.end_at <= before,
+                                             incidents.c.id.in_(list(ids)))
+        with self.read() as conn:
+            return list(conn.execute(query).scalars())
+
     def counts(self) -> dict[str, dict[str, int]]:
         """{camera_id: {state: n}} with every state present."""
         query = select(jobs.c.camera_id, jobs.c.status, func.count()).group_by(

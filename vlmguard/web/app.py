@@ -10,6 +10,7 @@ from vlmguard.web.console import add_console_routes
 from vlmguard.web.events import add_event_routes
 from vlmguard.web.hls import add_hls_routes
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY
+from vlmguard.web.media import add_media_routes
 from vlmguard.web.session import add_session_routes, auth_middleware
 
 # Other origins may read (players on other pages); POST is not offered to them, so a
@@ -17,7 +18,7 @@ from vlmguard.web.session import add_session_routes, auth_middleware
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Range",
-        "Access-Control-Expose-Headers": "Content-Length, Content-Range"}
+        "Access-Control-Expose-Headers": "Content-Length, Content-Range, X-Clip-Start"}
 
 
 def create_app(config: Config) -> web.Application:
@@ -28,6 +29,7 @@ def create_app(config: Config) -> web.Application:
     add_console_routes(app)
     add_hls_routes(app)
     add_api_routes(app)
+    add_media_routes(app)
     add_event_routes(app)
     return app
 

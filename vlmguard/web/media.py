@@ -1,0 +1,167 @@
+"""Incident media behind the API's token: an incident's snapshot, its clip, any clip.
+
+GET /api/incidents/{id}/snapshot.jpg   the JPEG the analyzer made of the middle frame
+GET /api/incidents/{id}/clip.mp4       the incident with 5 s before and after
+GET /api/clip?camera=ID&start=ISO&duration=S   any stretch of recorded video (<= 600 s)
+
+A clip is cut by FFmpeg (clips.py) into a temporary file in RAM (/dev/shm), then served
+with Range support so a <video> can seek, and deleted. Its time 0 is the wall-clock time in
+the X-Clip-Start header: the requested start, or later when the footage begins later. At
+most MAX_CLIP_JOBS clips are cut or sent at once; a request that waits longer than
+QUEUE_SECONDS for its turn gets 503: no client can take CPU, disk or memory from the
+recording. Database reads go through api.read (a worker thread), archive probing through
+asyncio.to_thread: the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import shutil
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from aiohttp import web
+
+from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan_clip
+from vlmguard.ffmpeg import ffmpeg_binary
+from vlmguard.layout import Layout
+from vlmguard.logs import get_logger
+from vlmguard.web.api import MAX_JOB_ID, BadParameter, checked_int, config_of, read
+from vlmguard.web.keys import CLIP_SLOTS_KEY
+
+log = get_logger("vlmguard.web.media")
+
+MAX_CLIP_JOBS = 2
+QUEUE_SECONDS = 10.0
+INCIDENT_MARGIN = timedelta(seconds=5)
+RAM_DIR = Path("/dev/shm")
+DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
+
+
+def add_media_routes(app: web.Application) -> None:
+    app[CLIP_SLOTS_KEY] = asyncio.Semaphore(MAX_CLIP_JOBS)
+    app.router.add_get("/api/incidents/{id}/snapshot.jpg", snapshot)
+    app.router.add_get("/api/incidents/{id}/clip.mp4", incident_clip)
+    app.router.add_get("/api/clip", clip)
+
+
+def not_found(message: str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(text=f'{{"error": "{message}"}}', content_type="application/json")
+
+
+async def incident_of(request: web.Request) -> dict:
+    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    found = await read(request, lambda config, store: store.get_incident(incident_id))
+    if found is None:
+        raise not_found(f"no incident {incident_id}")
+    return found
+
+
+async def snapshot(request: web.Request) -> web.FileResponse:
+    incident = await incident_of(request)
+    path = Layout(config_of(request).data_dir).snapshot(incident["camera_id"], incident["id"])
+    if not await asyncio.to_thread(path.is_file):
+        raise not_found(f"no snapshot of incident {incident['id']} (none made, or its "
+                        "footage was deleted)")
+    # An incident's picture never changes once made.
+    return web.FileResponse(path, headers={"Content-Type": "image/jpeg",
+                                           "Cache-Control": "private, max-age=86400"})
+
+
+async def incident_clip(request: web.Request) -> web.StreamResponse:
+    incident = await incident_of(request)
+    start = incident["start_at"] - INCIDENT_MARGIN
+    seconds = (incident["end_at"] + INCIDENT_MARGIN - start).total_seconds()
+    return await serve_clip(request, incident["camera_id"], start, min(seconds, MAX_CLIP_SECONDS),
+                            f"incident-{incident['id']}")
+
+
+async def clip(request: web.Request) -> web.StreamResponse:
+    camera = request.query.get("camera")
+    if not camera or config_of(request).camera(camera) is None:
+        raise BadParameter("camera", "required: the id of a configured camera")
+    start = start_param(request)
+    seconds = duration_param(request)
+    return await serve_clip(request, camera, start, seconds,
+                            f"{camera}-{start:%Y%m%dT%H%M%SZ}")
+
+
+def start_param(request: web.Request) -> datetime:
+    raw = request.query.get("start")
+    if raw is None:
+        raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return (when.replace(tzinfo=timezone.utc) if when.tzinfo is None
+                else when.astimezone(timezone.utc))
+    except (ValueError, OverflowError):
+        raise BadParameter("start", "must be an ISO 8601 time in years 1-9999, "
+                           "e.g. 2026-11-26T08:00:00Z") from None
+
+
+def duration_param(request: web.Request) -> float:
+    raw = request.query.get("duration", "60")
+    problem = f"must be seconds, more than 0 and at most {MAX_CLIP_SECONDS}"
+    if not DURATION.fullmatch(raw):
+        raise BadParameter("duration", problem)
+    seconds = float(raw)
+    if not 0 < seconds <= MAX_CLIP_SECONDS or not math.isfinite(seconds):
+        raise BadParameter("duration", problem)
+    return seconds
+
+
+async def serve_clip(request: web.Request, camera_id: str, start: datetime, seconds: float,
+                     name: str) -> web.StreamResponse:
+    slots = request.app[CLIP_SLOTS_KEY]
+    try:
+        async with asyncio.timeout(QUEUE_SECONDS):
+            await slots.acquire()
+    except TimeoutError:
+        raise web.HTTPServiceUnavailable(
+            text='{"error": "busy cutting other clips, retry shortly"}',
+            content_type="application/json", headers={"Retry-After": "5"}) from None
+    workdir = None
+    try:
+        config = config_of(request)
+        binary = ffmpeg_binary()
+        plan = await asyncio.to_thread(plan_clip, binary, Layout(config.data_dir), camera_id,
+                                       start, seconds)
+        if plan is None:
+            raise not_found(f"no recorded video of {camera_id} from {iso(start)} "
+                            f"for {seconds:g} s")
+        workdir = Path(tempfile.mkdtemp(prefix="vlmguard-clip-", dir=ram_dir()))
+        try:
+            path = await cut_clip(binary, plan, workdir)
+        except ClipError as exc:
+            log.warning("clip not cut", camera_id=camera_id, error=str(exc))
+            raise web.HTTPInternalServerError(
+                text='{"error": "the recording could not be cut (see the log)"}',
+                content_type="application/json") from None
+        response = web.FileResponse(path, headers=clip_headers(plan, name))
+        await response.prepare(request)  # sends the file (Range honoured) before it goes
+        return response
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        slots.release()
+
+
+def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
+    return {"Content-Type": "video/mp4", "Cache-Control": "private, no-store",
+            "Content-Disposition": f'inline; filename="{name}.mp4"',
+            "X-Clip-Start": iso(plan.start),
+            # The middleware adds CORS after the handler; this response is sent by then.
+            "Access-Control-Allow-Origin": "*",
+            "Access-Control-Expose-Headers": "Content-Length, Content-Range, X-Clip-Start"}
+
+
+def iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ram_dir() -> str | None:
+    """Clips are copies: kept in RAM, they cost the flash nothing."""
+    return str(RAM_DIR) if RAM_DIR.is_dir() else None
