@@ -92,7 +92,7 @@ class RunningVlmguard:
 
     def __init__(self, directory: Path, gemini_url: str | None, *, workers: int = 2, extra: str = "",
                  daemon: str = "", env: dict | None = None, cameras: str | None = None,
-                 analysis: str = "", segment_seconds: int = 1):
+                 analysis: str = "", segment_seconds: int = 1, server: str = ""):
         self.port = free_port()
         self.directory = directory
         self.data_dir = directory / "data"
@@ -105,6 +105,7 @@ class RunningVlmguard:
         self.config_path.write_text(f"""
 [server]
 port = {self.port}
+{server}
 [storage]
 data_dir = "{self.data_dir}"
 segment_seconds = {segment_seconds}

@@ -432,23 +432,37 @@ async function openIncident(id) {
   $("#ack-note").value = incident.ack_note || "";
   $("#ack-state").textContent = ackText(incident);
   showKeep(incident);
-  const video = $("#clip");
-  $("#clip-error").textContent = "";
-  video.onerror = () => { $("#clip-error").textContent = "This clip cannot be played (its archive may be gone)."; };
-  video.onloadedmetadata = () => {
-    video.currentTime = clipOffset(incident);
-    video.play().catch(() => {});
-  };
-  video.src = `/api/incidents/${incident.id}/clip.mp4`;
   $("#incident-dialog").showModal();
+  await playClip(incident);
 }
 
-// The clip starts up to CLIP_LEAD seconds before the incident (less when the incident is
-// at the start of its archive): seek to the incident's own start.
-const CLIP_LEAD = 5;
-function clipOffset(incident) {
-  const intoArchive = (new Date(incident.start_at) - new Date(incident.segment_start)) / 1000;
-  return Math.max(0, Math.min(CLIP_LEAD, intoArchive));
+// The clip is cut on request; its time 0 is the wall-clock time in X-Clip-Start. It is
+// fetched whole (a few seconds of video) so that header can be read, then played from
+// memory at the incident's own start.
+async function playClip(incident) {
+  const video = $("#clip");
+  $("#clip-error").textContent = "Loading clip…";
+  let response;
+  try {
+    response = await fetch(`/api/incidents/${incident.id}/clip.mp4`, {credentials: "same-origin"});
+  } catch (error) {
+    response = null;
+  }
+  if (!response || !response.ok) {
+    const why = response ? (await response.json().catch(() => ({}))).error || `HTTP ${response.status}` : "network error";
+    $("#clip-error").textContent = `This clip cannot be played: ${why}.`;
+    return;
+  }
+  const clipStart = new Date(response.headers.get("X-Clip-Start") || incident.start_at);
+  const blob = await response.blob();
+  if (state.dialogIncident !== incident) return;  // closed or replaced meanwhile
+  $("#clip-error").textContent = "";
+  if (video.src.startsWith("blob:")) URL.revokeObjectURL(video.src);
+  video.onloadedmetadata = () => {
+    video.currentTime = Math.max(0, (new Date(incident.start_at) - clipStart) / 1000);
+    video.play().catch(() => {});
+  };
+  video.src = URL.createObjectURL(blob);
 }
 
 function showKeep(incident) {
@@ -461,6 +475,7 @@ function showKeep(incident) {
 $("#incident-dialog").addEventListener("close", () => {
   const video = $("#clip");
   video.pause();
+  if (video.src.startsWith("blob:")) URL.revokeObjectURL(video.src);
   video.removeAttribute("src");
   video.load();
   state.dialogIncident = null;
