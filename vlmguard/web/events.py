@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY, HUB_KEY
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
+CHECK_SECONDS = 1.0  # how soon a closed stream's place is freed
 WRITE_TIMEOUT_SECONDS = 10.0
 QUEUE_EVENTS = 64
 RETRY_MS = 2000
@@ -134,14 +136,18 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await send(response, f"retry: {RETRY_MS}\nevent: hello\ndata: {{}}\n\n")
-        while True:
+        quiet_since = time.monotonic()
+        while not gone(request):
             try:
-                message = await asyncio.wait_for(listener.queue.get(), HEARTBEAT_SECONDS)
+                message = await asyncio.wait_for(listener.queue.get(), CHECK_SECONDS)
             except asyncio.TimeoutError:
+                if time.monotonic() - quiet_since < HEARTBEAT_SECONDS:
+                    continue
                 message = ": keep-alive\n\n"
             if message is None:
                 break
             await send(response, message)
+            quiet_since = time.monotonic()
     except ConnectionError:
         pass  # the browser went away; it reconnects by itself if it is still there
     except asyncio.TimeoutError:
@@ -152,6 +158,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         if guard and request.transport is not None:
             guard[0].let_go(request.transport)
     return response
+
+
+def gone(request: web.Request) -> bool:
+    """The browser closed the connection: free its place now, not at the next write."""
+    return request.transport is None or request.transport.is_closing()
 
 
 async def send(response: web.StreamResponse, message: str) -> None:
