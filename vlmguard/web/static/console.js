@@ -517,7 +517,8 @@ function table(headers, rows) {
   return el("table", {},
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col", class: typeof h === "object" ? "num" : null}, typeof h === "object" ? h.num : h)))),
     el("tbody", {}, rows.map((row) => el("tr", {}, row.map((cell) =>
-      el("td", {class: typeof cell === "number" ? "num" : null}, cell === null || cell === undefined ? "-" : cell))))));
+      el("td", {class: typeof cell === "number" ? "num" : null},
+         cell === null || cell === undefined ? "-" : typeof cell === "number" ? cell.toLocaleString() : cell))))));
 }
 
 function bytes(n) {
@@ -568,7 +569,7 @@ async function loadStatus() {
   const total = Object.values(today).reduce((sum, t) => sum + t.total, 0);
   const price = report.price_per_million_tokens;
   $("#tokens").replaceChildren(
-    table(["Camera", {num: "Tokens today"}], Object.entries(today).map(([cam, t]) => [cam, t.total.toLocaleString()])),
+    table(["Camera", {num: "Tokens today"}], Object.entries(today).map(([cam, t]) => [cam, t.total])),
     el("p", {}, `Total ${total.toLocaleString()} tokens today (UTC day)` +
       (price ? `, estimated cost ${(total / 1e6 * price).toFixed(2)} at ${price} per million.` :
                ". Set analysis.price_per_million_tokens for a cost estimate.")));
