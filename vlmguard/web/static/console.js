@@ -558,7 +558,8 @@ async function loadStatus() {
     table(["Camera", ...states.map((s) => ({num: s}))],
           [...Object.entries(jobs.by_camera).map(([cam, n]) => [cam, ...states.map((s) => n[s])]),
            ["All", ...states.map((s) => jobs[s])]]),
-    el("p", {class: "muted"}, `Oldest pending job: ${seconds(jobs.oldest_pending_age_s)} old.`));
+    el("p", {class: "muted"}, jobs.oldest_pending_age_s === null ? "No job pending."
+      : `Oldest pending job: ${seconds(jobs.oldest_pending_age_s)} old.`));
   const anyLag = report.cameras.some((c) => lagOf(report, c) !== null);
   $("#lag").replaceChildren(table(["Camera", "State", {num: "Segment age"}, {num: "Restarts"},
                                    {num: anyLag ? "Analysis lag" : "Pending"}],
@@ -580,11 +581,12 @@ async function loadStatus() {
     : el("p", {class: "error"}, "The daemon is not running."));
   const a = report.archives;
   const used = a.budget_bytes ? el("meter", {min: 0, max: a.budget_bytes, value: a.bytes, "aria-label": "Archive use of budget"}) : null;
-  $("#disk").replaceChildren(
+  $("#disk").replaceChildren(...[
     el("p", {}, `Archives: ${a.count} files, ${bytes(a.bytes)}` + (a.budget_bytes ? ` of ${bytes(a.budget_bytes)} budget` : " (no budget set)")),
     used,
     el("p", {}, `Free on the data disk: ${bytes(a.disk_free_bytes)} (minimum ${bytes(a.min_free_bytes)}).`),
-    el("p", {}, `Kept (exempt from retention): ${a.kept ? `${a.kept.count} archives, ${bytes(a.kept.bytes)}` : "-"}.`));
+    el("p", {}, `Kept (exempt from retention): ${a.kept ? `${a.kept.count} archives, ${bytes(a.kept.bytes)}` : "-"}.`),
+  ].filter(Boolean));
   $("#failures").replaceChildren(report.failures.length
     ? table(["Job", "Camera", "Clip start", "Reason", ""], report.failures.map((f) => [
         String(f.id), f.camera_id, timeText(f.segment_start), f.error_message,
