@@ -19,15 +19,19 @@ from typing import Any
 
 from aiohttp import web
 
+from vlmguard.logs import get_logger
 from vlmguard.status import incident_row, iso, live_cameras
 from vlmguard.web.api import with_store
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY, HUB_KEY
+
+log = get_logger("vlmguard.web.events")
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
 CHECK_SECONDS = 1.0  # how soon a closed stream's place is freed
 WRITE_TIMEOUT_SECONDS = 10.0
 QUEUE_EVENTS = 64
+ERROR_PAUSE_SECONDS = 5.0
 RETRY_MS = 2000
 
 
@@ -83,9 +87,15 @@ class EventHub:
         online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
         while self.listeners:
             await asyncio.sleep(POLL_SECONDS)
-            changes = await with_store(self.app, lambda config, store: store.changes_since(*cursor))
+            try:
+                changes = await with_store(self.app,
+                                           lambda config, store: store.changes_since(*cursor))
+                now_online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
+            except Exception as exc:  # a database hiccup: the streams wait, they do not end
+                log.warning("event poll failed, retrying", error=str(exc))
+                await asyncio.sleep(ERROR_PAUSE_SECONDS)
+                continue
             cursor = self.publish_changes(changes, cursor)
-            now_online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
             for camera, is_online in now_online.items():
                 if online.get(camera) != is_online:
                     self.publish("camera", {"id": camera, "online": is_online})

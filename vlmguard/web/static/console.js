@@ -561,7 +561,7 @@ async function loadStatus() {
     el("p", {class: "muted"}, jobs.oldest_pending_age_s === null ? "No job pending."
       : `Oldest pending job: ${seconds(jobs.oldest_pending_age_s)} old.`));
   const anyLag = report.cameras.some((c) => lagOf(report, c) !== null);
-  $("#lag").replaceChildren(table(["Camera", "State", {num: "Segment age"}, {num: "Restarts"},
+  $("#lag").replaceChildren(table(["Camera", "State", "Segment age", {num: "Restarts"},
                                    {num: anyLag ? "Analysis lag" : "Pending"}],
     report.cameras.map((c) => [c.id, c.online ? "live" : "OFFLINE", seconds(c.segment_age_s),
                                c.ffmpeg_restarts,
