@@ -372,13 +372,16 @@ value = st.one_of(st.sampled_from(NUMBERS + TIMES + ["failed", "pending,failed",
                   st.text(max_size=20).map(lambda t: quote(t, safe="")),
                   st.binary(max_size=10).map(lambda b: quote(b, safe="")))
 param = st.tuples(st.sampled_from(["limit", "offset", "state", "camera", "since", "severity",
-                                   "token", "x"]), value)
+                                   "token", "start", "duration", "x"]), value)
 ENDPOINTS = ["/api/jobs", "/api/incidents", "/api/health", "/api/cameras", "/metrics", "/",
-             "/live/cam1/index.m3u8", "/live/cam1/seg-100.ts", "/api/jobs/1"]
+             "/live/cam1/index.m3u8", "/live/cam1/seg-100.ts", "/api/jobs/1", "/api/clip",
+             "/api/incidents/1/clip.mp4", "/api/incidents/1/snapshot.jpg"]
 endpoint = st.one_of(st.sampled_from(ENDPOINTS),
-                     st.one_of(st.sampled_from(NUMBERS), st.integers().map(str),
-                               st.text(max_size=8).map(lambda t: quote(t, safe="")))
-                     .map(lambda n: f"/api/jobs/{n}"))
+                     st.tuples(st.one_of(st.sampled_from(NUMBERS), st.integers().map(str),
+                                         st.text(max_size=8).map(lambda t: quote(t, safe=""))),
+                               st.sampled_from(["/api/jobs/{}", "/api/incidents/{}/clip.mp4",
+                                                "/api/incidents/{}/snapshot.jpg"]))
+                     .map(lambda pair: pair[1].format(pair[0])))
 header_value = st.one_of(
     st.sampled_from(["bytes=0-", "bytes=-1", "bytes=5-1", "bytes=99999999999999999999-",
                      "bytes=0-0,0-0,0-0", "bytes=--", "Bearer", "Bearer ", f"Bearer {TOKEN}",

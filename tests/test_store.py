@@ -194,6 +194,22 @@ def test_complete_writes_result_and_incidents_together(store):
     assert all(r["camera_id"] == "cam1" for r in rows)
 
 
+def test_incident_by_id_and_those_whose_footage_is_gone(store):
+    register(store)
+    job = store.claim("w1")
+    store.complete(job, outcome(40, [
+        IncidentRecord(T0 + timedelta(seconds=30), T0 + timedelta(seconds=42), "fall", "high", "a"),
+        IncidentRecord(T0 + timedelta(seconds=300), T0 + timedelta(seconds=310), "fire", "low", "b")]))
+    first, second = sorted(r["id"] for r in store.list_incidents(job.id))
+    assert store.get_incident(first)["description"] == "a"
+    assert store.get_incident(second + 1000) is None
+    ids = [first, second, second + 1000]
+    assert store.incidents_ended_before("cam1", T0 + timedelta(seconds=60), ids) == [first]
+    assert sorted(store.incidents_ended_before("cam1", T0 + timedelta(hours=1), ids)) == [first, second]
+    assert store.incidents_ended_before("cam2", T0 + timedelta(hours=1), ids) == []
+    assert store.incidents_ended_before("cam1", T0 + timedelta(hours=1), []) == []
+
+
 def test_complete_twice_writes_one_result(store):
     register(store)
     job = store.claim("w1")

@@ -31,7 +31,7 @@ from typing import Callable
 
 import structlog
 
-from vlmguard.clips import save_snapshots
+from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
@@ -254,10 +254,8 @@ class Worker:
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
-                self.store.complete(job, outcome)  # checks the lease itself
-                if outcome.incidents:  # after the commit: a snapshot is named by incident id
-                    save_snapshots(self.binary, Layout(self.config.data_dir),
-                                   self.store.list_incidents(job.id))
+                complete_with_snapshots(self.store, job, outcome, self.binary,
+                                        Layout(self.config.data_dir))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)

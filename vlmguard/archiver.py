@@ -2,9 +2,9 @@
 
 It only reads what the streamer handed over in closed/<camera>/ (MPEG-TS files FFmpeg has
 finished with), remuxes each into archives/<camera>/<start>.mp4 without re-encoding, and
-registers it. Retention deletes the oldest archives, and with them the snapshots of
-incidents that have no footage left. Registering is idempotent, so on start it simply registers every archive on
-disk again: whatever a crash or a stop left behind is caught up.
+registers it. Registering is idempotent, so on start it simply registers every archive on
+disk again: whatever a crash or a stop left behind is caught up. Retention deletes the
+oldest archives, and with them the snapshots of incidents that have no footage left.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ log = get_logger("vlmguard.archiver")
 LOOP_SECONDS = 1.0
 RETENTION_EVERY_SECONDS = 30.0
 GB = 1_000_000_000
+STALE_STAGED_SECONDS = 3600
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -172,7 +173,14 @@ class Archiver:
 
     def prune_snapshots(self, camera_id: str) -> None:
         """An incident's picture goes with the last of its footage: when it ended before
-        the camera's oldest recording left on disk."""
+        the camera's oldest recording left on disk. A picture staged by an analyzer that
+        died before its commit is swept once it is an hour old."""
+        for staged in self.layout.snapshots(camera_id).glob("*.part"):
+            try:
+                if time.time() - staged.stat().st_mtime > STALE_STAGED_SECONDS:
+                    staged.unlink()
+            except OSError:
+                continue
         files = {snapshot_id(p): p for p in self.layout.snapshots(camera_id).glob("*.jpg")}
         files.pop(None, None)
         if not files:

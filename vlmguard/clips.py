@@ -5,24 +5,30 @@ Files are found through layout.py (archive_start reads a file's start from its n
 length is probed), whatever their container (.mp4 or .ts), in every place footage lives,
 so a clip of the last minutes reads the archive FFmpeg is still writing.
 
-A clip is `ffmpeg -ss OFFSET -f concat -i LIST -t DURATION -c copy`: the seek lands on the
-keyframe at or before the start, and the MP4 muxer writes an edit list that hides the frames
-before it, so the clip's time 0 is the requested start (FFmpeg, Chromium and Firefox honour
-the edit list) and nothing is decoded. The web side runs it; nothing here imports aiohttp.
+A clip is the concat demuxer over those files, the first entered at `inpoint` (the demuxer
+seeks it to the keyframe at or before the start), with -copyts: the frames between that
+keyframe and the start keep negative times, and the MP4 muxer writes an edit list that
+hides them. So nothing is decoded, the clip's time 0 is the requested start (FFmpeg and
+Chromium honour the edit list; both are tested), and what is copied is the range plus at most
+one GOP. (`-ss` before a concat input does not work here: FFmpeg 5.1 cannot seek the
+concat demuxer and then copies every packet from the first file's start.) The inpoint is
+in the file's own times: an MPEG-TS file starts at ~1.4 s, not 0, so its start is probed
+and added. The web side runs it; nothing here imports aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
-from itertools import takewhile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from vlmguard.ffmpeg import child_env, media_duration, parent_death_prefix
+from vlmguard.ffmpeg import child_env, parent_death_prefix
 from vlmguard.layout import Layout, archive_start
 from vlmguard.logs import get_logger
 
@@ -31,6 +37,7 @@ log = get_logger("vlmguard.clips")
 MAX_CLIP_SECONDS = 600
 CUT_TIMEOUT_SECONDS = 120.0
 SNAPSHOT_WIDTH = 640  # enough to see what happened on a phone; ~20-40 kB
+TIMES = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+), start: (-?\d+\.\d+)")
 
 
 class ClipError(Exception):
@@ -51,6 +58,30 @@ class ClipPlan:
     offset: float
     start: datetime  # the wall-clock time of the clip's time 0
     duration: float
+    lead: float = 0.0  # the first file's own start time (MPEG-TS: ~1.4 s)
+    bytes_per_second: float = 0.0  # the first file's, to foresee the clip's size
+
+    @property
+    def expected_bytes(self) -> int:
+        return int(self.bytes_per_second * self.duration)
+
+
+Probe = Callable[[str, Path], "tuple[float, float] | None"]
+
+
+def media_times(binary: str, path: Path, timeout: float = 30) -> tuple[float, float] | None:
+    """(start, duration) in seconds of a video file as `ffmpeg -i` reads them; None when
+    it cannot tell (not video, gone, or FFmpeg hung on it)."""
+    try:
+        proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-i", str(path)],
+                              capture_output=True, text=True, timeout=timeout, env=child_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = TIMES.search(proc.stderr)
+    if not match:
+        return None
+    hours, minutes, seconds, start = match.groups()
+    return float(start), int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def recordings(layout: Layout, camera_id: str) -> list[Footage]:
@@ -70,51 +101,59 @@ def recordings(layout: Layout, camera_id: str) -> list[Footage]:
 
 
 def plan_clip(binary: str, layout: Layout, camera_id: str, start: datetime, seconds: float,
-              duration_of: Callable[[str, Path], float | None] = media_duration
-              ) -> ClipPlan | None:
+              probe: Probe = media_times) -> ClipPlan | None:
     """The files covering [start, start + seconds), or None when none does. Footage that
     begins later than start makes the clip begin there (ClipPlan.start says so)."""
     end = start + timedelta(seconds=seconds)
-    chosen = covering(binary, recordings(layout, camera_id), start, end, duration_of)
+    found = recordings(layout, camera_id)
+    before = [f for f in found if f.start <= start]
+    # Only the file begun before the range is probed (does it last until start?): the
+    # others' starts are in their names.
+    times = probe(binary, before[-1].path) if before else None
+    if times and before[-1].start + timedelta(seconds=times[1]) > start:
+        chosen = [before[-1]]
+    else:
+        chosen, times = [], None
+    chosen += [f for f in found if start < f.start < end]
     if not chosen:
         return None
-    # The concat demuxer cannot join an MP4 to an MPEG-TS (their timestamps start apart):
+    # The concat demuxer cannot join an MP4 to an MPEG-TS (their times start apart):
     # a clip that crosses a change of archive format stops at it.
     chosen = list(takewhile(lambda f: f.path.suffix == chosen[0].path.suffix, chosen))
     first = chosen[0]
+    times = times or probe(binary, first.path)
     clip_start = max(start, first.start)
     return ClipPlan(files=tuple(f.path for f in chosen),
                     offset=(clip_start - first.start).total_seconds(), start=clip_start,
-                    duration=(end - clip_start).total_seconds())
+                    duration=(end - clip_start).total_seconds(),
+                    lead=times[0] if times else 0.0, bytes_per_second=rate(first.path, times))
 
 
-def covering(binary: str, found: list[Footage], start: datetime, end: datetime,
-             duration_of: Callable[[str, Path], float | None]) -> list[Footage]:
-    """The file that began at or before start, if it lasts past it (only it is probed:
-    the others' starts are in their names), then every file beginning inside the range."""
-    before = [f for f in found if f.start <= start]
-    chosen = []
-    if before:
-        length = duration_of(binary, before[-1].path)
-        if length and before[-1].start + timedelta(seconds=length) > start:
-            chosen.append(before[-1])
-    return chosen + [f for f in found if start < f.start < end]
+def rate(path: Path, times: tuple[float, float] | None) -> float:
+    try:
+        return path.stat().st_size / times[1] if times and times[1] > 0 else 0.0
+    except OSError:
+        return 0.0
 
 
-def concat_list(files: Iterable[Path]) -> str:
-    quoted = ("'" + str(path).replace("'", "'\\''") + "'" for path in files)
-    return "ffconcat version 1.0\n" + "".join(f"file {q}\n" for q in quoted)
+def concat_list(plan: ClipPlan) -> str:
+    lines = ["ffconcat version 1.0"]
+    for n, path in enumerate(plan.files):
+        lines.append("file '" + str(path).replace("'", "'\\''") + "'")
+        if n == 0:  # in the file's own times, which for MPEG-TS do not start at 0
+            lines.append(f"inpoint {plan.lead + plan.offset:.6f}")
+    return "\n".join(lines) + "\n"
 
 
 def cut_command(binary: str, plan: ClipPlan, list_file: Path, target: Path) -> list[str]:
     """Stream copy into an MP4 with its index first (a <video> starts at once); one
     thread and nice 10, so a clip never takes time from the live stream's FFmpeg."""
-    source = (["-f", "concat", "-safe", "0", "-i", str(list_file)] if len(plan.files) > 1
-              else ["-i", str(plan.files[0])])
     nice = shutil.which("nice")
-    return [*parent_death_prefix(), *([nice, "-n", "10"] if nice else []), binary, "-hide_banner", "-nostdin",
-            "-loglevel", "error", "-y", "-threads", "1", "-ss", f"{plan.offset:.3f}", *source,
-            "-t", f"{plan.duration:.3f}", "-map", "0:v:0", "-map", "0:a?", "-c", "copy",
+    return [*parent_death_prefix(), *([nice, "-n", "10"] if nice else []), binary,
+            "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-threads", "1",
+            "-f", "concat", "-safe", "0",
+            "-i", str(list_file), "-copyts", "-t", f"{plan.duration:.3f}",
+            "-map", "0:v:0", "-map", "0:a?", "-c", "copy",
             "-movflags", "+faststart", "-f", "mp4", str(target)]
 
 
@@ -122,7 +161,7 @@ async def cut_clip(binary: str, plan: ClipPlan, workdir: Path) -> Path:
     """Run FFmpeg (a child process, awaited: the event loop goes on serving) and return
     the finished MP4 in workdir. Cancelling this kills FFmpeg."""
     list_file = workdir / "list.ffconcat"
-    list_file.write_text(concat_list(plan.files))
+    list_file.write_text(concat_list(plan))
     target = workdir / "clip.mp4"
     proc = await asyncio.create_subprocess_exec(
         *cut_command(binary, plan, list_file, target), stdin=asyncio.subprocess.DEVNULL,
@@ -153,38 +192,74 @@ def snapshot_command(binary: str, source: Path, offset: float, target: Path) -> 
             "-f", "image2", "-c:v", "mjpeg", str(target)]
 
 
-def save_snapshot(binary: str, layout: Layout, camera_id: str, incident_id: int,
-                  when: datetime) -> Path | None:
-    """The picture at `when`, written to layout.snapshot(); None (logged) when there is no
+def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
+                 target: Path) -> bool:
+    """The camera's picture at `when` written to target; False (logged) when there is no
     footage then or FFmpeg failed: an incident is stored with or without its picture."""
     found = [f for f in recordings(layout, camera_id) if f.start <= when]
     if not found:
         log.warning("no footage for the incident's snapshot", camera_id=camera_id,
-                    incident_id=incident_id)
-        return None
-    target = layout.snapshot(camera_id, incident_id)
-    partial = target.with_name(target.name + ".part")
+                    at=when.isoformat())
+        return False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(snapshot_command(binary, found[-1].path,
-                                               (when - found[-1].start).total_seconds(), partial),
+                                               (when - found[-1].start).total_seconds(), target),
                               capture_output=True, text=True, timeout=60, env=child_env())
-        if proc.returncode != 0 or not partial.exists() or partial.stat().st_size == 0:
-            reason = (proc.stderr.strip().splitlines() or ["no frame at that time"])[-1]
-            log.warning("snapshot not made", camera_id=camera_id, incident_id=incident_id,
-                        error=reason[:300])
-            partial.unlink(missing_ok=True)
-            return None
-        partial.rename(target)  # whoever sees the file sees all of it
+        if proc.returncode == 0 and target.exists() and target.stat().st_size > 0:
+            return True
+        reason = (proc.stderr.strip().splitlines() or ["no frame at that time"])[-1][:300]
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("snapshot not made", camera_id=camera_id, incident_id=incident_id,
-                    error=str(exc))
-        partial.unlink(missing_ok=True)
+        reason = str(exc)
+    log.warning("snapshot not made", camera_id=camera_id, at=when.isoformat(), error=reason)
+    target.unlink(missing_ok=True)
+    return False
+
+
+def save_snapshot(binary: str, layout: Layout, camera_id: str, incident_id: int,
+                  when: datetime) -> Path | None:
+    """The picture of a stored incident, made now and put in place in one rename."""
+    target = layout.snapshot(camera_id, incident_id)
+    partial = target.with_name(target.name + ".part")
+    if not make_picture(binary, layout, camera_id, when, partial):
         return None
+    partial.rename(target)
     return target
 
 
-def save_snapshots(binary: str, layout: Layout, incidents: Iterable[dict[str, Any]]) -> None:
-    """A picture of each stored incident's middle frame (rows as JobStore returns them)."""
-    for incident in incidents:
-        save_snapshot(binary, layout, incident["camera_id"], incident["id"], middle(incident))
+def complete_with_snapshots(store: Any, job: Any, outcome: Any, binary: str,
+                            layout: Layout) -> None:
+    """store.complete(job, outcome), each incident's picture made before the commit and
+    put in place by a rename right after it: whoever reads a committed incident (the
+    notifier attaching it to a message) finds its picture milliseconds later, not after
+    an FFmpeg run per incident. Pictures are named by incident id, known only then."""
+    staged = [stage_picture(binary, layout, job, n, incident)
+              for n, incident in enumerate(outcome.incidents)]
+    try:
+        store.complete(job, outcome)  # checks the lease itself
+        if any(staged):
+            publish(layout, outcome.incidents, staged, store.list_incidents(job.id))
+    finally:
+        for path in staged:
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def stage_picture(binary: str, layout: Layout, job: Any, n: int, incident: Any) -> Path | None:
+    target = layout.snapshots(job.camera_id) / f"job{job.id}-{n}.jpg.part"
+    when = incident.start_at + (incident.end_at - incident.start_at) / 2
+    return target if make_picture(binary, layout, job.camera_id, when, target) else None
+
+
+def publish(layout: Layout, incidents: list[Any], staged: list[Path | None],
+            rows: list[dict[str, Any]]) -> None:
+    """Each staged picture renamed to its stored incident's id (matched by content)."""
+    left = dict(enumerate(incidents))
+    for row in sorted(rows, key=lambda r: r["id"]):
+        for n, incident in left.items():
+            if (incident.start_at, incident.end_at, incident.category, incident.description) \
+                    == (row["start_at"], row["end_at"], row["category"], row["description"]):
+                del left[n]
+                if staged[n] is not None:
+                    staged[n].rename(layout.snapshot(row["camera_id"], row["id"]))
+                break

@@ -5,7 +5,7 @@ GET /api/incidents/{id}/clip.mp4       the incident with 5 s before and after
 GET /api/clip?camera=ID&start=ISO&duration=S   any stretch of recorded video (<= 600 s)
 
 A clip is cut by FFmpeg (clips.py) into a temporary file in RAM (/dev/shm), then served
-with Range support so a <video> can seek, and deleted. Its time 0 is the wall-clock time in
+with Range support so a <video> can seek, and deleted (ClipResponse). Its time 0 is the wall-clock time in
 the X-Clip-Start header: the requested start, or later when the footage begins later. At
 most MAX_CLIP_JOBS clips are cut or sent at once; a request that waits longer than
 QUEUE_SECONDS for its turn gets 503: no client can take CPU, disk or memory from the
@@ -16,6 +16,7 @@ asyncio.to_thread: the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import shutil
@@ -38,6 +39,7 @@ MAX_CLIP_JOBS = 2
 QUEUE_SECONDS = 10.0
 INCIDENT_MARGIN = timedelta(seconds=5)
 RAM_DIR = Path("/dev/shm")
+MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
 
 
@@ -49,7 +51,7 @@ def add_media_routes(app: web.Application) -> None:
 
 
 def not_found(message: str) -> web.HTTPNotFound:
-    return web.HTTPNotFound(text=f'{{"error": "{message}"}}', content_type="application/json")
+    return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
 
 
 async def incident_of(request: web.Request) -> dict:
@@ -132,6 +134,11 @@ async def serve_clip(request: web.Request, camera_id: str, start: datetime, seco
         if plan is None:
             raise not_found(f"no recorded video of {camera_id} from {iso(start)} "
                             f"for {seconds:g} s")
+        if not room_for(plan.expected_bytes):
+            raise web.HTTPServiceUnavailable(
+                text='{"error": "not enough free memory for this clip now: ask for a '
+                     'shorter one or retry later"}',
+                content_type="application/json", headers={"Retry-After": "30"})
         workdir = Path(tempfile.mkdtemp(prefix="vlmguard-clip-", dir=ram_dir()))
         try:
             path = await cut_clip(binary, plan, workdir)
@@ -140,26 +147,66 @@ async def serve_clip(request: web.Request, camera_id: str, start: datetime, seco
             raise web.HTTPInternalServerError(
                 text='{"error": "the recording could not be cut (see the log)"}',
                 content_type="application/json") from None
-        response = web.FileResponse(path, headers=clip_headers(plan, name))
-        await response.prepare(request)  # sends the file (Range honoured) before it goes
-        return response
-    finally:
+        response = ClipResponse(path, workdir, slots, headers=clip_headers(plan, name))
+    except BaseException:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         slots.release()
+        raise
+    return response  # it owns the slot and the file now
+
+
+class ClipResponse(web.FileResponse):
+    """A clip made for one request: sent (Range honoured, so a <video> can seek), then
+    deleted and its slot freed, also when the client went away mid-way."""
+
+    def __init__(self, path: Path, workdir: Path, slots: asyncio.Semaphore, **kwargs):
+        super().__init__(path, **kwargs)
+        self.workdir = workdir
+        self.slots = slots
+
+    async def prepare(self, request: web.BaseRequest):
+        if self.workdir is None:  # aiohttp may call prepare again once it is sent
+            return await web.StreamResponse.prepare(self, request)
+        try:
+            return await super().prepare(request)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            self.slots.release()
 
 
 def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
     return {"Content-Type": "video/mp4", "Cache-Control": "private, no-store",
             "Content-Disposition": f'inline; filename="{name}.mp4"',
-            "X-Clip-Start": iso(plan.start),
-            # The middleware adds CORS after the handler; this response is sent by then.
-            "Access-Control-Allow-Origin": "*",
-            "Access-Control-Expose-Headers": "Content-Length, Content-Range, X-Clip-Start"}
+            "X-Clip-Start": iso(plan.start)}
 
 
 def iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def room_for(size: int) -> bool:
+    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
+    machine keep MEMORY_RESERVE available besides."""
+    try:
+        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
+    except OSError:
+        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
+    available = memory_available()
+    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
+
+
+def memory_available() -> int | None:
+    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def ram_dir() -> str | None:
