@@ -106,3 +106,14 @@ def test_other_origins_are_not_offered_post(tmp_path):
             "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
         return answer.headers["Access-Control-Allow-Methods"]
     assert "POST" not in run(make_config(tmp_path), script)
+
+
+def test_the_token_itself_needs_no_csrf_but_a_cookie_does(tmp_path):
+    async def script(client):
+        by_query = await client.post("/api/jobs/1/retry?token=tok")
+        by_header = await client.post("/api/jobs/1/retry", headers={"Authorization": "Bearer tok"})
+        anonymous = await client.post("/api/jobs/1/retry")
+        await client.post("/api/session", json={"token": "tok"})
+        by_cookie = await client.post("/api/jobs/1/retry")
+        return by_query.status, by_header.status, anonymous.status, by_cookie.status
+    assert run(make_config(tmp_path), script) == (409, 409, 401, 403)

@@ -7,10 +7,11 @@ HttpOnly and SameSite=Strict, signed with a key derived from the token (so chang
 token signs everyone out, and a restart does not). The console shell and its static files
 need nothing: they hold no data, and they must load to show the sign-in form.
 
-A POST changes state (acknowledge, keep, retry). Sent with a Bearer header it is a
-script's, which no other site can make a browser send; otherwise it needs the CSRF token
-the page got from GET /api/session, in the X-CSRF-Token header: a cookie alone, which a
-browser attaches by itself, is refused.
+A POST changes state (acknowledge, keep, retry). Sent with the token itself (a Bearer
+header or ?token=) it is a script's, and no other site knows the token; otherwise (the
+session cookie, or a server without a token) it needs the CSRF token the page got from
+GET /api/session, in the X-CSRF-Token header: a cookie alone, which a browser attaches by
+itself, is refused.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ async def auth_middleware(request: web.Request, handler):
         raise web.HTTPUnauthorized(text="token required\n",
                                    headers={"WWW-Authenticate": "Bearer"})
     request[VIA_KEY] = via or ""
-    if request.method == "POST" and request.path != "/api/session" and via != "bearer":
+    if request.method == "POST" and request.path != "/api/session" and \
+            via not in ("bearer", "token"):
         given = request.headers.get(CSRF_HEADER, "")
         if not hmac.compare_digest(given.encode(errors="surrogateescape"),
                                    csrf_token(request).encode()):
