@@ -95,7 +95,8 @@ class RunningVlmguard:
 
     def __init__(self, directory: Path, gemini_url: str | None, *, workers: int = 2, extra: str = "",
                  daemon: str = "", env: dict | None = None, cameras: str | None = None,
-                 analysis: str = "", window_seconds: int = 0):
+                 analysis: str = "", window_seconds: int = 0, segment_seconds: int = 1,
+                 server: str = ""):
         self.port = free_port()
         self.directory = directory
         self.data_dir = directory / "data"
@@ -108,9 +109,10 @@ class RunningVlmguard:
         self.config_path.write_text(f"""
 [server]
 port = {self.port}
+{server}
 [storage]
 data_dir = "{self.data_dir}"
-segment_seconds = 1
+segment_seconds = {segment_seconds}
 archive_seconds = 10
 [analysis]
 workers = {workers}

@@ -151,7 +151,7 @@ def test_token_required_when_set(tmp_path):
     assert fetch(config, "GET", "/live/cam1/index.m3u8")[0] == 401
     assert fetch(config, "GET", "/live/cam1/index.m3u8?token=wrong")[0] == 401
     assert fetch(config, "GET", "/live/cam1/seg-100.ts")[0] == 401
-    assert fetch(config, "GET", "/")[0] == 401
+    assert fetch(config, "GET", "/api/cameras")[0] == 401
     status, _, _ = fetch(config, "GET", "/live/cam1/index.m3u8",
                          headers={"Authorization": "Bearer s3cret"})
     assert status == 200
@@ -168,16 +168,6 @@ def test_cors_preflight(tmp_path):
                                         "Access-Control-Request-Method": "GET"})
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
     assert "Authorization" in headers["Access-Control-Allow-Headers"]
-
-
-def test_index_lists_cameras_with_links(tmp_path):
-    config = make_config(tmp_path)
-    fill_live(config)
-    status, headers, body = fetch(config, "GET", "/")
-    text = body.decode()
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert '<a href="/live/cam1/index.m3u8">cam1</a> (live)' in text
-    assert '<a href="/live/cam2/index.m3u8">cam2</a> (offline)' in text
 
 
 def test_public_host_without_token_refused(tmp_path):

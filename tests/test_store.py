@@ -412,7 +412,7 @@ def test_database_from_schema_version_1_is_upgraded(db_url):
             "'2026-01-01 00:10:01')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 6
+        assert store.schema_version() == SCHEMA_VERSION
         job = store.claim("w")
         assert job.camera_id == "old" and job.analysis_seconds is None
         assert job.kind == "archive" and job.priority == 0 and job.first_frame_at == job.segment_start
@@ -437,7 +437,7 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 12.5)")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 6
+        assert store.schema_version() == SCHEMA_VERSION
         [old] = store.list_jobs()
         assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
         register(store)
@@ -472,7 +472,7 @@ def test_database_from_schema_version_3_is_upgraded_in_place(db_url):
             "'2026-01-01 00:10:01', 0, 3, '2026-01-01 00:10:01', 500, 'gemini-3.8-flash')")
     engine.dispose()
     with JobStore(db_url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 6
+        assert store.schema_version() == SCHEMA_VERSION
         [old] = store.list_jobs()
         assert (old.total_tokens, old.model_version, old.provider, old.model) == \
             (500, "gemini-3.8-flash", None, None)
@@ -629,3 +629,60 @@ def test_a_window_claimed_meanwhile_is_not_merged(store):
 def test_in_flight_paths_name_the_archives_a_window_covers(store):
     window(store, 0)
     assert {"/ram/cam1/0/clip.ffconcat", "/data/cam1/a.ts"} <= store.in_flight_paths()
+def two_incidents(store):
+    register(store)
+    job = store.claim("w1")
+    found = [IncidentRecord(T0 + timedelta(seconds=30), T0 + timedelta(seconds=42), "fall",
+                            "high", "person falls from ladder", 0.9),
+             IncidentRecord(T0 + timedelta(seconds=300), T0 + timedelta(seconds=310), "fire",
+                            "critical", "smoke near machine", 0.7)]
+    store.complete(job, outcome(40, found))
+    return job, store.list_incidents(job.id)
+
+
+def test_incident_filters_count_and_categories(store):
+    job, _ = two_incidents(store)
+    assert store.incident_categories() == ["fall", "fire"]
+    assert [r["category"] for r in store.find_incidents(categories=["fire"])] == ["fire"]
+    until = T0 + timedelta(seconds=100)
+    assert [r["category"] for r in store.find_incidents(until=until)] == ["fall"]
+    assert store.count_incidents(severities=["high", "critical"]) == 2
+    assert store.count_incidents(camera_id="cam2") == 0
+    assert store.find_incidents()[0]["kept_at"] is None
+
+
+def test_acknowledge_stores_time_and_note_and_feeds_changes(store):
+    job, (fall, fire) = two_incidents(store)
+    cursor = store.event_cursor()
+    assert cursor[0] == fire["id"]
+    when = store.acknowledge(fall["id"], "checked on site")
+    assert when is not None and store.acknowledge(10**9, None) is None
+    found = store.get_incident(fall["id"])
+    assert (found["acknowledged_at"], found["ack_note"]) == (when, "checked on site")
+    assert found["video_path"] == job.video_path
+    changes = store.changes_since(*cursor)
+    assert [r["id"] for r in changes["acknowledged"]] == [fall["id"]]
+    assert changes["stored"] == [] and changes["failed"] == []
+    assert store.changes_since(*store.event_cursor())["acknowledged"] == []
+
+
+def test_kept_archive_is_listed_until_released(store):
+    job, (fall, _) = two_incidents(store)
+    assert store.kept_paths() == set()
+    assert store.keep_archive(job.id, True) and not store.keep_archive(10**9, True)
+    assert store.kept_paths() == {job.video_path}
+    assert store.get_incident(fall["id"])["kept_at"] is not None
+    assert store.get(job.id).kept_at is not None
+    store.keep_archive(job.id, False)
+    assert store.kept_paths() == set()
+
+
+def test_changes_since_reports_new_incidents_and_failures(store):
+    cursor = store.event_cursor()
+    assert cursor == (0, None, None)
+    register(store, 1)
+    store.fail(store.claim("w1"), "model said no", permanent=True)
+    _, (fall, fire) = two_incidents(store)
+    changes = store.changes_since(*cursor)
+    assert [r["id"] for r in changes["stored"]] == [fall["id"], fire["id"]]
+    assert [j.error_message for j in changes["failed"]] == ["model said no"]

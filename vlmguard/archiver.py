@@ -286,9 +286,11 @@ class Archiver:
         return sorted(found, key=lambda a: a.start)
 
     def enforce_retention(self) -> None:
-        """Oldest first: past retention_days, over max_disk_gb, or under min_free_gb."""
+        """Oldest first: past retention_days, over max_disk_gb, or under min_free_gb;
+        never an archive a person keeps (the console's "keep") until it is released."""
         storage = self.config.storage
         in_flight = self.store.in_flight_paths()
+        kept = self.store.kept_paths()
         archives = self.archives()
         total = sum(a.size for a in archives)
         free = shutil.disk_usage(self.layout.data_dir).free
@@ -298,7 +300,7 @@ class Archiver:
             expired = storage.retention_days > 0 and archive.start < cutoff
             over_budget = storage.max_disk_gb > 0 and total > storage.max_disk_gb * GB
             disk_filling = free < storage.min_free_gb * GB
-            if not (expired or over_budget or disk_filling):
+            if not (expired or over_budget or disk_filling) or str(archive.path) in kept:
                 continue
             unanalysed = str(archive.path) in in_flight
             if unanalysed and not disk_filling:

@@ -49,6 +49,10 @@ class ServerConfig:
     idle_timeout_seconds: float = opt(30.0, lo=1, hi=3600)
     # How people and systems outside reach this server (alert links); empty: http://host:port.
     public_url: str = opt("")
+    # The console's sign-in lasts this long (a signed session cookie), then asks again.
+    session_hours: float = opt(12.0, lo=0.01, hi=720)
+    # Console live-update streams (/api/events) held at once; each holds a connection.
+    max_event_streams: int = opt(16, lo=1, hi=1000)
 
     @property
     def is_loopback(self) -> bool:
@@ -103,6 +107,8 @@ class AnalysisConfig:
     window_seconds: int = opt(60, lo=0, hi=600)
     # Past this lag a camera's waiting windows are merged into longer jobs.
     max_lag_seconds: float = opt(600.0, lo=30, hi=86400)
+    # For the console's cost estimate only: what a million tokens cost (any currency).
+    price_per_million_tokens: float = opt(0.0, lo=0, hi=100000)
 
 
 @dataclass(frozen=True)

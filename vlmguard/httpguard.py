@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vlmguard.config import Config, ServerConfig
 from vlmguard.logs import get_logger
+from vlmguard.web.keys import GUARD_KEY
 
 log = get_logger("vlmguard.http")
 
@@ -128,6 +129,20 @@ class ConnectionGuard:
                 return True
         return False
 
+    def hold_open(self, transport: asyncio.BaseTransport) -> None:
+        """A long answer (the console's event stream) hears nothing from its client by
+        design: never shed it as stalled. Its own route caps how many there are."""
+        for connection in self.live:
+            if connection.transport is transport:
+                connection.streaming = True
+                self.heard.pop(connection, None)
+
+    def let_go(self, transport: asyncio.BaseTransport) -> None:
+        for connection in self.live:
+            if connection.transport is transport:
+                connection.streaming = False
+                connection.note_activity()
+
     def count(self, what: str) -> None:
         self.shed[what] += 1
         if self.summary is None:
@@ -163,6 +178,7 @@ class GuardedConnection(asyncio.Protocol):
         self.tail = b""
         self.shed = False
         self.started = False  # aiohttp's handler has the connection
+        self.streaming = False  # answering with a stream: exempt from idle eviction
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -209,6 +225,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def note_activity(self) -> None:
         self.guard.heard.pop(self, None)
+        if self.streaming:
+            return
         self.guard.heard[self] = asyncio.get_running_loop().time()
 
     def await_head(self) -> None:
@@ -333,6 +351,9 @@ async def start_server(app: web.Application, config: Config) -> web.AppRunner:
         log.warning("max_connections lowered to fit the open-file limit",
                     max_connections=server.max_connections, open_files=open_files, cap=cap)
     guard = ConnectionGuard(cap, server.header_timeout_seconds, server.idle_timeout_seconds)
+    holder = app.get(GUARD_KEY)
+    if holder is not None:
+        holder.append(guard)  # routes that stream mark their connections through it
     runner = web.AppRunner(app, access_log=None, logger=ServerLog(guard),
                            keepalive_timeout=server.idle_timeout_seconds)
     await runner.setup()

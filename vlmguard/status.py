@@ -118,6 +118,7 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
         camera["analysis_lag_s"] = round(lags.get(camera["id"], 0.0), 1)
         camera["windows_merged"] = merged.get(camera["id"], 0)
     report["alerts"] = alerts_report(store)
+    report["archives"]["kept"] = kept_report(store.kept_paths())
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
@@ -205,6 +206,17 @@ def archive_report(config: Config) -> dict[str, Any]:
     return {"count": count, "bytes": size, "oldest": iso(oldest),
             "budget_bytes": int(config.storage.max_disk_gb * GB) or None,
             "disk_free_bytes": free, "min_free_bytes": int(config.storage.min_free_gb * GB)}
+
+
+def kept_report(paths: set[str]) -> dict[str, int]:
+    """Archives kept out of retention by hand: how many, and the bytes still on disk."""
+    size = 0
+    for path in paths:
+        try:
+            size += Path(path).stat().st_size
+        except OSError:
+            continue
+    return {"count": len(paths), "bytes": size}
 
 
 def worker_report(states: dict[str, dict]) -> list[dict[str, Any]]:
@@ -326,7 +338,10 @@ def render_status(report: dict[str, Any]) -> str:
     archives = report["archives"]
     budget = f" of {archives['budget_bytes'] / GB:.1f} GB" if archives["budget_bytes"] else ""
     free = f", {archives['disk_free_bytes'] / GB:.1f} GB free" if archives["disk_free_bytes"] else ""
-    lines.append(f"archives  {archives['count']} files, {archives['bytes'] / GB:.2f} GB{budget}{free}")
+    kept = archives.get("kept", {}).get("count")
+    kept = f", {kept} kept (exempt from retention)" if kept else ""
+    lines.append(f"archives  {archives['count']} files, {archives['bytes'] / GB:.2f} GB{budget}{free}"
+                 f"{kept}")
     jobs = report["jobs"]
     oldest = (f"  (oldest pending {format_age(jobs['oldest_pending_age_s'])})"
               if jobs["oldest_pending_age_s"] is not None else "")

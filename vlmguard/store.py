@@ -32,7 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 STATES = ("pending", "processing", "completed", "failed")
 # What a job covers: a whole archive file (window_seconds = 0), one live window, windows
 # merged because analysis lagged, or footage found unanalysed (catch-up, after live work).
@@ -105,6 +105,8 @@ jobs = Table(
     Column("sources", JSON),
     Column("priority", Integer, nullable=False, default=0, server_default="0"),
     Column("windows", Integer, nullable=False, default=1, server_default="1"),
+    # Set while a person keeps the archive: retention leaves it alone until released.
+    Column("kept_at", UTCDateTime),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -126,6 +128,8 @@ incidents = Table(
     Column("severity", String(16), nullable=False),
     Column("description", Text, nullable=False),
     Column("confidence", Float),
+    Column("acknowledged_at", UTCDateTime),
+    Column("ack_note", Text),
     Index("ix_incidents_camera_start", "camera_id", "start_at"),
     Index("ix_incidents_start", "start_at"),
     Index("ix_incidents_job", "job_id"),
@@ -207,6 +211,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ON analysis_jobs (status, priority, run_after)"),
     # 6: alert_deliveries is new; create_all makes it.
     6: (),
+    7: ("ALTER TABLE incidents ADD COLUMN acknowledged_at TIMESTAMP",
+        "ALTER TABLE incidents ADD COLUMN ack_note TEXT",
+        "ALTER TABLE analysis_jobs ADD COLUMN kept_at TIMESTAMP"),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
@@ -258,6 +265,7 @@ class Job:
     sources: Any = None
     priority: int = 0
     windows: int = 1
+    kept_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -1010,24 +1018,87 @@ class JobStore:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def find_incidents(self, *, camera_id: str | None = None, since: datetime | None = None,
-                       severities: Sequence[str] = (), limit: int = 50,
+                       until: datetime | None = None, severities: Sequence[str] = (),
+                       categories: Sequence[str] = (), limit: int = 50,
                        offset: int = 0) -> list[dict[str, Any]]:
-        """Incidents newest first, optionally of one camera, since a time, of some severities."""
-        query = (select(incidents).order_by(incidents.c.start_at.desc(), incidents.c.id.desc())
+        """Incidents newest first, optionally of one camera, in a time range, of some
+        severities or categories; each with its archive's kept_at."""
+        query = (incident_query(camera_id, since, until, severities, categories)
+                 .order_by(incidents.c.start_at.desc(), incidents.c.id.desc())
                  .limit(limit).offset(offset))
-        if camera_id:
-            query = query.where(incidents.c.camera_id == camera_id)
-        if since:
-            query = query.where(incidents.c.start_at >= since)
-        if severities:
-            query = query.where(incidents.c.severity.in_(severities))
         with self.read() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def get_incident(self, incident_id: int) -> dict[str, Any] | None:
+    def count_incidents(self, *, camera_id: str | None = None, since: datetime | None = None,
+                        until: datetime | None = None, severities: Sequence[str] = (),
+                        categories: Sequence[str] = ()) -> int:
+        inner = incident_query(camera_id, since, until, severities, categories).subquery()
         with self.read() as conn:
-            row = conn.execute(select(incidents).where(incidents.c.id == incident_id)).first()
+            return conn.execute(select(func.count()).select_from(inner)).scalar_one()
+
+    def incident_categories(self) -> list[str]:
+        with self.read() as conn:
+            return list(conn.execute(select(incidents.c.category).distinct()
+                                     .order_by(incidents.c.category)).scalars())
+
+    def get_incident(self, incident_id: int) -> dict[str, Any] | None:
+        """One incident with its archive (video_path, segment_start/end, kept_at)."""
+        query = (select(*incidents.c, jobs.c.kept_at, jobs.c.video_path, jobs.c.segment_start,
+                        jobs.c.segment_end)
+                 .join(jobs, jobs.c.id == incidents.c.job_id)
+                 .where(incidents.c.id == incident_id))
+        with self.read() as conn:
+            row = conn.execute(query).first()
         return dict(row._mapping) if row else None
+
+    def acknowledge(self, incident_id: int, note: str | None) -> datetime | None:
+        """Mark an incident seen (again: the note is replaced); its time, None if no such."""
+        now = utcnow()
+        with self.write() as conn:
+            changed = conn.execute(update(incidents).where(incidents.c.id == incident_id)
+                                   .values(acknowledged_at=now, ack_note=note or None)).rowcount
+        return now if changed else None
+
+    def keep_archive(self, job_id: int, keep: bool) -> bool:
+        """Keep a job's archive out of retention's reach, or release it; False if no job."""
+        with self.write() as conn:
+            changed = conn.execute(update(jobs).where(jobs.c.id == job_id)
+                                   .values(kept_at=utcnow() if keep else None)).rowcount
+        return bool(changed)
+
+    def kept_paths(self) -> set[str]:
+        """Archives a person keeps: retention never deletes them."""
+        with self.read() as conn:
+            return set(conn.execute(select(jobs.c.video_path)
+                                    .where(jobs.c.kept_at.is_not(None))).scalars())
+
+    def event_cursor(self) -> tuple[int, datetime | None, datetime | None]:
+        """Where the event feed starts: the newest incident id, acknowledgement and failure."""
+        with self.read() as conn:
+            last_id = conn.execute(select(func.max(incidents.c.id))).scalar() or 0
+            acked = conn.execute(select(func.max(incidents.c.acknowledged_at))).scalar()
+            failed = conn.execute(select(func.max(jobs.c.completed_at))
+                                  .where(jobs.c.status == "failed")).scalar()
+        return last_id, acked, failed
+
+    def changes_since(self, last_id: int, acked: datetime | None, failed: datetime | None,
+                      limit: int = 100) -> dict[str, list]:
+        """Incidents stored and acknowledged, and jobs failed, after the cursor's marks."""
+        with self.read() as conn:
+            stored = conn.execute(select(incidents).where(incidents.c.id > last_id)
+                                  .order_by(incidents.c.id).limit(limit)).all()
+            ack_query = select(incidents).where(incidents.c.acknowledged_at.is_not(None))
+            if acked is not None:
+                ack_query = ack_query.where(incidents.c.acknowledged_at > acked)
+            acknowledged = conn.execute(ack_query.order_by(incidents.c.acknowledged_at)
+                                        .limit(limit)).all()
+            fail_query = select(jobs).where(jobs.c.status == "failed")
+            if failed is not None:
+                fail_query = fail_query.where(jobs.c.completed_at > failed)
+            failures = conn.execute(fail_query.order_by(jobs.c.completed_at).limit(limit)).all()
+        return {"stored": [dict(r._mapping) for r in stored],
+                "acknowledged": [dict(r._mapping) for r in acknowledged],
+                "failed": [Job.from_row(r) for r in failures]}
 
     def incidents_ended_before(self, camera_id: str, before: datetime,
                                ids: Sequence[int]) -> list[int]:
@@ -1112,6 +1183,22 @@ class JobStore:
                  .order_by(jobs.c.completed_at.desc(), jobs.c.id.desc()).limit(limit))
         with self.read() as conn:
             return [Job.from_row(row) for row in conn.execute(query)]
+
+
+def incident_query(camera_id: str | None, since: datetime | None, until: datetime | None,
+                   severities: Sequence[str], categories: Sequence[str]):
+    query = select(*incidents.c, jobs.c.kept_at).join(jobs, jobs.c.id == incidents.c.job_id)
+    if camera_id:
+        query = query.where(incidents.c.camera_id == camera_id)
+    if since:
+        query = query.where(incidents.c.start_at >= since)
+    if until:
+        query = query.where(incidents.c.start_at < until)
+    if severities:
+        query = query.where(incidents.c.severity.in_(severities))
+    if categories:
+        query = query.where(incidents.c.category.in_(categories))
+    return query
 
 
 def already_added(conn: Connection, statement: str) -> bool:

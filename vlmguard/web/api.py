@@ -43,11 +43,15 @@ def config_of(request: web.Request) -> Config:
 
 
 async def read(request: web.Request, work: Callable[[Config, JobStore], Any]) -> Any:
-    """Run a database read off the event loop, with this process's JobStore."""
-    config = config_of(request)
+    """Run a database read (or a write) off the event loop, with this process's JobStore."""
+    return await with_store(request.app, work)
+
+
+async def with_store(app: web.Application, work: Callable[[Config, JobStore], Any]) -> Any:
+    config = app[CONFIG_KEY]
 
     def run() -> Any:
-        holder = request.app[STORE_KEY]
+        holder = app[STORE_KEY]
         if not holder:
             holder.append(JobStore.from_config(config, create=False))
         return work(config, holder[0])
@@ -94,20 +98,28 @@ def camera_param(request: web.Request) -> str | None:
     return camera
 
 
-def since_param(request: web.Request) -> datetime | None:
-    raw = request.query.get("since")
+def since_param(request: web.Request, name: str = "since") -> datetime | None:
+    raw = request.query.get(name)
     if raw is None:
         return None
     try:
         when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise BadParameter("since", "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
+        raise BadParameter(name, "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
     if when.tzinfo is None:
         return when.replace(tzinfo=timezone.utc)
     try:  # 9999-12-31T23:59:59-23:59 is a valid time that UTC cannot hold
         return when.astimezone(timezone.utc)
     except OverflowError:
-        raise BadParameter("since", "out of range: years 1-9999 in UTC") from None
+        raise BadParameter(name, "out of range: years 1-9999 in UTC") from None
+
+
+def category_params(request: web.Request) -> list[str]:
+    values = [v for raw in request.query.getall("category", []) for v in raw.split(",") if v]
+    for value in values:
+        if len(value) > 100:
+            raise BadParameter("category", "at most 100 characters")
+    return values
 
 
 async def health(request: web.Request) -> web.Response:
@@ -150,16 +162,21 @@ async def job(request: web.Request) -> web.Response:
 
 
 async def incidents(request: web.Request) -> web.Response:
-    camera = camera_param(request)
-    since = since_param(request)
+    """Newest first. severity=X means X or worse; until is exclusive; total counts every
+    match, for paging."""
+    where = dict(camera_id=camera_param(request), since=since_param(request),
+                 until=since_param(request, "until"), categories=category_params(request))
     severity = choice_params(request, "severity", SEVERITIES)
-    worse = SEVERITIES[min(SEVERITIES.index(s) for s in severity):] if severity else ()
+    where["severities"] = SEVERITIES[min(SEVERITIES.index(s) for s in severity):] if severity else ()
     limit = int_param(request, "limit", 50, 1, MAX_PAGE)
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
-    rows = await read(request, lambda config, store: store.find_incidents(
-        camera_id=camera, since=since, severities=worse, limit=limit, offset=offset))
+
+    def work(config, store):
+        return (store.find_incidents(**where, limit=limit, offset=offset),
+                store.count_incidents(**where))
+    rows, total = await read(request, work)
     return web.json_response({"incidents": [incident_row(r) for r in rows], "limit": limit,
-                              "offset": offset})
+                              "offset": offset, "total": total})
 
 
 async def metrics(request: web.Request) -> web.Response:

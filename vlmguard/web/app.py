@@ -1,17 +1,20 @@
-"""The app factory and the middlewares every route shares (CORS, token)."""
+"""The app factory and the middlewares every route shares (CORS, auth)."""
 
 from __future__ import annotations
-
-import hmac
 
 from aiohttp import web
 
 from vlmguard.config import Config
 from vlmguard.web.api import add_api_routes
+from vlmguard.web.console import add_console_routes
+from vlmguard.web.events import add_event_routes
 from vlmguard.web.hls import add_hls_routes
+from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY
 from vlmguard.web.media import add_media_routes
-from vlmguard.web.keys import CONFIG_KEY
+from vlmguard.web.session import add_session_routes, auth_middleware
 
+# Other origins may read (players on other pages); POST is not offered to them, so a
+# browser never sends another site's state-changing request (its preflight fails).
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Range",
@@ -19,11 +22,15 @@ CORS = {"Access-Control-Allow-Origin": "*",
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware, token_middleware])
+    app = web.Application(middlewares=[cors_middleware, auth_middleware])
     app[CONFIG_KEY] = config
+    app[GUARD_KEY] = []
+    add_session_routes(app)
+    add_console_routes(app)
     add_hls_routes(app)
     add_api_routes(app)
     add_media_routes(app)
+    add_event_routes(app)
     return app
 
 
@@ -36,23 +43,6 @@ async def cors_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         exc.headers.update(CORS)
         raise
-    response.headers.update(CORS)
+    if not response.prepared:  # an event stream sent its headers already
+        response.headers.update(CORS)
     return response
-
-
-@web.middleware
-async def token_middleware(request: web.Request, handler):
-    expected = request.app[CONFIG_KEY].server.token
-    if expected and not token_ok(request, expected):
-        raise web.HTTPUnauthorized(text="token required\n",
-                                   headers={"WWW-Authenticate": "Bearer"})
-    return await handler(request)
-
-
-def token_ok(request: web.Request, expected: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-    # Undecodable bytes reach us as surrogates: compare them, never fail on them.
-    return hmac.compare_digest(given.encode(errors="surrogateescape"),
-                               expected.encode(errors="surrogateescape"))
-

@@ -10,7 +10,6 @@ video (one cause of the seed's "old video after coming back").
 
 from __future__ import annotations
 
-import html
 import math
 import re
 import time
@@ -18,7 +17,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from vlmguard.layout import Layout, playlist_age, stale_after
+from vlmguard.layout import Layout, stale_after
 from vlmguard.livelist import Window, render, served_window
 from vlmguard.web.keys import CONFIG_KEY, TARGETS_KEY
 
@@ -28,29 +27,8 @@ PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 
 def add_hls_routes(app: web.Application) -> None:
     app[TARGETS_KEY] = {}  # camera -> largest target duration served, so it never shrinks
-    app.router.add_get("/", index)
     app.router.add_get("/live/{camera}/index.m3u8", playlist)
     app.router.add_get("/live/{camera}/{segment}", segment)
-
-
-def token_suffix(request: web.Request) -> str:
-    """"?token=..." for links on a page, when the server wants a token: a player that
-    followed a link with the token in its query needs it on the next one too."""
-    token = request.app[CONFIG_KEY].server.token
-    return f"?token={quote(token, safe='')}" if token else ""
-
-
-async def index(request: web.Request) -> web.Response:
-    config = request.app[CONFIG_KEY]
-    layout = Layout(config.data_dir)
-    rows = []
-    for camera in config.cameras:
-        url = f"/live/{camera.id}/index.m3u8{token_suffix(request)}"
-        state = "live" if playlist_age(layout.live(camera.id)) < stale_after(config) else "offline"
-        rows.append(f'<li><a href="{html.escape(url)}">{html.escape(camera.id)}</a> ({state})</li>')
-    body = ("<!doctype html><title>vlmguard</title><h1>vlmguard cameras</h1>"
-            f"<ul>{''.join(rows)}</ul>")
-    return web.Response(text=body, content_type="text/html")
 
 
 def known_camera(request: web.Request) -> str:

@@ -7,4 +7,8 @@ from vlmguard.config import Config
 CONFIG_KEY = web.AppKey("config", Config)
 STORE_KEY = web.AppKey("store", list)
 TARGETS_KEY = web.AppKey("targets", dict)
+SECRET_KEY = web.AppKey("secret", bytes)
+STATIC_KEY = web.AppKey("static", dict)
+HUB_KEY = web.AppKey("hub", object)
+GUARD_KEY = web.AppKey("guard", list)  # the ConnectionGuard, once the server runs
 CLIP_SLOTS_KEY = web.AppKey("clip_slots", object)  # an asyncio.Semaphore
