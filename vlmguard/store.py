@@ -1067,10 +1067,17 @@ class JobStore:
         return bool(changed)
 
     def kept_paths(self) -> set[str]:
-        """Archives a person keeps: retention never deletes them."""
+        """Archives a person keeps: retention never deletes them. A window's job keeps the
+        archive file(s) its footage lies in (its sources), not only its RAM copy."""
         with self.read() as conn:
-            return set(conn.execute(select(jobs.c.video_path)
-                                    .where(jobs.c.kept_at.is_not(None))).scalars())
+            rows = conn.execute(select(jobs.c.video_path, jobs.c.sources)
+                                .where(jobs.c.kept_at.is_not(None))).all()
+        kept = set()
+        for video_path, sources in rows:
+            kept.add(video_path)
+            kept.update(str(s["path"]) for s in sources or ()
+                        if isinstance(s, dict) and s.get("path"))
+        return kept
 
     def event_cursor(self) -> tuple[int, datetime | None, datetime | None]:
         """Where the event feed starts: the newest incident id, acknowledgement and failure."""
