@@ -677,6 +677,18 @@ def test_kept_archive_is_listed_until_released(store):
     assert store.kept_paths() == set()
 
 
+def test_a_kept_window_keeps_the_archives_its_footage_lies_in(store):
+    sources = [{"path": "/data/archives/cam1/20261126T080000Z.ts", "offset_s": 540.0,
+                "duration_s": 60.0},
+               {"path": "/data/archives/cam1/20261126T081000Z.ts", "offset_s": 0.0,
+                "duration_s": 2.0}]
+    job_id = store.register("cam1", "/dev/shm/windows/cam1/20261126T080900Z.ffconcat",
+                            T0, T0 + timedelta(seconds=60), sources=sources)
+    store.keep_archive(job_id, True)
+    assert store.kept_paths() == {"/dev/shm/windows/cam1/20261126T080900Z.ffconcat",
+                                  *(s["path"] for s in sources)}
+
+
 def test_changes_since_reports_new_incidents_and_failures(store):
     cursor = store.event_cursor()
     assert cursor == (0, None, None)
