@@ -537,10 +537,9 @@ function seconds(s) {
 }
 
 function lagOf(report, camera) {
-  // Analysis lag, where the daemon reports it (per camera); else the oldest pending job's age.
-  const perCamera = report.analysis?.lag_seconds || report.analysis?.lag || {};
-  const value = camera.analysis_lag_s ?? camera.lag_s ?? perCamera[camera.id];
-  return value ?? null;
+  // Analysis lag per camera (now minus the end of its oldest unanalysed window), when the
+  // daemon reports it; an older daemon does not, and the column shows pending jobs instead.
+  return camera.analysis_lag_s ?? null;
 }
 
 async function loadStatus() {
