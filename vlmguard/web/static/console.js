@@ -516,8 +516,9 @@ function refreshListItem(incident) {
 function table(headers, rows) {
   return el("table", {},
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col", class: typeof h === "object" ? "num" : null}, typeof h === "object" ? h.num : h)))),
-    el("tbody", {}, rows.map((row) => el("tr", {}, row.map((cell) =>
-      el("td", {class: typeof cell === "number" ? "num" : null},
+    el("tbody", {}, rows.map((row) => el("tr", {}, row.map((cell, i) =>
+      // A cell lines up with its header: a numeric column's text ("3 s") too.
+      el("td", {class: typeof cell === "number" || typeof headers[i] === "object" ? "num" : null},
          cell === null || cell === undefined ? "-" : typeof cell === "number" ? cell.toLocaleString() : cell))))));
 }
 
