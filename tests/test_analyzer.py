@@ -468,6 +468,23 @@ def test_unusable_archive_fails_at_once(setup, gemini, tmp_path, content, messag
     store.close()
 
 
+def test_a_failure_while_stopping_hands_the_job_back(setup, gemini, tmp_path):
+    """On a stop every process of the unit is signalled, FFmpeg too: its failure then is
+    not the footage's, and the job must wait for the next start rather than fail."""
+    config, store = setup()
+    path = tmp_path / "20261126T080000Z.mp4"
+    path.write_bytes(b"\x00garbage" * 1000)  # fails to prepare, as a killed FFmpeg does
+    register(store, path)
+    worker = Worker(config, store, "test-worker")
+    job = store.next_job("test-worker", timeout=5)
+    worker.stopping.set()
+    worker.process(job)
+    job = store.get(job.id)
+    assert (job.status, job.error_message, job.retry_count) == ("pending", None, 0)
+    assert gemini.generate_requests == []
+    store.close()
+
+
 def test_no_api_key_leaves_jobs_pending(setup, gemini, archive, monkeypatch):
     config, store = setup()
     monkeypatch.delenv("GEMINI_API_KEY")

@@ -272,8 +272,14 @@ class Worker:
             except LeaseLost:
                 log.warning("lease lost, job dropped without writing")
             except AnalysisError as exc:
-                self.record_failure(job, str(exc), permanent=not exc.retryable,
-                                    retry_after=exc.retry_after)
+                if self.stopping.is_set():
+                    # On a stop every process of the unit is signalled at once, FFmpeg
+                    # too: a failure now says nothing about the footage.
+                    log.info("failed while stopping, handed back", error=str(exc))
+                    self.hand_back(job)
+                else:
+                    self.record_failure(job, str(exc), permanent=not exc.retryable,
+                                        retry_after=exc.retry_after)
             except Exception as exc:  # a bug must fail one job, not the worker
                 log.exception("unexpected error")
                 self.record_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
