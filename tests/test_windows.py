@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from vlmguard.store import JobStore
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import takewhile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from vlmguard.ffmpeg import child_env, parent_death_prefix
 from vlmguard.layout import Layout, archive_start

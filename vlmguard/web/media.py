@@ -30,7 +30,8 @@ from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.web.api import MAX_JOB_ID, BadParameter, checked_int, config_of, read
+from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
+                              since_param)
 from vlmguard.web.keys import CLIP_SLOTS_KEY
 
 log = get_logger("vlmguard.web.media")
@@ -92,16 +93,10 @@ async def clip(request: web.Request) -> web.StreamResponse:
 
 
 def start_param(request: web.Request) -> datetime:
-    raw = request.query.get("start")
-    if raw is None:
+    when = since_param(request, "start")
+    if when is None:
         raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
-    try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        return (when.replace(tzinfo=timezone.utc) if when.tzinfo is None
-                else when.astimezone(timezone.utc))
-    except (ValueError, OverflowError):
-        raise BadParameter("start", "must be an ISO 8601 time in years 1-9999, "
-                           "e.g. 2026-11-26T08:00:00Z") from None
+    return when
 
 
 def duration_param(request: web.Request) -> float:
