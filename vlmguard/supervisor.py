@@ -69,10 +69,10 @@ class Role:
     args: Callable[[Config, int], tuple]
     hang_seconds: Callable[[Config], float]
     stop_order: int
+    pool: bool = False  # several at once: children are numbered (analyzer-0, analyzer-1 ...)
 
     def child_name(self, config: Config, index: int) -> str:
-        # A role of which there may be several numbers its children (analyzer-0 ...).
-        return f"{self.name}-{index}" if self.name == "analyzer" else self.name
+        return f"{self.name}-{index}" if self.pool else self.name
 
 
 def one(_config: Config) -> int:
@@ -112,7 +112,8 @@ def notifier_count(config: Config) -> int:
 # incidents), then the notifier (which sends what they made), then the streamer (which
 # closes the open archive), then the archiver (which registers it on the way out).
 ROLES = (
-    Role("analyzer", analyzer.main, analyzer_count, config_and_index, analyzer_hang, 0),
+    Role("analyzer", analyzer.main, analyzer_count, config_and_index, analyzer_hang, 0,
+         pool=True),
     Role("notifier", notifier.main, notifier_count, config_only, daemon_hang, 1),
     Role("streamer", streamer.main, one, config_only, daemon_hang, 2),
     Role("archiver", archiver.main, one, config_only, daemon_hang, 3),
