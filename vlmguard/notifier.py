@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vlmguard.alerts import registry
-from vlmguard.alerts.plan import MQTT
 from vlmguard.config import Config
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
@@ -170,21 +169,27 @@ class Notifier:
                         retry_in_s=round(delay, 1), **fields)
 
     def retry_after_reconnect(self) -> None:
-        mqtt = self.destinations.get(MQTT)
-        if mqtt is not None and mqtt.came_back.is_set():
-            mqtt.came_back.clear()
-            self.store.deliveries_due_now(MQTT)
+        """A destination that keeps a connection (came_back: set on reconnect) gets its
+        waiting deliveries at once, not after their backoff."""
+        for name, destination in self.destinations.items():
+            came_back = getattr(destination, "came_back", None)
+            if came_back is not None and came_back.is_set():
+                came_back.clear()
+                self.store.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
         from vlmguard.status import live_cameras
 
-        mqtt = self.destinations.get(MQTT)
         state = {"sent": self.sent, "in_flight": len(self.in_flight)}
         if state != self.last_state:  # the data disk may be flash: write on change only
             write_state(self.config.data_dir, "notifier", state)
             self.last_state = state
-        if mqtt is not None:
-            mqtt.set_camera_states({c["id"]: bool(c["online"]) for c in live_cameras(self.config)})
+        # Destinations that publish camera states (set_camera_states) get them.
+        listeners = [d for d in self.destinations.values() if hasattr(d, "set_camera_states")]
+        if listeners:
+            online = {c["id"]: bool(c["online"]) for c in live_cameras(self.config)}
+            for destination in listeners:
+                destination.set_camera_states(online)
 
     async def finish(self) -> None:
         """Let what is in flight end (briefly); what does not stays claimed and goes
