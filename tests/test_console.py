@@ -248,6 +248,8 @@ def test_keyboard_and_phone_width(console, tmp_path):
         page.focus(".tile")
         page.keyboard.press("Enter")
         page.wait_for_function("() => location.hash === '#/live/gate'")
+        # The view redraws after the hash changes: wait for it before counting.
+        page.wait_for_function("() => document.querySelectorAll('.tile').length === 1")
         assert page.locator(".tile").count() == 1
     finally:
         page.close()
