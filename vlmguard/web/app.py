@@ -1,4 +1,4 @@
-"""The app factory and the middlewares every route shares (Host check, CORS, auth).
+"""The app factory and what every route shares: the Host check, CORS, auth.
 
 With a token, any origin may read (a player page elsewhere still needs the token), so the
 answers carry "Access-Control-Allow-Origin: *". Without one (open mode, loopback only),
@@ -96,9 +96,10 @@ def loopback_origin(origin: str) -> bool:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[host_middleware, cors_middleware, auth_middleware])
+    app = web.Application(middlewares=[host_middleware, preflight_middleware, auth_middleware])
     app[CONFIG_KEY] = config
     app[ACCESS_KEY] = Access.of(config.server)
+    app.on_response_prepare.append(add_cors_headers)
     app[GUARD_KEY] = []
     add_session_routes(app)
     add_console_routes(app)
@@ -119,15 +120,16 @@ async def host_middleware(request: web.Request, handler):
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler):
-    headers = request.app[ACCESS_KEY].cors(request.headers.get("Origin"))
+async def preflight_middleware(request: web.Request, handler):
     if request.method == "OPTIONS":  # a browser's preflight: no route, no token
-        return web.Response(status=204, headers=headers)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers.update(headers)
-        raise
-    if not response.prepared:  # an event stream sent its headers already
-        response.headers.update(headers)
-    return response
+        return web.Response(status=204)
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's CORS headers, errors and streamed answers (clips, events) included:
+    aiohttp calls this right before it sends the headers."""
+    for name, value in request.app[ACCESS_KEY].cors(request.headers.get("Origin")).items():
+        if name == "Vary" and response.headers.get("Vary"):
+            value = f"{response.headers['Vary']}, {value}"  # e.g. Accept-Encoding stays
+        response.headers[name] = value
