@@ -394,7 +394,7 @@ def test_ram_folder_that_is_a_symlink_or_open_to_others_is_refused(ram_config, t
 def test_ram_folder_is_made_private_and_an_old_one_of_ours_closed(ram_config):
     path, folder = ram_config
     layout = Layout(load_config(path).data_dir)
-    os.umask(old := os.umask(0))  # whatever umask: 0700 all the same
+    old = os.umask(0)  # whatever the umask: 0700 all the same
     try:
         layout.make_dirs("cam1")
     finally:

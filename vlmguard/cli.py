@@ -173,8 +173,8 @@ def jobs(config_path, states, camera_id, limit, as_json):
         else:
             score = "-" if job.safety_score is None else job.safety_score
             echo(f"{job.id:>6}  {job.camera_id:<16} {job.segment_start:%Y-%m-%d %H:%M:%S}  "
-                       f"{job.status:<10} score {score:<3} retries {job.retry_count}/{job.max_retries}"
-                       + (f"  {job.error_message}" if job.error_message else ""))
+                 f"{job.status:<10} score {score:<3} retries {job.retry_count}/{job.max_retries}"
+                 + (f"  {job.error_message}" if job.error_message else ""))
 
 
 @main.command()

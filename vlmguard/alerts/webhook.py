@@ -5,7 +5,7 @@ got an attempt whose answer was lost can tell. With a secret, the body is signed
 X-Vlmguard-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>"> with the
 X-Vlmguard-Timestamp sent alongside (a receiver can refuse old timestamps: replays).
 
-A delivery has one deadline, TIMEOUT_SECONDS from the first byte sent to the last read,
+A delivery has one deadline, TIMEOUT_SECONDS from connecting to the last byte read,
 however slowly a receiver drips its answer; of the answer's body at most
 MAX_ANSWER_BYTES are read (only its start is kept, as the failure's reason) and the
 connection is closed on the rest, so a receiver answering gigabytes costs nothing.
