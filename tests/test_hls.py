@@ -71,11 +71,12 @@ def fetch(config, method, path, **kwargs):
 def test_playlist_headers_and_rewrite(tmp_path):
     config = make_config(tmp_path)
     fill_live(config)
-    status, headers, body = fetch(config, "GET", "/live/cam1/index.m3u8")
+    status, headers, body = fetch(config, "GET", "/live/cam1/index.m3u8",
+                                  headers={"Origin": "http://127.0.0.1:9"})
     assert status == 200
     assert headers["Content-Type"].startswith("application/vnd.apple.mpegurl")
     assert headers["Cache-Control"] == "no-cache"
-    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:9"  # a local player page
     text = body.decode()
     assert "#EXT-X-TARGETDURATION:2\n#EXT-X-START:TIME-OFFSET=-6\n" in text
     assert "#EXT-X-PROGRAM-DATE-TIME" in text and "#EXT-X-INDEPENDENT-SEGMENTS" in text

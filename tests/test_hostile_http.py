@@ -101,7 +101,7 @@ def exchange(port, request: bytes, timeout: float = 20) -> tuple[int, dict, byte
 
 
 def get(port, target: str, headers: str = AUTH) -> tuple[int, dict, bytes]:
-    return exchange(port, f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}"
+    return exchange(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
                           f"Connection: close\r\n\r\n".encode("latin-1"))
 
 

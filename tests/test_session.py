@@ -16,13 +16,13 @@ from vlmguard.web.session import COOKIE
 from conftest import write_config
 
 
-def make_config(tmp_path, token="tok", hours=12):
+def make_config(tmp_path, token="tok", hours=12, data_dir=None):
     config = load_config(write_config(tmp_path, f"""
         [server]
         token = "{token}"
         session_hours = {hours}
         [storage]
-        data_dir = "{tmp_path / 'data'}"
+        data_dir = "{data_dir or tmp_path / 'data'}"
         [[cameras]]
         id = "cam1"
         url = "lavfi:testsrc2"
@@ -76,7 +76,7 @@ def test_tampered_or_expired_cookies_are_refused(tmp_path):
     run(make_config(tmp_path), script)
 
 
-def test_a_new_token_signs_everyone_out(tmp_path):
+def test_a_restart_keeps_sessions_a_new_token_signs_everyone_out(tmp_path):
     async def sign_in(client):
         await client.post("/api/session", json={"token": "tok"})
         return next(c.value for c in client.session.cookie_jar if c.key == COOKIE)
@@ -85,10 +85,14 @@ def test_a_new_token_signs_everyone_out(tmp_path):
     async def with_old_cookie(client):
         client.session.cookie_jar.update_cookies({COOKIE: cookie})
         return (await client.get("/api/cameras")).status
-    (tmp_path / "other").mkdir()
-    assert run(make_config(tmp_path / "other", token="tok"), with_old_cookie) == 200
+    data_dir = tmp_path / "data"
+    (tmp_path / "restart").mkdir()
+    assert run(make_config(tmp_path / "restart", data_dir=data_dir), with_old_cookie) == 200
     (tmp_path / "new").mkdir()
-    assert run(make_config(tmp_path / "new", token="changed"), with_old_cookie) == 401
+    assert run(make_config(tmp_path / "new", token="changed", data_dir=data_dir),
+               with_old_cookie) == 401
+    (tmp_path / "elsewhere").mkdir()  # another data dir: another session list
+    assert run(make_config(tmp_path / "elsewhere"), with_old_cookie) == 401
 
 
 def test_posts_need_csrf_even_without_a_token(tmp_path):

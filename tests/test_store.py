@@ -376,7 +376,7 @@ def test_unreachable_postgres_is_one_line():
     with pytest.raises(DatabaseError) as caught:
         JobStore("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
     message = str(caught.value)
-    assert message.startswith("cannot open database postgresql+psycopg://postgres@127.0.0.1:1/test")
+    assert message.startswith("cannot open database postgresql+psycopg://***@127.0.0.1:1/test")
     assert "\n" not in message
 
 

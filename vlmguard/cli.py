@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,9 +17,11 @@ import click
 
 from vlmguard import __version__
 from vlmguard.config import check_listen_address, check_server_settings, load_config, masked
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import StartupError, VlmguardError
 from vlmguard.health import read_states
+from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging
+from vlmguard.redact import redact_text
 from vlmguard.status import daemon_pid, gather_status, iso, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
@@ -40,9 +43,24 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except VlmguardError as exc:
-            click.echo(f"vlmguard: {exc}", err=True)
+            click.echo(redact_text(f"vlmguard: {exc}"), err=True)
             sys.exit(exc.exit_code)
     return wrapper
+
+
+def echo(text: str) -> None:
+    """Command output: whatever URL it quotes (a database's, a provider's in an error)
+    masked by the same redaction as the logs."""
+    click.echo(redact_text(text))
+
+
+# Files the daemon and its FFmpegs create are for this user alone, as under the unit's
+# UMask=0077: archives, snapshots, the database, the run state.
+PRIVATE_UMASK = 0o077
+
+
+def make_files_private() -> None:
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
 
 # The id column is a 32-bit INTEGER on PostgreSQL (SQLite's would take two billion jobs
@@ -93,6 +111,9 @@ def run(config_path):
     from vlmguard.supervisor import Supervisor  # only `run` needs the daemon's machinery
 
     config = load_config(config_path)
+    make_files_private()
+    # Made 0700 (or refused when someone else made it) before any child writes into it.
+    Layout(config.data_dir).claim_ram()
     configure_logging("supervisor")
     sys.exit(Supervisor(config).run())
 
@@ -110,6 +131,9 @@ def check_config(config_path):
     config = load_config(config_path)
     check_server_settings(config)
     check_listen_address(config, held_by_us=own_daemon_listens(config))
+    problem = Layout(config.data_dir).ram_problem()
+    if problem:
+        raise StartupError(problem)
     click.echo(json.dumps(masked(config), indent=2))
 
 
@@ -126,7 +150,7 @@ def status(config_path, as_json):
     """
     config = load_config(config_path)
     report = gather_status(config)
-    click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+    echo(json.dumps(report, indent=2) if as_json else render_status(report))
     sys.exit(0 if report["healthy"] else 1)
 
 
@@ -145,12 +169,12 @@ def jobs(config_path, states, camera_id, limit, as_json):
         found = store.list_jobs(states=states, camera_id=camera_id, limit=limit)
     for job in found:
         if as_json:
-            click.echo(json.dumps(job_summary(job)))
+            echo(json.dumps(job_summary(job)))
         else:
             score = "-" if job.safety_score is None else job.safety_score
-            click.echo(f"{job.id:>6}  {job.camera_id:<16} {job.segment_start:%Y-%m-%d %H:%M:%S}  "
-                       f"{job.status:<10} score {score:<3} retries {job.retry_count}/{job.max_retries}"
-                       + (f"  {job.error_message}" if job.error_message else ""))
+            echo(f"{job.id:>6}  {job.camera_id:<16} {job.segment_start:%Y-%m-%d %H:%M:%S}  "
+                 f"{job.status:<10} score {score:<3} retries {job.retry_count}/{job.max_retries}"
+                 + (f"  {job.error_message}" if job.error_message else ""))
 
 
 @main.command()
@@ -182,7 +206,7 @@ def job_show(config_path, job_id):
     with open_store(config) as store:
         found = find_job(store, job_id)
         detail = job_detail(found, store.list_incidents(job_id))
-    click.echo(json.dumps(detail, indent=2))
+    echo(json.dumps(detail, indent=2))
 
 
 @main.command()

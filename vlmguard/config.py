@@ -30,6 +30,11 @@ CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lav
 # output split, then its option parser) that differ per position; refusing is certain.
 FFMPEG_PATH_CHARS = "|[]\\':%"
 MIN_WINDOW_SECONDS = 10
+# A token a network can reach is guessed at the sign-in's limited rate: 16 characters
+# from secrets.token_urlsafe hold 96 bits.
+MIN_NETWORK_TOKEN = 16
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+ORIGIN = re.compile(r"https?://[^/?#@\s]+")
 
 
 def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -52,7 +57,14 @@ class ServerConfig:
     # The console's sign-in lasts this long (a signed session cookie), then asks again.
     session_hours: float = opt(12.0, lo=0.01, hi=720)
     # Console live-update streams (/api/events) held at once; each holds a connection.
+    # Not set: 16, or half of max_connections when that is less (players keep the rest).
     max_event_streams: int = opt(16, lo=1, hi=1000)
+    # Without a token (loopback only), the Host header must name this server: loopback,
+    # server.host, public_url's host, or one of these (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = opt(())
+    # Without a token, the web pages of these origins may read the API and the video
+    # (CORS); with a token, any origin may (it needs the token).
+    cors_origins: tuple[str, ...] = opt(())
 
     @property
     def is_loopback(self) -> bool:
@@ -229,10 +241,54 @@ SECTIONS = {
 
 
 def check_server_settings(config: Config) -> None:
-    """Run-time rule: a server reachable from the network must ask for a token."""
-    if not config.server.is_loopback and not config.server.token:
+    """Run-time rule: a server reachable from the network must ask for a token that
+    cannot be guessed."""
+    server = config.server
+    if server.is_loopback:
+        return
+    if not server.token:
         raise ConfigError(f"{config.source}: server.token: required when server.host "
-                          f"({config.server.host}) is not a loopback address")
+                          f"({server.host}) is not a loopback address")
+    if len(server.token) < MIN_NETWORK_TOKEN:
+        raise ConfigError(f"{config.source}: server.token: must be at least "
+                          f"{MIN_NETWORK_TOKEN} characters when server.host ({server.host}) "
+                          f"is not a loopback address, got {len(server.token)} (make one: "
+                          "python3 -c 'import secrets; print(secrets.token_urlsafe(24))')")
+
+
+def parse_server(table: dict[str, Any], where: str) -> ServerConfig:
+    """[server], and the combinations that would lock players out refused."""
+    server = build(ServerConfig, table, "server", where)
+    if "max_event_streams" not in table:
+        server = dataclasses.replace(
+            server, max_event_streams=min(server.max_event_streams, server.max_connections // 2))
+    if server.max_event_streams > server.max_connections // 2:
+        raise ConfigError(f"{where}: server.max_event_streams: must be at most half of "
+                          f"server.max_connections ({server.max_connections}) so players keep "
+                          f"connections, got {server.max_event_streams}")
+    if not server.token.isprintable():
+        # Headers and the sign-in form cannot carry a tab or a line break.
+        raise ConfigError(f"{where}: server.token: must not contain control characters")
+    if server.public_url and not ORIGIN.match(server.public_url):
+        raise ConfigError(f"{where}: server.public_url: must be an http:// or https:// URL "
+                          f"with a host, got {server.public_url!r}")
+    for n, name in enumerate(server.allowed_hosts):
+        if not (HOST_NAME.fullmatch(name) or is_ip(name.strip("[]"))):
+            raise ConfigError(f"{where}: server.allowed_hosts[{n}]: must be a host name or "
+                              f"an IP address (no scheme, no port), got {name!r}")
+    for n, origin in enumerate(server.cors_origins):
+        if not ORIGIN.fullmatch(origin):
+            raise ConfigError(f"{where}: server.cors_origins[{n}]: must be an origin such as "
+                              f"https://dashboard.example:8443 (no path, no *), got {origin!r}")
+    return server
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -292,7 +348,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"{where}: {name}: cannot be used together with [providers]; "
                                   f"move its keys to a [providers.NAME] table")
         providers = parse_providers(section(raw, "providers", where), where, prefix="providers.")
-    sections = {name: build(cls, section(raw, name, where), name, where)
+    sections = {name: parse_server(section(raw, name, where), where) if name == "server"
+                else build(cls, section(raw, name, where), name, where)
                 for name, cls in SECTIONS.items()}
     cameras = parse_cameras(raw.get("cameras", []), where)
     alerts = parse_alerts(section(raw, "alerts", where), where, cameras)

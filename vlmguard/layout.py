@@ -16,11 +16,14 @@ import hashlib
 import math
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
+
+from vlmguard.errors import StartupError
 
 ARCHIVE_NAME = re.compile(r"(\d{8}T\d{6}Z)\.(ts|mp4)")
 ARCHIVE_TIME = "%Y%m%dT%H%M%SZ"
@@ -43,6 +46,55 @@ def ram_root(data_dir: Path) -> Path:
     return data_dir / "ram"  # no tmpfs here: correct, just not flash-friendly
 
 
+def claim_private_dir(path: Path) -> None:
+    """Make path a folder only this user can use, or refuse (StartupError) one that is not.
+
+    /dev/shm is shared by every local user, and the folder's name is predictable (every
+    process of this daemon derives it alone), so another user could make it first and
+    feed the player and the model their own segments. It is made with mode 0700; one that
+    exists is taken only when it is a real directory of this user that nobody else can
+    write into (0700 is then restored: an earlier vlmguard made its folders 0755). /dev/shm
+    is sticky, so once ours nobody else can rename or replace it.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"RAM folder {path}: cannot create it: {exc.strerror or exc}") from None
+    problem = ram_problem(path)
+    if problem:
+        raise StartupError(problem)
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if stat.S_IMODE(os.fstat(descriptor).st_mode) != 0o700:
+            os.fchmod(descriptor, 0o700)
+    finally:
+        os.close(descriptor)
+
+
+def ram_problem(path: Path) -> str | None:
+    """Why path may not be used as this user's private folder; None when it may (or does
+    not exist yet)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"RAM folder {path}: cannot read it: {exc.strerror or exc}"
+    fix = ("remove it, or set RUNTIME_DIRECTORY to a private folder (systemd's "
+           "RuntimeDirectory does)")
+    if not stat.S_ISDIR(info.st_mode):
+        return f"RAM folder {path}: is not a directory (someone else made it first): {fix}"
+    if info.st_uid != os.geteuid():
+        return (f"RAM folder {path}: belongs to uid {info.st_uid}, not to this user "
+                f"(uid {os.geteuid()}): someone else made it first; {fix}")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        return (f"RAM folder {path}: others may write into it (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}), so its files cannot be trusted; {fix}")
+    return None
+
+
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
@@ -50,6 +102,19 @@ class Layout:
     @cached_property
     def ram(self) -> Path:
         return ram_root(Path(self.data_dir))
+
+    @property
+    def ram_is_shared(self) -> bool:
+        """Whether the RAM folder sits in /dev/shm, where every local user may create."""
+        return self.ram.parent == SHM
+
+    def claim_ram(self) -> None:
+        """Create or check the RAM folder before anything is written into it."""
+        if self.ram_is_shared:
+            claim_private_dir(self.ram)
+
+    def ram_problem(self) -> str | None:
+        return ram_problem(self.ram) if self.ram_is_shared else None
 
     def live(self, camera_id: str) -> Path:
         return self.ram / "live" / camera_id
@@ -95,6 +160,7 @@ class Layout:
         return self.snapshots(camera_id) / f"{int(incident_id)}.jpg"
 
     def make_dirs(self, camera_id: str) -> None:
+        self.claim_ram()
         for path in (self.live(camera_id), self.partial(camera_id), self.closed(camera_id),
                      self.archives(camera_id), self.windows(camera_id), self.work()):
             path.mkdir(parents=True, exist_ok=True)

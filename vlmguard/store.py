@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
 from vlmguard.errors import DatabaseError, LeaseLost, UnusableDatabase
+from vlmguard.redact import mask_url
 
 SCHEMA_VERSION = 7
 STATES = ("pending", "processing", "completed", "failed")
@@ -360,7 +361,7 @@ def backoff_seconds(retry_count: int, base: float, rng: random.Random | None = N
 
 
 def redact_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+    return mask_url(url)  # the one redaction: a ?password= query is masked too
 
 
 class JobStore:

@@ -4,6 +4,11 @@ Idempotency-Key is the delivery's key, the same on every retry of it, so a recei
 got an attempt whose answer was lost can tell. With a secret, the body is signed:
 X-Vlmguard-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>"> with the
 X-Vlmguard-Timestamp sent alongside (a receiver can refuse old timestamps: replays).
+
+A delivery has one deadline, TIMEOUT_SECONDS from connecting to the last byte read,
+however slowly a receiver drips its answer; of the answer's body at most
+MAX_ANSWER_BYTES are read (only its start is kept, as the failure's reason) and the
+connection is closed on the rest, so a receiver answering gigabytes costs nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from vlmguard.alerts.registry import Answer, delivered, failed, register, retry
 from vlmguard.redact import mask_path, redact_text
 
 TIMEOUT_SECONDS = 10.0
+MAX_ANSWER_BYTES = 64 * 1024
 RETRIED_STATUSES = (408, 429)
 
 
@@ -50,6 +56,18 @@ def seconds(retry_after: str | None) -> float | None:
         return min(max(float(retry_after), 0.0), 3600.0) if retry_after else None
     except ValueError:
         return None  # an HTTP date: the backoff serves
+
+
+async def read_start(response: aiohttp.ClientResponse) -> bytes:
+    """At most MAX_ANSWER_BYTES of the body; the rest is never drained (leaving the
+    block closes the connection on it)."""
+    body = bytearray()
+    while len(body) < MAX_ANSWER_BYTES:
+        chunk = await response.content.read(MAX_ANSWER_BYTES - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 @register("webhook")
@@ -101,9 +119,10 @@ class Webhook:
             headers["X-Vlmguard-Timestamp"] = timestamp
             headers["X-Vlmguard-Signature"] = signature(secret, timestamp, body)
         try:
-            async with self.session.post(self.url, data=body, headers=headers,
-                                         allow_redirects=False) as response:
-                text = await response.text(errors="replace")
+            async with asyncio.timeout(TIMEOUT_SECONDS), \
+                    self.session.post(self.url, data=body, headers=headers,
+                                      allow_redirects=False) as response:
+                text = (await read_start(response)).decode(errors="replace")
                 return judge(response.status, text, response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             return retry(f"no answer within {TIMEOUT_SECONDS:g} s")

@@ -20,6 +20,7 @@ from vlmguard.store import STATES, JobStore
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.keys import CONFIG_KEY, STORE_KEY
 from vlmguard.web.metrics import render_metrics
+from vlmguard.web.session import session_metrics
 
 MAX_PAGE = 500
 MAX_OFFSET = 10**9
@@ -183,6 +184,6 @@ async def metrics(request: web.Request) -> web.Response:
     def work(config, store):
         return render_metrics(gather_status(config, store), store.duration_histogram(),
                               store.token_usage())
-    text = await read(request, work)
+    text = await read(request, work) + session_metrics(request.app)
     return web.Response(body=text.encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

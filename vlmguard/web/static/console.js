@@ -74,7 +74,9 @@ $("#signin-form").addEventListener("submit", async (event) => {
     method: "POST", credentials: "same-origin", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({token: $("#token").value})});
   if (!response.ok) {
-    $("#signin-error").textContent = response.status === 401 ? "Wrong token." : `Sign-in failed (HTTP ${response.status}).`;
+    $("#signin-error").textContent = response.status === 401 ? "Wrong token."
+      : response.status === 429 ? `Too many wrong tokens: try again in ${response.headers.get("Retry-After")} s.`
+      : `Sign-in failed (HTTP ${response.status}).`;
     return;
   }
   $("#token").value = "";
