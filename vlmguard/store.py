@@ -19,7 +19,6 @@ import re
 import secrets
 import sqlite3
 import time
-import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
@@ -535,7 +534,6 @@ def clean_text(value: Any, most: int) -> Any:
     if not isinstance(value, str):
         return value
     value = CONTROL.sub("", value.encode("utf-8", "replace").decode("utf-8"))
-    value = unicodedata.normalize("NFC", value) if not value.isascii() else value
     if len(value) > most:
         value = value[:most - len(TRUNCATED)] + TRUNCATED
     return value
@@ -599,7 +597,7 @@ class JobStore:
 
     def __init__(self, url: str, *, lease_seconds: float = 60, retry_backoff: float = 10.0,
                  poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal",
-                 alerts: Any = None):
+                 alerts: Any = None, lazy: bool = False):
         self.url = url
         # The alerts routing (vlmguard.alerts.plan.AlertPlan): which deliveries complete()
         # writes with a job's incidents. None: none.
@@ -617,14 +615,27 @@ class JobStore:
                           .on_conflict_do_nothing(index_elements=["camera_id", "segment_start"])
                           .returning(jobs.c.id))
         self._watcher: SqliteWatcher | PostgresListener | None = None
+        self.create = create
+        self.ready = False
+        if lazy:
+            return  # the schema is seen to at the first contact (ensure_ready)
         try:
-            self.prepare_schema(create=create)
-        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
-            self.engine.dispose()
-            raise open_problem(url, self.is_sqlite, exc) from None
+            self.ensure_ready()
         except DatabaseError:
             self.engine.dispose()
             raise
+
+    def ensure_ready(self) -> None:
+        """Create or upgrade the schema at the first contact with the database, once. A
+        lazy store (lazy=True) is made without reaching the database, so a process can
+        start, and record, while it is away; it calls this before its first use."""
+        if self.ready:
+            return
+        try:
+            self.prepare_schema(create=self.create)
+        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+            raise open_problem(self.url, self.is_sqlite, exc) from None
+        self.ready = True
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "JobStore":
