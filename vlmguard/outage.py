@@ -43,6 +43,10 @@ class Outage:
         """Time to try the database again (always, while it is up)."""
         return time.monotonic() >= self.retry_at
 
+    def retry_at_in(self) -> float:
+        """Seconds until the next try (0 while the database is up)."""
+        return max(self.retry_at - time.monotonic(), 0.0) if self.down else 0.0
+
     def check(self) -> None:
         """Raise DatabaseUnreachable at once while waiting between tries."""
         if self.down and not self.due():

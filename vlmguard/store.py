@@ -551,7 +551,8 @@ def bounded_outcome(outcome: "Outcome") -> "Outcome":
     result = outcome.result
     if isinstance(result, dict):
         result = dict(result)
-        result["summary"] = clean_text(result.get("summary"), MAX_SUMMARY)
+        if "summary" in result:
+            result["summary"] = clean_text(result["summary"], MAX_SUMMARY)
         listed = result.get("incidents")
         if isinstance(listed, list):
             result["incidents"] = [
