@@ -8,6 +8,11 @@ reason. A claim is a lease: if this process dies mid-delivery its rows come back
 once when it restarts here), so an alert may arrive twice, always with the same
 Idempotency-Key, never not at all. While the database is away it waits for it (the
 outbox is there); a delivery whose result cannot be recorded comes back with its lease.
+
+It also tells the operators about vlmguard itself: when the supervisor backs off a role
+in a crash loop, and when that role recovers, a "system" message goes to every
+destination (MQTT: the retained <prefix>/system topic) through the same outbox, with the
+same retries; one per event, however often it is noticed.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ class Notifier:
         self.max_age_seconds = config.alerts.max_age_hours * 3600
         self.outage = Outage("notifier")
         self.taken_back = False
+        # Roles the supervisor backs off, as last told ({name: since}); the messages about
+        # changes to it that still wait for the database.
+        self.backed_off: dict[str, float] = {}
+        self.untold: list[tuple[dict[str, Any], str]] = []
 
     def on_signal(self, _signum, _frame) -> None:
         self.stopping = True
@@ -115,6 +124,7 @@ class Notifier:
         """The database part of one turn: take back an earlier run's claims (once), send
         reconnected destinations' retries now, and say when the next delivery is due."""
         self.store.ensure_ready()
+        self.tell_operators()
         if not self.taken_back:
             taken_back = self.store.release_deliveries(self.worker_id)
             self.taken_back = True
@@ -123,6 +133,31 @@ class Notifier:
         self.retry_after_reconnect()
         # A read first: claiming is a write transaction, taken only when one is due.
         return self.store.seconds_until_delivery_due()
+
+    def notice_roles(self) -> None:
+        """Compare the supervisor's roles with last time: a role newly backed off, or one
+        back from it, is a message to the operators."""
+        from vlmguard.health import read_states
+
+        children = read_states(self.config.data_dir).get("supervisor", {}).get("children", {})
+        now_off = {name: child.get("backed_off_since") for name, child in children.items()
+                   if child.get("state") == "backed off"}
+        for name, since in now_off.items():
+            if self.backed_off.get(name) != since:
+                self.untold.append(role_message(name, children[name], backed_off=True))
+        for name, since in self.backed_off.items():
+            if name not in now_off:
+                self.untold.append(role_message(name, children.get(name, {}), backed_off=False,
+                                                since=since))
+        self.backed_off = now_off
+
+    def tell_operators(self) -> None:
+        """Write the untold messages to the outbox (they wait here while it is away)."""
+        while self.untold:
+            payload, key = self.untold[0]
+            if self.store.enqueue_system(payload, list(self.destinations), key):
+                log.info("operators told", event=payload["event"], role=payload["role"])
+            self.untold.pop(0)
 
     def dispatch_safely(self) -> int:
         try:
@@ -231,6 +266,7 @@ class Notifier:
     def publish_camera_states(self) -> None:
         from vlmguard.status import live_cameras
 
+        self.notice_roles()
         state = {"sent": self.sent, "in_flight": len(self.in_flight),
                  "database": self.outage.describe()}
         if state != self.last_state:  # the data disk may be flash: write on change only
@@ -255,6 +291,28 @@ class Notifier:
                 await destination.close()
             except Exception as exc:
                 log.warning("closing a destination failed", error=str(exc))
+
+
+def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
+                 since: float | None = None) -> tuple[dict[str, Any], str]:
+    """The system message about one role, and the key that makes it one per event."""
+    from vlmguard.status import exit_text, iso_epoch
+
+    host = socket.gethostname()
+    since = child.get("backed_off_since") if backed_off else since
+    if backed_off:
+        title = f"vlmguard on {host}: {name} is crash-looping"
+        message = (f"{name} keeps exiting (last: {exit_text(child.get('last_exit'))}); it is "
+                   "retried with a growing wait. Live video and recording go on. "
+                   "See `vlmguard status` and the service log.")
+    else:
+        title = f"vlmguard on {host}: {name} recovered"
+        message = f"{name} has run for a minute again after its crash loop."
+    event = "role_backed_off" if backed_off else "role_recovered"
+    payload = {"type": "system", "event": event, "role": name, "host": host,
+               "since": iso_epoch(since), "last_exit": child.get("last_exit"),
+               "title": title, "message": message, "camera_id": ""}
+    return payload, f"{host}|{event}|{name}|{since}"
 
 
 async def send_tests(config: Config, rule: str | None) -> list[tuple[str, str, Any]]:

@@ -13,6 +13,7 @@ Create a JobStore in the process that uses it, never before a fork.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import random
 import re
@@ -1075,6 +1076,25 @@ class JobStore:
         if made:
             self.notify(conn)
 
+    def enqueue_system(self, payload: dict[str, Any], destinations: Sequence[str],
+                       event_key: str) -> int:
+        """An operators' message about vlmguard itself (a role crash-looping, recovered)
+        to every destination, once per event_key whoever enqueues it and however often:
+        its rows' keys derive from it. Returns how many rows were new."""
+        now = utcnow()
+        insert = dialect_insert(self.engine)(deliveries).on_conflict_do_nothing(
+            index_elements=["key"])
+        made = 0
+        with self.write() as conn:
+            for destination in destinations:
+                key = hashlib.sha256(f"{event_key}|{destination}".encode()).hexdigest()[:32]
+                made += conn.execute(insert, self._delivery_values(
+                    now, kind="system", destination=destination, rule=None, camera_id="",
+                    status="pending", payload=payload) | {"key": key}).rowcount
+            if made:
+                self.notify(conn)
+        return made
+
     @staticmethod
     def _delivery_values(now: datetime, **values: Any) -> dict[str, Any]:
         return dict(key=secrets.token_hex(16), attempts=0, created_at=now, next_attempt_at=now,
@@ -1779,6 +1799,8 @@ def open_problem(url: str, is_sqlite: bool, exc: BaseException) -> DatabaseError
 # exception, 40 transaction rollback, 53 insufficient resources (too many connections),
 # 57 operator intervention (the server is starting, stopping or restarting).
 TRANSIENT_SQLSTATE = ("08", "40", "53", "57")
+TRANSIENT_FATAL = ("starting up", "shutting down", "recovery mode", "too many clients",
+                   "connection slots", "administrator command", "not yet accepting")
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -1803,7 +1825,12 @@ def is_outage(exc: BaseException) -> bool:
             return True
         if isinstance(exc, psycopg.OperationalError):
             state = getattr(exc, "sqlstate", None)
-            return state is None or state[:2] in TRANSIENT_SQLSTATE
+            if state is not None:
+                return state[:2] in TRANSIENT_SQLSTATE
+            # A failed connection carries no SQLSTATE: a server that answered FATAL said
+            # no (a password, a database that does not exist) unless it said "not now".
+            message = str(exc)
+            return "FATAL:" not in message or any(p in message for p in TRANSIENT_FATAL)
     return False
 
 
