@@ -156,7 +156,7 @@ class Notifier:
         while self.untold:
             payload, key = self.untold[0]
             if self.store.enqueue_system(payload, list(self.destinations), key):
-                log.info("operators told", event=payload["event"], role=payload["role"])
+                log.info("operators told", about=payload["event"], child=payload["role"])
             self.untold.pop(0)
 
     def dispatch_safely(self) -> int:

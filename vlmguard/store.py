@@ -571,14 +571,14 @@ ROW_ERRORS = (ValueError, TypeError, OverflowError, sa_exc.DataError)
 
 def quarantining(method):
     """A read that meets an unreadable row quarantines it (and any other) and is tried
-    once more; it raises only when no row was to blame."""
+    once more (another process may have marked the row meanwhile); what still fails then
+    was not a row's fault and is raised."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except ROW_ERRORS as exc:
-            if not self.quarantine_unreadable(first_line(exc)):
-                raise
+            self.quarantine_unreadable(first_line(exc))
         return method(self, *args, **kwargs)
     return wrapper
 
