@@ -258,9 +258,10 @@ async def incidents(request: web.Request) -> web.Response:
                               "next_offset": following if following < total else None})
 
 
-def bounded_page(rows: list[dict[str, Any]], most: int = MAX_PAGE_BYTES) -> list[dict[str, Any]]:
-    """The rows that fit in `most` bytes of JSON (always the first): the rest is the
+def bounded_page(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that fit in MAX_PAGE_BYTES of JSON (always the first): the rest is the
     next page's."""
+    most = MAX_PAGE_BYTES
     page, size = [], 0
     for row in rows:
         size += len(json.dumps(row, separators=(",", ":")))
