@@ -23,7 +23,8 @@ the Run; it injects the fault, holds it for run.seconds, and undoes it. Run has 
 daemon (tests/daemon.py RunningVlmguard), the Gemini server (its answers can be made
 absurd, oversized or slow), the proxy (PostgreSQL only) and helpers (run.api,
 run.sqlite). A fault that needs the daemon configured differently gives config=
-(extra TOML) or before_start= (a function run before `vlmguard run`).
+(extra TOML tables), daemon= (keys of its [daemon] table) or before_start= (a function
+run before `vlmguard run`).
 """
 
 from __future__ import annotations
@@ -65,17 +66,18 @@ class Fault:
     name: str
     inject: Callable[["Run"], None]
     engine: str  # sqlite or postgres
-    config: str = ""
+    config: str = ""  # TOML tables added to the daemon's config
+    daemon: str = ""  # keys added to its [daemon] table
     before_start: Callable[["Run"], None] | None = None
 
 
 FAULTS: dict[str, Fault] = {}
 
 
-def fault(name: str, engine: str = "sqlite", config: str = "",
+def fault(name: str, engine: str = "sqlite", config: str = "", daemon: str = "",
           before_start: Callable[["Run"], None] | None = None):
     def register(function: Callable[["Run"], None]):
-        FAULTS[name] = Fault(name, function, engine, config, before_start)
+        FAULTS[name] = Fault(name, function, engine, config, daemon, before_start)
         return function
     return register
 
@@ -162,7 +164,7 @@ def bad_row(run: Run) -> None:
     run.notes["api_requests"] = len(answers)
 
 
-@fault("analyzer_crash_loop", config="[daemon]\nmax_restarts = 3\nmax_backoff_seconds = 30\n")
+@fault("analyzer_crash_loop", daemon="max_restarts = 3\nmax_backoff_seconds = 30")
 def analyzer_crash_loop(run: Run) -> None:
     """analyzer-0 dies each time it comes back (SIGKILL while idle), for run.seconds."""
     deadline, killed = time.time() + run.seconds, set()
@@ -211,7 +213,7 @@ def run_fault(chosen: Fault, seconds: float, warmup: float, settle: float) -> di
         run = Run(chosen, seconds, directory, gemini, url, proxy)
         if chosen.before_start:
             chosen.before_start(run)
-        run.daemon = RunningVlmguard(directory, gemini.base_url, workers=1,
+        run.daemon = RunningVlmguard(directory, gemini.base_url, workers=1, daemon=chosen.daemon,
                                      extra=database + chosen.config).start()
         started = time.time()
         try:
@@ -221,17 +223,18 @@ def run_fault(chosen: Fault, seconds: float, warmup: float, settle: float) -> di
                 injected = time.time()
                 chosen.inject(run)
                 undone = time.time()
-                settled = wait_settled(run, settle)
+                settled, resumed = wait_settled(run, settle)
+            # An orderly stop registers what is still open: what is left unregistered
+            # after it was lost.
+            exit_code = run.daemon.stop()
             figures = measure(run, watch, started, injected, undone, settled)
+            figures["analysis_resumed_after_undo_s"] = round(resumed - undone, 1)
+            figures["exit_code"] = exit_code
         finally:
-            if run.daemon.proc.poll() is None:
-                figures_exit = run.daemon.stop()
-            else:
-                figures_exit = run.daemon.proc.returncode
+            run.daemon.kill()
             if proxy:
                 proxy.close()
             drop()
-    figures["exit_code"] = figures_exit
     return figures
 
 
@@ -244,15 +247,30 @@ def registered_paths(run: Run) -> set[str] | None:
         return None
 
 
-def wait_settled(run: Run, settle: float) -> float:
-    """Until every archive on disk has its job (or settle seconds): when that happened."""
+def completed(run: Run) -> int | None:
+    url = run.db_url or f"sqlite:///{run.daemon.data_dir / 'vlmguard.db'}"
+    try:
+        with JobStore(url, create=False) as store:
+            return store.count_jobs(states=("completed",))
+    except Exception:
+        return None
+
+
+def wait_settled(run: Run, settle: float) -> tuple[float, float]:
+    """Until every archive on disk has its job and a job has completed since the fault
+    was undone (or settle seconds): when each happened (nan: not within settle)."""
     deadline = time.time() + settle
-    while time.time() < deadline:
+    before = completed(run) or 0
+    registered = resumed = float("nan")
+    while time.time() < deadline and (registered != registered or resumed != resumed):
         known = registered_paths(run)
-        if known is not None and {str(p) for p in run.archives()} <= known:
-            return time.time()
+        if registered != registered and known is not None \
+                and {str(p) for p in run.archives()} <= known:
+            registered = time.time()
+        if resumed != resumed and (completed(run) or 0) > before:
+            resumed = time.time()
         time.sleep(1)
-    return float("nan")
+    return registered, resumed
 
 
 def measure(run: Run, watch: LiveWatch, started: float, injected: float, undone: float,
@@ -291,13 +309,15 @@ def machine() -> dict:
 def table(results: list[dict]) -> str:
     names = sorted({n for r in results for n in r["peak_rss_mb"]})
     head = ("| fault | engine | live s lost | archives missing | jobs failed | streamer pids | "
+            "registered / analysing again after | "
             + " | ".join(f"{n} MB" for n in names) + " |")
-    lines = [head, "|" + " --- |" * (6 + len(names))]
+    lines = [head, "|" + " --- |" * (7 + len(names))]
     for r in results:
         missing = r["archive_gaps"] + r["archives_unregistered"]
         lines.append(f"| {r['fault']} | {r['engine']} | {r['live_seconds_lost']} of "
                      f"{r['live_samples']} | {missing} | {r['jobs_failed']} | "
-                     f"{r['streamer_pids']} | "
+                     f"{r['streamer_pids']} | {r['settled_after_undo_s']} s / "
+                     f"{r['analysis_resumed_after_undo_s']} s | "
                      + " | ".join(str(r["peak_rss_mb"].get(n, "-")) for n in names) + " |")
     return "\n".join(lines)
 

@@ -664,8 +664,8 @@ class JobStore:
     # -- schema -------------------------------------------------------------------------
 
     def prepare_schema(self, *, create: bool) -> None:
-        if not create and self.schema_is_current():
-            return  # a reader (status, the API) takes no write lock to open
+        if self.schema_is_current():
+            return  # no write lock taken to open: another program may hold it for long
         with self.write() as conn:
             if not self.is_sqlite:
                 # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalog.
