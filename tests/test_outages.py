@@ -26,6 +26,7 @@ from pathlib import Path
 from fault_watch import LiveWatch
 from tcp_proxy import TcpProxy
 from test_streamer import wait_for
+from test_supervisor import db_rows
 
 CUT_SECONDS = 30  # a minute in bench/faults_bench.py; half of it shows the same here
 LOCK_SECONDS = 40  # longer than SQLite's busy timeout (30 s): writers do give up
@@ -133,14 +134,6 @@ def count(url: str, states) -> int:
             return store.count_jobs(states=states)
     except Exception:
         return -1
-
-
-def db_rows(daemon, query: str) -> list[tuple]:
-    conn = sqlite3.connect(daemon.data_dir / "vlmguard.db", timeout=60)
-    try:
-        return conn.execute(query).fetchall()
-    finally:
-        conn.close()
 
 
 def sqlite_registered(daemon) -> set[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fault_watch import descendants
 from test_streamer import decoded_frames, wait_for
 from vlmguard.status import daemon_pid
 from vlmguard.store import JobStore
@@ -48,23 +49,6 @@ def analyzer_state(daemon, name: str) -> str:
         return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
