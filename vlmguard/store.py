@@ -262,8 +262,9 @@ DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
 JOB_OK = jobs.c.quarantine.is_(None)
 INCIDENT_OK = incidents.c.quarantine.is_(None)
 DELIVERY_OK = deliveries.c.quarantine.is_(None)
-# A listing of jobs never reads their results (one may be megabytes); an incident's
-# description is read up to MAX_TEXT_READ characters, saying when it was cut.
+# Jobs are read without their results, which are read apart and bounded (one may be
+# megabytes: bounded_results); an incident's description is read up to MAX_TEXT_READ
+# characters, saying when it was cut.
 JOB_LISTED = [*(c for c in jobs.c if c.name != "analysis_result"),
               null().label("analysis_result")]
 INCIDENT_READ = [*(c for c in incidents.c if c.name != "description"),
@@ -1377,27 +1378,18 @@ class JobStore:
     # -- reading ---------------------------------------------------------------------------
 
     @quarantining
-    def get(self, job_id: int, *, result_chars: int = MAX_RESULT_READ) -> Job | None:
-        """One job; its result only when it is at most result_chars long as JSON text
-        (else {"truncated": true, "chars": N} stands in for it)."""
-        size = func.length(cast(jobs.c.analysis_result, Text))
+    def get(self, job_id: int) -> Job | None:
+        """One job, its result read bounded (see bounded_results)."""
         with self.read() as conn:
-            row = conn.execute(select(*JOB_LISTED, size.label("result_chars"))
-                               .where(jobs.c.id == job_id, JOB_OK)).first()
-            if row is None:
-                return None
-            chars = row.result_chars or 0
-            result = (conn.execute(select(jobs.c.analysis_result).where(jobs.c.id == job_id))
-                      .scalar() if chars <= result_chars else {"truncated": True, "chars": chars})
-        job = Job.from_row(row)
-        if not isinstance(result, (dict, type(None))):
-            raise UnreadableRow(f"job {job_id}: analysis_result is not an object")
-        return replace(job, analysis_result=result)
+            row = conn.execute(select(*JOB_LISTED).where(jobs.c.id == job_id, JOB_OK)).first()
+            found = self.bounded_results(conn, [Job.from_row(row)]) if row else []
+        return found[0] if found else None
 
     @quarantining
     def list_jobs(self, *, states: Sequence[str] = (), camera_id: str | None = None,
-                  limit: int = 50, offset: int = 0) -> list[Job]:
-        """Newest first, without their results (analysis_result None: see get)."""
+                  limit: int = 50, offset: int = 0, results: bool = True) -> list[Job]:
+        """Newest first; with their results read bounded, or (results=False, what a page
+        of the API asks) none at all (analysis_result None)."""
         query = (select(*JOB_LISTED).where(JOB_OK).order_by(jobs.c.id.desc())
                  .limit(limit).offset(offset))
         if states:
@@ -1405,7 +1397,29 @@ class JobStore:
         if camera_id:
             query = query.where(jobs.c.camera_id == camera_id)
         with self.read() as conn:
-            return [Job.from_row(row) for row in conn.execute(query)]
+            found = [Job.from_row(row) for row in conn.execute(query)]
+            return self.bounded_results(conn, found) if results else found
+
+    @staticmethod
+    def bounded_results(conn: Connection, found: list[Job]) -> list[Job]:
+        """The jobs with their results, each read only when it is at most MAX_RESULT_READ
+        characters of JSON ({"truncated": true, "chars": N} stands in for a longer one)."""
+        if not found:
+            return found
+        size = func.length(cast(jobs.c.analysis_result, Text))
+        ids = [job.id for job in found]
+        sizes = dict(conn.execute(select(jobs.c.id, size).where(jobs.c.id.in_(ids))).all())
+        small = [i for i in ids if (sizes.get(i) or 0) <= MAX_RESULT_READ]
+        results = dict(conn.execute(select(jobs.c.id, jobs.c.analysis_result)
+                                    .where(jobs.c.id.in_(small))).all()) if small else {}
+        out = []
+        for job in found:
+            result = (results.get(job.id) if job.id in results
+                      else {"truncated": True, "chars": sizes.get(job.id)})
+            if not isinstance(result, (dict, type(None))):
+                raise UnreadableRow(f"job {job.id}: analysis_result is not an object")
+            out.append(replace(job, analysis_result=result))
+        return out
 
     @quarantining
     def list_incidents(self, job_id: int) -> list[dict[str, Any]]:

@@ -213,7 +213,8 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset)
+        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset,
+                                results=False)
         return [job_summary(j) for j in found], store.count_jobs(states=states, camera_id=camera)
     rows, total = await read(request, work)
     page = bounded_page(rows)
