@@ -12,6 +12,7 @@ parameters get 400 with a JSON body naming the parameter. A page is bounded in r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import structlog
 from aiohttp import web
 
 from vlmguard.config import Config
@@ -46,7 +48,11 @@ class Database:
     def __init__(self, config: Config):
         self.config = config
         self.store: JobStore | None = None
-        self.executor = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="database")
+        # Its threads log as the process does (role, pid): threads start with no context.
+        self.executor = ThreadPoolExecutor(
+            DATABASE_THREADS, thread_name_prefix="database",
+            initializer=functools.partial(structlog.contextvars.bind_contextvars,
+                                          **structlog.contextvars.get_contextvars()))
         self.outage = Outage("api")
         self.lock = threading.Lock()
 
