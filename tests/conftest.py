@@ -44,7 +44,7 @@ def ram_folders(tmp_path_factory):
             owner = base if folder.stat().st_ctime >= started else ""
         except OSError:
             continue
-        if owner.startswith(base):
+        if owner == base or owner.startswith(base + "/"):
             shutil.rmtree(folder, ignore_errors=True)
 
 

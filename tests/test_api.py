@@ -203,3 +203,43 @@ def test_a_window_job_names_its_archive_and_offset(config):
     status, body = as_json(config, f"/api/jobs/{job_id}")
     assert status == 200 and (body["kind"], body["sources"]) == ("window", sources)
     assert body["clip_start"] == (start + timedelta(seconds=0.25)).isoformat(timespec="milliseconds")
+
+
+def test_a_page_of_huge_descriptions_is_bounded_in_bytes_and_says_where_to_go_on(config,
+                                                                                 monkeypatch):
+    """Descriptions of megabytes (written around the answer caps, say by hand) are read
+    bounded, and a page stops at MAX_PAGE_BYTES with next_offset for the rest."""
+    import sqlite3
+
+    from vlmguard.web import api
+    monkeypatch.setattr(api, "MAX_PAGE_BYTES", 20_000)  # 2 descriptions of 8000 characters
+    conn = sqlite3.connect(config.data_dir / "vlmguard.db")
+    conn.execute("UPDATE incidents SET description = printf('%.*c', 3000000, 'x')")
+    conn.commit()
+    conn.close()
+    seen, offset, pages = [], 0, 0
+    while offset is not None:
+        status, _, text = call(config, f"/api/incidents?limit=500&offset={offset}")
+        assert status == 200 and len(text) <= 20_000 + 1000
+        body = json.loads(text)
+        assert all(i["description_truncated"] for i in body["incidents"])
+        seen += [i["id"] for i in body["incidents"]]
+        offset, pages = body["next_offset"], pages + 1
+    assert sorted(seen) == list(range(1, 9)) and pages == 4
+
+
+def test_database_away_is_503_with_retry_after_and_health_still_answers(config, monkeypatch):
+    from vlmguard.errors import DatabaseUnreachable
+    from vlmguard.store import JobStore
+
+    def away(self, *args, **kwargs):
+        raise DatabaseUnreachable("cannot open database: connection refused")
+    monkeypatch.setattr(JobStore, "ensure_ready", away)
+    status, headers, body = call(config, "/api/incidents")
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert json.loads(body)["error"].startswith("database unreachable")
+    status, body = as_json(config, "/api/health")
+    assert status == 503 and body["database"]["ready"] is False
+    assert body["database"]["error"].startswith("database unreachable")
+    status, _, text = call(config, "/metrics")
+    assert status == 200 and "vlmguard_database_up 0" in text

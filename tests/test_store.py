@@ -698,3 +698,137 @@ def test_changes_since_reports_new_incidents_and_failures(store):
     changes = store.changes_since(*cursor)
     assert [r["id"] for r in changes["stored"]] == [fall["id"], fire["id"]]
     assert [j.error_message for j in changes["failed"]] == ["model said no"]
+
+
+# -- unreadable rows, bounds, outages -----------------------------------------------------
+
+def corrupt(store, statement: str) -> None:
+    with store.write() as conn:
+        conn.execute(sqlalchemy.text(statement))
+
+
+def with_incident(store, n=0, description="person falls"):
+    register(store, n)
+    job = store.claim("w1")
+    store.complete(job, outcome(40, [IncidentRecord(
+        job.segment_start + timedelta(seconds=5), job.segment_start + timedelta(seconds=9),
+        "fall", "high", description, 0.9)]))
+    return job.id
+
+
+def test_rows_out_of_range_are_quarantined_once_and_skipped_on_both_engines(store, caplog):
+    """Values both engines can hold but no reader may be handed: a time past year 9000,
+    sources of the wrong shape, an id out of range."""
+    done = with_incident(store, 3)
+    good = register(store, 0)
+    far = register(store, 1)
+    shape = register(store, 2)
+    corrupt(store, f"UPDATE analysis_jobs SET segment_end = '9500-01-01 00:00:00' WHERE id = {far}")
+    corrupt(store, f"UPDATE analysis_jobs SET sources = '5' WHERE id = {shape}")
+    corrupt(store, f"UPDATE incidents SET id = -7 WHERE job_id = {done}")
+    claimed = store.claim("w1")
+    assert claimed.id == good  # the bad pending rows were quarantined, not claimed or fatal
+    assert store.claim("w1") is None
+    assert {j.id for j in store.list_jobs()} == {good, done}
+    assert store.find_incidents() == [] and store.count_incidents() == 0
+    assert store.event_cursor()[0] == 0
+    report = store.quarantined()
+    assert report["rows"] == {"analysis_jobs": 2, "incidents": 1, "alert_deliveries": 0}
+    reasons = {row["id"]: row["reason"] for row in report["latest"]}
+    assert "segment_end out of range" in reasons[far]
+    assert reasons[shape] == "sources is not a list"
+    assert "id out of range" in reasons[-7]
+    # Quarantined once: a later scan finds nothing new.
+    assert store.quarantine_unreadable() == 0
+
+
+def test_undecodable_sqlite_values_are_quarantined_and_reads_go_on(tmp_path):
+    """SQLite holds whatever is written: invalid JSON in sources, a garbage time. The
+    claim, the listings and the event feed skip them; nothing raises at every start."""
+    with JobStore(f"sqlite:///{tmp_path / 'q.db'}") as store:
+        incident_job = with_incident(store, 9)
+        ids = [register(store, n) for n in range(4)]
+        corrupt(store, f"UPDATE analysis_jobs SET sources = '{{not json' WHERE id = {ids[0]}")
+        corrupt(store, f"UPDATE analysis_jobs SET run_after = 'garbage' WHERE id = {ids[1]}")
+        corrupt(store, f"UPDATE analysis_jobs SET analysis_result = '[1, 2' WHERE id = {incident_job}")
+        corrupt(store, "UPDATE incidents SET start_at = 'yesterday-ish'")
+        cursor = store.event_cursor()
+        assert store.claim("w1").id == ids[2]
+        assert store.seconds_until_due() == 0
+        assert {j.id for j in store.list_jobs()} == {ids[2], ids[3]}
+        assert store.find_incidents() == []
+        assert store.changes_since(*cursor) == {"stored": [], "acknowledged": [], "failed": []}
+        assert store.quarantined()["rows"] == {"analysis_jobs": 3, "incidents": 1,
+                                               "alert_deliveries": 0}
+        assert store.get(ids[0]) is None
+
+
+def test_stored_text_is_sanitised_and_bounded_and_reads_are_bounded(store):
+    from vlmguard.store import MAX_DESCRIPTION, MAX_TEXT_READ, TRUNCATED
+    job_id = with_incident(store, 0, description="ladder\x00 fall\x1b[31m " + "x" * 1_000_000)
+    row = store.list_incidents(job_id)[0]
+    assert len(row["description"]) == MAX_DESCRIPTION and row["description"].endswith(TRUNCATED)
+    assert "\x00" not in row["description"] and "\x1b" not in row["description"]
+    assert row["description"].startswith("ladder fall[31m ")
+    # A row written around complete() (an older vlmguard, by hand) is read bounded.
+    corrupt(store, "UPDATE incidents SET description = '" + "y" * 200_000 + "'")
+    found = store.find_incidents()[0]
+    assert len(found["description"]) == MAX_TEXT_READ and found["description_truncated"]
+    # A job's result too large to serve stands in as its size.
+    corrupt(store, "UPDATE analysis_jobs SET analysis_result = '{\"summary\": \""
+            + "z" * 300_000 + "\"}'")
+    assert store.get(job_id).analysis_result == {"truncated": True, "chars": 300_015}
+    assert store.list_jobs()[0].analysis_result == {"truncated": True, "chars": 300_015}
+    assert store.list_jobs(results=False)[0].analysis_result is None  # a page of the API
+
+
+def test_postgres_away_is_an_outage_not_a_bad_database(pg_url):
+    from tcp_proxy import TcpProxy
+
+    from vlmguard.errors import DatabaseUnreachable, UnusableDatabase
+    from vlmguard.store import is_outage
+
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    url = pg_url.replace("127.0.0.1:5432", proxy.url_host)
+    try:
+        proxy.refuse()
+        with pytest.raises(DatabaseUnreachable):
+            JobStore(url)
+        lazy = JobStore(url, lazy=True)  # made without reaching the server
+        proxy.up()
+        lazy.ensure_ready()
+        first = register(lazy, 0)
+        proxy.cut()  # connections dropped mid-life, new ones reset
+        with pytest.raises(Exception) as caught:
+            register(lazy, 1)
+        assert is_outage(caught.value)
+        proxy.up()
+        assert register(lazy, 1) is not None  # the pool reconnects by itself
+        assert [j.id for j in lazy.list_jobs()][-1] == first
+        lazy.close()
+    finally:
+        proxy.close()
+    # A server that answers "no" is not away: that is a bad database.
+    with pytest.raises(UnusableDatabase):
+        JobStore("postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database_here")
+
+
+def test_a_locked_sqlite_file_is_an_outage(tmp_path, monkeypatch):
+    from vlmguard import store as store_module
+    from vlmguard.store import is_outage
+
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_MS", 300)
+    path = tmp_path / "locked.db"
+    with JobStore(f"sqlite:///{path}") as store:
+        first = register(store, 0)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another program's long write transaction
+        try:
+            with pytest.raises(Exception) as caught:
+                register(store, 1)
+            assert is_outage(caught.value)
+            assert [j.id for j in store.list_jobs()] == [first]  # readers go on (WAL)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert register(store, 1) is not None

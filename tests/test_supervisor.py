@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fault_watch import descendants
 from test_streamer import decoded_frames, wait_for
 from vlmguard.status import daemon_pid
 from vlmguard.store import JobStore
@@ -48,23 +49,6 @@ def analyzer_state(daemon, name: str) -> str:
         return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -213,21 +197,32 @@ def test_sd_notify_ready_watchdog_stopping(vlmguard, tmp_path):
                                    status[-1]), status
 
 
-def test_crash_loop_ends_in_a_clear_nonzero_exit(vlmguard):
-    daemon = vlmguard(daemon="max_restarts = 2")
+def test_only_the_streamers_crash_loop_ends_the_daemon(vlmguard):
+    """Other roles back off alone (tests/test_outages.py); without the streamer there is
+    no video, so its crash loop is the one that stops vlmguard for systemd to restart."""
+    daemon = vlmguard(workers=0, daemon="max_restarts = 2")
     daemon.wait_live()
-    # A database from a "newer vlmguard": the archiver now dies at once on every start.
-    conn = sqlite3.connect(daemon.data_dir / "vlmguard.db", timeout=30)
-    conn.execute("UPDATE vlmguard_meta SET value = '99' WHERE key = 'schema_version'")
-    conn.commit()
-    conn.close()
-    os.kill(wait_for(lambda: daemon.child_pid("archiver"), 20, "the archiver"), signal.SIGKILL)
-    assert daemon.proc.wait(90) == 1
+    # Someone else takes the port: the streamer now dies at once on every start.
+    os.kill(wait_for(lambda: daemon.child_pid("streamer"), 20, "the streamer"), signal.SIGKILL)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    wait_for(lambda: squat(squatter, daemon.port), 10, "the port")
+    try:
+        assert daemon.proc.wait(90) == 1
+    finally:
+        squatter.close()
     loop = [e for e in daemon.log_events() if e["event"].startswith("crash loop")]
-    assert loop and loop[0]["child"] == "archiver" and loop[0]["level"] == "error"
-    errors = [e for e in daemon.log_events() if e["event"] == "cannot run"]
-    assert errors and "schema version 99 is newer" in errors[0]["error"]
-    assert "Traceback" not in daemon.log_text()
+    assert loop and loop[0]["child"] == "streamer" and loop[0]["level"] == "error"
+    assert "stopping vlmguard" in loop[0]["event"]
+
+
+def squat(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return True
+    except OSError:
+        return False
 
 
 def test_hung_child_is_killed_and_restarted(vlmguard):

@@ -40,7 +40,8 @@ from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, coun
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
-from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, utcnow
+from vlmguard.outage import Outage
+from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, is_outage, utcnow
 from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
                           RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
 from vlmguard.vlm import registry
@@ -86,7 +87,7 @@ def main(config: Config, index: int, beat: Beat = Beat()) -> None:
     lower_priority()
     worker_id = worker_name(index)
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
-    with JobStore.from_config(config) as store:
+    with JobStore.from_config(config, lazy=True) as store:
         worker = Worker(config, store, worker_id, beat=beat, state_name=f"analyzer-{index}")
         signal.signal(signal.SIGTERM, worker.on_signal)
         worker.run()
@@ -130,6 +131,7 @@ class Worker:
         self.interruptible = False
         self._state = "starting"
         self.warned_keys: set[str] = set()
+        self.outage = Outage(state_name or worker_id)
 
     @property
     def state(self) -> str:
@@ -156,12 +158,52 @@ class Worker:
     def run(self) -> None:
         while not self.stopping.is_set():
             self.beat()
-            if self.held_back():
+            try:
+                self.store.ensure_ready()
+                if self.held_back():
+                    continue
+                self.state = "idle"
+                job = self.store.next_job(self.worker_id, timeout=1.0)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self.wait_for_database(exc)
                 continue
-            self.state = "idle"
-            job = self.store.next_job(self.worker_id, timeout=1.0)
+            self.outage.back()
             if job is not None:
                 self.process(job)
+
+    # -- the database away: wait for it, lose nothing --------------------------------------
+
+    def wait_for_database(self, exc: BaseException) -> None:
+        self.state = "waiting: database unreachable"
+        self.outage.sleep(exc, self.stopping, self.beat)
+
+    def through_outage(self, write: Callable[[], object]) -> None:
+        """A write the job's outcome hangs on (its result, its hand-back): while the
+        database is away, wait for it rather than lose the work; a stop gives up (the
+        job's lease then returns it)."""
+        while True:
+            try:
+                write()
+                self.outage.back()
+                return
+            except Exception as exc:
+                if not is_outage(exc) or self.stopping.is_set():
+                    raise
+                self.wait_for_database(exc)
+
+    def database_lost(self, job: Job, exc: BaseException) -> None:
+        """The database went away mid-job: hand the job back, uncharged, once it returns."""
+        log.warning("database unreachable mid-job: handing the job back when it returns",
+                    error=str(exc).splitlines()[0][:300])
+        try:
+            self.through_outage(lambda: self.store.release(job))
+        except LeaseLost:
+            pass
+        except Exception as again:
+            if not is_outage(again):
+                raise
 
     def client(self, name: str) -> VlmClient | None:
         client = self.makers[name]()
@@ -247,6 +289,10 @@ class Worker:
             self.store.defer(job, until)
         except LeaseLost:
             log.warning("lease lost, job not put back")
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("job not put back: the database is away (its lease returns it)")
 
     def process(self, job: Job) -> None:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
@@ -259,8 +305,8 @@ class Worker:
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
-                complete_with_snapshots(self.store, job, outcome, self.binary,
-                                        Layout(self.config.data_dir))
+                self.through_outage(lambda: complete_with_snapshots(
+                    self.store, job, outcome, self.binary, Layout(self.config.data_dir)))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)
@@ -281,8 +327,11 @@ class Worker:
                     self.record_failure(job, str(exc), permanent=not exc.retryable,
                                         retry_after=exc.retry_after)
             except Exception as exc:  # a bug must fail one job, not the worker
-                log.exception("unexpected error")
-                self.record_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
+                if is_outage(exc):
+                    self.database_lost(job, exc)
+                else:
+                    log.exception("unexpected error")
+                    self.record_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
             finally:
                 self.interruptible = False
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -380,6 +429,10 @@ class Worker:
             log.info("job handed back on stop")
         except LeaseLost:
             pass
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("job not handed back: the database is away (its lease returns it)")
 
     def record_failure(self, job: Job, error: str, *, permanent: bool = False,
                        retry_after: float | None = None) -> None:
@@ -387,6 +440,12 @@ class Worker:
             status = self.store.fail(job, error, permanent=permanent, retry_after=retry_after)
         except LeaseLost:
             log.warning("lease lost, failure not recorded", error=error)
+            return
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("failure not recorded: the database is away (the job's lease returns "
+                        "it)", error=error)
             return
         log.warning("job failed", error=error, status=status, permanent=permanent)
 

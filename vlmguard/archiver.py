@@ -10,6 +10,11 @@ analysis.max_lag_seconds, its waiting windows are merged into longer jobs. Regis
 idempotent, so a crash or a stop leaves nothing behind that the next start misses.
 Retention deletes the oldest archives, and with them the snapshots of incidents that
 have no footage left.
+
+Filing never needs the database. While it is away (down at start, cut off, locked by
+another program) archives are still filed and windows still cut; what could not be
+registered is registered by the same catch-up scan once the database answers again, and
+retention goes on with what it last knew of kept and unanalysed archives.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from vlmguard.ffmpeg import ffmpeg_binary, media_duration
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout, archive_start, snapshot_id, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
-from vlmguard.store import JobStore, utcnow
-from vlmguard.windows import WindowCutter, adjacent_groups, archive_sources
+from vlmguard.outage import Outage
+from vlmguard.store import JobStore, is_outage, utcnow
+from vlmguard.windows import JOB_FILE, WindowCutter, adjacent_groups, archive_sources
 
 log = get_logger("vlmguard.archiver")
 
@@ -50,17 +56,19 @@ def main(config: Config, beat: Beat = Beat()) -> None:
     configure_logging("archiver")
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
-    with JobStore.from_config(config) as store:
+    with JobStore.from_config(config, lazy=True) as store:
         archiver = Archiver(config, store)
         beat()
-        archiver.catch_up()
         last_retention = last_housekeeping = 0.0
         while not stopping.is_set():
             beat()
+            if archiver.behind and archiver.outage.due():
+                archiver.with_database(archiver.catch_up)
             archiver.finalize_closed()
             archiver.cut_windows()
             if time.monotonic() - last_housekeeping > HOUSEKEEPING_SECONDS:
-                archiver.housekeeping()
+                archiver.with_database(archiver.housekeeping)
+                archiver.bound_unregistered()
                 last_housekeeping = time.monotonic()
                 write_state(config.data_dir, "archiver", archiver.state())
             if time.monotonic() - last_retention > RETENTION_EVERY_SECONDS:
@@ -89,6 +97,15 @@ class Archiver:
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
         self.noticed = Noticed()
+        self.outage = Outage("archiver")
+        # Footage may be on disk that no job covers yet: at start, and after any outage
+        # of the database. The catch-up scan clears it.
+        self.behind = True
+        # What retention last read of kept and unanalysed archives (used while the
+        # database is away).
+        self.kept: set[str] = set()
+        self.in_flight: set[str] = set()
+        self.protected_at: datetime | None = None
         self.window_seconds = config.analysis.window_seconds
         self.ram_bytes = 0
         self.evicted = 0
@@ -104,6 +121,8 @@ class Archiver:
     def window_registrar(self, camera_id: str):
         def register(clip: Path, start: datetime, end: datetime, clip_start: datetime,
                      sources: list) -> int | None:
+            self.outage.check()
+            self.store.ensure_ready()
             return self.store.register(camera_id, clip, start, end, kind="window",
                                        clip_start=clip_start, sources=sources,
                                        max_retries=self.config.analysis.max_retries)
@@ -112,12 +131,35 @@ class Archiver:
     def state(self) -> dict:
         return {"state": "running", "ram_bytes": self.ram_bytes,
                 "ram_max_bytes": self.config.storage.ram_max_mb * MB,
-                "windows_evicted": self.evicted}
+                "windows_evicted": self.evicted, "database": self.outage.describe()}
+
+    def with_database(self, step) -> bool:
+        """Run a step that needs the database; while it is away the step is skipped (and
+        tried again after the outage's wait). True when it ran."""
+        try:
+            self.outage.check()
+            self.store.ensure_ready()
+            step()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.lost_database(exc)
+            return False
+        if self.outage.back():
+            self.behind = True  # what was filed meanwhile is registered now
+        return True
+
+    def lost_database(self, exc: Exception) -> None:
+        if not self.outage.down or self.outage.due():
+            self.outage.failed(exc)
+        self.behind = True
 
     def catch_up(self) -> None:
-        """Register what a crash or a stop left unregistered. Only unknown archives are
-        probed: a week of archives is thousands of files, each an FFmpeg run to measure."""
+        """Register what a crash, a stop or an outage of the database left unregistered.
+        Only unknown archives are probed: a week of archives is thousands of files, each
+        an FFmpeg run to measure."""
         self.finalize_closed()
+        self.behind = False
         if self.window_seconds:
             for cutter in self.cutters.values():
                 cutter.close_past()  # windows a crash left in RAM
@@ -163,12 +205,19 @@ class Archiver:
                      seconds=round((high - low).total_seconds(), 1))
 
     def cut_windows(self) -> None:
+        """Link live segments into their windows, and register the complete ones; while
+        the database is away the windows wait in RAM (bound_unregistered keeps that
+        bounded) and are registered when it is back."""
         for cutter in self.cutters.values():
             try:
                 cutter.step()
             except OSError as exc:
                 log.error("window not cut, will retry", camera_id=cutter.camera_id,
                           error=str(exc))
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self.lost_database(exc)
 
     def flush_windows(self) -> None:
         for cutter in self.cutters.values():
@@ -177,6 +226,29 @@ class Archiver:
             except OSError as exc:
                 log.error("window not registered on stop", camera_id=cutter.camera_id,
                           error=str(exc))
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # The catch-up scan at the next start registers its footage.
+                log.warning("window not registered on stop: the database is away",
+                            camera_id=cutter.camera_id, error=str(exc))
+
+    def bound_unregistered(self) -> None:
+        """While the database is away, complete windows cannot become jobs and stay in
+        RAM: past storage.ram_max_mb the oldest go (their footage is in the archives,
+        which the catch-up scan registers once the database is back)."""
+        if not self.outage.down or not self.cutters:
+            return
+        budget = self.config.storage.ram_max_mb * MB
+        for cutter in self.cutters.values():
+            for folder in waiting_windows(cutter):
+                if self.layout.ram_bytes(windows_only=True) <= budget:
+                    return
+                shutil.rmtree(folder, ignore_errors=True)
+                self.evicted += 1
+                log.warning("database away and RAM for windows full: window dropped from "
+                            "RAM, the catch-up scan registers its footage from the archive",
+                            camera_id=cutter.camera_id, window=folder.name)
 
     def housekeeping(self) -> None:
         """Windows analysed leave RAM; lagging cameras' windows merge; RAM stays bounded."""
@@ -248,8 +320,8 @@ class Archiver:
                       file=str(closed), error=str(exc))
             return
         log.info("archive filed", camera_id=camera_id, file=target.name)
-        if not self.window_seconds:
-            self.register(camera_id, target)
+        if not self.window_seconds and not self.behind:
+            self.with_database(lambda: self.register(camera_id, target))
 
     def copy_across(self, camera_id: str, closed: Path, target: Path) -> None:
         """archives/ on another file system than closed/ (a mount of its own): the file
@@ -285,13 +357,25 @@ class Archiver:
                     continue
         return sorted(found, key=lambda a: a.start)
 
+    def read_protected(self) -> None:
+        self.in_flight = self.store.in_flight_paths()
+        self.kept = self.store.kept_paths()
+        self.protected_at = utcnow()
+
     def enforce_retention(self) -> None:
         """Oldest first: past retention_days, over max_disk_gb, or under min_free_gb;
-        never an archive a person keeps (the console's "keep") until it is released."""
+        never an archive a person keeps (the console's "keep") until it is released.
+        While the database is away, what it said last stands; archives filed since are
+        not registered yet, so they count as unanalysed."""
         storage = self.config.storage
-        in_flight = self.store.in_flight_paths()
-        kept = self.store.kept_paths()
+        current = self.with_database(self.read_protected)
+        in_flight, kept = self.in_flight, self.kept
         archives = self.archives()
+        if not current:
+            recent = (self.protected_at - timedelta(seconds=storage.archive_seconds)
+                      if self.protected_at else None)
+            in_flight = in_flight | {str(a.path) for a in archives
+                                     if recent is None or a.start >= recent}
         total = sum(a.size for a in archives)
         free = shutil.disk_usage(self.layout.data_dir).free
         cutoff = utcnow() - timedelta(days=storage.retention_days)
@@ -314,7 +398,7 @@ class Archiver:
                 free += archive.size
                 pruned.add(archive.camera_id)
         for camera_id in pruned:
-            self.prune_snapshots(camera_id)
+            self.with_database(lambda camera_id=camera_id: self.prune_snapshots(camera_id))
 
     def prune_snapshots(self, camera_id: str) -> None:
         """An incident's picture goes with the last of its footage: when it ended before
@@ -343,6 +427,14 @@ class Archiver:
             return False
         log.info("archive deleted", camera_id=archive.camera_id, file=archive.path.name)
         return True
+
+
+def waiting_windows(cutter: WindowCutter) -> list[Path]:
+    """A camera's windows that are over but not registered yet, oldest first."""
+    now = time.time()
+    return [folder for folder in cutter.folders()
+            if not (folder / JOB_FILE).exists()
+            and (begun := cutter.start_of(folder)) is not None and cutter.end_of(begun) <= now]
 
 
 def uncovered(start: datetime, end: datetime, spans: list[tuple[datetime, datetime]],

@@ -129,6 +129,9 @@ class DaemonConfig:
     stop_timeout_seconds: float = opt(30.0, lo=1, hi=600)
     max_restarts: int = opt(5, lo=1, hi=1000)
     restart_window_seconds: float = opt(120.0, lo=10, hi=86400)
+    # A role other than the streamer that crash-loops is backed off, not fatal: it is
+    # retried with a growing wait, at most this long.
+    max_backoff_seconds: float = opt(300.0, lo=5, hi=3600)
 
 
 @dataclass(frozen=True)

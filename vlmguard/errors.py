@@ -30,3 +30,8 @@ class UnusableDatabase(DatabaseError):
 
 class LeaseLost(Exception):
     """This worker no longer holds the job: another worker or the rescuer has it now."""
+
+
+class DatabaseUnreachable(DatabaseError):
+    """The database is down, unreachable or held busy for now: nothing is wrong with it,
+    so the processes that need it wait and try again (recording never needs it)."""

@@ -6,7 +6,13 @@ plug-in (vlmguard.alerts.registry) and records what came of it: delivered; pendi
 with a backoff (1 s doubling to 60 s) until alerts.max_age_hours; or failed with the
 reason. A claim is a lease: if this process dies mid-delivery its rows come back (at
 once when it restarts here), so an alert may arrive twice, always with the same
-Idempotency-Key, never not at all.
+Idempotency-Key, never not at all. While the database is away it waits for it (the
+outbox is there); a delivery whose result cannot be recorded comes back with its lease.
+
+It also tells the operators about vlmguard itself: when the supervisor backs off a role
+in a crash loop, and when that role recovers, a "system" message goes to every
+destination (MQTT: the retained <prefix>/system topic) through the same outbox, with the
+same retries; one per event, however often it is noticed.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from vlmguard.alerts import registry
 from vlmguard.config import Config
 from vlmguard.health import Beat, write_state
 from vlmguard.logs import configure_logging, get_logger
+from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
-from vlmguard.store import Delivery, JobStore
+from vlmguard.store import Delivery, JobStore, is_outage
 
 log = get_logger("vlmguard.notifier")
 
@@ -51,7 +58,7 @@ def retry_delay(attempts: int, retry_after: float | None = None,
 
 def main(config: Config, beat: Beat = Beat()) -> None:
     configure_logging("notifier")
-    with JobStore.from_config(config) as store:
+    with JobStore.from_config(config, lazy=True) as store:
         notifier = Notifier(config, store, beat)
         signal.signal(signal.SIGTERM, notifier.on_signal)
         asyncio.run(notifier.run())
@@ -71,6 +78,12 @@ class Notifier:
         self.last_state: dict[str, int] | None = None
         self.troubled: set[str] = set()  # destinations whose last attempt failed
         self.max_age_seconds = config.alerts.max_age_hours * 3600
+        self.outage = Outage("notifier")
+        self.taken_back = False
+        # Roles the supervisor backs off, as last told ({name: since}); the messages about
+        # changes to it that still wait for the database.
+        self.backed_off: dict[str, float] = {}
+        self.untold: list[tuple[dict[str, Any], str]] = []
 
     def on_signal(self, _signum, _frame) -> None:
         self.stopping = True
@@ -82,9 +95,6 @@ class Notifier:
             ThreadPoolExecutor(MAX_IN_FLIGHT + 4, thread_name_prefix="deliver"))
         for destination in self.destinations.values():
             await destination.start()
-        taken_back = self.store.release_deliveries(self.worker_id)
-        if taken_back:
-            log.info("deliveries taken back from an earlier run", count=taken_back)
         log.info("notifier running", destinations={n: d.describe()
                                                    for n, d in self.destinations.items()})
         last_states = 0.0
@@ -94,15 +104,80 @@ class Notifier:
                 if time.monotonic() - last_states >= CAMERA_STATES_EVERY:
                     self.publish_camera_states()
                     last_states = time.monotonic()
-                self.retry_after_reconnect()
-                # A read first: claiming is a write transaction, taken only when one is due.
-                due = self.store.seconds_until_delivery_due()
-                if due == 0 and self.dispatch():
+                try:
+                    due = self.step()
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    await self.wait_for_database(exc)
+                    continue
+                if self.outage.back():
+                    self.last_state = None  # say so in the state file at once
+                if due == 0 and self.dispatch_safely():
                     await asyncio.sleep(0)
                     continue
                 await self.idle(due)
         finally:
             await self.finish()
+
+    def step(self) -> float | None:
+        """The database part of one turn: take back an earlier run's claims (once), send
+        reconnected destinations' retries now, and say when the next delivery is due."""
+        self.store.ensure_ready()
+        self.tell_operators()
+        if not self.taken_back:
+            taken_back = self.store.release_deliveries(self.worker_id)
+            self.taken_back = True
+            if taken_back:
+                log.info("deliveries taken back from an earlier run", count=taken_back)
+        self.retry_after_reconnect()
+        # A read first: claiming is a write transaction, taken only when one is due.
+        return self.store.seconds_until_delivery_due()
+
+    def notice_roles(self) -> None:
+        """Compare the supervisor's roles with last time: a role newly backed off, or one
+        back from it, is a message to the operators."""
+        from vlmguard.health import read_states
+
+        children = read_states(self.config.data_dir).get("supervisor", {}).get("children", {})
+        now_off = {name: child.get("backed_off_since") for name, child in children.items()
+                   if child.get("state") == "backed off"}
+        for name, since in now_off.items():
+            if self.backed_off.get(name) != since:
+                self.untold.append(role_message(name, children[name], backed_off=True))
+        for name, since in self.backed_off.items():
+            if name not in now_off:
+                self.untold.append(role_message(name, children.get(name, {}), backed_off=False,
+                                                since=since))
+        self.backed_off = now_off
+
+    def tell_operators(self) -> None:
+        """Write the untold messages to the outbox (they wait here while it is away)."""
+        while self.untold:
+            payload, key = self.untold[0]
+            if self.store.enqueue_system(payload, list(self.destinations), key):
+                log.info("operators told", about=payload["event"], child=payload["role"])
+            self.untold.pop(0)
+
+    def dispatch_safely(self) -> int:
+        try:
+            return self.dispatch()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.outage.failed(exc)
+            return 0
+
+    async def wait_for_database(self, exc: BaseException) -> None:
+        """Wait out the outage's backoff without blocking the loop (deliveries in flight
+        finish; their results are recorded when the database is back, or their leases
+        return them)."""
+        deadline = time.monotonic() + self.outage.failed(exc)
+        self.last_state = None
+        while not self.stopping and time.monotonic() < deadline:
+            self.beat()
+            self.publish_camera_states()
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
 
     def dispatch(self) -> int:
         room = MAX_IN_FLIGHT - len(self.in_flight)
@@ -144,6 +219,17 @@ class Notifier:
         self.record(delivery, answer)
 
     def record(self, delivery: Delivery, answer: registry.Answer) -> None:
+        try:
+            self.record_answer(delivery, answer)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # The claim's lease sends it again once the database is back (same key).
+            log.warning("delivery result not recorded: the database is away",
+                        delivery=delivery.id, outcome=answer.outcome,
+                        error=str(exc).splitlines()[0][:300])
+
+    def record_answer(self, delivery: Delivery, answer: registry.Answer) -> None:
         fields = dict(delivery=delivery.id, destination=delivery.destination,
                       kind=delivery.kind, incident=delivery.incident_id,
                       attempt=delivery.attempts + 1)
@@ -180,7 +266,9 @@ class Notifier:
     def publish_camera_states(self) -> None:
         from vlmguard.status import live_cameras
 
-        state = {"sent": self.sent, "in_flight": len(self.in_flight)}
+        self.notice_roles()
+        state = {"sent": self.sent, "in_flight": len(self.in_flight),
+                 "database": self.outage.describe()}
         if state != self.last_state:  # the data disk may be flash: write on change only
             write_state(self.config.data_dir, "notifier", state)
             self.last_state = state
@@ -203,6 +291,28 @@ class Notifier:
                 await destination.close()
             except Exception as exc:
                 log.warning("closing a destination failed", error=str(exc))
+
+
+def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
+                 since: float | None = None) -> tuple[dict[str, Any], str]:
+    """The system message about one role, and the key that makes it one per event."""
+    from vlmguard.status import exit_text, iso_epoch
+
+    host = socket.gethostname()
+    since = child.get("backed_off_since") if backed_off else since
+    if backed_off:
+        title = f"vlmguard on {host}: {name} is crash-looping"
+        message = (f"{name} keeps exiting (last: {exit_text(child.get('last_exit'))}); it is "
+                   "retried with a growing wait. Live video and recording go on. "
+                   "See `vlmguard status` and the service log.")
+    else:
+        title = f"vlmguard on {host}: {name} recovered"
+        message = f"{name} has run for a minute again after its crash loop."
+    event = "role_backed_off" if backed_off else "role_recovered"
+    payload = {"type": "system", "event": event, "role": name, "host": host,
+               "since": iso_epoch(since), "last_exit": child.get("last_exit"),
+               "title": title, "message": message, "camera_id": ""}
+    return payload, f"{host}|{event}|{name}|{since}"
 
 
 async def send_tests(config: Config, rule: str | None) -> list[tuple[str, str, Any]]:

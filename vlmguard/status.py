@@ -20,7 +20,7 @@ from vlmguard.errors import DatabaseError, UnusableDatabase
 from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.livelist import live_age
-from vlmguard.store import STATES, Job, JobStore, redact_url, utcnow
+from vlmguard.store import STATES, Job, JobStore, first_line, is_outage, redact_url, utcnow
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
@@ -57,7 +57,10 @@ def live_cameras(config: Config) -> list[dict[str, Any]]:
                          states.get("supervisor", {}).get("children", {}).get("streamer"))
 
 
-def gather_status(config: Config, store: JobStore | None = None) -> dict[str, Any]:
+def gather_status(config: Config, store: JobStore | None = None,
+                  unreachable: str | None = None) -> dict[str, Any]:
+    """The report; with unreachable (why the database cannot be read now), from the
+    files alone."""
     data_dir = config.data_dir
     pid = daemon_pid(data_dir)
     states = read_states(data_dir) if pid else {}
@@ -67,7 +70,9 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "daemon": {"running": pid is not None, "pid": pid,
                    "since": iso_epoch(supervisor.get("started_at")),
                    "children": supervisor.get("children", {})},
-        "database": {"url": redact_url(config.database_url), "ready": False, "error": None},
+        "database": {"url": redact_url(config.database_url), "ready": False, "error": None,
+                     "waiting": database_waits(states),
+                     "quarantined": {"rows": {}, "total": 0, "latest": []}},
         "cameras": camera_report(config, states.get("streamer", {}).get("cameras", {}),
                                  supervisor.get("children", {}).get("streamer")),
         "archives": archive_report(config),
@@ -80,6 +85,8 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
         "alerts": {},
     }
     try:
+        if unreachable:
+            raise DatabaseError(unreachable)
         opened = store or JobStore.from_config(config, create=False)
     except UnusableDatabase:
         raise  # not "no database yet" but one a person must repair: one line, exit 2
@@ -88,6 +95,11 @@ def gather_status(config: Config, store: JobStore | None = None) -> dict[str, An
     else:
         try:
             fill_from_table(report, opened)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            report["database"]["ready"] = False
+            report["database"]["error"] = f"database unreachable: {first_line(exc)}"
         finally:
             if store is None:
                 opened.close()
@@ -123,6 +135,33 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     report["tokens"] = {"today": store.token_usage(midnight),
                         "last_24h": store.token_usage(now - timedelta(hours=24))}
+    report["database"]["quarantined"] = store.quarantined()
+
+
+def database_waits(states: dict[str, dict]) -> dict[str, str]:
+    """{process: "database unreachable since ..."} for the processes waiting for it."""
+    waits = {name: state["database"] for name, state in states.items()
+             if isinstance(state.get("database"), str)}
+    waits.update({name: state["state"] for name, state in states.items()
+                  if name.startswith("analyzer-")
+                  and str(state.get("state", "")).startswith("waiting: database")})
+    return waits
+
+
+def backed_off(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The roles in a crash loop that the supervisor backs off, with their state."""
+    if not report["daemon"]["running"]:
+        return []
+    return [(name, child) for name, child in report["daemon"]["children"].items()
+            if child.get("state") == "backed off"]
+
+
+def exit_text(last_exit: dict[str, Any] | None) -> str:
+    if not last_exit:
+        return "unknown"
+    if "signal" in last_exit:
+        return f"killed by {last_exit['signal']}"
+    return f"exit code {last_exit.get('exitcode')}"
 
 
 def alerts_report(store: JobStore) -> dict[str, dict[str, Any]]:
@@ -240,6 +279,16 @@ def problems(report: dict[str, Any]) -> list[str]:
         found.append("daemon not running")
     if report["database"]["error"]:
         found.append(report["database"]["error"])
+    elif report["daemon"]["running"] and report["database"]["waiting"]:
+        found.append(f"processes waiting for the database: "
+                     f"{', '.join(sorted(report['database']['waiting']))}")
+    for name, child in backed_off(report):
+        found.append(f"{name} is crash-looping (last: {exit_text(child.get('last_exit'))}): "
+                     "backed off and retried; live video and recording go on")
+    quarantined = report["database"]["quarantined"]["total"]
+    if quarantined:
+        found.append(f"{quarantined} unreadable row(s) quarantined and skipped "
+                     "(vlmguard status --json lists them)")
     for camera in report["cameras"]:
         if report["daemon"]["running"] and not camera["online"]:
             found.append(f"camera {camera['id']} offline")
@@ -324,6 +373,15 @@ def render_status(report: dict[str, Any]) -> str:
              f"database  {report['database']['url']}"]
     if report["database"]["error"]:
         lines.append(f"          {report['database']['error']}")
+    for name, why in sorted(report["database"]["waiting"].items()):
+        lines.append(f"          {name} waiting: {why}")
+    for row in report["database"]["quarantined"]["latest"]:
+        lines.append(f"          quarantined: {row['table']} row {row['id']}: {row['reason']}")
+    for name, child in backed_off(report):
+        since = iso_epoch(child.get("backed_off_since"))
+        lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
+                     f"{exit_text(child.get('last_exit'))}); next try in "
+                     f"{child.get('next_try_in_s')} s")
     lines.append("cameras")
     for camera in report["cameras"]:
         age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])

@@ -12,6 +12,19 @@ an event loop or a database connection (the status line's store is closed before
 fork). What it does hold (the data-dir lock, the signal pipe, the systemd socket) each
 child closes right after the fork, and each child resets its signal handlers and opens
 its own logging and database engine.
+
+Roles fail alone. A child that keeps exiting (more than daemon.max_restarts times in
+restart_window_seconds) is a crash loop. The streamer's stops the daemon with exit 1, for
+systemd to restart: without it there is no video, and a fresh start is all that is left
+to try. Any other role's is backed off: retried with a wait doubling up to
+daemon.max_backoff_seconds, reported in the state file (so in `vlmguard status`,
+/api/health, /metrics and the systemd STATUS line) and, through the notifier, to the
+operators' alert destinations, while the streamer and its FFmpegs run on. It counts as
+recovered once it stays up a minute.
+
+The database is not needed to start: one that cannot be reached now (a PostgreSQL server
+down, a SQLite file held locked) only means the children that use it wait for it; one
+that is wrong (another program's file, a newer schema, a refused login) is refused here.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from typing import Any, Callable
 
 from vlmguard import analyzer, archiver, notifier, streamer
 from vlmguard.config import Config, check_server_settings, load_config, port_problem
-from vlmguard.errors import ConfigError, StartupError, VlmguardError
+from vlmguard.errors import ConfigError, DatabaseUnreachable, StartupError, VlmguardError
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
@@ -55,6 +68,9 @@ MALLOC_SETTINGS = (
 )
 FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 60.0, 60.0
 STATUS_EVERY = 5.0
+# The status line's database figures: after a failed look, the next waits this long,
+# doubling, so an unreachable database never holds the supervisor's loop for long.
+STATUS_DB_RETRY, STATUS_DB_RETRY_MAX = 5.0, 120.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,9 @@ class Role:
     hang_seconds: Callable[[Config], float]
     stop_order: int
     pool: bool = False  # several at once: children are numbered (analyzer-0, analyzer-1 ...)
+    # The daemon lives and dies with it: its crash loop stops vlmguard (exit 1); any other
+    # role's crash loop backs that role off alone.
+    essential: bool = False
 
     def child_name(self, config: Config, index: int) -> str:
         return f"{self.name}-{index}" if self.pool else self.name
@@ -115,7 +134,7 @@ ROLES = (
     Role("analyzer", analyzer.main, analyzer_count, config_and_index, analyzer_hang, 0,
          pool=True),
     Role("notifier", notifier.main, notifier_count, config_only, daemon_hang, 1),
-    Role("streamer", streamer.main, one, config_only, daemon_hang, 2),
+    Role("streamer", streamer.main, one, config_only, daemon_hang, 2, essential=True),
     Role("archiver", archiver.main, one, config_only, daemon_hang, 3),
 )
 
@@ -135,6 +154,8 @@ class Child:
     restart_at: float | None = None
     restarts: list[float] = field(default_factory=list)
     restart_count: int = 0
+    backed_off_since: float | None = None  # wall clock: when its crash loop was seen
+    last_exit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -192,6 +213,8 @@ class Supervisor:
         # child's pipe, and a stopped sibling then holds it open for good.
         self.lifeline: tuple[int, int] | None = None
         self.store: JobStore | None = None  # for the status line; never open across a fork
+        self.status_db_retry_at = 0.0
+        self.status_db_wait = STATUS_DB_RETRY
         self.started_at = time.time()
         os.register_at_fork(after_in_child=self.close_in_child)
 
@@ -246,6 +269,7 @@ class Supervisor:
                           window_s=self.config.daemon.restart_window_seconds,
                           **describe_exit(failed.process.exitcode))
                 return 1
+            self.note_recovered()
             self.spawn_due()
             now = time.monotonic()
             if self.watchdog_every and now - last_ping >= self.watchdog_every and self.healthy():
@@ -291,10 +315,41 @@ class Supervisor:
             window = self.config.daemon.restart_window_seconds
             child.restarts = [t for t in child.restarts if now - t < window] + [now]
             child.restart_count += 1
+            child.last_exit = describe_exit(child.process.exitcode)
+            if self.loops(child) and not child.role.essential and child.backed_off_since is None:
+                self.back_off(child)
             child.restart_at = now + child.backoff
             log.warning("child exited", child=child.name, child_pid=child.process.pid,
-                        **describe_exit(child.process.exitcode), restart_in_s=child.backoff)
-            child.backoff = min(child.backoff * 2, MAX_BACKOFF)
+                        **child.last_exit, restart_in_s=round(child.backoff, 1))
+            most = (self.config.daemon.max_backoff_seconds if child.backed_off_since
+                    else MAX_BACKOFF)
+            child.backoff = min(child.backoff * 2, most)
+
+    def loops(self, child: Child) -> bool:
+        return len(child.restarts) > self.config.daemon.max_restarts
+
+    def back_off(self, child: Child) -> None:
+        """A role other than the streamer crash-loops: it alone waits longer and longer
+        between tries; the video runs on."""
+        child.backed_off_since = time.time()
+        log.error("crash loop: role backed off, retried with a growing wait; live video and "
+                  "recording go on", child=child.name, restarts=len(child.restarts),
+                  window_s=self.config.daemon.restart_window_seconds,
+                  most_wait_s=self.config.daemon.max_backoff_seconds, **child.last_exit)
+        self.publish()
+
+    def note_recovered(self) -> None:
+        """A backed-off role that has stayed up a minute is well again."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.backed_off_since is not None and child.alive \
+                    and now - child.started_at > STABLE_AFTER:
+                log.info("role recovered from its crash loop", child=child.name,
+                         backed_off_s=round(time.time() - child.backed_off_since))
+                child.backed_off_since = None
+                child.restarts = []
+                child.backoff = FIRST_BACKOFF
+                self.publish()
 
     def murder_hung(self) -> None:
         for child in self.children:
@@ -305,8 +360,8 @@ class Supervisor:
                 child.process.join(5)
 
     def crash_looping(self) -> Child | None:
-        limit = self.config.daemon.max_restarts
-        return next((c for c in self.children if len(c.restarts) > limit), None)
+        """The essential child (the streamer) in a crash loop: the daemon must go."""
+        return next((c for c in self.children if c.role.essential and self.loops(c)), None)
 
     def spawn_due(self) -> None:
         now = time.monotonic()
@@ -386,11 +441,27 @@ class Supervisor:
             "started_at": self.started_at,
             # check-config accepts a port that this data dir's own daemon holds.
             "listen": {"host": self.config.server.host, "port": self.config.server.port},
-            "children": {c.name: {"pid": c.process.pid if c.process else None, "alive": c.alive,
-                                  "restarts": c.restart_count} for c in self.children}})
+            "children": {c.name: self.child_report(c) for c in self.children}})
+
+    def child_report(self, child: Child) -> dict[str, Any]:
+        """What `vlmguard status`, /api/health and /metrics say of one child."""
+        if child.backed_off_since is not None:
+            state = "backed off"
+        else:
+            state = "running" if child.alive else "restarting"
+        due = (round(max(child.restart_at - time.monotonic(), 0.0), 1)
+               if child.restart_at is not None else None)
+        return {"pid": child.process.pid if child.process else None, "alive": child.alive,
+                "restarts": child.restart_count, "state": state,
+                "backed_off_since": child.backed_off_since, "next_try_in_s": due,
+                "last_exit": child.last_exit or None}
 
     def healthy(self) -> bool:
-        return all(c.alive and c.beat.age() < c.hang_seconds for c in self.children)
+        """What the watchdog ping vouches for: the supervisor's loop turns and no child it
+        runs is hung (a hung one is killed anyway). A role backed off or waiting to be
+        restarted is the supervisor doing its job, not a reason for systemd to kill
+        the video with it."""
+        return all(c.beat.age() < c.hang_seconds for c in self.children if c.alive)
 
     def status_line(self) -> str:
         states = read_states(self.config.data_dir)
@@ -398,6 +469,18 @@ class Supervisor:
         live = sum(1 for c in cameras.values() if c.get("online"))
         busy = sum(1 for name, s in states.items()
                    if name.startswith("analyzer-") and str(s.get("state", "")).startswith("job"))
+        pending, alerts = self.queue_figures()
+        backed_off = [c.name for c in self.children if c.backed_off_since is not None]
+        return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
+                f"analyzers busy {busy}/{self.config.analysis.workers}"
+                + (f", alerts pending {alerts}" if notifier_count(self.config) else "")
+                + (f", backed off (crash loop): {' '.join(backed_off)}" if backed_off else ""))
+
+    def queue_figures(self) -> tuple[Any, Any]:
+        """Jobs and alerts pending, or "?" while the database cannot be read (looked at
+        again after a growing wait: the supervisor's loop must never wait on it)."""
+        if time.monotonic() < self.status_db_retry_at:
+            return "?", "?"
         try:
             if self.store is None:
                 self.store = JobStore.from_config(self.config, create=False)
@@ -405,10 +488,12 @@ class Supervisor:
             alerts = (sum(d["pending"] for d in self.store.delivery_counts().values())
                       if notifier_count(self.config) else None)
         except Exception:  # the status line must not take the supervisor down
-            pending = alerts = "?"
-        return (f"cameras live {live}/{len(self.config.cameras)}, jobs pending {pending}, "
-                f"analyzers busy {busy}/{self.config.analysis.workers}"
-                + (f", alerts pending {alerts}" if alerts is not None else ""))
+            self.close_store()
+            self.status_db_retry_at = time.monotonic() + self.status_db_wait
+            self.status_db_wait = min(self.status_db_wait * 2, STATUS_DB_RETRY_MAX)
+            return "?", "?"
+        self.status_db_wait = STATUS_DB_RETRY
+        return pending, alerts
 
     def close_store(self) -> None:
         if self.store is not None:
@@ -471,12 +556,22 @@ def check_startable(config: Config, running: Config | None = None) -> None:
                           f"(this vlmguard holds {running.data_dir}); restart vlmguard")
     ffmpeg_binary()
     check_secret_files(config)
-    JobStore.from_config(config).close()
+    check_database(config)
     address = (config.server.host, config.server.port)
     if running is None or address[1] != running.server.port:
         problem = port_problem(*address)
         if problem:
             raise StartupError(problem)
+
+
+def check_database(config: Config) -> None:
+    """Create or upgrade the schema now, once; refuse a database that is wrong. One that
+    cannot be reached now is not wrong: recording starts, its users wait for it."""
+    try:
+        JobStore.from_config(config).close()
+    except DatabaseUnreachable as exc:
+        log.warning("database unreachable at start: recording starts without it; analysis, "
+                    "alerts and the API's database parts wait for it", error=str(exc))
 
 
 def check_secret_files(config: Config) -> None:

@@ -68,7 +68,8 @@ class AppriseUrl:
         if not sender.add(self.url):
             return failed(f"{self.describe()}: not a URL Apprise knows")
         snapshot = existing_snapshot(self.data_dir, payload, committed_at)
-        heading = title(payload) if payload.get("type") == "incident" else "vlmguard test"
+        heading = (title(payload) if payload.get("type") == "incident"
+                   else str(payload.get("title") or "vlmguard test"))
         with apprise.LogCapture(level=logging.WARNING) as captured:
             ok = sender.notify(title=heading, body=body(payload),
                                attach=str(snapshot) if snapshot else None)

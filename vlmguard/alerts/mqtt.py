@@ -161,6 +161,10 @@ class Mqtt:
         return delivered("PUBACK")
 
     def messages(self, payload: dict[str, Any]) -> list[tuple[str, str, bool]]:
+        if payload.get("type") == "system":
+            # The daemon's own state (a role crash-looping, recovered): retained, so a
+            # dashboard that connects later sees it.
+            return [(f"{self.prefix}/system", json.dumps(payload), True)]
         camera_id = payload["camera_id"]
         if payload.get("type") == "safety_score":
             return [(f"{self.prefix}/{camera_id}/safety_score", str(payload["safety_score"]), True)]

@@ -1,24 +1,34 @@
 """The REST API and the /metrics route, served by the streaming process's aiohttp app.
 
-Every database read runs in a worker thread (asyncio.to_thread): the event loop that serves
-the video never waits on SQL. Bad query parameters get 400 with a JSON body naming the
-parameter.
+Every database read runs in a worker thread of the API's own (Database): the event loop
+that serves the video never waits on SQL, and a database that is slow or away never takes
+the threads it lends to file reads. While the database is away, what needs it answers
+503 at once with Retry-After; /api/health and /metrics answer from the files. Bad query
+parameters get 400 with a JSON body naming the parameter. A page is bounded in rows
+(limit) and in bytes (MAX_PAGE_BYTES): a page cut short says so and where the next starts
+(next_offset).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import structlog
 from aiohttp import web
 
 from vlmguard.config import Config
+from vlmguard.outage import Outage
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
-from vlmguard.store import STATES, JobStore
+from vlmguard.store import STATES, JobStore, is_outage
 from vlmguard.vlm import SEVERITIES
-from vlmguard.web.keys import CONFIG_KEY, STORE_KEY
+from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
 from vlmguard.web.metrics import render_metrics
 from vlmguard.web.session import session_metrics
 
@@ -26,10 +36,59 @@ MAX_PAGE = 500
 MAX_OFFSET = 10**9
 MAX_JOB_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL's BIGINT hold
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
+# One page of incidents at most this many bytes of JSON (rows are read with their
+# descriptions bounded, so a page costs at most limit x a row's bound to read).
+MAX_PAGE_BYTES = 1_000_000
+DATABASE_THREADS = 4
+
+
+class Database:
+    """The streaming process's way to the job table: one JobStore, made on first use
+    without reaching the database, and threads of its own."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.store: JobStore | None = None
+        # Its threads log as the process does (role, pid): threads start with no context.
+        self.executor = ThreadPoolExecutor(
+            DATABASE_THREADS, thread_name_prefix="database",
+            initializer=functools.partial(structlog.contextvars.bind_contextvars,
+                                          **structlog.contextvars.get_contextvars()))
+        self.outage = Outage("api")
+        self.lock = threading.Lock()
+
+    def run(self, work: Callable[[Config, JobStore], Any],
+            fallback: Callable[[Config, BaseException], Any] | None) -> Any:
+        """work(config, store) in this thread; while the database is away, fallback(config,
+        why) when there is one, else the outage is raised."""
+        try:
+            with self.lock:
+                self.outage.check()
+                if self.store is None:
+                    self.store = JobStore.from_config(self.config, create=False, lazy=True)
+            self.store.ensure_ready()
+            result = work(self.config, self.store)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            with self.lock:
+                if not self.outage.down or self.outage.due():
+                    self.outage.failed(exc)
+            if fallback is None:
+                raise
+            return fallback(self.config, exc)
+        with self.lock:
+            self.outage.back()
+        return result
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
 
 
 def add_api_routes(app: web.Application) -> None:
-    app[STORE_KEY] = []  # the JobStore, opened on first use in a worker thread
+    app[DATABASE_KEY] = Database(app[CONFIG_KEY])
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/cameras", cameras)
     app.router.add_get("/api/jobs", jobs)
@@ -43,25 +102,31 @@ def config_of(request: web.Request) -> Config:
     return request.app[CONFIG_KEY]
 
 
-async def read(request: web.Request, work: Callable[[Config, JobStore], Any]) -> Any:
-    """Run a database read (or a write) off the event loop, with this process's JobStore."""
-    return await with_store(request.app, work)
+async def read(request: web.Request, work: Callable[[Config, JobStore], Any],
+               fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
+    """Run a database read (or a write) off the event loop, with this process's JobStore;
+    while the database is away: fallback's answer, or 503 with Retry-After."""
+    try:
+        return await with_store(request.app, work, fallback)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        retry = max(1, round(request.app[DATABASE_KEY].outage.retry_at_in()))
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error": f"database unreachable: {str(exc).splitlines()[0][:300]}",
+                             "retry_after_s": retry}),
+            content_type="application/json", headers={"Retry-After": str(retry)}) from None
 
 
-async def with_store(app: web.Application, work: Callable[[Config, JobStore], Any]) -> Any:
-    config = app[CONFIG_KEY]
-
-    def run() -> Any:
-        holder = app[STORE_KEY]
-        if not holder:
-            holder.append(JobStore.from_config(config, create=False))
-        return work(config, holder[0])
-    return await asyncio.to_thread(run)
+async def with_store(app: web.Application, work: Callable[[Config, JobStore], Any],
+                     fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
+    database: Database = app[DATABASE_KEY]
+    return await asyncio.get_running_loop().run_in_executor(
+        database.executor, database.run, work, fallback)
 
 
 async def close_store(app: web.Application) -> None:
-    for store in app[STORE_KEY]:
-        store.close()
+    app[DATABASE_KEY].close()
 
 
 class BadParameter(web.HTTPBadRequest):
@@ -123,11 +188,24 @@ def category_params(request: web.Request) -> list[str]:
     return values
 
 
+def status_without_database(config: Config, why: BaseException) -> dict[str, Any]:
+    """The report from the files alone, saying why the database is not in it."""
+    return gather_status(config, unreachable=f"database unreachable: "
+                                             f"{str(why).splitlines()[0][:300]}")
+
+
 async def health(request: web.Request) -> web.Response:
-    report = await read(request, lambda config, store: gather_status(config, store))
+    report = await read(request, lambda config, store: gather_status(config, store),
+                        status_without_database)
+    database = report["database"]
     body = {"healthy": report["healthy"], "problems": report["problems"],
             "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES},
-            "analysis_lag_s": {c["id"]: c["analysis_lag_s"] for c in report["cameras"]}}
+            "analysis_lag_s": {c["id"]: c["analysis_lag_s"] for c in report["cameras"]},
+            "database": {"ready": database["ready"], "error": database["error"],
+                         "waiting": database["waiting"],
+                         "quarantined": database["quarantined"]["total"]},
+            "backed_off": sorted(name for name, child in report["daemon"]["children"].items()
+                                 if child.get("state") == "backed off")}
     return web.json_response(body, status=200 if report["healthy"] else 503)
 
 
@@ -142,10 +220,15 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset)
+        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset,
+                                results=False)
         return [job_summary(j) for j in found], store.count_jobs(states=states, camera_id=camera)
     rows, total = await read(request, work)
-    return web.json_response({"jobs": rows, "total": total, "limit": limit, "offset": offset})
+    page = bounded_page(rows)
+    following = offset + len(page)
+    return web.json_response({"jobs": page, "total": total, "limit": limit, "offset": offset,
+                              "truncated": len(page) < len(rows),
+                              "next_offset": following if following < total else None})
 
 
 async def job(request: web.Request) -> web.Response:
@@ -176,14 +259,33 @@ async def incidents(request: web.Request) -> web.Response:
         return (store.find_incidents(**where, limit=limit, offset=offset),
                 store.count_incidents(**where))
     rows, total = await read(request, work)
-    return web.json_response({"incidents": [incident_row(r) for r in rows], "limit": limit,
-                              "offset": offset, "total": total})
+    page = bounded_page([incident_row(r) for r in rows])
+    following = offset + len(page)
+    return web.json_response({"incidents": page, "limit": limit, "offset": offset,
+                              "total": total, "truncated": len(page) < len(rows),
+                              "next_offset": following if following < total else None})
+
+
+def bounded_page(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that fit in MAX_PAGE_BYTES of JSON (always the first): the rest is the
+    next page's."""
+    most = MAX_PAGE_BYTES
+    page, size = [], 0
+    for row in rows:
+        size += len(json.dumps(row, separators=(",", ":")))
+        if page and size > most:
+            break
+        page.append(row)
+    return page
 
 
 async def metrics(request: web.Request) -> web.Response:
     def work(config, store):
         return render_metrics(gather_status(config, store), store.duration_histogram(),
                               store.token_usage())
-    text = await read(request, work) + session_metrics(request.app)
+
+    def from_files(config, why):
+        return render_metrics(status_without_database(config, why), ([], 0, 0.0), {})
+    text = await read(request, work, from_files) + session_metrics(request.app)
     return web.Response(body=text.encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vlmguard.logs import get_logger
+from vlmguard.logs import Noticed, get_logger
 from vlmguard.status import incident_row, iso, live_cameras
 from vlmguard.web.api import with_store
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY, HUB_KEY
@@ -62,6 +62,7 @@ class EventHub:
         self.cap = app[CONFIG_KEY].server.max_event_streams
         self.listeners: set[Listener] = set()
         self.task: asyncio.Task | None = None
+        self.noticed = Noticed()  # one log line per kind of failure, until a poll works
 
     def subscribe(self) -> Listener | None:
         if len(self.listeners) >= self.cap:
@@ -82,24 +83,32 @@ class EventHub:
                 self.listeners.discard(listener)
 
     async def poll(self) -> None:
-        """Runs while anyone listens: compares the table and the cameras with last time."""
-        cursor = await with_store(self.app, lambda config, store: store.event_cursor())
+        """Runs while anyone listens: compares the table and the cameras with last time.
+        Camera events need no database; while it is away, the table's events wait (from
+        the cursor they had, or from the newest rows once it is back)."""
+        cursor = None
         online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
         while self.listeners:
             await asyncio.sleep(POLL_SECONDS)
-            try:
-                changes = await with_store(self.app,
-                                           lambda config, store: store.changes_since(*cursor))
-                now_online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
-            except Exception as exc:  # a database hiccup: the streams wait, they do not end
-                log.warning("event poll failed, retrying", error=str(exc))
-                await asyncio.sleep(ERROR_PAUSE_SECONDS)
-                continue
-            cursor = self.publish_changes(changes, cursor)
+            now_online = await asyncio.to_thread(online_by_camera, self.app[CONFIG_KEY])
             for camera, is_online in now_online.items():
                 if online.get(camera) != is_online:
                     self.publish("camera", {"id": camera, "online": is_online})
             online = now_online
+            try:
+                if cursor is None:
+                    cursor = await with_store(self.app,
+                                              lambda config, store: store.event_cursor())
+                    continue
+                changes = await with_store(self.app,
+                                           lambda config, store, at=cursor: store.changes_since(*at))
+            except Exception as exc:  # a database hiccup: the streams wait, they do not end
+                if self.noticed.first(type(exc).__name__):
+                    log.warning("event poll failed, retrying", error=str(exc).splitlines()[0][:300])
+                await asyncio.sleep(ERROR_PAUSE_SECONDS)
+                continue
+            self.noticed.seen.clear()
+            cursor = self.publish_changes(changes, cursor)
 
     def publish_changes(self, changes: dict[str, list], cursor: tuple) -> tuple:
         last_id, acked, failed = cursor

@@ -5,7 +5,7 @@ from aiohttp import web
 from vlmguard.config import Config
 
 CONFIG_KEY = web.AppKey("config", Config)
-STORE_KEY = web.AppKey("store", list)
+DATABASE_KEY = web.AppKey("database", object)  # vlmguard.web.api.Database
 TARGETS_KEY = web.AppKey("targets", dict)
 SECRET_KEY = web.AppKey("secret", bytes)
 STATIC_KEY = web.AppKey("static", dict)

@@ -86,6 +86,23 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_child_restarts_total", "counter",
            "Restarts of each supervised process since vlmguard started.",
            [(label(child=name), state.get("restarts", 0)) for name, state in children.items()])
+    family("vlmguard_child_backed_off", "gauge",
+           "1 while the process is in a crash loop that the supervisor backs off (video "
+           "runs on).",
+           [(label(child=name), int(state.get("state") == "backed off"))
+            for name, state in children.items()])
+    database = report["database"]
+    family("vlmguard_database_up", "gauge",
+           "1 when the job table could be read for this report.",
+           [("", int(bool(database.get("ready"))))])
+    family("vlmguard_database_waiting", "gauge",
+           "1 for each process waiting for the database to come back.",
+           [(label(process=name), 1) for name in sorted(database.get("waiting", {}))]
+           or [("", 0)])
+    quarantined = database.get("quarantined", {}).get("rows", {})
+    family("vlmguard_quarantined_rows", "gauge",
+           "Rows that could not be read, quarantined and skipped, by table.",
+           [(label(table=name), n) for name, n in sorted(quarantined.items())])
     archives = report["archives"]
     family("vlmguard_archive_bytes", "gauge", "Bytes used by archives.", [("", archives["bytes"])])
     family("vlmguard_archives", "gauge", "Archive files on disk.", [("", archives["count"])])
