@@ -508,10 +508,13 @@ class FakeGemini:
             return web.json_response({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
                                       "usageMetadata": {"promptTokenCount": 1234,
                                                         "totalTokenCount": 1234}})
-        if fault == "huge":
+        if fault == "huge":  # a model that ignores maxOutputTokens, or a hostile stand-in
             incident = dict(DEFAULT_ANSWER["incidents"][0], description="x" * 5_000_000)
-            return web.json_response(self.completion(json.dumps(
-                dict(DEFAULT_ANSWER, incidents=[incident]))))
+            text = json.dumps(dict(DEFAULT_ANSWER, incidents=[incident]))
+            return web.json_response({"candidates": [{"content": {"role": "model", "parts": [
+                {"text": text}]}, "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 10,
+                                  "totalTokenCount": 110}})
         if fault == "long":
             incident = dict(DEFAULT_ANSWER["incidents"][0],
                             description="Flames\x00 spread.\u202e" + "y" * 50_000)

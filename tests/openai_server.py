@@ -309,11 +309,12 @@ class FakeOpenAI:
             return self.as_context_checker(body, record)
         return self.as_openai(body, record)
 
-    def as_openai(self, body: dict, record: dict) -> web.Response:
+    def as_openai(self, body: dict, record: dict, content: str | None = None,
+                  refusal: str | None = None) -> web.Response:
         prompt = sum(text_count(t) for t in record["texts"]) + sum(
             image_tokens(i["width"], i["height"], i["detail"]) for i in record["images"])
-        content = self.answer_text()
-        output = text_count(content)
+        content = self.answer_text() if content is None and refusal is None else content
+        output = text_count(content or refusal or "")
         usage = {"prompt_tokens": prompt, "completion_tokens": output,
                  "total_tokens": prompt + output}
         if self.mode == "gpt5":
@@ -322,7 +323,7 @@ class FakeOpenAI:
                          + reasoning, completion_tokens_details={"reasoning_tokens": reasoning},
                          prompt_tokens_details={"cached_tokens": min(prompt, 1024)})
         record["usage"] = usage
-        return web.json_response(completion(body["model"], content, usage))
+        return web.json_response(completion(body["model"], content, usage, refusal=refusal))
 
     def qwen_units(self, record: dict) -> list[tuple[int, str, int]]:
         """The prompt as Qwen2.5-VL's tokens: each part its own message (Ollama), or one
@@ -395,7 +396,6 @@ class FakeOpenAI:
     async def inject(self, fault: str, request: web.Request, body: dict,
                      record: dict) -> web.StreamResponse:
         model = body.get("model", "qwen2.5vl:7b")
-        small = {"prompt_tokens": 100, "completion_tokens": 9, "total_tokens": 109}
         if fault in ("429", "429_huge", "429_date"):
             after = {"429": "2", "429_huge": "1e12", "429_date": "99999999999"}[fault]
             return error(429, "Rate limit reached for requests per minute. Please try again "
@@ -417,7 +417,7 @@ class FakeOpenAI:
         if fault == "drip":
             return await self.drip(request, model)
         if fault == "nonjson":
-            return web.json_response(completion(model, "Sure! The clip shows a warehouse.", small))
+            return self.as_openai(body, record, "Sure! The clip shows a warehouse.")
         if fault == "html":
             return web.Response(status=200, text="<html><body>Welcome to nginx!</body></html>",
                                 content_type="text/html")
@@ -425,27 +425,29 @@ class FakeOpenAI:
             return web.json_response({"object": "chat.completion", "choices": "busy",
                                       "usage": "none"})
         if fault == "nested":
-            return web.json_response(completion(model, "[" * 100_000 + "]" * 100_000, small))
+            return self.as_openai(body, record, "[" * 100_000 + "]" * 100_000)
         if fault == "huge":
             answer = dict(DEFAULT_ANSWER, incidents=[dict(DEFAULT_ANSWER["incidents"][0],
                                                           description="x" * 5_000_000)])
-            return web.json_response(completion(model, json.dumps(answer), small))
+            return self.as_openai(body, record, json.dumps(answer))
         if fault == "long":
             incident = dict(DEFAULT_ANSWER["incidents"][0],
                             description="A person\x00 falls.\x1b[31m\u202e" + "y" * 50_000,
                             category="fall\x07" + "z" * 500)
             answer = {"summary": "Over\x00long\r\nsummary " + "s" * 20_000,
                       "incidents": [incident], "safety_score": 40}
-            return web.json_response(completion(model, json.dumps(answer), small))
+            return self.as_openai(body, record, json.dumps(answer))
         if fault == "many":
             incident = DEFAULT_ANSWER["incidents"][0]
             answer = dict(DEFAULT_ANSWER, incidents=[
                 dict(incident, severity="critical" if n % 40 == 0 else "low",
                      start_offset_s=n * 0.05, end_offset_s=n * 0.05 + 0.05) for n in range(200)])
-            return web.json_response(completion(model, json.dumps(answer), small))
+            return self.as_openai(body, record, json.dumps(answer))
+        if fault == "400":  # what a server says of one request it will not take
+            return error(400, "Invalid 'messages[0].content[1].image_url.url': the image "
+                         "could not be decoded.", code="invalid_value")
         if fault == "refusal":
-            return web.json_response(completion(model, None, small,
-                                                refusal="I can't help with that request."))
+            return self.as_openai(body, record, refusal="I can't help with that request.")
         raise ValueError(f"unknown fault {fault}")
 
     async def drip(self, request: web.Request, model: str) -> web.StreamResponse:

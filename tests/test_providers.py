@@ -16,8 +16,9 @@ import pytest
 
 from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
+from vlmguard.layout import Layout
 from vlmguard.status import gather_status, render_status
-from vlmguard.store import JobStore
+from vlmguard.store import JobStore, utcnow
 
 from conftest import write_config
 from daemon import RunningVlmguard, free_port
@@ -28,9 +29,9 @@ T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 LOCAL_MODEL = "qwen2.5vl:7b"
 
 
-def encode(path: Path, graph: str) -> Path:
+def encode(path: Path, graph: str, seconds: int = 12) -> Path:
     """A 12-s H.264 archive with a keyframe every second, as the streamer makes them."""
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-filter_complex", graph, "-t", "12",
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-filter_complex", graph, "-t", str(seconds),
                     "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p",
                     str(path)], check=True, timeout=120)
     return path
@@ -54,6 +55,8 @@ def clips(tmp_path_factory) -> dict[str, Path]:
                          "[bg][p]overlay=x='t*40':y=150"),
         "rgb": encode(folder / "rgb.mp4", f"color=c=red:{size}:d=4[r];color=c=lime:{size}:d=4[g];"
                       f"color=c=blue:{size}:d=4[b];[r][g][b]concat=n=3:v=1"),
+        # One busy 60-s window: 30 distinct keyframes of 640x360 at the default 0.5 fps.
+        "minute": encode(folder / "minute.mp4", "testsrc2=size=640x360:rate=25", seconds=60),
     }
 
 
@@ -76,7 +79,8 @@ def setup(tmp_path, local, gemini, monkeypatch):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     made = []
 
-    def make(order=("local",), static_check_minutes=0, local_keys="", local_url=None):
+    def make(order=("local",), static_check_minutes=0, local_keys="", local_url=None,
+             cloud_keys=""):
         config = load_config(write_config(tmp_path, f"""
             [storage]
             data_dir = "{tmp_path / 'data'}"
@@ -97,11 +101,14 @@ def setup(tmp_path, local, gemini, monkeypatch):
             kind = "gemini"
             base_url = "{gemini.base_url}"
             timeout_seconds = 60
+            {cloud_keys}
             [[cameras]]
             id = "cam1"
             url = "lavfi:testsrc2"
             prompt = "Loading bay with forklifts."
         """))
+        # The RAM folder marked as this test's (other sessions' clean-ups leave it alone).
+        Layout(config.data_dir).make_dirs("cam1")
         store = JobStore.from_config(config)
         made.append(store)
         return config, store
@@ -110,10 +117,11 @@ def setup(tmp_path, local, gemini, monkeypatch):
         store.close()
 
 
-def run_job(config, store, clip: Path, start: datetime = T0):
+def run_job(config, store, clip: Path, start: datetime = T0, worker: Worker | None = None,
+            seconds: int = 12):
     """Register one clip and let a worker process it, as its loop does."""
-    store.register("cam1", clip, start, start + timedelta(seconds=12), max_retries=2)
-    worker = Worker(config, store, "test-worker")
+    store.register("cam1", clip, start, start + timedelta(seconds=seconds), max_retries=2)
+    worker = worker or Worker(config, store, "test-worker")
     job = store.next_job("test-worker", timeout=5)
     assert job is not None
     worker.process(job)
@@ -134,7 +142,12 @@ def test_frames_go_as_labelled_jpegs_with_a_strict_schema(setup, local, clips):
         f"Frame at {s:.1f} s:" for s in (0, 2, 4, 6, 8, 10)]
     assert request["response_format"]["type"] == "json_schema"
     assert request["response_format"]["json_schema"]["strict"] is True
-    assert "Loading bay with forklifts." in request["texts"][0]
+    # The task comes last, after every frame: a server that cuts the middle keeps it.
+    kinds = [kind for kind, _ in request["parts"]]
+    assert kinds == ["text", "image"] * 6 + ["text"]
+    assert "Loading bay with forklifts." in request["texts"][-1]
+    assert "safety_score" in request["texts"][-1]
+    assert request["temperature"] == 0.1 and request["max_tokens"] <= 2048
     usage = request["usage"]
     assert (job.prompt_tokens, job.output_tokens, job.total_tokens) == (
         usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
@@ -162,7 +175,7 @@ def test_server_without_json_schema_gets_json_mode_checked_by_us(setup, local, c
     # One refused json_schema request, then JSON mode for the life of the client.
     assert [(r["status"], r["response_format"]["type"]) for r in local.requests] == [
         (400, "json_schema"), (200, "json_object"), (200, "json_object")]
-    assert '"safety_score"' in local.requests[1]["texts"][0]  # the schema is in the prompt
+    assert '"safety_score"' in local.requests[1]["texts"][-1]  # the schema is in the prompt
     # An answer that breaks the contract is still refused, by vlmguard's own check.
     local.answer = {"summary": "fine", "incidents": [], "safety_score": 150}
     store.register("cam1", clips["busy"], T0 + timedelta(hours=1),
@@ -206,7 +219,20 @@ def test_grid_is_one_image_whose_tiles_are_the_frames(setup, local, clips, tmp_p
 
 # -- fallback --------------------------------------------------------------------------------
 
-FALLBACK_FAULTS = ["500", "503", "timeout", "nonjson", "down"]
+# What a provider can do wrong, and what it is recorded as; the clip goes to the next.
+FALLBACK_FAULTS = {
+    "500": "chat: HTTP 500", "503": "chat: HTTP 503", "timeout": "chat: timed out after 2 s",
+    "down": "chat: cannot connect",
+    # A byte every half second: the total deadline ends it, not a per-read timeout.
+    "drip": "chat: timed out after 2 s",
+    "nonjson": "invalid model output: not JSON",
+    "html": "malformed response from the server (AttributeError",
+    "shape": "malformed response from the server (AttributeError",
+    "nested": "invalid model output: JSON nested too deeply",
+    "huge": "chat: connection failed (answer larger than 2,097,152 bytes, not read further)",
+    "400": "chat: HTTP 400: Invalid 'messages[0].content[1].image_url.url'",
+    "refusal": "refused by the model: I can't help with that request.",
+}
 
 
 @pytest.mark.parametrize("fault", FALLBACK_FAULTS)
@@ -215,14 +241,14 @@ def test_failing_first_provider_hands_the_clip_to_the_next(setup, local, gemini,
     config, store = setup(order=("local", "cloud"), local_url=down)
     local.hang_seconds = 5  # the client gives up after timeout_seconds = 2
     local.faults = [] if fault == "down" else [fault]
+    started = time.monotonic()
     job = run_job(config, store, clips["busy"])
+    assert time.monotonic() - started < 20
     assert (job.status, job.retry_count, job.provider) == ("completed", 0, "cloud")
     assert job.model == "gemini-3.8-flash" and len(gemini.generate_requests) == 1
     shared = store.provider_state("local")
     assert shared.failures == 1 and not shared.paused
-    expected = {"500": "chat: HTTP 500", "503": "chat: HTTP 503", "timeout": "chat: timed out",
-                "nonjson": "invalid model output: not JSON", "down": "chat: cannot connect"}
-    assert shared.last_error.startswith(expected[fault]), shared.last_error
+    assert shared.last_error.startswith(FALLBACK_FAULTS[fault]), shared.last_error
 
 
 def test_rate_limited_or_paused_provider_is_skipped_without_a_failure(setup, local, gemini, clips):
@@ -262,6 +288,146 @@ def test_every_provider_paused_puts_the_job_back_uncharged(setup, local, gemini,
     worker = Worker(config, store, "other")
     assert worker.held_back()
     assert worker.state.startswith("paused: local: quota_exhausted")
+
+
+# -- real servers: Ollama, vLLM, llama.cpp, GPT-5 --------------------------------------------------
+
+def test_ollama_mode_cuts_the_middle_and_answers_without_a_task_it_lost(local, clips):
+    """The stand-in is as unkind as Ollama: a prompt whose task comes first, over the
+    context, loses its task and is still answered, "safe"; nothing says so but the usage."""
+    import base64
+    from openai import OpenAI
+    local.mode = "ollama"
+    frame = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clips["busy"]), "-frames:v", "1",
+                            "-vf", "scale=640:360", "-f", "image2", "-c:v", "mjpeg", "-"],
+                           capture_output=True, check=True).stdout
+    picture = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                  + base64.b64encode(frame).decode()}}
+    task = {"type": "text", "text": "Review the frames. Answer with safety_score 0-100."}
+    client = OpenAI(api_key="x", base_url=local.base_url, max_retries=0)
+    answer = client.chat.completions.create(model=LOCAL_MODEL, messages=[
+        {"role": "user", "content": [task] + [picture] * 20}])
+    request = local.requests[-1]
+    assert request["truncated"] and not request["task_seen"]
+    assert answer.usage.prompt_tokens == request["prompt_kept"] <= 4096 < request["prompt_sent"]
+    assert json.loads(answer.choices[0].message.content)["safety_score"] == 100
+    assert request["temperature_used"] == 1.0  # nothing sent: Ollama samples at 1.0
+
+
+MODES = {
+    # mode: (server settings, provider keys, requests for the first window)
+    "ollama": ({"mode": "ollama"}, "", 1),  # context_tokens' default is Ollama's 4,096
+    "ollama_16k_claimed": ({"mode": "ollama"}, "context_tokens = 16384", 2),
+    "vllm": ({"mode": "vllm"}, "context_tokens = 16384", 2),
+    "vllm_one_image": ({"mode": "vllm", "mm_limit": 1}, "", 2),
+    "llamacpp": ({"mode": "llamacpp", "n_ctx": 4096}, "context_tokens = 16384", 2),
+    "gpt5": ({"mode": "gpt5"}, "context_tokens = 400000", 3),
+}
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_local_server_modes_are_answered_by_the_provider_itself(setup, local, clips, name):
+    """Each real server's way of refusing or cutting a request costs the first window a
+    request or two, is remembered, and nothing fails or is stored from a cut prompt."""
+    settings, keys, first = MODES[name]
+    for key, value in settings.items():
+        setattr(local, key, value)
+    config, store = setup(local_keys=keys)
+    if name == "gpt5":
+        config = replace_model(config, "local", "gpt-5-mini")
+    worker = Worker(config, store, "w")
+    jobs = [run_job(config, store, clips["minute"], T0 + timedelta(minutes=n), worker, seconds=60)
+            for n in range(2)]
+    assert [(j.status, j.retry_count, j.provider) for j in jobs] == [("completed", 0, "local")] * 2
+    assert [j.analysis_result["request"]["requests"] for j in jobs] == [first, 1]
+    assert len(local.requests) == first + 1
+    answered = local.answered
+    assert all(r.get("task_seen", True) for r in answered)
+    assert "test pattern" not in " ".join(j.analysis_result["summary"] for j in jobs)
+    last = local.requests[-1]
+    if name.startswith("ollama"):
+        assert not last["truncated"] and last["temperature_used"] == 0.1
+        assert last["prompt_kept"] <= 4096 - 768
+    if name == "gpt5":
+        assert "max_tokens" not in last["params"] and "temperature" not in last["params"]
+        assert jobs[1].thoughts_tokens == 64
+        assert jobs[1].analysis_result["request"]["cached_tokens"] == 1024
+        assert set(worker.adapted["local"]) == {"max_tokens", "temperature"}
+    elif first > 1:
+        assert worker.adapted["local"], "the adaptation is noted for status"
+    if name == "vllm":
+        assert last["prompt_sent"] + last["max_tokens"] <= 8192
+        assert len(last["images"]) == 20  # 8,192 holds all twenty
+    if name == "vllm_one_image":
+        assert len(last["images"]) == 1 and jobs[1].analysis_result["request"]["grid"]
+    if name == "ollama_16k_claimed":
+        assert local.requests[0]["truncated"]  # the cut request: its answer was not used
+        assert jobs[0].prompt_tokens == sum(r["usage"]["prompt_tokens"]
+                                            for r in local.requests[:2])  # both were paid
+        assert "the server kept" in worker.adapted["local"]["context"]
+
+
+def replace_model(config, name, model):
+    from dataclasses import replace as swap
+    providers = tuple(swap(p, model=model) if p.name == name else p for p in config.providers)
+    return swap(config, providers=providers)
+
+
+def test_a_misconfigured_provider_is_put_aside_and_the_next_answers(setup, local, gemini, clips):
+    local.mode = "misconfigured"  # every request a 400, probes too
+    config, store = setup(order=("local", "cloud"))
+    worker = Worker(config, store, "w")
+    jobs = [run_job(config, store, clips["busy"], T0 + timedelta(minutes=n), worker)
+            for n in range(4)]
+    assert [(j.status, j.retry_count, j.provider) for j in jobs] == [("completed", 0, "cloud")] * 4
+    assert len(local.requests) == 3  # the fourth window did not ask it
+    pause = store.provider_state("local")
+    assert pause.reason == "misconfigured"
+    assert pause.detail.startswith("chat: HTTP 400: image input is not supported - hint:")
+    text = render_status(gather_status(config, store))
+    assert "PAUSED (local) since" in text and "image input is not supported" in text
+    assert store.probe_now("local") == 1  # SIGHUP: probed at once, refused again
+    assert worker.blocked("local") is not None and store.provider_state("local").paused
+    local.mode = None  # the server was started with its --mmproj
+    store.probe_now("local")
+    assert worker.blocked("local") is None
+    assert run_job(config, store, clips["busy"], T0 + timedelta(hours=1), worker).provider == "local"
+
+
+@pytest.mark.parametrize("fault", ["429_huge", "429_date"])
+def test_absurd_retry_after_is_one_capped_shared_wait(setup, local, gemini, clips, fault):
+    config, store = setup(order=("local", "cloud"), local_keys="max_retry_wait_seconds = 30")
+    local.faults = [fault]
+    job = run_job(config, store, clips["busy"])
+    assert (job.status, job.retry_count, job.provider) == ("completed", 0, "cloud")
+    shared = store.provider_state("local")
+    assert shared.failures == 0 and 25 < (shared.not_before - utcnow()).total_seconds() <= 30
+
+
+def test_absurd_retry_after_on_a_5xx_bounds_the_jobs_retry(setup, local, clips):
+    config, store = setup(local_keys="max_retry_wait_seconds = 30")
+    local.faults = ["503_huge"]
+    job = run_job(config, store, clips["busy"])
+    assert (job.status, job.retry_count) == ("pending", 1)
+    assert 25 < (job.run_after - utcnow()).total_seconds() <= 30
+
+
+def test_answers_are_bounded_and_cleaned_whatever_the_provider(setup, local, clips):
+    config, store = setup()
+    local.faults = ["long"]
+    job = run_job(config, store, clips["busy"])
+    assert job.status == "completed", job.error_message
+    assert len(job.analysis_result["summary"]) == 2000
+    assert "\x00" not in job.analysis_result["summary"]
+    [incident] = store.list_incidents(job.id)
+    assert incident["description"].startswith("A person falls.[31my")  # NUL, ESC, U+202E gone
+    assert incident["description"].endswith("\u2026[truncated]") and len(incident["description"]) == 1000
+    assert incident["category"] == "other"  # "fall\a zzz..." is no known category
+    local.faults = ["many"]
+    job = run_job(config, store, clips["busy"], T0 + timedelta(hours=1))
+    incidents = store.list_incidents(job.id)
+    assert len(incidents) == job.incident_count == 50
+    assert sum(i["severity"] == "critical" for i in incidents) == 5  # the worst are kept
 
 
 # -- no request for a static clip --------------------------------------------------------------

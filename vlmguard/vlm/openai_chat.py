@@ -306,7 +306,7 @@ class OpenAIChatClient:
             raise AnalysisError("no frames to send", retryable=False)
         unused: list[Answer] = []  # answers paid for and not used (a cut prompt)
         with tempfile.TemporaryDirectory(prefix="vlmguard-frames-") as workdir:
-            for _ in range(MAX_REQUESTS):
+            for sent in range(1, MAX_REQUESTS + 1):
                 keep_alive()
                 plan = self.plan(clip.frames, prompt)
                 content = self.content(plan, prompt, Path(workdir))
@@ -321,7 +321,7 @@ class OpenAIChatClient:
                 problem = self.misfit(plan, answer.prompt_tokens)
                 if problem is None:
                     return replace(billed_together(unused, answer),
-                                   request=plan.describe() | {"requests": len(unused) + 1})
+                                   request=plan.describe() | {"requests": sent})
                 unused.append(answer)
                 self.refit(problem, plan, answer.prompt_tokens)
         raise AnalysisError(f"no request fitted the server's context after {MAX_REQUESTS} "
@@ -571,8 +571,9 @@ class OpenAIChatClient:
             raise AnalysisError(f"{what}: timed out after {settings.timeout_seconds:g} s",
                                 retryable=True) from None
         except openai.APIConnectionError as exc:
-            raise AnalysisError(f"{what}: cannot connect ({first_line(exc.__cause__ or exc)})",
-                                retryable=True) from None
+            cause = exc.__cause__ or exc
+            verb = "cannot connect" if "Connect" in type(cause).__name__ else "connection failed"
+            raise AnalysisError(f"{what}: {verb} ({first_line(cause)})", retryable=True) from None
         except openai.APIStatusError as exc:
             raise status_error(what, exc, settings, self.learned.schema_mode) from None
         except openai.APIResponseValidationError as exc:

@@ -53,8 +53,24 @@ def time_left(timeout: float | None, on_expiry: type[Exception]) -> float | None
         return timeout
     left = bounds.deadline - time.monotonic()
     if left <= 0:
-        raise on_expiry(f"no answer within {bounds.seconds:g} s (the request's total deadline)")
+        raise expired(bounds, on_expiry)
     return left if timeout is None else min(timeout, left)
+
+
+def expired(bounds: Bounds, kind: type[Exception]) -> Exception:
+    return kind(f"no answer within {bounds.seconds:g} s (the request's total deadline)")
+
+
+@contextmanager
+def saying_why(kind: type[Exception]) -> Iterator[None]:
+    """A socket timeout that is the request's deadline says so."""
+    try:
+        yield
+    except kind:
+        bounds = CURRENT.get()
+        if bounds is not None and time.monotonic() >= bounds.deadline:
+            raise expired(bounds, kind) from None
+        raise
 
 
 class BoundedStream(httpcore2.NetworkStream):
@@ -62,7 +78,8 @@ class BoundedStream(httpcore2.NetworkStream):
         self.inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = self.inner.read(max_bytes, time_left(timeout, httpcore2.ReadTimeout))
+        with saying_why(httpcore2.ReadTimeout):
+            data = self.inner.read(max_bytes, time_left(timeout, httpcore2.ReadTimeout))
         bounds = CURRENT.get()
         if bounds is not None:
             bounds.bytes_left -= len(data)
@@ -72,7 +89,8 @@ class BoundedStream(httpcore2.NetworkStream):
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.inner.write(buffer, time_left(timeout, httpcore2.WriteTimeout))
+        with saying_why(httpcore2.WriteTimeout):
+            self.inner.write(buffer, time_left(timeout, httpcore2.WriteTimeout))
 
     def close(self) -> None:
         self.inner.close()
