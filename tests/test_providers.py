@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -568,3 +571,162 @@ url = "lavfi:color=c=gray:size=320x240:rate=25"
     assert re.search(r'^vlmguard_provider_answered_total\{provider="local"\} [1-9]', metrics, re.M)
     assert re.search(r'^vlmguard_provider_failures_total\{provider="local"\} [1-9]', metrics, re.M)
     assert re.search(r'^vlmguard_model_tokens_total\{camera="still",kind="total"\} ', metrics, re.M)
+
+
+# -- end to end: real servers' ways and a provider's faults, one daemon -------------------------
+
+class LiveWatch:
+    """Asks a camera's live playlist every half second, from a thread, until stopped."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.answers: list[int] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        self.answers.append(response.status)
+                except OSError as exc:
+                    self.answers.append(getattr(exc, "code", 0) or 0)
+
+    def __enter__(self) -> "LiveWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.done.is_set():
+            self.done.set()
+            self.thread.join(10)
+
+
+def test_run_with_real_server_ways_and_model_faults(tmp_path, gemini):
+    """`vlmguard run` with two cameras, each with its own OpenAI-compatible server first
+    and Gemini second. dock's server behaves as vLLM, then Ollama, then GPT-5 (each
+    window answered by that server itself, nothing failed, nothing stored that was
+    answered without the task), then misconfigured (put aside after three windows, the
+    next provider answers, status says why, SIGHUP probes it back). yard's server meanwhile
+    sends absurd Retry-After hints, drips bytes, answers 5 MB, HTML, wrongly shaped JSON
+    and over-long texts, and Gemini an absurd RetryInfo: the live playlists answer 200
+    throughout, the streamer keeps its pid, no analyzer restarts, no job fails."""
+    with FakeOpenAI() as edge, FakeOpenAI() as spare:
+        edge.mode, edge.max_model_len = "vllm", 4096
+        spare.faults = ["429_huge", "drip", "huge", "html", "shape", "long", "503_huge",
+                        "nested"]
+        daemon = RunningVlmguard(
+            tmp_path, None, workers=2, window_seconds=10,
+            analysis="fps = 1\nstatic_check_minutes = 0\nmax_lag_seconds = 3600",
+            extra=f"""
+[providers.edge]
+kind = "openai"
+model = "{LOCAL_MODEL}"
+base_url = "{edge.base_url}"
+timeout_seconds = 3
+context_tokens = 16384
+pause_probe_minutes = 60
+[providers.spare]
+kind = "openai"
+model = "{LOCAL_MODEL}"
+base_url = "{spare.base_url}"
+timeout_seconds = 3
+max_retry_wait_seconds = 15
+context_tokens = 32768
+[providers.cloud]
+kind = "gemini"
+base_url = "{gemini.base_url}"
+timeout_seconds = 60
+max_retry_wait_seconds = 15
+""", cameras="""
+[[cameras]]
+id = "dock"
+url = "lavfi:testsrc2=size=640x360:rate=25"
+providers = ["edge", "cloud"]
+[[cameras]]
+id = "yard"
+url = "lavfi:testsrc2=size=640x360:rate=25"
+providers = ["spare", "cloud"]
+""", env={"GEMINI_API_KEY": VALID_KEY}).start()
+        config = load_config(daemon.config_path)
+        try:
+            daemon.wait_live("dock")
+            daemon.wait_live("yard")
+            streamer = daemon.child_pid("streamer")
+            live = LiveWatch([daemon.url("dock"), daemon.url("yard")])
+            with live, JobStore.from_config(config) as store:
+                def answered_by(provider, mode=None, server=edge):
+                    return [r for r in server.requests if r["status"] == 200
+                            and (mode is None or r["mode"] == mode)] and \
+                        [j for j in store.list_jobs(states=["completed"]) if j.provider == provider]
+
+                for mode, settle in (("vllm", None), ("ollama", 2048), ("gpt5", None)):
+                    edge.mode = mode
+                    if settle:
+                        edge.num_ctx = settle
+                    wait_for(lambda: any(r["status"] == 200 and r["mode"] == mode
+                                         for r in edge.requests), 60,
+                             f"a window answered by the {mode} server", daemon)
+                edge.mode = "misconfigured"
+                wait_for(lambda: (store.provider_state("edge") or 0) and
+                         store.provider_state("edge").reason == "misconfigured", 90,
+                         "edge put aside", daemon)
+                aside = len(edge.requests)
+                cloud_before = len([j for j in store.list_jobs(camera_id="dock",
+                                                              states=["completed"])
+                                    if j.provider == "cloud"])
+                gemini.faults = ["429_huge"]
+                wait_for(lambda: len([j for j in store.list_jobs(camera_id="dock",
+                                                                states=["completed"])
+                                      if j.provider == "cloud"]) > cloud_before + 1, 60,
+                         "dock's windows answered by cloud", daemon)
+                wait_for(lambda: not spare.faults, 120, "every fault of spare's sent", daemon)
+                wait_for(lambda: [r for r in spare.requests[-3:] if r["status"] == 200
+                                  and r.get("fault") is None], 60, "spare answering again",
+                         daemon)
+                status = subprocess.run([sys.executable, "-m", "vlmguard", "status", "--config",
+                                         str(daemon.config_path)], capture_output=True,
+                                        text=True, timeout=60).stdout
+                report = gather_status(config, store)
+                assert daemon.child_pid("streamer") == streamer
+                supervisor = json.loads((daemon.data_dir / "run" / "supervisor.json").read_text())
+                restarts = {name: c["restarts"] for name, c in supervisor["children"].items()}
+                live.__exit__()  # SIGHUP restarts every child, the streamer too
+                # The server is fixed; SIGHUP probes edge at once.
+                edge.mode = None
+                daemon.proc.send_signal(signal.SIGHUP)
+                wait_for(lambda: len(edge.answered) > 0 and not store.provider_state("edge").paused,
+                         60, "edge back after SIGHUP", daemon)
+                failed = store.list_jobs(states=["failed"])
+                jobs = store.list_jobs(states=["completed"])
+        finally:
+            daemon.stop()
+    assert failed == [], [j.error_message for j in failed]
+    assert set(restarts.values()) == {0}, restarts
+    assert live.answers and set(live.answers) == {200}, sorted(set(live.answers))
+    # edge: every mode answered by edge itself; nothing from a prompt that lost its task.
+    summaries = " ".join(j.analysis_result["summary"] for j in jobs)
+    assert "test pattern" not in summaries
+    assert all(r["task_seen"] for r in edge.requests if r["mode"] == "ollama" and r["status"] == 200)
+    assert len(edge.requests) - aside <= 2  # aside: asked again only by a probe (and SIGHUP's)
+    assert "misconfigured" in status and "image input is not supported" in status
+    assert report["analysis"]["paused"][0]["provider"] == "edge"
+    # yard: every fault went to the next provider; the over-long answer was stored cut.
+    yard = [j for j in jobs if j.camera_id == "yard"]
+    assert {j.provider for j in yard} == {"spare", "cloud"}
+    assert any(len(j.analysis_result["summary"]) == 2000 for j in yard if j.provider == "spare"), (
+        [(r["status"], r.get("fault")) for r in spare.requests],
+        [(j.provider, len(j.analysis_result["summary"])) for j in yard])
+    last_errors = store_errors(config)
+    assert "spare" in last_errors
+    assert not any(error.startswith("unexpected") for error in last_errors.values())
+    events = daemon.log_events()
+    assert any(e.get("event") == "rate limited, every analyzer waits" and e.get("seconds") == 15
+               for e in events)
+    assert not any(e.get("event") == "unexpected error" for e in events)
+
+
+def store_errors(config) -> dict[str, str]:
+    with JobStore.from_config(config) as store:
+        return {p.provider: p.last_error or "" for p in store.provider_states()}
