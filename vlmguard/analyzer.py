@@ -643,8 +643,8 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
 
 def mp4_copy(binary: str, source: Path, target: Path) -> Path:
     """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
-    RAM folder, never on the archive disk) for mode original: MPEG-TS is not among the
-    video types Gemini takes."""
+    RAM folder, never on the archive disk) for mode original: video models' APIs take
+    MP4, not always MPEG-TS."""
     proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
                            *source_args(source), "-map", "0:v:0", "-c", "copy",
                            "-movflags", "+faststart", "-f", "mp4", str(target)],

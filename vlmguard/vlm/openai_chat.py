@@ -518,10 +518,15 @@ class OpenAIChatClient:
         usage = response.usage
         details = getattr(usage, "completion_tokens_details", None) if usage else None
         cached = getattr(usage, "prompt_tokens_details", None) if usage else None
+        completion = count(getattr(usage, "completion_tokens", None))
+        reasoning = count(getattr(details, "reasoning_tokens", None))
+        if completion is not None and reasoning is not None:
+            # OpenAI's completion_tokens include the reasoning; stored apart, as Gemini's.
+            completion = max(completion - reasoning, 0)
         tokens = dict(prompt_tokens=count(getattr(usage, "prompt_tokens", None)),
-                      output_tokens=count(getattr(usage, "completion_tokens", None)),
+                      output_tokens=completion,
                       total_tokens=count(getattr(usage, "total_tokens", None)),
-                      thoughts_tokens=count(getattr(details, "reasoning_tokens", None)),
+                      thoughts_tokens=reasoning,
                       cached_tokens=count(getattr(cached, "cached_tokens", None)),
                       model_version=str(getattr(response, "model", "") or "")[:100] or None)
         if not response.choices:

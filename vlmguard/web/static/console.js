@@ -513,6 +513,22 @@ function refreshListItem(incident) {
 
 // -- queue and system ------------------------------------------------------------------
 
+// Per provider: paused (misconfigured, quota...) or answering, and today's cost with input
+// and output priced apart (output includes thinking).
+function providerTable(report) {
+  const paused = Object.fromEntries(report.analysis.paused.map((p) => [p.provider, p]));
+  const cost = report.cost_today || {};
+  const names = [...new Set([...Object.keys(report.analysis.providers), ...Object.keys(cost)])];
+  if (!names.length) return el("p", {class: "muted"}, "No model provider has answered yet.");
+  const price = (c) => c.cost === null ? "set price_input/output_per_million"
+    : `${c.cost.toFixed(2)} (${c.price_input_per_million} in, ${c.price_output_per_million} out per million)`;
+  return table(["Provider", "State", {num: "Input tokens"}, {num: "Output tokens"}, "Estimated cost today"],
+    names.map((name) => [name,
+      paused[name] ? el("span", {class: "error", title: paused[name].detail}, `PAUSED: ${paused[name].reason}`) : "answering",
+      cost[name]?.input_tokens ?? 0, cost[name]?.output_tokens ?? 0,
+      cost[name] ? price(cost[name]) : "-"]));
+}
+
 function table(headers, rows) {
   return el("table", {},
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col", class: typeof h === "object" ? "num" : null}, typeof h === "object" ? h.num : h)))),
@@ -568,12 +584,10 @@ async function loadStatus() {
                                anyLag ? seconds(lagOf(report, c)) : (jobs.by_camera[c.id]?.pending ?? 0)])));
   const today = report.tokens.today;
   const total = Object.values(today).reduce((sum, t) => sum + t.total, 0);
-  const price = report.price_per_million_tokens;
   $("#tokens").replaceChildren(
     table(["Camera", {num: "Tokens today"}], Object.entries(today).map(([cam, t]) => [cam, t.total])),
-    el("p", {}, `Total ${total.toLocaleString()} tokens today (UTC day)` +
-      (price ? `, estimated cost ${(total / 1e6 * price).toFixed(2)} at ${price} per million.` :
-               ". Set analysis.price_per_million_tokens for a cost estimate.")));
+    el("p", {}, `Total ${total.toLocaleString()} tokens today (UTC day).`),
+    providerTable(report));
   const children = report.daemon.children || {};
   $("#children").replaceChildren(report.daemon.running
     ? table(["Process", "State", {num: "Restarts"}],
