@@ -639,6 +639,8 @@ kind = "gemini"
 base_url = "{gemini.base_url}"
 timeout_seconds = 60
 max_retry_wait_seconds = 15
+price_input_per_million = 0.75
+price_output_per_million = 3.75
 """, cameras="""
 [[cameras]]
 id = "dock"
@@ -689,6 +691,9 @@ providers = ["spare", "cloud"]
                                          str(daemon.config_path)], capture_output=True,
                                         text=True, timeout=60).stdout
                 report = gather_status(config, store)
+                with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/api/status",
+                                            timeout=30) as response:
+                    console = json.loads(response.read())
                 assert daemon.child_pid("streamer") == streamer
                 supervisor = json.loads((daemon.data_dir / "run" / "supervisor.json").read_text())
                 restarts = {name: c["restarts"] for name, c in supervisor["children"].items()}
@@ -712,6 +717,13 @@ providers = ["spare", "cloud"]
     assert len(edge.requests) - aside <= 2  # aside: asked again only by a probe (and SIGHUP's)
     assert "misconfigured" in status and "image input is not supported" in status
     assert report["analysis"]["paused"][0]["provider"] == "edge"
+    assert report["analysis"]["adapted"]["edge"]["context"]  # what edge's client learned
+    # The console's cost: input and output priced apart, thoughts billed as output.
+    cloud = console["cost_today"]["cloud"]
+    assert cloud["input_tokens"] > 0 and cloud["output_tokens"] > 0
+    assert cloud["cost"] == pytest.approx(cloud["input_tokens"] / 1e6 * 0.75
+                                          + cloud["output_tokens"] / 1e6 * 3.75, abs=1e-6)
+    assert console["cost_today"]["edge"]["cost"] is None  # no price set: none made up
     # yard: every fault went to the next provider; the over-long answer was stored cut.
     yard = [j for j in jobs if j.camera_id == "yard"]
     assert {j.provider for j in yard} == {"spare", "cloud"}

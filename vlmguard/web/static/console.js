@@ -520,13 +520,13 @@ function providerTable(report) {
   const cost = report.cost_today || {};
   const names = [...new Set([...Object.keys(report.analysis.providers), ...Object.keys(cost)])];
   if (!names.length) return el("p", {class: "muted"}, "No model provider has answered yet.");
-  const price = (c) => c.cost === null ? "set price_input/output_per_million"
-    : `${c.cost.toFixed(2)} (${c.price_input_per_million} in, ${c.price_output_per_million} out per million)`;
-  return table(["Provider", "State", {num: "Input tokens"}, {num: "Output tokens"}, "Estimated cost today"],
+  const spent = (c) => !c ? "-" : `${c.input_tokens.toLocaleString()} in, ${c.output_tokens.toLocaleString()} out` +
+    (c.cost === null ? " (no price set)"
+      : `: ${c.cost.toFixed(c.cost < 1 ? 4 : 2)} at ${c.price_input_per_million} / ${c.price_output_per_million} per M`);
+  return table(["Provider", "State", "Tokens and cost today"],
     names.map((name) => [name,
-      paused[name] ? el("span", {class: "error", title: paused[name].detail}, `PAUSED: ${paused[name].reason}`) : "answering",
-      cost[name]?.input_tokens ?? 0, cost[name]?.output_tokens ?? 0,
-      cost[name] ? price(cost[name]) : "-"]));
+      paused[name] ? el("span", {class: "error", title: paused[name].detail}, paused[name].reason) : "ok",
+      spent(cost[name])]));
 }
 
 function table(headers, rows) {
