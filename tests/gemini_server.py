@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import free_port
+from openai_server import drip
 
 VALID_KEY = "test-key-123"
 MODELS = {"gemini-3.8-flash", "gemini-3.5-flash", "gemini-2.5-flash-lite"}
@@ -59,7 +60,7 @@ LEVELS = {"gemini-3.8-flash": ("LOW", "MEDIUM", "HIGH"),
 REFUSAL_FAULTS = {"safety": "SAFETY", "prohibited": "PROHIBITED_CONTENT",
                   "blocklist": "BLOCKLIST", "spii": "SPII",
                   "image_prohibited": "IMAGE_PROHIBITED_CONTENT"}
-DRIP_SECONDS = 0.5
+
 QUOTA_HELP = {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
     "description": "Learn more about Gemini API quotas",
     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
@@ -536,20 +537,8 @@ class FakeGemini:
 
 
     async def drip(self, request: web.Request) -> web.StreamResponse:
-        """Headers at once, then a byte every DRIP_SECONDS: never idle long enough for a
-        per-read timeout to fire."""
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        deadline = time.monotonic() + self.drip_for_seconds
-        try:
-            while time.monotonic() < deadline:
-                await response.write(b" ")
-                await asyncio.sleep(DRIP_SECONDS)
-            await response.write(json.dumps(self.completion(json.dumps(DEFAULT_ANSWER))).encode())
-            await response.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            pass  # the client gave up, as it should
-        return response
+        return await drip(request, self.drip_for_seconds,
+                          json.dumps(self.completion(json.dumps(DEFAULT_ANSWER))).encode())
 
 
 def decode_base64(data: str) -> bytes:

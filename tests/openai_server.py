@@ -451,21 +451,26 @@ class FakeOpenAI:
         raise ValueError(f"unknown fault {fault}")
 
     async def drip(self, request: web.Request, model: str) -> web.StreamResponse:
-        """Headers at once, then a byte every DRIP_SECONDS: never idle long enough for a
-        per-read timeout, never done."""
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        deadline = time.monotonic() + self.drip_for_seconds
-        try:
-            while time.monotonic() < deadline:
-                await response.write(b" ")
-                await asyncio.sleep(DRIP_SECONDS)
-            await response.write(json.dumps(completion(model, self.answer_text(), {
-                "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})).encode())
-            await response.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            pass  # the client gave up, as it should
-        return response
+        return await drip(request, self.drip_for_seconds, json.dumps(completion(
+            model, self.answer_text(), {"prompt_tokens": 1, "completion_tokens": 1,
+                                        "total_tokens": 2})).encode())
+
+
+async def drip(request: web.Request, seconds: float, body: bytes) -> web.StreamResponse:
+    """Status and headers at once, then a space every DRIP_SECONDS for `seconds`, then the
+    body: never idle long enough for a per-read timeout to fire."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            await response.write(b" ")
+            await asyncio.sleep(DRIP_SECONDS)
+        await response.write(body)
+        await response.write_eof()
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client gave up, as it should
+    return response
 
 
 def main() -> None:

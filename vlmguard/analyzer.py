@@ -152,6 +152,7 @@ class Worker:
         self.stopping = threading.Event()
         self.interruptible = False
         self._state = "starting"
+        self.since = time.time()
         self.warned_keys: set[str] = set()
         # Per provider: the current run of the same 400, what it has adapted to (as its
         # client reports), and when it last answered (time.monotonic()).
@@ -177,7 +178,7 @@ class Worker:
         if self.state_name:
             write_state(self.config.data_dir, self.state_name,
                         {"worker_id": self.worker_id, "state": self._state,
-                         "since": getattr(self, "since", time.time()),
+                         "since": self.since,
                          "adapted": self.adapted})
 
     def keep_alive(self, lease: "LeaseKeeper") -> Callable[[], None]:

@@ -295,6 +295,27 @@ def describe_frames(clip: Clip | None) -> str:
             f"{clip.duration_s:.0f}-second recording")
 
 
+MALFORMED = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+def read_answer(read: Callable[[Any], "Answer"], response: Any, server: str) -> "Answer":
+    """read(response), a response the SDK could not shape into what it promises (a proxy's
+    page, a body of the wrong shape) turned into this provider's failure."""
+    try:
+        return read(response)
+    except MALFORMED as exc:
+        line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise AnalysisError(f"malformed response from {server} ({type(exc).__name__}: "
+                            f"{line})", retryable=True) from None
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from a server, if it is one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        return None
+    return value
+
+
 def parse_answer(text: str) -> Any:
     """The model's answer text as JSON, refused when it is too large or nested too deeply
     (a deep nest would blow Python's recursion limit)."""

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from vlmguard.config import opt
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
                           ProviderSettings, RateLimited, describe_wait, parse_answer,
-                          retry_hint)
+                          read_answer, retry_hint)
+from vlmguard.vlm import token_count as count
 from vlmguard.vlm.registry import register
 from vlmguard.vlm.transport import bounded, bounded_client
 
@@ -343,11 +344,7 @@ class GeminiClient:
             pass
 
     def read_response(self, response) -> Answer:
-        try:
-            return self.answer_of(response)
-        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-            raise AnalysisError(f"malformed response from Gemini ({type(exc).__name__}: "
-                                f"{first_line(exc)})", retryable=True) from None
+        return read_answer(self.answer_of, response, "Gemini")
 
     def answer_of(self, response) -> Answer:
         usage = response.usage_metadata
@@ -394,13 +391,6 @@ class GeminiClient:
             raise AnalysisError(f"{what}: malformed response from Gemini "
                                 f"({type(exc).__name__}: {first_line(exc)})",
                                 retryable=True) from None
-
-
-def count(value: Any) -> int | None:
-    """A token count from the service, if it is one."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-        return None
-    return value
 
 
 def billed_together(refused: Answer, answer: Answer) -> Answer:

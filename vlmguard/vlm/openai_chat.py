@@ -43,7 +43,8 @@ from vlmguard.config import opt
 from vlmguard.ffmpeg import child_env, ffmpeg_binary, grid_command
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip, Frame,
                           ProviderSettings, RateLimited, describe_wait, parse_answer,
-                          retry_hint)
+                          read_answer, retry_hint)
+from vlmguard.vlm import token_count as count
 from vlmguard.vlm.images import jpeg_size
 from vlmguard.vlm.registry import register
 from vlmguard.vlm.transport import bounded, bounded_client
@@ -508,11 +509,7 @@ class OpenAIChatClient:
         return self.read_response(response)
 
     def read_response(self, response) -> Answer:
-        try:
-            return self.answer_of(response)
-        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-            raise AnalysisError(f"malformed response from the server ({type(exc).__name__}: "
-                                f"{first_line(exc)})", retryable=True) from None
+        return read_answer(self.answer_of, response, "the server")
 
     def answer_of(self, response) -> Answer:
         usage = response.usage
@@ -584,13 +581,6 @@ class OpenAIChatClient:
         except openai.APIResponseValidationError as exc:
             raise AnalysisError(f"{what}: malformed response from the server "
                                 f"({first_line(exc)})", retryable=True) from None
-
-
-def count(value: Any) -> int | None:
-    """A token count from the server, if it is one."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-        return None
-    return value
 
 
 def billed_together(unused: list[Answer], answer: Answer) -> Answer:
