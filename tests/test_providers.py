@@ -433,6 +433,35 @@ def test_answers_are_bounded_and_cleaned_whatever_the_provider(setup, local, cli
     assert sum(i["severity"] == "critical" for i in incidents) == 5  # the worst are kept
 
 
+def test_retry_hints_are_bounded_whatever_their_form():
+    from vlmguard.vlm import retry_hint
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    assert retry_hint("2", 3600) == (2.0, 2.0)
+    assert retry_hint("58s", 3600) == (58.0, 58.0)  # Gemini's RetryInfo form
+    assert retry_hint("1e12", 3600) == (3600.0, 1e12)
+    assert retry_hint("99999999999", 30) == (30.0, 99999999999.0)  # fits a date: year 5195
+    assert retry_hint("inf", 30) == (30.0, float("inf"))
+    assert retry_hint("-5", 30) == (0.0, -5.0)
+    assert retry_hint("nan", 30) is None and retry_hint("soon", 30) is None
+    assert retry_hint("Tue, 01 Dec 2026 00:00:10 GMT", 3600, now) == (10.0, 10.0)
+    assert retry_hint("Fri, 31 Dec 9999 23:59:59 GMT", 3600, now)[0] == 3600.0
+
+
+def test_answers_that_cannot_be_stored_are_refused_not_crashed_on():
+    from vlmguard.vlm import AnalysisError, check_answer, parse_answer
+    incident = {"start_offset_s": 1, "end_offset_s": 2, "category": "fall", "severity": "high",
+                "description": "x", "confidence": 0.5}
+    for text in ('{"safety_score": 1e400, "summary": "", "incidents": []}',
+                 '{"safety_score": 50, "summary": "", "incidents": [%s]}'
+                 % json.dumps(dict(incident, start_offset_s=10**400)),
+                 "[" * 1000 + "]" * 1000, "x" * 300_000):
+        with pytest.raises(AnalysisError, match="invalid model output"):
+            check_answer(parse_answer(text), 60)
+    lone = check_answer(parse_answer('{"safety_score": 50, "summary": "a\\ud800b\\u0000c", '
+                                     '"incidents": []}'), 60)
+    assert lone.summary == "abc"  # a lone surrogate and NUL would break PostgreSQL
+
+
 # -- no request for a static clip --------------------------------------------------------------
 
 def test_static_scene_is_sent_once_per_static_check(setup, local, clips):
