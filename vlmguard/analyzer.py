@@ -454,7 +454,7 @@ class Worker:
     def note_adaptations(self, name: str, client: VlmClient) -> None:
         """What the provider's client changed to suit its server: logged once, kept in
         this analyzer's state file for status."""
-        found = getattr(client, "adaptations", dict)()
+        found = client.adaptations()
         known = self.adapted.get(name, {})
         if found == known:
             return

@@ -267,6 +267,9 @@ class VlmClient(Protocol):
     def probe(self) -> None:
         """The cheapest real request; raises AccountProblem while the account is unusable."""
 
+    def adaptations(self) -> dict[str, str]:
+        """What the client changed from its settings to suit its server, one line each."""
+
 
 def build_prompt(site_context: str, clip: Clip | None = None,
                  part_of_stream: tuple[datetime, float] | None = None) -> str:
