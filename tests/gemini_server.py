@@ -8,7 +8,11 @@ frame for the media resolution and model family, about 4 characters a text token
 tokens when thinking is on, and those count against maxOutputTokens); modelVersion says
 which model answered; uploads stay PROCESSING for a few polls; 429s carry QuotaFailure,
 Help and RetryInfo details (per minute and per day); a short X-Server-Timeout is answered
-with 500; retired models answer 404. It runs on 127.0.0.1 in a thread of the test process.
+with 500; retired models answer 404; a thinking level a model does not offer (`levels`)
+is a 400. Faults: refusals by every finish reason the SDK names (SAFETY, SPII,
+IMAGE_PROHIBITED_CONTENT, ...), absurd RetryInfo delays, a 5 MB answer, over-long texts,
+HTML or wrongly shaped JSON with status 200, bytes dripped one every half second. It runs
+on 127.0.0.1 in a thread of the test process.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import free_port
+from openai_server import drip
 
 VALID_KEY = "test-key-123"
 MODELS = {"gemini-3.8-flash", "gemini-3.5-flash", "gemini-2.5-flash-lite"}
@@ -47,6 +52,15 @@ CHARS_PER_TOKEN = 4
 DYNAMIC_THOUGHTS = 1200
 THOUGHTS_BY_LEVEL = {"MINIMAL": 0, "LOW": 300, "MEDIUM": 800, "HIGH": 2000, None: 2000}
 SHORTEST_SERVER_TIMEOUT = 10  # seconds; below this the service answers 500
+# The thinking levels each 3-class model offers (gemini-3.8-flash has no MINIMAL, as
+# API resellers report; not in Google's docs as read).
+LEVELS = {"gemini-3.8-flash": ("LOW", "MEDIUM", "HIGH"),
+          "gemini-3.5-flash": ("MINIMAL", "LOW", "MEDIUM", "HIGH")}
+# Finish reasons that withhold the answer (SDK FinishReason), as faults.
+REFUSAL_FAULTS = {"safety": "SAFETY", "prohibited": "PROHIBITED_CONTENT",
+                  "blocklist": "BLOCKLIST", "spii": "SPII",
+                  "image_prohibited": "IMAGE_PROHIBITED_CONTENT"}
+
 QUOTA_HELP = {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
     "description": "Learn more about Gemini API quotas",
     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
@@ -213,6 +227,8 @@ class FakeGemini:
         self.upload_delay = 0.0
         self.generate_delay = 0.0  # "realistic latency" for the benchmarks
         self.looks = False
+        self.levels = dict(LEVELS)
+        self.drip_for_seconds = 30.0
         self.upload_started = threading.Event()
         self.generate_started = threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -348,10 +364,10 @@ class FakeGemini:
             return await self.inject(fault, request)
         generation = body.get("generationConfig") or {}
         thinking = pick(generation, "thinkingConfig", "thinking_config") or {}
-        if model == "gemini-3.8-flash" and pick(thinking, "thinkingLevel", "thinking_level") == "MINIMAL":
-            # Reported by API resellers (not in Google's docs as read): 3.8 has no MINIMAL.
+        level = pick(thinking, "thinkingLevel", "thinking_level")
+        if level is not None and level not in self.levels.get(model, LEVELS["gemini-3.5-flash"]):
             return web.json_response(error_body(
-                400, "INVALID_ARGUMENT", "Thinking level MINIMAL is not supported for this "
+                400, "INVALID_ARGUMENT", f"Thinking level {level} is not supported for this "
                 "model."), status=400)
         if family(model) == "3" and pick(thinking, "thinkingBudget", "thinking_budget") is not None:
             return web.json_response(error_body(
@@ -437,6 +453,11 @@ class FakeGemini:
                 "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "10", "37s",
                 "You exceeded your current quota, please check your plan and billing details."),
                 status=429)
+        if fault in ("429_huge", "503_huge"):
+            code, status = (429, "RESOURCE_EXHAUSTED") if fault == "429_huge" else (503, "UNAVAILABLE")
+            return web.json_response(error_body(code, status, "Try again later.", [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                 "retryDelay": "999999999999s"}]), status=code)
         if fault == "429_daily":
             return web.json_response(quota_429(
                 "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "250", "41s",
@@ -482,14 +503,42 @@ class FakeGemini:
                                                      finish="MAX_TOKENS"))
         if fault == "recitation":
             return web.json_response(self.completion("", finish="RECITATION"))
-        if fault == "safety":
-            return web.json_response(self.completion("", finish="SAFETY"))
+        if fault in REFUSAL_FAULTS:
+            return web.json_response(self.completion("", finish=REFUSAL_FAULTS[fault]))
+        if fault == "blocked_safety":
+            return web.json_response({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+                                      "usageMetadata": {"promptTokenCount": 1234,
+                                                        "totalTokenCount": 1234}})
+        if fault == "huge":  # a model that ignores maxOutputTokens, or a hostile stand-in
+            incident = dict(DEFAULT_ANSWER["incidents"][0], description="x" * 5_000_000)
+            text = json.dumps(dict(DEFAULT_ANSWER, incidents=[incident]))
+            return web.json_response({"candidates": [{"content": {"role": "model", "parts": [
+                {"text": text}]}, "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 10,
+                                  "totalTokenCount": 110}})
+        if fault == "long":
+            incident = dict(DEFAULT_ANSWER["incidents"][0],
+                            description="Flames\x00 spread.\u202e" + "y" * 50_000)
+            return web.json_response(self.completion(json.dumps(
+                dict(DEFAULT_ANSWER, summary="s" * 20_000, incidents=[incident]))))
+        if fault == "html200":
+            return web.Response(status=200, text="<html><body>Captive portal</body></html>",
+                                content_type="text/html")
+        if fault == "shape":
+            return web.json_response({"candidates": "busy", "usageMetadata": []})
+        if fault == "drip":
+            return await self.drip(request)
         if fault == "bad_schema":
             return web.json_response(self.completion(json.dumps(
                 {"safety_score": 150, "summary": "x", "incidents": []})))
         if fault == "not_json":
             return web.json_response(self.completion("The clip shows a warehouse."))
         raise ValueError(f"unknown fault {fault}")
+
+
+    async def drip(self, request: web.Request) -> web.StreamResponse:
+        return await drip(request, self.drip_for_seconds,
+                          json.dumps(self.completion(json.dumps(DEFAULT_ANSWER))).encode())
 
 
 def decode_base64(data: str) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 from vlmguard import analyzer
 from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
+from vlmguard.layout import Layout
 from vlmguard.store import JobStore, utcnow
 
 from conftest import write_config
@@ -69,6 +70,8 @@ def setup(tmp_path, gemini, monkeypatch):
             url = "lavfi:testsrc2"
             prompt = "Loading bay with forklifts."
         """))
+        # The RAM folder marked as this test's (other sessions' clean-ups leave it alone).
+        Layout(config.data_dir).make_dirs("cam1")
         return config, JobStore.from_config(config)
     return make
 
@@ -126,6 +129,7 @@ def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive
     assert config_sent["mediaResolution"] == "MEDIA_RESOLUTION_LOW"
     assert config_sent["maxOutputTokens"] == 2048
     assert config_sent["thinkingConfig"] == {"thinkingLevel": "LOW"}
+    assert config_sent["temperature"] == 1.0  # Google's advice for 3-class models
     assert {s["threshold"] for s in request["safetySettings"]} == {"BLOCK_NONE"}
     video, text = request["contents"][0]["parts"]
     assert video["inlineData"]["dataBytes"] > 0
@@ -218,7 +222,10 @@ JOB_FAULTS = [
     ("bad_schema", "pending", "invalid model output: safety_score must be an integer 0-100, got 150"),
     ("not_json", "pending", "invalid model output: not JSON"),
     ("recitation", "pending", "no usable answer (finishReason RECITATION)"),
-    ("400", "failed", "generate: HTTP 400 INVALID_ARGUMENT: Request contains an invalid argument."),
+    # What a provider answers that is not an answer: its failure, never "unexpected error".
+    ("html200", "pending", "generate: malformed response from Gemini"),
+    ("shape", "pending", "generate: malformed response from Gemini"),
+    ("huge", "pending", "generate: ReadError: answer larger than 2,097,152 bytes"),
 ]
 
 
@@ -239,7 +246,14 @@ def test_each_job_fault_has_its_outcome(setup, gemini, archive, fault, status, m
 # Refusals: one changed retry in the same attempt, then failed with the reason.
 REFUSALS = [
     ("blocked", "prompt blocked by Gemini (blockReason OTHER)", "fps 0.5 -> 0.25"),
+    ("blocked_safety", "prompt blocked by Gemini (blockReason PROHIBITED_CONTENT)",
+     "fps 0.5 -> 0.25"),
     ("safety", "answer withheld (finishReason SAFETY)", "fps 0.5 -> 0.25"),
+    ("prohibited", "answer withheld (finishReason PROHIBITED_CONTENT)", "fps 0.5 -> 0.25"),
+    ("blocklist", "answer withheld (finishReason BLOCKLIST)", "fps 0.5 -> 0.25"),
+    ("spii", "answer withheld (finishReason SPII)", "fps 0.5 -> 0.25"),
+    ("image_prohibited", "answer withheld (finishReason IMAGE_PROHIBITED_CONTENT)",
+     "fps 0.5 -> 0.25"),
     ("max_tokens", "answer truncated (finishReason MAX_TOKENS)", "max_output_tokens 2048 -> 4096"),
 ]
 
@@ -260,6 +274,132 @@ def test_refusal_gets_one_changed_retry_then_fails(setup, gemini, archive, fault
     assert (job.status, job.retry_count) == ("failed", 1)
     assert job.error_message.startswith(message), job.error_message
     assert change in job.error_message
+    store.close()
+
+
+def test_thinking_level_the_model_lacks_is_adapted_to_once(setup, gemini, archive):
+    gemini.levels["gemini-3.5-flash"] = ("LOW", "MEDIUM", "HIGH")  # MINIMAL withdrawn
+    config, store = setup(gemini={"model": '"gemini-3.5-flash"'})
+    worker = Worker(config, store, "w")
+    for hour in range(2):
+        store.register("cam1", archive, T0 + timedelta(hours=hour),
+                       T0 + timedelta(hours=hour, seconds=12))
+        worker.process(store.next_job("w", timeout=5))
+    assert [(j.status, j.retry_count) for j in store.list_jobs()] == [("completed", 0)] * 2
+    levels = [sent(gemini, n)["generationConfig"]["thinkingConfig"]["thinkingLevel"]
+              for n in range(len(gemini.generate_requests))]
+    assert levels == ["MINIMAL", "LOW", "LOW"]  # one refusal, then remembered
+    assert "thinking_level LOW (Thinking level MINIMAL is not supported" in \
+        worker.adapted["gemini"]["thinking"]
+    store.close()
+
+
+def test_the_same_400_on_three_windows_puts_the_provider_aside(setup, gemini, archive):
+    """A 400 is about the provider's setup until it answers other windows: no window is
+    charged for it, and the third in a row puts the provider aside with the server's
+    message, probed again like a paused provider."""
+    from vlmguard.status import gather_status, render_status
+    config, store = setup(gemini={"pause_probe_minutes": 0.01})
+    gemini.outage = "400"
+    worker = Worker(config, store, "w")
+    ids = [store.register("cam1", archive, T0 + timedelta(minutes=m),
+                          T0 + timedelta(minutes=m, seconds=12)) for m in range(3)]
+    for _ in range(3):
+        worker.process(store.next_job("w", timeout=5))
+    assert {(store.get(i).status, store.get(i).retry_count) for i in ids} == {("pending", 0)}
+    pause = store.provider_state("gemini")
+    assert pause.reason == "misconfigured"
+    assert pause.detail == ("generate: HTTP 400 INVALID_ARGUMENT: Request contains an invalid "
+                            "argument. (the same on 3 windows in a row)")
+    report = gather_status(config, store)
+    assert report["analysis"]["paused"][0]["reason"] == "misconfigured"
+    assert "PAUSED (gemini)" in render_status(report) and "misconfigured" in render_status(report)
+    assert worker.held_back()  # the probe is refused too: still aside
+    assert store.provider_state("gemini").paused
+    gemini.outage = None  # the server's setup was fixed
+    time.sleep(0.7)
+    assert not worker.held_back()  # the next probe succeeds
+    for _ in range(3):
+        worker.process(store.next_job("w", timeout=5))
+    assert {store.get(i).status for i in ids} == {"completed"}
+    assert {store.get(i).retry_count for i in ids} == {0}
+    store.close()
+
+
+def test_a_400_on_one_clip_while_others_are_answered_is_that_jobs(setup, gemini, archive):
+    config, store = setup()
+    worker = Worker(config, store, "w")
+    bad = register(store, archive)
+    gemini.faults = ["400"]
+    worker.process(store.next_job("w", timeout=5))
+    assert (store.get(bad).status, store.get(bad).retry_count) == ("pending", 0)
+    good = store.register("cam1", archive, T0 + timedelta(hours=1),
+                          T0 + timedelta(hours=1, seconds=12))
+    job = store.next_job("w", timeout=5)  # the refused one is not due yet
+    assert job.id == good
+    worker.process(job)
+    time.sleep(0.3)
+    gemini.faults = ["400"]
+    worker.process(store.next_job("w", timeout=5))
+    job = store.get(bad)
+    assert (job.status, job.retry_count) == ("pending", 1)  # now it pays, as any failure
+    assert job.error_message.startswith("generate: HTTP 400 INVALID_ARGUMENT")
+    assert not store.provider_state("gemini").paused
+    store.close()
+
+
+@pytest.mark.parametrize("fault", ["429_huge", "503_huge"])
+def test_absurd_retry_delays_are_cut_to_the_maximum_wait(setup, gemini, archive, fault):
+    """RetryInfo 999999999999s overflowed a date and ended every analyzer; one that fits
+    a date would park every job for millennia."""
+    config, store = setup(gemini={"max_retry_wait_seconds": 30})
+    register(store, archive)
+    gemini.faults = [fault]
+    job = attempt(config, store)
+    if fault == "429_huge":  # one shared wait, the job uncharged
+        assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
+        wait = (store.provider_state("gemini").not_before - utcnow()).total_seconds()
+    else:  # the job's retry waits at most as long
+        assert (job.status, job.retry_count) == ("pending", 1)
+        wait = (job.run_after - utcnow()).total_seconds()
+    assert 20 < wait <= 30
+    store.close()
+
+
+def test_an_overlong_answer_is_stored_cleaned_and_cut(setup, gemini, archive):
+    config, store = setup()
+    register(store, archive)
+    gemini.faults = ["long"]
+    job = attempt(config, store)
+    assert job.status == "completed", job.error_message
+    summary = job.analysis_result["summary"]
+    assert len(summary) == 2000 and summary.endswith("\u2026[truncated]")
+    [incident] = store.list_incidents(job.id)
+    assert len(incident["description"]) == 1000
+    assert incident["description"].startswith("Flames spread.y")  # NUL and U+202E removed
+    store.close()
+
+
+def test_a_dripping_answer_ends_at_the_total_deadline(gemini, archive):
+    """A byte every half second never trips a per-read timeout; timeout_seconds is one
+    deadline for the whole request."""
+    from vlmguard.vlm import AnalysisError, Clip
+    from vlmguard.vlm.gemini import GeminiClient, GeminiSettings
+    client = GeminiClient(GeminiSettings(base_url=gemini.base_url, timeout_seconds=10), VALID_KEY)
+    gemini.faults = ["drip"]
+    started = time.monotonic()
+    with pytest.raises(AnalysisError, match="generate: ReadTimeout: no answer within 10 s"):
+        client.analyze(Clip(archive, 12, 0.5), "prompt", lambda: None)
+    assert 9.5 < time.monotonic() - started < 14
+
+
+def test_original_mode_sends_a_ts_archive_as_mp4(setup, gemini, red_archive):
+    config, store = setup(analysis={"mode": '"original"'})
+    register(store, red_archive, duration=20)
+    job = attempt(config, store)
+    assert job.status == "completed", job.error_message
+    inline = sent(gemini)["contents"][0]["parts"][0]["inlineData"]
+    assert inline["mimeType"] == "video/mp4" and inline["dataBytes"] > 0
     store.close()
 
 

@@ -2,14 +2,17 @@
 
 claim -> prepare -> (static? store "no activity") -> ask the providers in order -> check ->
 complete, with the lease heartbeated from a side thread through every step. A provider
-that is down, times out, answers 429/5xx or is paused hands the job to the next one in
-the camera's list; which one answered is stored with the result. Account-wide trouble
-(bad key, daily quota, retired model) pauses that provider for every analyzer through a
-row in the database, and one of them probes now and then until it clears; a per-minute
-rate limit makes them all wait its retry delay. Providers are reached only through
-vlm.registry. Runs at low CPU and I/O priority so preparing
-video never takes time from the live stream. Any failure becomes a job state with an
-error_message; nothing in here is allowed to end the process but a signal.
+that is down, times out, answers 429/5xx, refuses the request (400), answers something
+unusable or is paused hands the job to the next one in the camera's list; which one
+answered is stored with the result. Account-wide trouble (bad key, daily quota, retired
+model) pauses that provider for every analyzer through a row in the database, and one of
+them probes now and then until it clears; so does the same 400 on several windows in a
+row (the provider is misconfigured: a 400 is about its setup, not the footage, until it
+answers other windows). A per-minute rate limit makes them all wait its retry delay
+(bounded by the provider's max_retry_wait_seconds). Providers are reached only through
+vlm.registry. Runs at low CPU and I/O priority so preparing video never takes time from
+the live stream. Any failure becomes a job state with an error_message; nothing in here
+is allowed to end the process but a signal.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -62,10 +66,29 @@ MERGE_FRAME_INTERVALS = 1.25
 # A job whose providers are all paused goes back for this long (the worker keeps
 # taking other cameras' jobs if their providers answer).
 PAUSED_DEFER_SECONDS = 5.0
+# The same 400 from a provider on this many different windows in a row, with no answer
+# between: its setup is wrong, not the footage. It is put aside like a paused provider.
+MISCONFIGURED_AFTER = 3
+MISCONFIGURED = "misconfigured"
+REMEMBERED_REJECTIONS = 1000
 
 
-class Stopping(Exception):
-    """SIGTERM arrived while a job was in the model's hands: hand the job back."""
+class Stopping(BaseException):
+    """SIGTERM arrived while a job was in the model's hands: hand the job back. A
+    BaseException, so that no `except Exception` in an SDK turns it into its own error."""
+
+
+class Rejections:
+    """One provider's run of the same 400 on different windows, with no answer between."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.jobs: set[int] = set()
+
+
+def rejection_key(error: str) -> str:
+    """A 400's message with its numbers blanked: the same refusal of another window."""
+    return re.sub(r"\d+", "#", error)
 
 
 class NoProvider(Exception):
@@ -130,8 +153,16 @@ class Worker:
         self.stopping = threading.Event()
         self.interruptible = False
         self._state = "starting"
+        self.since = time.time()
         self.warned_keys: set[str] = set()
         self.outage = Outage(state_name or worker_id)
+        # Per provider: the current run of the same 400, what it has adapted to (as its
+        # client reports), and when it last answered (time.monotonic()).
+        self.rejections: dict[str, Rejections] = {}
+        self.adapted: dict[str, dict[str, str]] = {}
+        self.answered_at = 0.0
+        # Jobs put back uncharged after every provider refused them (job id -> when).
+        self.rejected_jobs: dict[int, float] = {}
 
     @property
     def state(self) -> str:
@@ -139,10 +170,18 @@ class Worker:
 
     @state.setter
     def state(self, value: str) -> None:
-        if value != self._state and self.state_name:
-            write_state(self.config.data_dir, self.state_name,
-                        {"worker_id": self.worker_id, "state": value, "since": time.time()})
+        changed = value != self._state
         self._state = value
+        if changed:
+            self.since = time.time()
+            self.write_state()
+
+    def write_state(self) -> None:
+        if self.state_name:
+            write_state(self.config.data_dir, self.state_name,
+                        {"worker_id": self.worker_id, "state": self._state,
+                         "since": self.since,
+                         "adapted": self.adapted})
 
     def keep_alive(self, lease: "LeaseKeeper") -> Callable[[], None]:
         def check() -> None:
@@ -362,26 +401,76 @@ class Worker:
                 skipped.append((why[0], self.store.provider_state(name)))
                 continue
             try:
-                return self.ask(settings, self.client(name), job, clip, prompt, keep_alive)
+                outcome = self.ask(settings, self.client(name), job, clip, prompt, keep_alive)
             except AccountProblem as exc:
                 self.pause_provider(name, exc)
                 skipped.append((str(exc), None))
             except RateLimited as exc:
-                self.store.hold_off(name, exc.retry_after)
+                wait = min(exc.retry_after, settings.max_retry_wait_seconds)
+                self.store.hold_off(name, wait)
                 log.warning("rate limited, every analyzer waits", provider=name,
-                            seconds=exc.retry_after)
+                            seconds=wait, error=str(exc))
                 skipped.append((str(exc), self.store.provider_state(name)))
             except AnalysisError as exc:
-                if not exc.retryable:
-                    raise
-                self.store.note_failure(name, str(exc))
-                log.warning("provider failed, trying the next", provider=name, error=str(exc))
+                self.provider_failed(name, job, exc)
                 failures.append((name, exc))
+            except LeaseLost:
+                raise
+            except Exception as exc:  # an answer the provider code did not expect
+                log.exception("provider answered something unexpected, trying the next",
+                              provider=name)
+                error = AnalysisError(f"unexpected answer: {type(exc).__name__}: {exc}",
+                                      retryable=True)
+                self.provider_failed(name, job, error)
+                failures.append((name, error))
+            else:
+                self.rejections.pop(name, None)
+                self.answered_at = time.monotonic()
+                return outcome
             keep_alive()
         if failures:
+            if all(exc.bad_request for _, exc in failures) and self.first_refusal(job):
+                raise NoProvider("every provider refused the request: " + "; ".join(
+                    f"{name}: {exc}" for name, exc in failures), until=utcnow() + timedelta(
+                        seconds=self.config.analysis.retry_backoff_seconds))
             raise combined(failures)
         raise NoProvider("; ".join(str(why) for why, _ in skipped),
                          until=earliest_retry(skipped))
+
+    def provider_failed(self, name: str, job: Job, exc: AnalysisError) -> None:
+        self.store.note_failure(name, str(exc))
+        log.warning("provider failed, trying the next", provider=name, error=str(exc))
+        if exc.bad_request:
+            self.count_rejection(name, job, exc)
+
+    def count_rejection(self, name: str, job: Job, exc: AnalysisError) -> None:
+        """The same 400 on MISCONFIGURED_AFTER windows in a row puts the provider aside
+        with the server's own message, probed again like a paused provider."""
+        key = rejection_key(str(exc))
+        run = self.rejections.get(name)
+        if run is None or run.key != key:
+            run = self.rejections[name] = Rejections(key)
+        run.jobs.add(job.id)
+        if len(run.jobs) < MISCONFIGURED_AFTER:
+            return
+        del self.rejections[name]
+        detail = f"{exc} (the same on {MISCONFIGURED_AFTER} windows in a row)"
+        self.store.pause(name, MISCONFIGURED, detail, self.probe_interval(name))
+        log.error("provider put aside as misconfigured", provider=name, error=str(exc),
+                  windows=MISCONFIGURED_AFTER, probe_in_s=self.probe_interval(name))
+
+    def first_refusal(self, job: Job) -> bool:
+        """Whether a job every provider refused (400) goes back uncharged: yes, unless it
+        was refused before and a provider has answered other windows since, which makes
+        the refusal this clip's (a file no provider takes) and the job pays a retry."""
+        now = time.monotonic()
+        seen = self.rejected_jobs.get(job.id)
+        if seen is not None and self.answered_at > seen:
+            return False
+        if len(self.rejected_jobs) >= REMEMBERED_REJECTIONS:
+            self.rejected_jobs.clear()
+        self.rejected_jobs.setdefault(job.id, now)
+        return True
 
     def ask(self, settings, client: VlmClient, job: Job, clip: Clip, prompt: str,
             keep_alive: Callable[[], None]) -> Outcome:
@@ -390,6 +479,7 @@ class Worker:
             answer = client.analyze(clip, prompt, keep_alive)
         finally:
             self.interruptible = False
+            self.note_adaptations(settings.name, client)
         finding = check_answer(answer.data, clip_duration(job, clip), clip.frame_interval_s,
                                log=log.warning)
         base = job.first_frame_at
@@ -400,6 +490,8 @@ class Worker:
             confidence=i["confidence"]) for i in finding.incidents]
         result = {"safety_score": finding.safety_score, "summary": finding.summary,
                   "incidents": list(finding.incidents)}
+        if answer.request or answer.cached_tokens is not None:
+            result["request"] = dict(answer.request, cached_tokens=answer.cached_tokens)
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
                        prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
                        total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
@@ -407,6 +499,20 @@ class Worker:
                        model=settings.model,
                        merge_within_s=(None if job.kind == "archive"
                                        else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
+
+    def note_adaptations(self, name: str, client: VlmClient) -> None:
+        """What the provider's client changed to suit its server: logged once, kept in
+        this analyzer's state file for status."""
+        found = client.adaptations()
+        known = self.adapted.get(name, {})
+        if found == known:
+            return
+        for key, text in found.items():
+            if known.get(key) != text:
+                log.warning("provider adapted to its server", provider=name, what=key,
+                            detail=text)
+        self.adapted[name] = found
+        self.write_state()
 
     @property
     def gating(self) -> bool:
@@ -458,12 +564,14 @@ def no_activity() -> Outcome:
 
 
 def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
-    """One error for a job every provider failed: the job's backoff retries it."""
+    """One error for a job every provider failed: the job's backoff retries it, unless
+    every provider failed it for good (a refusal, a clip that cannot be sent)."""
     if len(failures) == 1:
         return failures[0][1]
     hints = [exc.retry_after for _, exc in failures if exc.retry_after]
     return AnalysisError("; ".join(f"{name}: {exc}" for name, exc in failures),
-                         retryable=True, retry_after=min(hints) if hints else None)
+                         retryable=any(exc.retryable for _, exc in failures),
+                         retry_after=min(hints) if hints else None)
 
 
 def earliest_retry(skipped: list[tuple[str, object]]):
@@ -577,10 +685,9 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
     if not duration:
         raise AnalysisError(f"archive is not readable video: {source}", retryable=False)
     if analysis.mode == "original":
-        if source.suffix == ".ffconcat":
-            source = joined_copy(binary, source, workdir / "original.ts")
-        return Clip(source, duration, analysis.fps,
-                    "video/mp4" if source.suffix == ".mp4" else "video/mp2t")
+        if source.suffix != ".mp4":
+            source = mp4_copy(binary, source, workdir / "original.mp4")
+        return Clip(source, duration, analysis.fps, "video/mp4")
     target = workdir / "analysis.mp4"
     if target.exists():
         return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
@@ -594,15 +701,17 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
 
 
-def joined_copy(binary: str, listing: Path, target: Path) -> Path:
-    """A window's segments as one MPEG-TS file (streams copied, in RAM) for mode original."""
+def mp4_copy(binary: str, source: Path, target: Path) -> Path:
+    """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
+    RAM folder, never on the archive disk) for mode original: video models' APIs take
+    MP4, not always MPEG-TS."""
     proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                           *source_args(listing), "-map", "0:v:0", "-c", "copy", "-f", "mpegts",
-                           str(target)], capture_output=True, text=True, timeout=600,
-                          env=child_env())
+                           *source_args(source), "-map", "0:v:0", "-c", "copy",
+                           "-movflags", "+faststart", "-f", "mp4", str(target)],
+                          capture_output=True, text=True, timeout=600, env=child_env())
     if proc.returncode != 0 or not target.exists():
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise AnalysisError(f"window could not be joined: {reason}", retryable=False)
+        raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
     return target
 
 

@@ -80,7 +80,7 @@ def gather_status(config: Config, store: JobStore | None = None,
         "workers": worker_report(states),
         "failures": [],
         "tokens": {"today": {}, "last_24h": {}},
-        "analysis": {"paused": [], "providers": {}},
+        "analysis": {"paused": [], "providers": {}, "adapted": adapted_report(states)},
         "ram": ram_report(config, states.get("archiver", {})),
         "alerts": {},
     }
@@ -258,6 +258,20 @@ def kept_report(paths: set[str]) -> dict[str, int]:
     return {"count": len(paths), "bytes": size}
 
 
+def adapted_report(states: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """What running analyzers' provider clients changed to suit their servers (a smaller
+    context, max_completion_tokens, a thinking level), by provider."""
+    found: dict[str, dict[str, str]] = {}
+    for name, state in states.items():
+        adapted = state.get("adapted") if name.startswith("analyzer-") else None
+        if isinstance(adapted, dict) and pid_alive(state.get("pid")):
+            for provider, notes in adapted.items():
+                if isinstance(notes, dict):
+                    found.setdefault(str(provider), {}).update(
+                        {str(k): str(v) for k, v in notes.items()})
+    return found
+
+
 def worker_report(states: dict[str, dict]) -> list[dict[str, Any]]:
     workers = []
     for name, state in states.items():
@@ -413,6 +427,9 @@ def render_status(report: dict[str, Any]) -> str:
         error = f"  last error: {p['last_error']}" if p["failed"] and p["last_error"] else ""
         lines.append(f"provider  {name}: answered {p['answered']}, failed {p['failed']}"
                      f"{paused}{error}")
+    for name, notes in report["analysis"].get("adapted", {}).items():
+        for what, text in notes.items():
+            lines.append(f"provider  {name} adapted ({what}): {text}")
     for name, d in report.get("alerts", {}).items():
         error = f"  last error: {d['last_error']}" if d["last_error"] else ""
         lines.append(f"alerts    {name}: pending {d['pending']}, delivered {d['delivered']}, "

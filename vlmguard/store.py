@@ -1568,13 +1568,16 @@ class JobStore:
         with self.read() as conn:
             return conn.execute(query).scalar_one()
 
-    def token_usage(self, since: datetime | None = None) -> dict[str, dict[str, int]]:
-        """{camera_id: {prompt, output, thoughts, total}} over jobs completed since (or ever)."""
-        query = select(jobs.c.camera_id, func.coalesce(func.sum(jobs.c.prompt_tokens), 0),
+    def token_usage(self, since: datetime | None = None,
+                    by: str = "camera_id") -> dict[str, dict[str, int]]:
+        """{camera_id (or provider, by="provider"): {prompt, output, thoughts, total}} over
+        jobs completed since (or ever)."""
+        key = jobs.c[by]
+        query = select(key, func.coalesce(func.sum(jobs.c.prompt_tokens), 0),
                        func.coalesce(func.sum(jobs.c.output_tokens), 0),
                        func.coalesce(func.sum(jobs.c.thoughts_tokens), 0),
-                       func.coalesce(func.sum(jobs.c.total_tokens), 0)).group_by(jobs.c.camera_id)
-        query = query.where(jobs.c.status == "completed", JOB_OK)
+                       func.coalesce(func.sum(jobs.c.total_tokens), 0)).group_by(key)
+        query = query.where(jobs.c.status == "completed", JOB_OK, key.is_not(None))
         if since:
             query = query.where(jobs.c.completed_at >= since)
         with self.read() as conn:

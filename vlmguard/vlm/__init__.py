@@ -8,10 +8,13 @@ fixed contract happens here, once, whatever the provider.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -89,13 +92,32 @@ RESPONSE_SCHEMA: dict[str, Any] = {
 }
 
 
-class AnalysisError(Exception):
-    """The analysis did not produce a usable answer; the message says what happened."""
+# Bounds on what a model may hand back: an answer is stored in the job, its incidents and
+# every alert payload, so a runaway or hostile one must not grow them without limit.
+MAX_ANSWER_CHARS = 256 * 1024
+MAX_INCIDENTS = 50
+MAX_SUMMARY_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 1000
+MAX_CATEGORY_CHARS = 100
+TRUNCATED = "\u2026[truncated]"
+JSON_TOO_DEEP = 64
 
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None):
+
+class AnalysisError(Exception):
+    """The analysis did not produce a usable answer; the message says what happened.
+
+    bad_request: the provider refused the request itself (an HTTP 400 no adaptation
+    fixed): the next provider is tried, and the same refusal on several windows in a row
+    puts this provider aside as misconfigured. refusal: the model declined to look at
+    this footage (a safety filter): the next provider is tried, the job is not retried."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
+                 bad_request: bool = False, refusal: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.bad_request = bad_request
+        self.refusal = refusal
 
 
 class AccountProblem(Exception):
@@ -147,6 +169,10 @@ class Answer:
     total_tokens: int | None = None
     thoughts_tokens: int | None = None
     model_version: str | None = None
+    # Prompt tokens the provider served from its cache (billed lower), where it says.
+    cached_tokens: int | None = None
+    # What was sent, for the record: {"images": n, "requests": n, "estimated_prompt_tokens"...}.
+    request: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,9 +184,18 @@ class ProviderSettings:
     base_url: str = opt("")
     api_key_env: str = opt("")
     api_key_file: str = opt("")
+    # One model request, start to finish (connect, upload, answer): a total deadline.
     timeout_seconds: float = opt(120.0, lo=1, hi=3600)
     max_output_tokens: int = opt(2048, lo=256, hi=65536)
     pause_probe_minutes: float = opt(10.0, lo=0.01, hi=1440)
+    # Sent with every request; local servers otherwise sample at 1.0.
+    temperature: float = opt(0.1, lo=0, hi=2)
+    # A Retry-After or RetryInfo hint longer than this is cut to it (and logged).
+    max_retry_wait_seconds: float = opt(3600.0, lo=1, hi=86400)
+    # List prices per million tokens, for the console's cost estimate (0: not shown).
+    # Thought tokens are billed as output.
+    price_input_per_million: float = opt(0.0, lo=0, hi=100000)
+    price_output_per_million: float = opt(0.0, lo=0, hi=100000)
     # Set from the table's name, never written in it.
     name: str = field(default="", metadata={"internal": True})
 
@@ -197,12 +232,43 @@ def where_keys_come_from(settings: ProviderSettings) -> str:
     return " or ".join(places)
 
 
+def retry_hint(value: Any, most: float, now: datetime | None = None) -> tuple[float, float] | None:
+    """A server's wait hint in seconds (a number, "58s", or an HTTP date) as (seconds to
+    wait, seconds asked), the wait cut to [0, most]; None when it says nothing usable.
+    Hints come from outside: 1e12 or a date in the year 9999 must not park anything."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        asked = float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        asked = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if math.isnan(asked):
+        return None
+    return min(max(asked, 0.0), most), asked
+
+
+def describe_wait(wait: float, asked: float) -> str:
+    if asked <= wait:
+        return f"{wait:g} s"
+    return f"{wait:g} s (the server asked for {asked:.3g} s; max_retry_wait_seconds caps it)"
+
+
 class VlmClient(Protocol):
     def analyze(self, clip: Clip, prompt: str, keep_alive: Callable[[], None]) -> Answer:
         """Analyse the clip; call keep_alive() between long steps (it may raise to stop)."""
 
     def probe(self) -> None:
         """The cheapest real request; raises AccountProblem while the account is unusable."""
+
+    def adaptations(self) -> dict[str, str]:
+        """What the client changed from its settings to suit its server, one line each."""
 
 
 def build_prompt(site_context: str, clip: Clip | None = None,
@@ -232,6 +298,72 @@ def describe_frames(clip: Clip | None) -> str:
             f"{clip.duration_s:.0f}-second recording")
 
 
+MALFORMED = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+def read_answer(read: Callable[[Any], "Answer"], response: Any, server: str) -> "Answer":
+    """read(response), a response the SDK could not shape into what it promises (a proxy's
+    page, a body of the wrong shape) turned into this provider's failure."""
+    try:
+        return read(response)
+    except MALFORMED as exc:
+        line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise AnalysisError(f"malformed response from {server} ({type(exc).__name__}: "
+                            f"{line})", retryable=True) from None
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from a server, if it is one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        return None
+    return value
+
+
+def parse_answer(text: str) -> Any:
+    """The model's answer text as JSON, refused when it is too large or nested too deeply
+    (a deep nest would blow Python's recursion limit)."""
+    if len(text) > MAX_ANSWER_CHARS:
+        raise AnalysisError(f"invalid model output: {len(text):,} characters, more than "
+                            f"{MAX_ANSWER_CHARS:,}", retryable=True)
+    if nesting(text) > JSON_TOO_DEEP:
+        raise AnalysisError("invalid model output: JSON nested too deeply", retryable=True)
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise AnalysisError(f"invalid model output: not JSON ({text[:80]!r})",
+                            retryable=True) from None
+
+
+def nesting(text: str) -> int:
+    """How deep brackets nest, counted without parsing (strings may hold brackets; then
+    the count is too high, which only refuses an answer nobody would want)."""
+    deepest = depth = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def clean_text(value: str, limit: int) -> str:
+    """Text from a model as it may be stored and shown: control and format characters
+    (and lone surrogates) removed, whitespace runs made one space, at most limit
+    characters with the cut marked."""
+    kept = []
+    for char in value:
+        category = unicodedata.category(char)
+        if char in "\t\n\r" or category == "Zs":
+            kept.append(" ")
+        elif category not in ("Cc", "Cf", "Cs") or char == "\u200d":
+            kept.append(char)
+    text = " ".join("".join(kept).split())
+    if len(text) > limit:
+        text = text[:limit - len(TRUNCATED)].rstrip() + TRUNCATED
+    return text
+
+
 @dataclass(frozen=True)
 class Finding:
     safety_score: int
@@ -239,11 +371,16 @@ class Finding:
     incidents: tuple[dict[str, Any], ...]
 
 
+SEVERITY_RANK = {s: n for n, s in enumerate(SEVERITIES)}
+
+
 def check_answer(data: Any, duration_s: float, slack_s: float = 1.0,
                  log: Callable[..., None] | None = None) -> Finding:
     """Hold the answer to the contract, repairing what can be: offsets up to slack_s (one
     frame interval) past the clip's end are clamped, an incident wholly outside the clip
-    is dropped (and logged). AnalysisError (retryable) says what could not be repaired."""
+    is dropped (and logged), texts are cleaned and cut to their bounds, and past
+    MAX_INCIDENTS the least severe incidents are dropped (logged). AnalysisError
+    (retryable) says what could not be repaired."""
     def broken(reason: str) -> AnalysisError:
         return AnalysisError(f"invalid model output: {reason}", retryable=True)
 
@@ -251,7 +388,7 @@ def check_answer(data: Any, duration_s: float, slack_s: float = 1.0,
         raise broken(f"expected a JSON object, got {type(data).__name__}")
     score = data.get("safety_score")
     if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 100:
-        raise broken(f"safety_score must be an integer 0-100, got {score!r}")
+        raise broken(f"safety_score must be an integer 0-100, got {repr(score)[:40]}")
     summary = data.get("summary")
     if not isinstance(summary, str):
         raise broken("summary missing")
@@ -268,7 +405,13 @@ def check_answer(data: Any, duration_s: float, slack_s: float = 1.0,
                     end_offset_s=item.get("end_offset_s"), clip_seconds=round(duration_s, 2))
             continue
         kept.append(incident)
-    return Finding(score, summary, tuple(kept))
+    if len(kept) > MAX_INCIDENTS:
+        if log:
+            log("too many incidents, the least severe dropped", reported=len(kept),
+                kept=MAX_INCIDENTS)
+        worst = sorted(kept, key=lambda i: -SEVERITY_RANK[i["severity"]])[:MAX_INCIDENTS]
+        kept = sorted(worst, key=lambda i: i["start_offset_s"])
+    return Finding(score, clean_text(summary, MAX_SUMMARY_CHARS), tuple(kept))
 
 
 def check_incident(item: Any, n: int, duration_s: float, slack_s: float,
@@ -287,18 +430,26 @@ def check_incident(item: Any, n: int, duration_s: float, slack_s: float,
     start = min(start, end)
     if item.get("severity") not in SEVERITIES:
         raise broken(f"incidents[{n}].severity must be one of {', '.join(SEVERITIES)}")
-    for key in ("category", "description"):
-        if not isinstance(item.get(key), str) or not item[key].strip():
+    texts = {}
+    for key, limit in (("category", MAX_CATEGORY_CHARS), ("description", MAX_DESCRIPTION_CHARS)):
+        value = item.get(key)
+        texts[key] = clean_text(value, limit) if isinstance(value, str) else ""
+        if not texts[key]:
             raise broken(f"incidents[{n}].{key} missing")
     confidence = item.get("confidence")
     if confidence is not None and not (is_number(confidence) and 0 <= confidence <= 1):
         raise broken(f"incidents[{n}].confidence must be 0-1")
-    category = item["category"].strip().lower()[:100]
+    category = texts["category"].lower()
     return {"start_offset_s": float(start), "end_offset_s": float(end),
             "category": category if category in CATEGORIES else "other",
-            "severity": item["severity"], "description": item["description"].strip(),
+            "severity": item["severity"], "description": texts["description"],
             "confidence": float(confidence) if confidence is not None else None}
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return False

@@ -16,6 +16,8 @@ from importlib import resources
 from aiohttp import web
 
 from vlmguard.status import gather_status, incident_row, iso
+from vlmguard.store import utcnow
+from vlmguard.vlm.pricing import cost_report
 from vlmguard.web.api import BadParameter, MAX_JOB_ID, checked_int, read
 from vlmguard.web.keys import STATIC_KEY
 
@@ -88,6 +90,10 @@ async def status(request: web.Request) -> web.Response:
     def work(config, store):
         report = gather_status(config, store)
         report["price_per_million_tokens"] = config.analysis.price_per_million_tokens
+        midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        report["cost_today"] = cost_report(config.providers,
+                                           store.token_usage(midnight, by="provider"),
+                                           config.analysis.price_per_million_tokens)
         report["segment_seconds"] = config.storage.segment_seconds
         return report
     return web.json_response(await read(request, work), dumps=lambda o: json.dumps(o, default=str))

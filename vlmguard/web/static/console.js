@@ -515,6 +515,22 @@ function refreshListItem(incident) {
 
 // -- queue and system ------------------------------------------------------------------
 
+// Per provider: paused (misconfigured, quota...) or answering, and today's cost with input
+// and output priced apart (output includes thinking).
+function providerTable(report) {
+  const paused = Object.fromEntries(report.analysis.paused.map((p) => [p.provider, p]));
+  const cost = report.cost_today || {};
+  const names = [...new Set([...Object.keys(report.analysis.providers), ...Object.keys(cost)])];
+  if (!names.length) return el("p", {class: "muted"}, "No model provider has answered yet.");
+  const spent = (c) => !c ? "-" : `${c.input_tokens.toLocaleString()} in, ${c.output_tokens.toLocaleString()} out` +
+    (c.cost === null ? " (no price set)"
+      : `: ${c.cost.toFixed(c.cost < 1 ? 4 : 2)} at ${c.price_input_per_million} / ${c.price_output_per_million} per M`);
+  return table(["Provider", "State", "Tokens and cost today"],
+    names.map((name) => [name,
+      paused[name] ? el("span", {class: "error", title: paused[name].detail}, paused[name].reason) : "ok",
+      spent(cost[name])]));
+}
+
 function table(headers, rows) {
   return el("table", {},
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", {scope: "col", class: typeof h === "object" ? "num" : null}, typeof h === "object" ? h.num : h)))),
@@ -570,12 +586,10 @@ async function loadStatus() {
                                anyLag ? seconds(lagOf(report, c)) : (jobs.by_camera[c.id]?.pending ?? 0)])));
   const today = report.tokens.today;
   const total = Object.values(today).reduce((sum, t) => sum + t.total, 0);
-  const price = report.price_per_million_tokens;
   $("#tokens").replaceChildren(
     table(["Camera", {num: "Tokens today"}], Object.entries(today).map(([cam, t]) => [cam, t.total])),
-    el("p", {}, `Total ${total.toLocaleString()} tokens today (UTC day)` +
-      (price ? `, estimated cost ${(total / 1e6 * price).toFixed(2)} at ${price} per million.` :
-               ". Set analysis.price_per_million_tokens for a cost estimate.")));
+    el("p", {}, `Total ${total.toLocaleString()} tokens today (UTC day).`),
+    providerTable(report));
   const children = report.daemon.children || {};
   $("#children").replaceChildren(report.daemon.running
     ? table(["Process", "State", {num: "Restarts"}],
