@@ -14,6 +14,7 @@ time as text for people. read_clock turns a decoded grey frame back into that ti
 
 from __future__ import annotations
 
+import re
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,6 +27,8 @@ BAR = 4
 ROWS = ((0, 60, 1), (20, 60, 60), (40, 24, 3600))  # (y, modulo, seconds per step)
 TENTHS_Y = 60
 BAND = 20
+CLOCK_ROWS = TENTHS_Y + BAND  # the bars' rows: all a reader needs
+LIT = re.compile(rb"[\x80-\xff]+")
 ARCHIVE_TIME = "%Y%m%dT%H%M%SZ"
 
 
@@ -90,21 +93,25 @@ def make_session(folder: Path, start: datetime, seconds: float, archive_seconds:
     return made
 
 
-def read_clock(grey: bytes, day: datetime) -> float | None:
-    """The epoch time a decoded frame (WIDTH x HEIGHT, 8-bit grey) shows, on that UTC day."""
-    if len(grey) < WIDTH * HEIGHT:
+def bar_position(grey: bytes, width: int, y: int, scale: float = 1.0) -> int | None:
+    """The step a bar's centre stands at in the band starting at row y (read on its middle
+    row); scale: the picture's width over WIDTH."""
+    row = grey[(y + BAND // 2) * width:(y + BAND // 2 + 1) * width]
+    runs = [m.span() for m in LIT.finditer(row)]
+    if not runs:
         return None
+    low, high = max(runs, key=lambda span: span[1] - span[0])
+    centre = (low + high - 1) / 2 / scale
+    return round((centre - (BAR - 1) / 2) / STEP)
 
-    def position(y: int) -> int | None:
-        columns = [sum(grey[(y + r) * WIDTH + x] for r in range(4, BAND - 4)) / (BAND - 8)
-                   for x in range(WIDTH)]
-        lit = [x for x, value in enumerate(columns) if value > 128]
-        if not lit:
-            return None
-        centre = sum(lit) / len(lit)
-        return round((centre - (BAR - 1) / 2) / STEP)
 
-    found = [position(y) for y, _modulo, _per in ROWS] + [position(TENTHS_Y)]
+def read_clock(grey: bytes, day: datetime) -> float | None:
+    """The epoch time a decoded frame (WIDTH wide, CLOCK_ROWS or more rows of 8-bit grey)
+    shows, on that UTC day."""
+    if len(grey) < WIDTH * CLOCK_ROWS:
+        return None
+    found = [bar_position(grey, WIDTH, y) for y, _modulo, _per in ROWS]
+    found.append(bar_position(grey, WIDTH, TENTHS_Y))
     if None in found:
         return None
     second, minute, hour, tenth = found
@@ -120,9 +127,9 @@ def frame_clocks(source: str, day: datetime, *, args: tuple[str, ...] = (), ever
     if limit:
         command += ["-frames:v", str(limit)]
     keep = f"select='not(mod(n\\,{every}))'," if every > 1 else ""
-    command += ["-vf", f"{keep}scale={WIDTH}:{HEIGHT}", "-fps_mode", "passthrough",
-                "-f", "rawvideo", "-pix_fmt", "gray", "-"]
-    size = WIDTH * HEIGHT
+    command += ["-vf", f"{keep}scale={WIDTH}:{HEIGHT},crop={WIDTH}:{CLOCK_ROWS}:0:0",
+                "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "gray", "-"]
+    size = WIDTH * CLOCK_ROWS
     clocks = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
         try:

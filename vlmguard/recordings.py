@@ -29,9 +29,11 @@ import fcntl
 import json
 import math
 import os
+import queue
 import secrets
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vlmguard.clips import Footage, recordings
+from vlmguard.errors import VlmguardError
 from vlmguard.ffmpeg import child_env, parent_death_prefix
 from vlmguard.footage import (PACKET, Extent, FootageError, KeyframeIndex, extent,
                               keyframe_bytes, mp4_keyframes, scan_ts)
@@ -446,19 +449,35 @@ def plan_export(catalog: Catalog, camera_id: str, start: datetime,
                       first.wall(inpoint), finish, offset)
 
 
-def export_list(plan: ExportPlan) -> str:
-    """The concat demuxer's list. An MPEG-TS export starts with the bytes of its first
-    keyframe (FFmpeg's subfile protocol): FFmpeg's own seek in MPEG-TS goes by the PCR and
-    can land a GOP late. An MP4 is entered at the keyframe's time (its index is exact)."""
+def open_export(plan: ExportPlan) -> list[int]:
+    """Open every file of the export now: FFmpeg reads them through these descriptors
+    (export_list), so the file being written may move from partial/ to archives/
+    meanwhile. FileNotFoundError when one is gone already."""
+    opened: list[int] = []
+    try:
+        for path in plan.files:
+            opened.append(os.open(path, os.O_RDONLY))
+    except OSError:
+        for descriptor in opened:
+            os.close(descriptor)
+        raise
+    return opened
+
+
+def export_list(plan: ExportPlan, descriptors: list[int]) -> str:
+    """The concat demuxer's list over the open files, as FFmpeg (which inherits the
+    descriptors) sees them. An MPEG-TS export starts with the bytes of its first keyframe
+    (FFmpeg's subfile protocol): FFmpeg's own seek in MPEG-TS goes by the PCR and can land
+    a GOP late. An MP4 is entered at the keyframe's time (its demuxer seeks exactly)."""
     lines = ["ffconcat version 1.0"]
-    for n, path in enumerate(plan.files):
-        name = str(path)
+    for n, descriptor in enumerate(descriptors):
+        name = f"/proc/self/fd/{descriptor}"
         if n == 0 and plan.first_offset is not None:
             name = f"subfile,,start,{plan.first_offset},end,0,,:{name}"
-        lines.append("file '" + name.replace("'", "'\\''") + "'")
+        lines.append(f"file '{name}'")
         if n == 0 and plan.first_offset is None:
             lines.append(f"inpoint {plan.inpoint:.6f}")
-        if n == len(plan.files) - 1 and plan.outpoint is not None:
+        if n == len(descriptors) - 1 and plan.outpoint is not None:
             lines.append(f"outpoint {plan.outpoint:.6f}")
     return "\n".join(lines) + "\n"
 
@@ -469,25 +488,72 @@ def export_command(binary: str, list_file: Path, target: str, *, streamed: bool)
     MP4, its index written once at the end (no second pass). One thread, nice 10: an
     export never takes time from the live stream's FFmpeg."""
     nice = shutil.which("nice")
-    flags = "frag_keyframe+empty_moov+default_base_moof" if streamed else "+write_colr"
+    fragments = ["-movflags", "frag_keyframe+empty_moov+default_base_moof"] if streamed else []
     return [*parent_death_prefix(), *([nice, "-n", "10"] if nice else []), binary,
             "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-threads", "1",
             "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,subfile",
-            "-i", str(list_file),
-            "-map", "0:v:0", "-map", "0:a?", "-c", "copy",
-            "-movflags", flags, "-f", "mp4", target]
+            "-i", str(list_file), "-map", "0:v:0", "-map", "0:a?", "-c", "copy",
+            *fragments, "-f", "mp4", target]
+
+
+def export_file(layout: Layout, binary: str, camera_id: str, start: datetime, seconds: float,
+                output: str) -> ExportPlan:
+    """`vlmguard export`: the footage from start as one MP4 at output ("-": a fragmented
+    MP4 on stdout). A file is written as output.part and renamed when complete."""
+    plan = plan_export(Catalog(layout, binary), camera_id, start,
+                       start + timedelta(seconds=seconds))
+    if plan is None:
+        raise VlmguardError(f"no recorded video of {camera_id} from {iso(start)} "
+                            f"for {seconds:g} s")
+    streamed = output == "-"
+    partial = Path(output + ".part")
+    with hold(layout, camera_id, plan.names):
+        try:
+            descriptors = open_export(plan)
+        except OSError as exc:
+            raise VlmguardError(f"recorded video of {camera_id} became unreadable: "
+                                f"{exc.strerror or exc}") from None
+        try:
+            with tempfile.NamedTemporaryFile("w", prefix="vlmguard-export-",
+                                             suffix=".ffconcat") as listing:
+                listing.write(export_list(plan, descriptors))
+                listing.flush()
+                command = export_command(binary, Path(listing.name),
+                                         "pipe:1" if streamed else str(partial),
+                                         streamed=streamed)
+                proc = subprocess.run(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      stdout=None if streamed else subprocess.DEVNULL,
+                                      pass_fds=descriptors, env=child_env())
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise VlmguardError(f"ffmpeg could not export: {reason[:300]}")
+    if not streamed:
+        partial.rename(output)
+    return plan
 
 
 # -- holds against retention ------------------------------------------------------------
 
 @contextmanager
-def hold(layout: Layout, camera_id: str, names: list[str]) -> Iterator[Path]:
+def hold(layout: Layout, camera_id: str, names: list[str]) -> Iterator[Path | None]:
     """Keep these archives from retention while the block runs: a small file, locked
-    for as long as this process holds it open."""
+    for as long as this process holds it open. Where it cannot be written (another
+    user's data dir) the block runs unheld, said once: the export reads through open
+    descriptors, so a deletion meanwhile frees the space only once it is done."""
     folder = holds_dir(layout)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{os.getpid()}-{secrets.token_hex(4)}.json"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        log.warning("archives not held from retention", camera_id=camera_id,
+                    error=exc.strerror or str(exc))
+        yield None
+        return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         os.write(descriptor, json.dumps({"camera": camera_id, "names": names}).encode())
@@ -644,3 +710,49 @@ def sweep_sidecars(layout: Layout, camera_id: str) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
+
+
+class SidecarWriter:
+    """Writes sidecars in a thread of its own, so the archiver's loop (which must link live
+    segments before FFmpeg deletes them) never waits on a scan or a thumbnail."""
+
+    def __init__(self, layout: Layout, binary: str):
+        self.layout = layout
+        self.binary = binary
+        self.queue: "queue.Queue[tuple[str, Path] | None]" = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def add(self, camera_id: str, path: Path) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name="sidecars", daemon=True)
+            self.thread.start()
+        self.queue.put((camera_id, path))
+
+    def add_missing(self, camera_id: str, younger_than: float) -> int:
+        """Queue the camera's filed archives younger than this many seconds that have no
+        sidecar (filed just before a stop). Older footage is indexed on demand."""
+        horizon = datetime.now(timezone.utc) - timedelta(seconds=younger_than)
+        added = 0
+        for item in recordings(self.layout, camera_id):
+            if item.start >= horizon and item.path.parent == self.layout.archives(camera_id) \
+                    and not (sidecar_dir(self.layout, camera_id, item.path.name) / INDEX_FILE).exists():
+                self.add(camera_id, item.path)
+                added += 1
+        return added
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            camera_id, path = item
+            start = archive_start(path)
+            if start is None or not path.exists():
+                continue
+            try:
+                write_sidecar(self.layout, self.binary, camera_id, path, start)
+            except Exception as exc:  # a sidecar is an extra: never the archiver's end
+                log.error("sidecar not written", camera_id=camera_id, file=path.name,
+                          error=str(exc)[:300])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout)

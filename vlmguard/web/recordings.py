@@ -33,6 +33,7 @@ from vlmguard.layout import ARCHIVE_NAME, Layout, archive_start
 from vlmguard.logs import get_logger
 from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYLIST_SECONDS,
                                  Catalog, export_command, export_list, find_file, hold, iso,
+                                 open_export,
                                  live_edge, mp4_segment_command, plan_export, plan_playlist,
                                  render_playlist, span_report, stored_thumbnail,
                                  make_thumbnail)
@@ -41,7 +42,7 @@ from vlmguard.web.media import ram_dir
 
 log = get_logger("vlmguard.web.recordings")
 
-CATALOG_KEY = web.AppKey("recordings_catalog", Catalog)
+CATALOG_KEY = web.AppKey("recordings_catalog", list)  # the Catalog, made on first use
 FFMPEG_SLOTS_KEY = web.AppKey("recordings_ffmpeg_slots", asyncio.Semaphore)
 EXPORT_SLOTS_KEY = web.AppKey("recordings_export_slots", asyncio.Semaphore)
 FFMPEG_JOBS = 2  # MP4 segments and on-request thumbnails cut at once
@@ -55,6 +56,7 @@ FFMPEG_TIMEOUT = 60.0
 
 
 def add_recording_routes(app: web.Application) -> None:
+    app[CATALOG_KEY] = []
     app[FFMPEG_SLOTS_KEY] = asyncio.Semaphore(FFMPEG_JOBS)
     app[EXPORT_SLOTS_KEY] = asyncio.Semaphore(EXPORT_JOBS)
     app.router.add_get("/api/recordings", spans)
@@ -67,10 +69,10 @@ def add_recording_routes(app: web.Application) -> None:
 
 def catalog_of(request: web.Request) -> Catalog:
     """One catalog per app, made on first use (the config's data dir and FFmpeg)."""
-    app = request.app
-    if CATALOG_KEY not in app:
-        app[CATALOG_KEY] = Catalog(Layout(config_of(request).data_dir), ffmpeg_binary())
-    return app[CATALOG_KEY]
+    holder = request.app[CATALOG_KEY]
+    if not holder:
+        holder.append(Catalog(Layout(config_of(request).data_dir), ffmpeg_binary()))
+    return holder[0]
 
 
 def json_error(kind: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
@@ -219,9 +221,12 @@ async def archive_bytes(request: web.Request) -> web.StreamResponse:
             response.headers["Content-Range"] = f"bytes {low}-{high - 1}/{size}"
         response.content_length = high - low
         await response.prepare(request)
-        if request.method != "HEAD":
-            await send_bytes(response, descriptor, low, high)
-        await response.write_eof()
+        try:
+            if request.method != "HEAD":
+                await send_bytes(response, descriptor, low, high)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the player went away (a seek aborts the segment it was loading)
         return response
     finally:
         os.close(descriptor)
@@ -344,22 +349,32 @@ async def export(request: web.Request) -> web.StreamResponse:
     slots = await slot(request, EXPORT_SLOTS_KEY)
     try:
         with hold(catalog.layout, camera, plan.names):
-            return await stream_export(request, catalog, plan)
+            try:
+                descriptors = await asyncio.to_thread(open_export, plan)
+            except FileNotFoundError:
+                raise json_error(web.HTTPNotFound, f"recorded video of {camera} from "
+                                 f"{iso(start)} was deleted meanwhile") from None
+            try:
+                return await stream_export(request, catalog, plan, descriptors)
+            finally:
+                for descriptor in descriptors:
+                    os.close(descriptor)
     finally:
         slots.release()
 
 
-async def stream_export(request: web.Request, catalog: Catalog, plan) -> web.StreamResponse:
+async def stream_export(request: web.Request, catalog: Catalog, plan,
+                        descriptors: list[int]) -> web.StreamResponse:
     """FFmpeg writes a fragmented MP4 to a pipe; each chunk goes to the client as it comes,
     so memory holds a GOP or so, whatever the export's length."""
     handle, list_name = tempfile.mkstemp(prefix="vlmguard-export-", suffix=".ffconcat",
                                          dir=ram_dir())
     with os.fdopen(handle, "w") as listing:
-        listing.write(export_list(plan))
+        listing.write(export_list(plan, descriptors))
     proc = await asyncio.create_subprocess_exec(
         *export_command(catalog.binary, Path(list_name), "pipe:1", streamed=True),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=child_env())
+        stderr=asyncio.subprocess.PIPE, env=child_env(), pass_fds=descriptors)
     stderr = asyncio.create_task(proc.stderr.read())
     response = web.StreamResponse(headers={
         "Content-Type": "video/mp4", "Cache-Control": "private, no-store",
@@ -374,9 +389,13 @@ async def stream_export(request: web.Request, catalog: Catalog, plan) -> web.Str
             raise json_error(web.HTTPBadGateway, "the recording could not be exported (see the log)")
         await response.prepare(request)
         chunk = first
-        while chunk:
-            await response.write(chunk)
-            chunk = await proc.stdout.read(CHUNK)
+        try:
+            while chunk:
+                await response.write(chunk)
+                chunk = await proc.stdout.read(CHUNK)
+        except ConnectionResetError:
+            log.info("export abandoned by the client", camera_id=plan.camera_id)
+            return response
         await proc.wait()
         if proc.returncode != 0:
             log.warning("export ended early", camera_id=plan.camera_id,
