@@ -32,6 +32,28 @@ LIT = re.compile(rb"[\x80-\xff]+")
 ARCHIVE_TIME = "%Y%m%dT%H%M%SZ"
 
 
+# The same reading in a page: CLOCK_JS(video) -> seconds since UTC midnight of the frame
+# the <video> shows (drawn on a canvas), or null.
+CLOCK_JS = """(video) => {
+  const canvas = document.createElement("canvas");
+  canvas.width = 320; canvas.height = 180;
+  const g = canvas.getContext("2d", {willReadFrequently: true});
+  g.drawImage(video, 0, 0, 320, 180);
+  const position = (y) => {
+    const row = g.getImageData(0, y + 10, 320, 1).data;
+    let best = null, from = -1;
+    for (let x = 0; x <= 320; x++) {
+      const lit = x < 320 && row[x * 4] > 128;
+      if (lit && from < 0) from = x;
+      if (!lit && from >= 0) { if (!best || x - from > best[1] - best[0]) best = [from, x]; from = -1; }
+    }
+    return best ? Math.round(((best[0] + best[1] - 1) / 2 - 1.5) / 5) : null;
+  };
+  const p = [0, 20, 40, 60].map(position);
+  return p.includes(null) ? null : p[2] * 3600 + p[1] * 60 + p[0] + p[3] / 10;
+}"""
+
+
 def clock_graph(epoch: float, seconds: float) -> str:
     """A lavfi graph: black frames with the time bars and the time as text."""
     parts = [f"color=c=black:s={WIDTH}x{HEIGHT}:r={FPS}:d={seconds}[v0]"]

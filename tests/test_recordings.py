@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -35,8 +34,8 @@ from vlmguard.web import create_app
 
 from conftest import write_config
 from daemon import free_port
-from footage_maker import (CLOCK_ROWS, GOP_SECONDS, WIDTH, frame_clocks, make_session,
-                           read_clock)
+from footage_maker import (CLOCK_JS, CLOCK_ROWS, GOP_SECONDS, WIDTH, frame_clocks,
+                           make_session, read_clock)
 
 TOKEN = "tok"
 DAY = datetime(2026, 11, 26, tzinfo=timezone.utc)
@@ -287,24 +286,7 @@ HLS_CHECK = """async ([url, seekTo, crossFrom, crossTo]) => {
   const video = document.createElement("video");
   video.muted = true;
   document.body.append(video);
-  const canvas = document.createElement("canvas");
-  canvas.width = 320; canvas.height = 180;
-  const g = canvas.getContext("2d", {willReadFrequently: true});
-  const clock = () => {  // the wall-clock time the frame shown carries, seconds of the day
-    g.drawImage(video, 0, 0, 320, 180);
-    const position = (y) => {
-      const row = g.getImageData(0, y + 10, 320, 1).data;
-      let best = null, from = -1;
-      for (let x = 0; x <= 320; x++) {
-        const lit = x < 320 && row[x * 4] > 128;
-        if (lit && from < 0) from = x;
-        if (!lit && from >= 0) { if (!best || x - from > best[1] - best[0]) best = [from, x]; from = -1; }
-      }
-      return best ? Math.round(((best[0] + best[1] - 1) / 2 - 1.5) / 5) : null;
-    };
-    const p = [0, 20, 40, 60].map(position);
-    return p.includes(null) ? null : p[2] * 3600 + p[1] * 60 + p[0] + p[3] / 10;
-  };
+  const clock = () => (%s)(video);  // the wall-clock time the frame shown carries
   const frame = () => new Promise((done) => video.requestVideoFrameCallback(() => done()));
   const hls = new Hls();
   const parsed = new Promise((done) => hls.on(Hls.Events.LEVEL_LOADED, (_e, d) => done(d.details)));
@@ -339,7 +321,7 @@ HLS_CHECK = """async ([url, seekTo, crossFrom, crossTo]) => {
     if (now !== null && now >= crossTo) break;
   }
   return {first, seeked, seen, errors, fragments: details.fragments.length};
-}"""
+}""" % CLOCK_JS
 
 
 def test_hlsjs_plays_and_seeks_across_two_archive_files(server, tmp_path):
@@ -525,20 +507,24 @@ def test_playlists_read_the_archivers_index_when_there(server, data_dir):
     assert indexed == scanned and indexed.count(b"#EXTINF") == 30
 
 
-def test_held_archives_stay_through_retention(tmp_path):
-    from vlmguard.archiver import Archiver
-    from vlmguard.store import JobStore
-
-    config = load_config(write_config(tmp_path, f"""
+def archiver_config(tmp_path, storage: str = ""):
+    return load_config(write_config(tmp_path, f"""
         [storage]
         data_dir = "{tmp_path / 'data'}"
-        retention_days = 1
+        {storage}
         [analysis]
         window_seconds = 0
         [[cameras]]
         id = "cam1"
         url = "lavfi:testsrc2"
     """))
+
+
+def test_held_archives_stay_through_retention(tmp_path):
+    from vlmguard.archiver import Archiver
+    from vlmguard.store import JobStore
+
+    config = archiver_config(tmp_path, "retention_days = 1")
     layout = Layout(config.data_dir)
     old = make_session(layout.archives("cam1"), datetime(2020, 1, 1, 8, 0, tzinfo=timezone.utc),
                        40, archive_seconds=20)
@@ -561,15 +547,7 @@ def test_the_archiver_indexes_what_it_files(tmp_path):
     from vlmguard.archiver import Archiver
     from vlmguard.store import JobStore
 
-    config = load_config(write_config(tmp_path, f"""
-        [storage]
-        data_dir = "{tmp_path / 'data'}"
-        [analysis]
-        window_seconds = 0
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-    """))
+    config = archiver_config(tmp_path)
     layout = Layout(config.data_dir)
     [made] = make_session(layout.closed("cam1"), at(8, 0), 70, archive_seconds=600)
     with JobStore.from_config(config) as store:

@@ -25,7 +25,7 @@ from vlmguard.layout import Layout
 from vlmguard.store import IncidentRecord, JobStore, Outcome
 
 from daemon import RunningVlmguard
-from footage_maker import GOP_SECONDS, frame_clocks, make_session
+from footage_maker import CLOCK_JS, GOP_SECONDS, frame_clocks, make_session
 
 TOKEN = "recordings-console-token"
 CHROMIUM = "/usr/bin/chromium"
@@ -38,27 +38,13 @@ url = "lavfi:testsrc2=size=320x180:rate=10"
 id = "gate"
 url = "lavfi:testsrc=size=320x180:rate=10"
 """
-# The wall-clock time the frame a <video> shows carries (seconds since the epoch), or null.
+# The wall-clock time the frame a camera's player shows carries (seconds since the epoch).
 CLOCK_OF = """([camera, day]) => {
   const video = document.querySelector(`.rec-player[data-camera="${camera}"] video`);
   if (!video || video.readyState < 2) return null;
-  const canvas = document.createElement("canvas");
-  canvas.width = 320; canvas.height = 180;
-  const g = canvas.getContext("2d", {willReadFrequently: true});
-  g.drawImage(video, 0, 0, 320, 180);
-  const position = (y) => {
-    const row = g.getImageData(0, y + 10, 320, 1).data;
-    let best = null, from = -1;
-    for (let x = 0; x <= 320; x++) {
-      const lit = x < 320 && row[x * 4] > 128;
-      if (lit && from < 0) from = x;
-      if (!lit && from >= 0) { if (!best || x - from > best[1] - best[0]) best = [from, x]; from = -1; }
-    }
-    return best ? Math.round(((best[0] + best[1] - 1) / 2 - 1.5) / 5) : null;
-  };
-  const p = [0, 20, 40, 60].map(position);
-  return p.includes(null) ? null : day + p[2] * 3600 + p[1] * 60 + p[0] + p[3] / 10;
-}"""
+  const seconds = (%s)(video);
+  return seconds === null ? null : day + seconds;
+}""" % CLOCK_JS
 
 
 def iso(when: datetime) -> str:
@@ -118,25 +104,10 @@ def scene(tmp_path_factory):
     daemon.start()
     try:
         for camera in ("dock-2", "gate"):
-            wait_live(daemon, camera)
+            daemon.wait_live(camera, timeout=60, token=TOKEN)
         yield Scene(daemon, f"http://127.0.0.1:{daemon.port}", t0, incidents)
     finally:
         daemon.kill()
-
-
-def wait_live(daemon: RunningVlmguard, camera: str, timeout: float = 60) -> None:
-    url = f"{daemon.url(camera)}?token={TOKEN}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if b".ts" in response.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{camera} never went live:\n{daemon.log_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
