@@ -22,9 +22,11 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlmguard.config import load_config
 from vlmguard.layout import Layout
@@ -592,3 +594,47 @@ def test_a_file_being_written_grows_an_event_playlist(server, data_dir):
                                      end=stamp(begun + timedelta(minutes=5))), DAY)
     # The copy still shows the times it was recorded at (08:20); it plays whole, in order.
     assert len(clocks) == 3000 and jumps(clocks, 0.1) == []
+
+
+# -- hostile requests ----------------------------------------------------------------------
+
+TIMES = st.one_of(st.sampled_from(["2026-11-26T08:05:00Z", "0001-01-01T00:00:00Z",
+                                   "9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59",
+                                   "2026-11-26", "yesterday", "", "2026-11-26T08:05:00+14:00"]),
+                  st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))
+                  .map(lambda d: d.isoformat() + "Z"))
+NUMBERS = st.one_of(st.sampled_from(["0", "-1", "nan", "inf", "1e3", "3600", "3601", "0.5",
+                                     "99999999999999999999", "5", ""]),
+                    st.text(max_size=12))
+PARAMS = st.dictionaries(st.sampled_from(["camera", "start", "end", "duration", "at", "t",
+                                          "frames", "token"]),
+                         st.one_of(TIMES, NUMBERS, st.sampled_from(["dock", "old", "nope"])),
+                         max_size=5)
+TARGETS = st.sampled_from(["/api/recordings", "/api/recordings/dock/index.m3u8",
+                           "/api/recordings/old/index.m3u8", "/api/recordings/dock/thumbnail.jpg",
+                           "/api/recordings/dock/export.mp4",
+                           "/api/recordings/dock/files/20261126T080000Z.ts",
+                           "/api/recordings/old/files/20261126T080000Z.mp4/segment.ts",
+                           "/api/recordings/nope/index.m3u8",
+                           "/api/recordings/dock/files/20261126T080000Z.mp4/segment.ts"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=TARGETS, params=PARAMS, wanted=st.one_of(st.none(), st.text(max_size=20),
+                                                      st.sampled_from(["bytes=0-99", "bytes=-5",
+                                                                       "bytes=99999999999-",
+                                                                       "bytes=5-2", "bytes=0-"])))
+def test_no_request_gets_a_server_error(server, target, params, wanted):
+    """Whatever the query and Range: an answer below 500 (a busy 503 aside), never a crash."""
+    query = "&".join(f"{quote(k)}={quote(v)}" for k, v in params.items())
+    request = urllib.request.Request(f"{server.base}{target}?{query}",
+                                     headers={"Authorization": f"Bearer {TOKEN}",
+                                              **({"Range": wanted} if wanted is not None
+                                                 and wanted.isascii() and wanted.isprintable() else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status = response.status
+            response.read(1_000_000)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status < 500 or status == 503, (target, params, wanted, status)

@@ -53,6 +53,7 @@ SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 FFMPEG_TIMEOUT = 60.0
+EARLIEST, LATEST = 1970, 9000  # a day either side stays a valid datetime
 
 
 def add_recording_routes(app: web.Application) -> None:
@@ -93,6 +94,14 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def time_param(request: web.Request, name: str) -> datetime | None:
+    """An ISO 8601 time (since_param), within years the arithmetic around it can hold."""
+    when = since_param(request, name)
+    if when is not None and not EARLIEST <= when.year <= LATEST:
+        raise BadParameter(name, f"out of range: years {EARLIEST}-{LATEST}")
+    return when
+
+
 def seconds_param(request: web.Request, name: str, longest: float) -> float | None:
     raw = request.query.get(name)
     if raw is None:
@@ -107,10 +116,10 @@ def time_range(request: web.Request, longest: float, *, open_end: bool = False,
                default_start: datetime | None = None) -> tuple[datetime, datetime | None]:
     """start (required unless defaulted) and end, from end= or duration=. open_end: neither
     given is allowed (None: up to the live edge)."""
-    start = since_param(request, "start") or default_start
+    start = time_param(request, "start") or default_start
     if start is None:
         raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
-    end = since_param(request, "end")
+    end = time_param(request, "end")
     duration = seconds_param(request, "duration", longest)
     if end is not None and duration is not None:
         raise BadParameter("duration", "give end or duration, not both")
@@ -307,7 +316,7 @@ def around(path: Path) -> tuple[datetime, datetime]:
 
 async def thumbnail(request: web.Request) -> web.StreamResponse:
     camera = camera_of(request)
-    at = since_param(request, "at")
+    at = time_param(request, "at")
     if at is None:
         raise BadParameter("at", "required: an ISO 8601 time")
     minute = at.replace(second=0, microsecond=0)
