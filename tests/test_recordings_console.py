@@ -11,6 +11,7 @@ stored before the daemon starts. The daemon's own live recording continues both 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -194,9 +195,11 @@ def test_export_a_selection_and_take_screenshots(scene, page, tmp_path):
     page.wait_for_timeout(500)
     page.click("#rec-mark-out")
     assert "30 s" in page.inner_text("#rec-selection-text")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    # VLMGUARD_SCREENSHOTS=1 writes the README's pictures.
+    out = SCREENSHOTS if os.environ.get("VLMGUARD_SCREENSHOTS") else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(1500)
-    page.screenshot(path=str(SCREENSHOTS / "recordings-1280x800.png"), full_page=True)
+    page.screenshot(path=str(out / "recordings-1280x800.png"), full_page=True)
     downloads = []
     page.on("download", lambda download: downloads.append(download))
     page.click("#rec-export")  # one MP4 per camera with footage in the selection
@@ -215,7 +218,7 @@ def test_export_a_selection_and_take_screenshots(scene, page, tmp_path):
     page.wait_for_function("() => !document.querySelector('#toast').textContent", timeout=15000)
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(1500)
-    page.screenshot(path=str(SCREENSHOTS / "recordings-390x844.png"), full_page=True)
+    page.screenshot(path=str(out / "recordings-390x844.png"), full_page=True)
     width = page.evaluate("() => document.documentElement.scrollWidth")
     page.set_viewport_size({"width": 1280, "height": 800})
     assert width <= 390, page.evaluate("""() => [...document.querySelectorAll('body *')]
