@@ -126,9 +126,9 @@ def time_range(request: web.Request, longest: float, *, open_end: bool = False,
     if duration is not None:
         end = start + timedelta(seconds=duration)
     if end is None and not open_end:
-        end = now() if default_start is not None else None
-        if end is None:
+        if default_start is None:
             raise BadParameter("end", "required: an ISO 8601 time (or duration=seconds)")
+        end = now()
     if end is not None:
         if end <= start:
             raise BadParameter("end", "must be after start")
@@ -293,10 +293,13 @@ async def mp4_segment(request: web.Request) -> web.Response:
         catalog.files, camera, *around(path)) if f.path.name == path.name), None)
     if recorded is None:
         raise gone(camera, path.name)
+    index = await asyncio.to_thread(catalog.index, camera, recorded)
+    origin = index.first if index is not None and index.first is not None else 0.0
     slots = await slot(request, FFMPEG_SLOTS_KEY)
     try:
+        # -ss counts from the file's start as FFmpeg demuxes it: the index's first time.
         code, out, err = await run_ffmpeg(mp4_segment_command(
-            catalog.binary, path, float(raw_time) - recorded.extent.first, int(raw_frames)))
+            catalog.binary, path, float(raw_time) - origin, int(raw_frames)))
     finally:
         slots.release()
     if code != 0 or not out:
