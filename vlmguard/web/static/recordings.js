@@ -387,7 +387,9 @@
     }
     const ruler = el("div", {class: "rec-ruler", "aria-hidden": "true"});
     const tick = R.zoom === "day" ? 3 * HOUR : R.zoom === "hour" ? 10 * MINUTE : MINUTE;
-    for (let t = Math.ceil(range[0] / tick) * tick; t <= range[1]; t += tick) {
+    // Labels are centred on their tick: none within 3 % of an edge, where half would stick out.
+    const margin = (range[1] - range[0]) * 0.03;
+    for (let t = Math.ceil((range[0] + margin) / tick) * tick; t <= range[1] - margin; t += tick) {
       const label = el("span", {}, clock(t).slice(0, 5));
       label.style.left = percent(t, range);
       ruler.append(label);
