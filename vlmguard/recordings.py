@@ -136,15 +136,18 @@ class Catalog:
                 continue
             if n + 1 < len(found) and found[n + 1].start <= start:
                 continue  # a later file began before start: this one ended by then
-            measured = self.extent(camera_id, item)
+            growing = item.path.parent == partial
+            measured = self.extent(camera_id, item, quiet=growing)
             if measured is None:
                 continue
-            recorded = Recorded(item.path, item.start, measured, item.path.parent == partial)
+            recorded = Recorded(item.path, item.start, measured, growing)
             if recorded.end > start:
                 chosen.append(recorded)
         return chosen
 
-    def extent(self, camera_id: str, item: Footage) -> Extent | None:
+    def extent(self, camera_id: str, item: Footage, quiet: bool = False) -> Extent | None:
+        """The file's extent, None when it is not readable video: logged once per size,
+        unless quiet (a file FFmpeg has just opened holds no frame yet)."""
         key = (camera_id, item.path.name)
         try:
             size = item.path.stat().st_size
@@ -160,6 +163,8 @@ class Catalog:
         try:
             found = extent(item.path)
         except (FootageError, OSError) as exc:
+            if quiet:
+                return None
             with self.lock:
                 self.unreadable.add((*key, size))
             log.warning("recording not readable, left out", camera_id=camera_id,
@@ -354,8 +359,11 @@ def plan_playlist(catalog: Catalog, camera_id: str, start: datetime,
 
 
 def render_playlist(segments: list[Segment], *, ended: bool, token_query: str = "") -> str:
-    """VOD (ended) or EVENT (still growing into live), byte ranges need version 4."""
-    target = max([math.ceil(s.duration - 0.001) for s in segments] + [1])
+    """VOD (ended) or EVENT (still growing into live), byte ranges need version 4. A
+    growing playlist's target duration must never change: segments are whole GOPs of at
+    least SEGMENT_SECONDS, so under twice that unless a GOP alone is longer."""
+    longest = max([math.ceil(s.duration - 0.001) for s in segments] + [1])
+    target = longest if ended else max(longest, math.ceil(2 * SEGMENT_SECONDS))
     out = ["#EXTM3U", "#EXT-X-VERSION:4", f"#EXT-X-TARGETDURATION:{target}",
            "#EXT-X-MEDIA-SEQUENCE:0", f"#EXT-X-PLAYLIST-TYPE:{'VOD' if ended else 'EVENT'}",
            "#EXT-X-INDEPENDENT-SEGMENTS"]
