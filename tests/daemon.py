@@ -143,12 +143,13 @@ stop_timeout_seconds = 15
     def url(self, camera: str = "cam1") -> str:
         return f"http://127.0.0.1:{self.port}/live/{camera}/index.m3u8"
 
-    def wait_live(self, camera: str = "cam1", timeout: float = 40) -> None:
+    def wait_live(self, camera: str = "cam1", timeout: float = 40, token: str = "") -> None:
+        url = self.url(camera) + (f"?token={token}" if token else "")
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc.poll() is None, self.log_text()[-3000:]
             try:
-                with urllib.request.urlopen(self.url(camera), timeout=2) as response:
+                with urllib.request.urlopen(url, timeout=2) as response:
                     if b".ts" in response.read():
                         return
             except OSError:

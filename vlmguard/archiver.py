@@ -35,6 +35,7 @@ from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout, archive_start, snapshot_id, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.outage import Outage
+from vlmguard.recordings import SidecarWriter, held_names, sweep_sidecars
 from vlmguard.store import JobStore, is_outage, utcnow
 from vlmguard.windows import JOB_FILE, WindowCutter, adjacent_groups, archive_sources
 
@@ -79,6 +80,7 @@ def main(config: Config, beat: Beat = Beat()) -> None:
         # and the window it was in the middle of.
         archiver.finalize_closed()
         archiver.flush_windows()
+        archiver.sidecars.stop()
     log.info("archiver stopped")
 
 
@@ -110,6 +112,7 @@ class Archiver:
         self.ram_bytes = 0
         self.evicted = 0
         self.cutters = {}
+        self.sidecars = SidecarWriter(self.layout, self.binary)
         for camera in config.cameras:
             self.layout.make_dirs(camera.id)
             if self.window_seconds:
@@ -158,6 +161,8 @@ class Archiver:
         """Register what a crash, a stop or an outage of the database left unregistered.
         Only unknown archives are probed: a week of archives is thousands of files, each
         an FFmpeg run to measure."""
+        for camera in self.config.cameras:
+            self.sidecars.add_missing(camera.id, 2.0 * self.config.storage.archive_seconds)
         self.finalize_closed()
         self.behind = False
         if self.window_seconds:
@@ -320,6 +325,7 @@ class Archiver:
                       file=str(closed), error=str(exc))
             return
         log.info("archive filed", camera_id=camera_id, file=target.name)
+        self.sidecars.add(camera_id, target)  # keyframe index and minute thumbnails
         if not self.window_seconds and not self.behind:
             self.with_database(lambda: self.register(camera_id, target))
 
@@ -389,6 +395,8 @@ class Archiver:
             unanalysed = str(archive.path) in in_flight
             if unanalysed and not disk_filling:
                 continue
+            if (archive.camera_id, archive.path.name) in held_names(self.layout):
+                continue  # being exported: kept until the export is done
             if unanalysed:
                 log.error("deleting an archive not yet analysed: the disk is nearly full",
                           camera_id=archive.camera_id, file=archive.path.name,
@@ -399,6 +407,8 @@ class Archiver:
                 pruned.add(archive.camera_id)
         for camera_id in pruned:
             self.with_database(lambda camera_id=camera_id: self.prune_snapshots(camera_id))
+        for camera in self.config.cameras:
+            sweep_sidecars(self.layout, camera.id)  # index and thumbnails go with the footage
 
     def prune_snapshots(self, camera_id: str) -> None:
         """An incident's picture goes with the last of its footage: when it ended before

@@ -300,5 +300,49 @@ def alerts_test(config_path, rule):
     sys.exit(0 if all(answer.delivered for _, _, answer in results) else 1)
 
 
+@main.command("export")
+@config_option
+@click.option("--camera", "camera_id", required=True, metavar="ID", help="The camera's id.")
+@click.option("--start", required=True, metavar="TIME",
+              help="ISO 8601, UTC unless it names a zone (2026-11-26T08:00:00Z).")
+@click.option("--duration", required=True, metavar="SECONDS", help="At most 3600.")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="The MP4 to write; '-' writes a fragmented MP4 to standard output.")
+@reports_errors
+def export(config_path, camera_id, start, duration, output):
+    """Write a camera's recorded video from TIME for SECONDS to one MP4 (stream copy, no
+    re-encoding); gaps in the footage are left out. Works with the daemon running or not;
+    the archives read are kept from retention until it is done.
+    """
+    from vlmguard.ffmpeg import ffmpeg_binary
+    from vlmguard.layout import Layout
+    from vlmguard.recordings import MAX_EXPORT_SECONDS, export_file, iso
+
+    config = load_config(config_path)
+    if config.camera(camera_id) is None:
+        raise VlmguardError(f"--camera: no camera {camera_id!r} in {config.source}")
+    when = parse_time(start, "--start")
+    try:
+        seconds = float(duration)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_EXPORT_SECONDS:
+        raise VlmguardError(f"--duration: must be seconds, more than 0 and at most "
+                            f"{MAX_EXPORT_SECONDS}, got {duration!r}")
+    configure_logging("cli", level="CRITICAL" if output == "-" else "WARNING")
+    plan = export_file(Layout(config.data_dir), ffmpeg_binary(), camera_id, when, seconds, output)
+    click.echo(f"{camera_id}: {iso(plan.start)} to {iso(plan.end)} ({plan.seconds:.1f} s, "
+               f"{len(plan.files)} archive files) -> {output}", err=True)
+
+
+def parse_time(raw: str, option: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise VlmguardError(f"{option}: must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z, "
+                            f"got {raw!r}") from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
 if __name__ == "__main__":
     main()

@@ -123,9 +123,13 @@ async function route() {
   const [, view = "live", arg] = location.hash.split("/");
   clearInterval(state.statusTimer);
   if (view !== "live") destroyPlayers();
+  if (view !== "recordings") window.vlmguardRecordings?.hide();
   if (view === "incidents") {
     showView("incidents");
     await loadIncidents();
+  } else if (view === "recordings") {
+    showView("recordings");
+    await window.vlmguardRecordings.show();
   } else if (view === "system") {
     showView("system");
     await loadStatus();
@@ -431,6 +435,7 @@ async function openIncident(id) {
                                      " on ", incident.camera_id);
   $("#dialog-meta").textContent = `${timeText(incident.start_at)} to ${timeText(incident.end_at)}`;
   $("#dialog-description").textContent = incident.description;
+  $("#dialog-recordings").href = `#/recordings/${encodeURIComponent(incident.camera_id)}/${encodeURIComponent(incident.start_at)}`;
   $("#ack-note").value = incident.ack_note || "";
   $("#ack-state").textContent = ackText(incident);
   showKeep(incident);
@@ -482,6 +487,8 @@ $("#incident-dialog").addEventListener("close", () => {
   video.load();
   state.dialogIncident = null;
 });
+
+$("#dialog-recordings").addEventListener("click", () => $("#incident-dialog").close());
 
 $("#ack-form").addEventListener("submit", async (event) => {
   event.preventDefault();
