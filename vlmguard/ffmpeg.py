@@ -119,9 +119,17 @@ def tee_escape(value: str) -> str:
     return re.sub(r"([\\:|\[\]'=])", r"\\\1", value)
 
 
-def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
-                   partial_dir: Path, run_list: Path, encode: bool,
-                   start_number: int, input_file: Path | None = None) -> list[str]:
+def live_output(storage: StorageConfig, live_dir: Path, start_number: int,
+                low_latency: bool) -> str:
+    """The tee's live output. Low latency: fragmented MP4 on stdout, one fragment per
+    frame, for the streaming process to cut into parts and segments (llhls.py). Else
+    FFmpeg's own HLS muxer writes MPEG-TS segments and the playlist into live_dir."""
+    if low_latency:
+        # cmaf + default_base_moof: self-contained CMAF fragments; delay_moov: the init
+        # section is written once the first frame has shown the codec's parameters.
+        mp4 = ":".join(["f=mp4", "movflags=+cmaf+frag_every_frame+delay_moov+default_base_moof"
+                                 "+skip_trailer", "flush_packets=1"])
+        return f"[{mp4}]pipe:1"
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",
         "hls_flags=delete_segments+program_date_time+independent_segments+temp_file",
@@ -129,6 +137,13 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
         f"start_number={start_number}",
         f"hls_segment_filename={tee_escape(str(live_dir / 'seg-%d.ts'))}",
     ])
+    return f"[{hls}]{live_dir / 'index.m3u8'}"
+
+
+def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
+                   partial_dir: Path, run_list: Path, encode: bool,
+                   start_number: int, input_file: Path | None = None,
+                   low_latency: bool = False) -> list[str]:
     archive = ":".join([
         "f=segment", f"segment_time={storage.archive_seconds}", "segment_atclocktime=1",
         "reset_timestamps=1", "strftime=1", "segment_format=mpegts",
@@ -136,8 +151,9 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
         # A full disk must not take the live stream down with the archive.
         "onfail=ignore",
     ])
-    outputs = (f"[{hls}]{live_dir / 'index.m3u8'}"
-               f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
+    # The live output is slave #0 and the archive #1 (the streamer reads tee's messages).
+    outputs = (live_output(storage, live_dir, start_number, low_latency)
+               + f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
     return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
             *input_args(camera.url, input_file), "-map", "0:v:0", "-an",
             *video_args(encode, storage.segment_seconds),
