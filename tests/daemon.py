@@ -65,7 +65,7 @@ class Daemon:
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200 and b".ts" in response.read():
+                    if response.status == 200 and b"seg-" in response.read():
                         return
             except OSError:
                 pass
@@ -149,7 +149,7 @@ stop_timeout_seconds = 15
             assert self.proc.poll() is None, self.log_text()[-3000:]
             try:
                 with urllib.request.urlopen(self.url(camera), timeout=2) as response:
-                    if b".ts" in response.read():
+                    if b"seg-" in response.read():
                         return
             except OSError:
                 pass

@@ -101,7 +101,7 @@ def wait_live(daemon: RunningVlmguard, camera: str, timeout: float = 40) -> None
         assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if b".ts" in response.read():
+                if b"seg-" in response.read():
                     return
         except OSError:
             pass

@@ -119,16 +119,19 @@ def tee_escape(value: str) -> str:
     return re.sub(r"([\\:|\[\]'=])", r"\\\1", value)
 
 
+# One fragment per frame; cmaf + default_base_moof: self-contained CMAF fragments;
+# delay_moov: the init section is written once the first frame has shown the codec's
+# parameters (a camera may send them only in-band); no index at the end (never seekable).
+LIVE_MOVFLAGS = "+cmaf+frag_every_frame+delay_moov+default_base_moof+skip_trailer"
+
+
 def live_output(storage: StorageConfig, live_dir: Path, start_number: int,
                 low_latency: bool) -> str:
     """The tee's live output. Low latency: fragmented MP4 on stdout, one fragment per
     frame, for the streaming process to cut into parts and segments (llhls.py). Else
     FFmpeg's own HLS muxer writes MPEG-TS segments and the playlist into live_dir."""
     if low_latency:
-        # cmaf + default_base_moof: self-contained CMAF fragments; delay_moov: the init
-        # section is written once the first frame has shown the codec's parameters.
-        mp4 = ":".join(["f=mp4", "movflags=+cmaf+frag_every_frame+delay_moov+default_base_moof"
-                                 "+skip_trailer", "flush_packets=1"])
+        mp4 = ":".join(["f=mp4", f"movflags={LIVE_MOVFLAGS}", "flush_packets=1"])
         return f"[{mp4}]pipe:1"
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",

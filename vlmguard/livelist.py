@@ -248,6 +248,8 @@ class LiveSegment:
     path: Path
     sequence: int
     start: float | None  # epoch of its first frame (EXT-X-PROGRAM-DATE-TIME), None unknown
+    # Seconds of video. Its timestamps continue the run's (an MPEG-TS one starts at ~1.4 s
+    # plus the run so far): a probe of the file alone reports its end as an fMP4's length.
     duration: float
     discontinuity: int  # changes where FFmpeg restarted: timestamps restart there
     container: str

@@ -127,7 +127,8 @@ def fmt(seconds: float) -> str:
 class LiveStream:
     """One camera's live HLS in the streaming process, across FFmpeg runs."""
 
-    def __init__(self, camera_id: str, live_dir: Path, settings: Settings):
+    def __init__(self, camera_id: str, live_dir: Path, settings: Settings, clock=time.time):
+        self.clock = clock  # the wall clock: program dates, freshness
         self.camera_id = camera_id
         self.live_dir = live_dir
         self.settings = settings
@@ -190,11 +191,11 @@ class LiveStream:
         self.init_uri = f"init-{self.run_start}.mp4"
         write_once(self.live_dir / self.init_uri, [data])
 
-    def add_fragment(self, data: bytes, moof: bytes, now: float | None = None) -> None:
+    def add_fragment(self, data: bytes, moof: bytes) -> None:
         """One fragment (a frame) from FFmpeg, in order."""
         if self.track is None:
             return
-        now = time.time() if now is None else now
+        now = self.clock()
         timing = fragment_timing(moof, self.track)
         self.fragments += 1
         if timing.duration > 0:
@@ -283,7 +284,7 @@ class LiveStream:
         self.done.append(DoneSegment(entry, tuple(segment.parts), path, len(self.init_bytes)))
         self.open = None
         self.target = max(self.target, math.ceil(seconds - 0.01))
-        self.fresh_at = time.time()
+        self.fresh_at = self.clock()
         self.delete_old_files()
         self.write_run_playlist()
         self.bump()
