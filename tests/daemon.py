@@ -26,12 +26,13 @@ def free_port() -> int:
 class Daemon:
     def __init__(self, directory: Path, camera_url: str = "lavfi:testsrc2=size=320x240:rate=25",
                  archive_seconds: int = 10, extra: str = "",
-                 analysis: str = "window_seconds = 0"):
+                 analysis: str = "window_seconds = 0", server: str = ""):
         self.port = free_port()
         self.data_dir = directory / "data"
         self.config_path = write_config(directory, f"""
             [server]
             port = {self.port}
+            {server}
             [storage]
             data_dir = "{self.data_dir}"
             segment_seconds = 1

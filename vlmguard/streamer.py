@@ -231,9 +231,6 @@ class CameraFeed:
         """Wait before a restart; cut short when the disk that filled up has room again."""
         deadline = time.monotonic() + seconds
         while not stop.is_set() and time.monotonic() < deadline:
-            if self.fmp4_failed_in_run:
-                await self.stop_ffmpeg(proc)
-                return NO_FMP4
             if self.archive_failed_in_run and self.room_for_archives():
                 return
             try:
@@ -407,6 +404,9 @@ class CameraFeed:
             if stop.is_set():
                 await self.stop_ffmpeg(proc)
                 return "stopping"
+            if self.fmp4_failed_in_run:
+                await self.stop_ffmpeg(proc)
+                return NO_FMP4
             if self.archive_failed_in_run and self.room_for_archives():
                 log.warning("room for archives again: restarting ffmpeg",
                             camera_id=self.camera.id)
