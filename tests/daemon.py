@@ -26,7 +26,8 @@ def free_port() -> int:
 class Daemon:
     def __init__(self, directory: Path, camera_url: str = "lavfi:testsrc2=size=320x240:rate=25",
                  archive_seconds: int = 10, extra: str = "",
-                 analysis: str = "window_seconds = 0", server: str = ""):
+                 analysis: str = "window_seconds = 0", server: str = "",
+                 segment_seconds: int = 1):
         self.port = free_port()
         self.data_dir = directory / "data"
         self.config_path = write_config(directory, f"""
@@ -35,7 +36,7 @@ class Daemon:
             {server}
             [storage]
             data_dir = "{self.data_dir}"
-            segment_seconds = 1
+            segment_seconds = {segment_seconds}
             archive_seconds = {archive_seconds}
             [analysis]
             {analysis}

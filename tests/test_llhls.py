@@ -501,3 +501,35 @@ def test_a_window_of_fmp4_segments_is_joined_reduced_and_measured(tmp_path, vide
     subprocess.run(analysis_copy_command("ffmpeg", clip, target, 1.0, 144), check=True,
                    capture_output=True, timeout=60)
     assert decoded_frames(target) >= seconds - 1
+
+
+def test_waiting_for_a_segment_or_a_part_past_its_last_wakes_in_the_parts_order(tmp_path, video):
+    served = Served(tmp_path, video)
+    served.frames(30)  # segment 101 open with a part
+    stream = served.feed.stream
+    assert stream.open.sequence == 101
+
+    async def go():
+        answered = {}
+
+        async def wait(name, msn, part):
+            assert await stream.wait_for(msn, part, 5)
+            answered[name] = (stream.last_sequence(), stream.hint())
+
+        waiting = [asyncio.create_task(wait("past the last part", 101, 5)),
+                   asyncio.create_task(wait("the whole segment", 101, None)),
+                   asyncio.create_task(wait("part 2", 101, 2))]
+        await asyncio.sleep(0)
+        for _ in range(30):
+            served.frames(1)
+            await asyncio.sleep(0)
+        await asyncio.gather(*waiting)
+        assert len(stream.waiters) == 0
+        return answered
+
+    answered = run(go())
+    # Part 2 first; the segment when its last part closed; "part 5" of a five-part
+    # segment is part 0 of the next, answered once that exists.
+    assert answered["part 2"] == (100, (101, 3))
+    assert answered["the whole segment"] == (101, (102, 0))
+    assert answered["past the last part"] == (101, (102, 1))

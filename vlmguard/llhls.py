@@ -26,6 +26,8 @@ ordinary fMP4 HLS.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import os
 import statistics
@@ -150,6 +152,10 @@ class LiveStream:
         self.fresh_at = 0.0
         self.version = 0
         self.changed: asyncio.Future | None = None
+        # Blocking playlist requests, by the (msn, part) they wait for (a whole segment
+        # sorts after its parts): only those whose part has come are woken.
+        self.waiters: list[tuple[tuple[int, float], int, asyncio.Future]] = []
+        self.tickets = itertools.count()
         self.rendered: dict[tuple, str] = {}
         self.fragments = 0
         self.part_count = 0  # parts made in this run
@@ -349,6 +355,40 @@ class LiveStream:
         if self.changed is not None and not self.changed.done():
             self.changed.set_result(None)
         self.changed = None
+        self.release_waiters()
+
+    def release_waiters(self) -> None:
+        """Answer the blocking requests whose part (or segment) the playlist now holds:
+        the heap's first ones, in the order parts come."""
+        while self.waiters:
+            (msn, part), ticket, future = self.waiters[0]
+            if future.done():  # timed out
+                heapq.heappop(self.waiters)
+                continue
+            parts = self.parts_of(msn) if part != math.inf else None
+            if parts is not None and part >= len(parts):
+                # Past a finished segment's last part: part 0 of the next one.
+                heapq.heapreplace(self.waiters, ((msn + 1, 0), ticket, future))
+                continue
+            if not self.has(msn, None if part == math.inf else int(part)):
+                return
+            heapq.heappop(self.waiters)
+            future.set_result(None)
+
+    async def wait_for(self, msn: int, part: int | None, timeout: float) -> bool:
+        """Until the playlist holds segment msn (part None) or that part; False on timeout.
+        A waiting request costs a future in a heap: no thread, no file, no wake-up at
+        every part."""
+        if self.has(msn, part):
+            return True
+        future = asyncio.get_running_loop().create_future()
+        key = (msn, math.inf if part is None else part)
+        heapq.heappush(self.waiters, (key, next(self.tickets), future))
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def next_change(self, timeout: float) -> bool:
         """Wait for the next change; False on timeout. One future for every waiter."""

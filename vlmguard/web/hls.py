@@ -125,17 +125,15 @@ async def wait_for_part(stream: LiveStream, msn: int, part: int | None, camera_i
                         config) -> None:
     """Hold a blocking playlist request until the playlist holds segment msn (part: its
     part), answering at once the moment it does. Too far ahead: 400, as the spec says."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BLOCK_TARGETS * stream.target
-    while not stream.has(msn, part):
-        if stream.too_far(msn, part):
-            raise web.HTTPBadRequest(text=f"_HLS_msn={msn} _HLS_part={part} is further ahead "
-                                          "than the playlist will be soon\n")
-        remaining = deadline - loop.time()
-        if remaining <= 0 or not await stream.next_change(remaining):
-            raise web.HTTPServiceUnavailable(
-                text=f"camera {camera_id}: no part {msn}.{part} within "
-                     f"{BLOCK_TARGETS} target durations\n", headers={"Retry-After": "1"})
+    if stream.has(msn, part):
+        return
+    if stream.too_far(msn, part):
+        raise web.HTTPBadRequest(text=f"_HLS_msn={msn} _HLS_part={part} is further ahead "
+                                      "than the playlist will be soon\n")
+    if not await stream.wait_for(msn, part, BLOCK_TARGETS * stream.target):
+        raise web.HTTPServiceUnavailable(
+            text=f"camera {camera_id}: no part {msn}.{part} within "
+                 f"{BLOCK_TARGETS} target durations\n", headers={"Retry-After": "1"})
 
 
 def longest_segment(window: Window) -> int:
