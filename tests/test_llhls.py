@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from vlmguard.analyzer import joined_copy
 from vlmguard.clips import media_times
 from vlmguard.config import load_config
-from vlmguard.ffmpeg import LIVE_MOVFLAGS, analysis_copy_command, media_duration
+from vlmguard.ffmpeg import LIVE_MOVFLAGS, analysis_copy_command, media_duration, video_args
 from vlmguard.fmp4 import children, fragment_timing, init_size, parse_init
 from vlmguard.layout import Layout
 from vlmguard.livelist import History, carry_over, live_segments, read_history
@@ -32,12 +32,13 @@ from hls_rules import Violation, check_playlist, check_successor, parse
 RATE = 25
 
 
-def fmp4(seconds: float = 6, rate: int = RATE, gop: float = 1.0, size: str = "320x240") -> bytes:
+def fmp4(seconds: float = 6, rate: int = RATE, gop: float = 1.0, size: str = "320x240",
+         codec: tuple[str, ...] = ("libx264", "-preset", "ultrafast", "-tune", "zerolatency")) -> bytes:
     """FFmpeg's low-latency live output (the streamer's movflags) for a test source."""
     return subprocess.run(
         ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i",
-         f"testsrc2=size={size}:rate={rate}", "-t", str(seconds), "-c:v", "libx264",
-         "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p", "-g", "1000",
+         f"testsrc2=size={size}:rate={rate}", "-t", str(seconds), "-c:v", *codec,
+         "-pix_fmt", "yuv420p", "-g", "1000",
          "-force_key_frames", f"expr:gte(t,n_forced*{gop})", "-f", "mp4",
          "-movflags", LIVE_MOVFLAGS, "pipe:1"],
         capture_output=True, check=True, timeout=60).stdout
@@ -227,6 +228,19 @@ def test_an_ffmpeg_restart_continues_the_numbering_after_a_discontinuity(tmp_pat
     assert all(s.init == "init-104.mp4" for s in final.segments if s.msn >= 104)
     msns = [s.msn for s in final.segments]
     assert msns == list(range(msns[0], msns[0] + len(msns)))
+
+
+def test_hevc_is_cut_alike_and_tagged_as_apple_players_want(tmp_path):
+    assert video_args(False, 2, "hevc") == ["-c:v", "copy", "-tag:v", "hvc1"]
+    assert video_args(False, 2, "h264") == ["-c:v", "copy"]
+    data = fmp4(seconds=3, codec=("libx265", "-x265-params", "log-level=error:bframes=0",
+                                  "-tag:v", "hvc1"))
+    feed = Feed(tmp_path / "live", data)
+    feed.start()
+    last = checked_sequence(feed)
+    assert b"hvc1" in feed.init and feed.stream.part_target == 0.23
+    assert [round(s.duration, 3) for s in last.segments] == [1.0, 1.0]
+    assert decoded_frames(tmp_path / "live" / "seg-101.mp4") == RATE
 
 
 def test_a_camera_with_too_few_frames_for_parts_gets_ordinary_segments(tmp_path):

@@ -105,9 +105,11 @@ def needs_encoding(camera: CameraConfig, probed_codec: str | None) -> bool:
     return camera.url.startswith("lavfi:") or probed_codec not in COPYABLE_CODECS
 
 
-def video_args(encode: bool, segment_seconds: int) -> list[str]:
+def video_args(encode: bool, segment_seconds: int, codec: str | None = None) -> list[str]:
     if not encode:
-        return ["-c:v", "copy"]
+        # H.265 in fMP4 as Apple's players (and the HLS spec's authoring rules) want it:
+        # the hvc1 sample entry, parameter sets in the init section. MPEG-TS ignores it.
+        return ["-c:v", "copy", *(["-tag:v", "hvc1"] if codec == "hevc" else [])]
     # A keyframe exactly every segment keeps every segment the same length, so the
     # playlist's target duration never changes.
     return ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
@@ -146,7 +148,7 @@ def live_output(storage: StorageConfig, live_dir: Path, start_number: int,
 def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
                    partial_dir: Path, run_list: Path, encode: bool,
                    start_number: int, input_file: Path | None = None,
-                   low_latency: bool = False) -> list[str]:
+                   low_latency: bool = False, codec: str | None = None) -> list[str]:
     archive = ":".join([
         "f=segment", f"segment_time={storage.archive_seconds}", "segment_atclocktime=1",
         "reset_timestamps=1", "strftime=1", "segment_format=mpegts",
@@ -159,7 +161,7 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
                + f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
     return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
             *input_args(camera.url, input_file), "-map", "0:v:0", "-an",
-            *video_args(encode, storage.segment_seconds),
+            *video_args(encode, storage.segment_seconds, codec),
             "-f", "tee", outputs]
 
 

@@ -156,6 +156,7 @@ class CameraFeed:
         self.binary = binary
         self.restarts = 0
         self.encode: bool | None = None
+        self.codec: str | None = None  # as probed (transcode "auto" network cameras)
         self.noticed = Noticed()
         self.archive_problem: str | None = None  # why archiving stopped, None when it runs
         self.archive_failed_in_run = False
@@ -248,6 +249,7 @@ class CameraFeed:
                 if codec is None:
                     return None
             self.encode = needs_encoding(self.camera, codec)
+            self.codec = codec
             log.info("camera codec", camera_id=self.camera.id, codec=codec,
                      mode="encode" if self.encode else "copy")
         return self.encode
@@ -269,7 +271,8 @@ class CameraFeed:
         run_list = self.layout.partial(self.camera.id) / f"run-{time.time_ns()}.csv"
         command = camera_command(self.binary, self.camera, self.config.storage, live,
                                  self.layout.partial(self.camera.id), run_list, encode,
-                                 self.run_start, self.input_file, low_latency=low_latency)
+                                 self.run_start, self.input_file, low_latency=low_latency,
+                                 codec=self.codec)
         self.archive_failed_in_run = False
         self.fmp4_failed_in_run = False
         stdout, reader, pipe = await open_live_pipe() if low_latency else (None, None, None)
