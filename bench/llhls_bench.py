@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import browser  # noqa: E402
 from clock import clock_graph  # noqa: E402
 from daemon import Daemon  # noqa: E402
+from isolation_bench import wait_live  # noqa: E402
 
 from vlmguard.config import load_config  # noqa: E402
 from vlmguard.layout import Layout  # noqa: E402
@@ -113,8 +114,8 @@ def latency(args) -> None:
         daemon.start()
         base = f"http://127.0.0.1:{daemon.port}/live"
         try:
-            wait_playlist(f"{base}/ll/index.m3u8")
-            wait_playlist(f"{base}/plain/index.m3u8")
+            wait_live(f"{base}/ll/index.m3u8")
+            wait_live(f"{base}/plain/index.m3u8")
             time.sleep(2 * SEGMENT_SECONDS)
             with browser.PageServer() as pages, sync_playwright() as playwright:
                 chromium = playwright.chromium.launch(
@@ -148,19 +149,6 @@ def latency(args) -> None:
                   f"{percentile(samples, 0.95):.2f} | {stalls} |")
         else:
             print(f"| {label} | 0 | - | - | {stalls} |")
-
-
-def wait_playlist(url: str, timeout: float = 60) -> None:
-    import urllib.request
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if b"seg-" in urllib.request.urlopen(url, timeout=2).read():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} never went live")
 
 
 # -- cost ------------------------------------------------------------------------------------
