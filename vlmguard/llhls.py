@@ -157,7 +157,6 @@ class LiveStream:
         self.waiters: list[tuple[tuple[int, float], int, asyncio.Future]] = []
         self.tickets = itertools.count()
         self.rendered: dict[tuple, str] = {}
-        self.fragments = 0
         self.part_count = 0  # parts made in this run
 
     # -- what the packager is told -------------------------------------------------------
@@ -203,7 +202,6 @@ class LiveStream:
             return
         now = self.clock()
         timing = fragment_timing(moof, self.track)
-        self.fragments += 1
         if timing.duration > 0:
             self.frames.append(timing.duration)
         if self.open is None and not timing.keyframe:
