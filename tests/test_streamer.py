@@ -346,9 +346,19 @@ def test_hundreds_of_blocking_requests_wait_without_a_thread_each_within_the_cap
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     pid = daemon.streamer.pid
-    threads = lambda: len(os.listdir(f"/proc/{pid}/task"))  # noqa: E731
-    files = lambda: sum(1 for fd in os.listdir(f"/proc/{pid}/fd")  # noqa: E731
-                        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{pid}/task"))
+
+    def files() -> int:
+        """Open descriptors that are not sockets (files, pipes)."""
+        count = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                count += not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except FileNotFoundError:
+                pass  # closed since the listing
+        return count
+
     before = (threads(), files())
     count = MAX_CONNECTIONS + 100
 
