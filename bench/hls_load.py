@@ -37,7 +37,7 @@ async def play(session, base, camera, deadline, out):
             await asyncio.sleep(1)
             continue
         target = int(re.search(r"#EXT-X-TARGETDURATION:(\d+)", text).group(1))
-        names = [line for line in text.splitlines() if line.endswith(".ts")]
+        names = [line for line in text.splitlines() if line.startswith("seg-")]
         for name in names[-2:]:
             if name in fetched:
                 continue
@@ -62,7 +62,7 @@ async def watcher(session, base, camera, deadline, seen, initial):
         now = time.time()
         if response.status == 200:
             durations = [float(d) for d in re.findall(r"#EXTINF:([\d.]+),", text)]
-            names = [line for line in text.splitlines() if line.endswith(".ts")]
+            names = [line for line in text.splitlines() if line.startswith("seg-")]
             for name, duration in zip(names, durations):
                 if first:
                     initial.setdefault(camera, now)
@@ -96,7 +96,9 @@ async def main():
                       if cam == camera and first is not None)
         for first, _, name in rows:
             try:
-                appear.append(first - os.stat(f"{data_dir}/live/{camera}/{name}").st_mtime)
+                # An fMP4 segment (seg-N.m4s) is served from its file seg-N.mp4.
+                file_name = name.replace(".m4s", ".mp4")
+                appear.append(first - os.stat(f"{data_dir}/live/{camera}/{file_name}").st_mtime)
             except FileNotFoundError:
                 pass
         if len(rows) > 2:

@@ -80,7 +80,7 @@ def wait_live(port: int, timeout: float = 60) -> None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/live/demo/index.m3u8",
                                         timeout=2) as response:
-                if b".ts" in response.read():
+                if b"seg-" in response.read():
                     return
         except OSError:
             pass

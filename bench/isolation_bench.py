@@ -84,7 +84,7 @@ def wait_live(url: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if b".ts" in urllib.request.urlopen(url, timeout=2).read():
+            if b"seg-" in urllib.request.urlopen(url, timeout=2).read():
                 return
         except OSError:
             pass

@@ -102,7 +102,9 @@ def run_gstreamer(url: str, seconds: int) -> None:
 
 def latency(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(Path(tmp), archive_seconds=600).start()
+        # Ordinary HLS (MPEG-TS segments): the proxy times segment requests. LL-HLS:
+        # bench/llhls_bench.py.
+        daemon = Daemon(Path(tmp), archive_seconds=600, extra="low_latency = false").start()
         try:
             daemon.wait_live()
             time.sleep(8)  # a full playlist window

@@ -39,6 +39,7 @@ class PageServer:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_get("/", self.page)
+        app.router.add_get("/clock.html", self.clock_page)
         app.router.add_get("/hls.min.js", self.script)
         app.router.add_post("/report", self.report)
         runner = web.AppRunner(app)
@@ -50,6 +51,9 @@ class PageServer:
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB / "player.html")
+
+    async def clock_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB / "clock.html")
 
     async def script(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(HLS_JS)

@@ -26,15 +26,17 @@ def free_port() -> int:
 class Daemon:
     def __init__(self, directory: Path, camera_url: str = "lavfi:testsrc2=size=320x240:rate=25",
                  archive_seconds: int = 10, extra: str = "",
-                 analysis: str = "window_seconds = 0"):
+                 analysis: str = "window_seconds = 0", server: str = "",
+                 segment_seconds: int = 1):
         self.port = free_port()
         self.data_dir = directory / "data"
         self.config_path = write_config(directory, f"""
             [server]
             port = {self.port}
+            {server}
             [storage]
             data_dir = "{self.data_dir}"
-            segment_seconds = 1
+            segment_seconds = {segment_seconds}
             archive_seconds = {archive_seconds}
             [analysis]
             {analysis}
@@ -65,7 +67,7 @@ class Daemon:
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200 and b".ts" in response.read():
+                    if response.status == 200 and b"seg-" in response.read():
                         return
             except OSError:
                 pass
@@ -150,7 +152,7 @@ stop_timeout_seconds = 15
             assert self.proc.poll() is None, self.log_text()[-3000:]
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
-                    if b".ts" in response.read():
+                    if b"seg-" in response.read():
                         return
             except OSError:
                 pass

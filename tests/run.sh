@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: FFmpeg and ffprobe, GStreamer's player (playbin3 with
-# hlsdemux2) and RTSP server (the test camera), and Chromium for hls.js.
+# hlsdemux2) and RTSP server (the test camera), Chromium for hls.js, and mpv.
 packages=(ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
           gstreamer1.0-plugins-bad gstreamer1.0-libav gir1.2-gst-rtsp-server-1.0 python3-gi
-          chromium fonts-dejavu-core)
+          chromium fonts-dejavu-core mpv)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

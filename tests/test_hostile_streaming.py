@@ -35,7 +35,8 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def ffmpeg_pids(data_dir: Path, camera: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ffmpeg.*{Layout(data_dir).live(camera)}/"],
+    # The archive output names the camera's partial/ folder (its live output may be a pipe).
+    out = subprocess.run(["pgrep", "-f", f"ffmpeg.*{data_dir}/partial/{camera}/"],
                          capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
 
@@ -119,7 +120,7 @@ def poll_playlist(url: str, stop: threading.Event, seen: list) -> None:
 
 def media_sequence(text: str) -> list[int]:
     first = int(re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text).group(1))
-    listed = [int(n) for n in re.findall(r"^seg-(\d+)\.ts", text, re.M)]
+    listed = [int(n) for n in re.findall(r"^seg-(\d+)\.(?:ts|m4s)", text, re.M)]
     assert listed == list(range(first, first + len(listed))), text
     return listed
 
@@ -141,7 +142,7 @@ def test_ffmpeg_restarts_keep_one_live_url(hostile):
     live = Layout(hostile.data_dir).live("cam1")
     try:
         time.sleep(4)
-        first_run = set(live.glob("seg-*.ts"))
+        first_run = set(live.glob("seg-*"))
         for _ in range(3):
             [pid] = wait_for(lambda: ffmpeg_pids(hostile.data_dir, "cam1"), 20, "cam1's FFmpeg")
             os.kill(pid, signal.SIGKILL)

@@ -89,6 +89,8 @@ class StorageConfig:
     # What the analysis windows may hold in RAM; past it the oldest waiting windows are
     # dropped from RAM and analysed from their archive instead.
     ram_max_mb: int = opt(256, lo=16, hi=65536)
+    # Low-latency HLS: the length aimed at for a partial segment (a whole number of frames).
+    part_seconds: float = opt(0.25, lo=0.1, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,8 @@ class CameraConfig:
     url: str = opt(secret=True)
     prompt: str = opt("")
     transcode: str = opt("auto", choices=("auto", "always", "never"))
+    # Low-latency HLS (fMP4 segments with parts) on the live URL; false: MPEG-TS segments.
+    low_latency: bool = opt(True)
     providers: tuple[str, ...] = opt(())  # empty: analysis.providers
 
 

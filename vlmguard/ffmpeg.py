@@ -105,9 +105,11 @@ def needs_encoding(camera: CameraConfig, probed_codec: str | None) -> bool:
     return camera.url.startswith("lavfi:") or probed_codec not in COPYABLE_CODECS
 
 
-def video_args(encode: bool, segment_seconds: int) -> list[str]:
+def video_args(encode: bool, segment_seconds: int, codec: str | None = None) -> list[str]:
     if not encode:
-        return ["-c:v", "copy"]
+        # H.265 in fMP4 as Apple's players (and the HLS spec's authoring rules) want it:
+        # the hvc1 sample entry, parameter sets in the init section. MPEG-TS ignores it.
+        return ["-c:v", "copy", *(["-tag:v", "hvc1"] if codec == "hevc" else [])]
     # A keyframe exactly every segment keeps every segment the same length, so the
     # playlist's target duration never changes.
     return ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
@@ -119,9 +121,20 @@ def tee_escape(value: str) -> str:
     return re.sub(r"([\\:|\[\]'=])", r"\\\1", value)
 
 
-def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
-                   partial_dir: Path, run_list: Path, encode: bool,
-                   start_number: int, input_file: Path | None = None) -> list[str]:
+# One fragment per frame; cmaf + default_base_moof: self-contained CMAF fragments;
+# delay_moov: the init section is written once the first frame has shown the codec's
+# parameters (a camera may send them only in-band); no index at the end (never seekable).
+LIVE_MOVFLAGS = "+cmaf+frag_every_frame+delay_moov+default_base_moof+skip_trailer"
+
+
+def live_output(storage: StorageConfig, live_dir: Path, start_number: int,
+                low_latency: bool) -> str:
+    """The tee's live output. Low latency: fragmented MP4 on stdout, one fragment per
+    frame, for the streaming process to cut into parts and segments (llhls.py). Else
+    FFmpeg's own HLS muxer writes MPEG-TS segments and the playlist into live_dir."""
+    if low_latency:
+        mp4 = ":".join(["f=mp4", f"movflags={LIVE_MOVFLAGS}", "flush_packets=1"])
+        return f"[{mp4}]pipe:1"
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",
         "hls_flags=delete_segments+program_date_time+independent_segments+temp_file",
@@ -129,6 +142,13 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
         f"start_number={start_number}",
         f"hls_segment_filename={tee_escape(str(live_dir / 'seg-%d.ts'))}",
     ])
+    return f"[{hls}]{live_dir / 'index.m3u8'}"
+
+
+def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, live_dir: Path,
+                   partial_dir: Path, run_list: Path, encode: bool,
+                   start_number: int, input_file: Path | None = None,
+                   low_latency: bool = False, codec: str | None = None) -> list[str]:
     archive = ":".join([
         "f=segment", f"segment_time={storage.archive_seconds}", "segment_atclocktime=1",
         "reset_timestamps=1", "strftime=1", "segment_format=mpegts",
@@ -136,11 +156,12 @@ def camera_command(binary: str, camera: CameraConfig, storage: StorageConfig, li
         # A full disk must not take the live stream down with the archive.
         "onfail=ignore",
     ])
-    outputs = (f"[{hls}]{live_dir / 'index.m3u8'}"
-               f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
+    # The live output is slave #0 and the archive #1 (the streamer reads tee's messages).
+    outputs = (live_output(storage, live_dir, start_number, low_latency)
+               + f"|[{archive}]{partial_dir / '%Y%m%dT%H%M%SZ.ts'}")
     return [*parent_death_prefix(), binary, "-hide_banner", "-nostdin", "-loglevel", "warning",
             *input_args(camera.url, input_file), "-map", "0:v:0", "-an",
-            *video_args(encode, storage.segment_seconds),
+            *video_args(encode, storage.segment_seconds, codec),
             "-f", "tee", outputs]
 
 

@@ -202,6 +202,9 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
             "segment_age_s": round(age, 1) if age != float("inf") else None,
             "ffmpeg_restarts": reported.get("restarts", 0),
             "mode": reported.get("mode"),
+            # How the live URL is served: "ll-hls (parts of up to 0.230 s)", or "hls (...)"
+            # saying why there are no parts.
+            "live": reported.get("live"),
             # "ok", or "archiving stopped: <reason>" while FFmpeg's archive output is down.
             "archiving": reported.get("archiving", "ok"),
             "hls_url": hls_url(config, camera.id),
@@ -402,6 +405,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"  {camera['id']:<16} {'live' if camera['online'] else 'OFFLINE':<8} "
                      f"segment {age:>5} old  ffmpeg restarts {camera['ffmpeg_restarts']}  "
                      f"{lag_text(camera)}{camera['hls_url']}")
+        if camera.get("live"):
+            lines.append(f"  {'':<16} {camera['live']}")
     ram = report["ram"]
     if ram["bytes"] is not None:
         lines.append(f"ram       {ram['bytes'] / 1e6:.1f} MB in {ram['folder']} (live segments and "

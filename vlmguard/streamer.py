@@ -7,12 +7,18 @@ closed/: a file FFmpeg's segment list names is closed; when a run ends, whatever
 in partial/ was cut short, still plays (MPEG-TS), and is handed over too. Between runs it
 carries the ended run's live segments over (livelist.py), so the live URL survives a
 restart, and it deletes those segments once no playlist can list them.
+
+A low-latency camera's FFmpeg writes its live output as fragmented MP4 to a pipe, which
+this process reads and packages into LL-HLS segments and parts (llhls.py); if FFmpeg
+cannot write fMP4 for the camera, its later runs use FFmpeg's own MPEG-TS HLS output, and
+the camera's status says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
@@ -25,10 +31,12 @@ from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_
                              needs_encoding, probe_codec, write_input_file)
 from vlmguard.health import Beat, write_state
 from vlmguard.web import create_app
+from vlmguard.web.keys import LIVE_KEY
 from vlmguard.httpguard import start_server
 from vlmguard.layout import Layout, stale_after
-from vlmguard.livelist import (SEGMENT_URI, carry_over, live_age, read_history,
-                               served_window, write_history)
+from vlmguard.livelist import (INIT_URI, SEGMENT_URI, History, carry_over, live_age,
+                               read_history, served_window, write_history)
+from vlmguard.llhls import LiveStream, Settings, pump
 from vlmguard.logs import Noticed, configure_logging, get_logger
 
 log = get_logger("vlmguard.streamer")
@@ -43,9 +51,17 @@ PRUNE_SECONDS = 2.0
 # Free space on the archive disk before FFmpeg is restarted after a full disk.
 ARCHIVE_ROOM_BYTES = 16 * 1024 * 1024
 ROOM_AGAIN = "archive output failed; there is room again"
+NO_FMP4 = "live fMP4 output failed; MPEG-TS segments from now on"
 # tee: "Slave muxer #1 failed: No space left on device, continuing with 1/2 slaves."
 ARCHIVE_SLAVE_FAILED = re.compile(r"[Ss]lave muxer #1 failed(?::\s*([^,]+))?")
+# tee: "Slave muxer #0 failed: Invalid argument, continuing with 1/2 slaves." The live
+# output (fMP4 for low latency) could not take the camera's stream.
+LIVE_SLAVE_FAILED = re.compile(r"[Ss]lave muxer #0 failed(?::\s*([^,]+))?")
 LIVE_FILES = ("index.m3u8", "history.json")
+# The pipe FFmpeg writes fMP4 to: room for a second or two of video if the loop is busy.
+PIPE_BYTES = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PUMP_DRAIN_SECONDS = 5.0
 
 
 def main(config: Config, beat: Beat = Beat()) -> None:
@@ -70,7 +86,9 @@ class Streamer:
         for feed in self.feeds:
             self.layout.make_dirs(feed.camera.id)
             hand_over_leftovers(self.layout, feed.camera.id, feed.noticed)
-        runner = await start_server(create_app(self.config), self.config)
+        app = create_app(self.config)
+        app[LIVE_KEY].update((feed.camera.id, feed.stream) for feed in self.feeds)
+        runner = await start_server(app, self.config)
         log.info("hls server listening", host=self.config.server.host,
                  port=self.config.server.port, cameras=len(self.feeds))
         reporter = asyncio.create_task(self.report(stop))
@@ -138,6 +156,7 @@ class CameraFeed:
         self.binary = binary
         self.restarts = 0
         self.encode: bool | None = None
+        self.codec: str | None = None  # as probed (transcode "auto" network cameras)
         self.noticed = Noticed()
         self.archive_problem: str | None = None  # why archiving stopped, None when it runs
         self.archive_failed_in_run = False
@@ -145,6 +164,26 @@ class CameraFeed:
         self.listed_segments = False  # the last run put segments in the playlist
         self.pruned_at = 0.0
         self.input_file: Path | None = None
+        storage = config.storage
+        self.stream = LiveStream(camera.id, layout.live(camera.id),
+                                 Settings(storage.segment_seconds, storage.live_segments,
+                                          storage.part_seconds, camera.low_latency))
+        # Why this camera's live output is MPEG-TS although low latency is on.
+        self.fmp4_problem: str | None = None
+        self.fmp4_failed_in_run = False
+
+    @property
+    def low_latency(self) -> bool:
+        """Whether this run's live output is fMP4 for the packager (always, unless the
+        camera turned it off or FFmpeg could not write fMP4 for it)."""
+        return self.camera.low_latency and self.fmp4_problem is None
+
+    def live_mode(self) -> str:
+        if not self.camera.low_latency:
+            return "hls (MPEG-TS segments: low_latency is off)"
+        if self.fmp4_problem is not None:
+            return f"hls (MPEG-TS segments: FFmpeg could not write fMP4: {self.fmp4_problem})"
+        return self.stream.health()
 
     def hide_camera_url(self) -> Path | None:
         """A network camera's URL goes to FFmpeg in a 0600 file, not on its command line."""
@@ -165,6 +204,7 @@ class CameraFeed:
                 "segment_age_s": round(age, 1) if age != float("inf") else None,
                 "restarts": self.restarts,
                 "mode": None if self.encode is None else ("encode" if self.encode else "copy"),
+                "live": self.live_mode(),
                 "archiving": ("ok" if self.archive_problem is None
                               else f"archiving stopped: {self.archive_problem}")}
 
@@ -180,7 +220,7 @@ class CameraFeed:
                 backoff = 1.0
             # A run that was delivering video is restarted at once: players are waiting
             # on the live URL. One that produced nothing backs off.
-            wait = 0.0 if self.listed_segments or reason == ROOM_AGAIN else backoff
+            wait = 0.0 if self.listed_segments or reason in (ROOM_AGAIN, NO_FMP4) else backoff
             self.restarts += 1
             log.warning("ffmpeg restarting", camera_id=self.camera.id, reason=reason,
                         backoff_s=wait, restarts=self.restarts)
@@ -209,6 +249,7 @@ class CameraFeed:
                 if codec is None:
                     return None
             self.encode = needs_encoding(self.camera, codec)
+            self.codec = codec
             log.info("camera codec", camera_id=self.camera.id, codec=codec,
                      mode="encode" if self.encode else "copy")
         return self.encode
@@ -216,25 +257,43 @@ class CameraFeed:
     async def run_once(self, stop: asyncio.Event) -> str:
         """One FFmpeg run; returns why it ended."""
         live = self.layout.live(self.camera.id)
-        self.run_start = self.carry_over_live()
+        history = self.carry_over_live()
+        self.run_start = history.next_sequence
         self.listed_segments = False
         encode = await self.decide_encoding()
         if encode is None:
             return "camera unreachable: no video stream found"
+        low_latency = self.low_latency
+        if low_latency:
+            self.stream.start_run(history, self.run_start)
+        elif self.stream.serving:
+            self.stream.stop_serving()
         run_list = self.layout.partial(self.camera.id) / f"run-{time.time_ns()}.csv"
         command = camera_command(self.binary, self.camera, self.config.storage, live,
                                  self.layout.partial(self.camera.id), run_list, encode,
-                                 self.run_start, self.input_file)
+                                 self.run_start, self.input_file, low_latency=low_latency,
+                                 codec=self.codec)
         self.archive_failed_in_run = False
+        self.fmp4_failed_in_run = False
+        stdout, reader, pipe = await open_live_pipe() if low_latency else (None, None, None)
         # Forked from the event-loop thread, so the parent-death signal stays armed.
-        proc = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_env())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_env())
+        finally:
+            if stdout is not None:
+                os.close(stdout)  # FFmpeg holds the write end: its exit is our end of file
         log.info("ffmpeg started", camera_id=self.camera.id, pid=proc.pid,
-                 first_segment=self.run_start)
+                 first_segment=self.run_start, live="fmp4" if low_latency else "mpegts")
         stderr = asyncio.create_task(self.log_stderr(proc))
+        packager = asyncio.create_task(self.package(reader, proc)) if reader else None
         reason = await self.supervise(proc, stop, run_list, live)
         await stderr
+        if packager is not None:
+            await self.finish_packaging(packager)
+            pipe.close()
         # carry_over_live removed the last run's playlist: one there now is this run's.
         self.listed_segments = (live / "index.m3u8").exists()
         hand_over_listed(self.layout, self.camera.id, run_list, 0)
@@ -243,9 +302,31 @@ class CameraFeed:
                  returncode=proc.returncode)
         return reason
 
-    def carry_over_live(self) -> int:
+    async def package(self, reader: asyncio.StreamReader, proc) -> None:
+        """Cut FFmpeg's fMP4 into LL-HLS parts and segments until FFmpeg ends. A stream
+        that cannot be read ends the run (FFmpeg is restarted): never the process."""
+        try:
+            await pump(reader, self.stream)
+        except Exception as exc:  # noqa: BLE001 - any failure here must only end this run
+            log.exception("live fMP4 output unreadable: restarting ffmpeg",
+                          camera_id=self.camera.id, error=str(exc))
+            await self.kill_ffmpeg(proc)
+        finally:
+            self.stream.end_run()
+
+    async def finish_packaging(self, packager: asyncio.Task) -> None:
+        """FFmpeg has exited; the pipe ends with it (a child it left holding the pipe
+        must not keep the run open)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(packager), PUMP_DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            packager.cancel()
+            await asyncio.gather(packager, return_exceptions=True)
+
+    def carry_over_live(self) -> History:
         """Carry the ended run's segments into the served playlist's history, clear its
-        playlist and half-written files; returns the number the next run starts at."""
+        playlist and half-written files; returns the history, whose next_sequence is the
+        number the next run starts at."""
         live = self.layout.live(self.camera.id)
         playlist = live / "index.m3u8"
         try:
@@ -266,7 +347,7 @@ class CameraFeed:
         for entry in live.iterdir():
             if entry.name.endswith(".tmp") and entry.is_file():
                 entry.unlink(missing_ok=True)  # FFmpeg's half-written segment or playlist
-        return history.next_sequence
+        return history
 
     def prune_live(self) -> None:
         """Delete earlier runs' segments once no playlist can list them; FFmpeg deletes
@@ -279,10 +360,12 @@ class CameraFeed:
         live = self.layout.live(self.camera.id)
         keep_seconds = stale_after(self.config) + \
             (2 * storage.live_segments + 2) * storage.segment_seconds
-        listed = {s.sequence for s in served_window(self.layout, self.camera.id,
-                                                    storage.live_segments).segments}
+        window = served_window(self.layout, self.camera.id, storage.live_segments).segments
+        listed = {s.sequence for s in window} | {int(INIT_URI.fullmatch(s.init).group(1))
+                                                 for s in window if s.init}
         for entry in live.iterdir():
-            match = SEGMENT_URI.fullmatch(entry.name)
+            # An earlier run's init file goes with the last of that run's segments.
+            match = SEGMENT_URI.fullmatch(entry.name) or INIT_URI.fullmatch(entry.name)
             if match is None:
                 if entry.name not in LIVE_FILES and not entry.name.endswith(".tmp") and \
                         self.noticed.first(entry):
@@ -324,6 +407,9 @@ class CameraFeed:
             if stop.is_set():
                 await self.stop_ffmpeg(proc)
                 return "stopping"
+            if self.fmp4_failed_in_run:
+                await self.stop_ffmpeg(proc)
+                return NO_FMP4
             if self.archive_failed_in_run and self.room_for_archives():
                 log.warning("room for archives again: restarting ffmpeg",
                             camera_id=self.camera.id)
@@ -364,7 +450,15 @@ class CameraFeed:
                 log.warning("ffmpeg says", camera_id=self.camera.id, line=text[:500])
 
     def read_ffmpeg_line(self, text: str) -> None:
-        """Spot the archive output failing (tee's slave #1) or the disk filling up."""
+        """Spot the live fMP4 output failing (tee's slave #0), the archive output failing
+        (slave #1) or the disk filling up."""
+        live_failed = LIVE_SLAVE_FAILED.search(text)
+        if live_failed and self.low_latency:
+            self.fmp4_failed_in_run = True
+            self.fmp4_problem = live_failed.group(1) or "the live output failed"
+            log.error("fMP4 live output failed: MPEG-TS segments without parts from now on",
+                      camera_id=self.camera.id, reason=self.fmp4_problem)
+            return
         failed = ARCHIVE_SLAVE_FAILED.search(text)
         if failed:
             self.archive_failed_in_run = True
@@ -396,3 +490,20 @@ def newest_age(path: Path) -> float:
         return time.time() - path.stat().st_mtime
     except OSError:
         return float("inf")
+
+
+async def open_live_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for FFmpeg's fMP4: (write end for FFmpeg's stdout, reader of the other end,
+    its transport).
+    Enlarged so that a busy moment in this process never blocks FFmpeg (and the archive
+    it writes) at once."""
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still works
+    reader = asyncio.StreamReader(limit=PIPE_BYTES)
+    loop = asyncio.get_running_loop()
+    transport, _protocol = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0))
+    return write_end, reader, transport

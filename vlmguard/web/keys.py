@@ -7,6 +7,7 @@ from vlmguard.config import Config
 CONFIG_KEY = web.AppKey("config", Config)
 DATABASE_KEY = web.AppKey("database", object)  # vlmguard.web.api.Database
 TARGETS_KEY = web.AppKey("targets", dict)
+LIVE_KEY = web.AppKey("live", dict)  # camera -> llhls.LiveStream, in the streaming process
 SECRET_KEY = web.AppKey("secret", bytes)
 STATIC_KEY = web.AppKey("static", dict)
 HUB_KEY = web.AppKey("hub", object)

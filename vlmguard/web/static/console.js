@@ -4,11 +4,19 @@
 
 const SEVERITIES = ["low", "medium", "high", "critical"];
 const PAGE = 20;
-// The seed's live-sync settings, plus our own jumps back to the live edge (visible again,
-// after a stall): hls.js alone resumes where it stopped.
-const HLS_CONFIG = {startPosition: -1, liveSyncDuration: 3, liveMaxLatencyDuration: 15,
+// Low-Latency HLS: hls.js keeps PART-HOLD-BACK behind the live edge (under a second) and
+// plays up to 1.5x to get back there after a stall. A camera served without parts keeps
+// the seed's 3 s (set once its playlist is known). Plus our own jumps back to the live
+// edge (visible again, after a stall): hls.js alone resumes where it stopped.
+const HLS_CONFIG = {startPosition: -1, lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5,
                     maxBufferLength: 10, backBufferLength: 10, enableWorker: true};
+// Past this many target durations behind, hls.js seeks back to the live edge. Set after
+// construction: given in the config, hls.js demands a liveSyncDurationCount with it,
+// which would replace the playlist's PART-HOLD-BACK as the latency aimed at.
+const MAX_LATENCY_TARGETS = 7;
+const PLAIN_HLS_LATENCY = 3;
 const STALL_JUMP_MS = 2000;
+const LATENCY_MS = 1000;
 
 const state = {
   csrf: null, cameras: [], latest: {}, players: [], view: null, events: null,
@@ -159,7 +167,10 @@ function renderLive(only) {
       video,
       el("div", {class: "caption"},
         el("div", {class: "name"}, el("span", {}, camera.id),
-           el("span", {class: "online"})),
+           el("span", {},
+              el("span", {class: "latency muted",
+                          title: "How far behind the camera the picture shown is"}),
+              " ", el("span", {class: "online"}))),
         el("div", {class: "score muted"}),
         el("div", {class: "latest"})));
     if (!only) {
@@ -205,15 +216,20 @@ async function loadLatest() {
 
 function makePlayer(cameraId, video) {
   const url = `/live/${encodeURIComponent(cameraId)}/index.m3u8`;
-  const player = {cameraId, video, hls: null, stallTimer: null, jumpOnUpdate: false};
+  const player = {cameraId, video, hls: null, stallTimer: null, jumpOnUpdate: false,
+                  latencyTimer: null};
   if (!window.Hls || !Hls.isSupported()) {
     // Safari and iOS play HLS themselves; they keep to the live edge on their own.
     video.src = url;
     return player;
   }
   const hls = new Hls(HLS_CONFIG);
+  hls.config.liveMaxLatencyDurationCount = MAX_LATENCY_TARGETS;
   player.hls = hls;
   hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
+  hls.once(Hls.Events.LEVEL_LOADED, (_event, data) => {
+    if (!data.details.partList) hls.targetLatency = PLAIN_HLS_LATENCY;
+  });
   hls.on(Hls.Events.LEVEL_UPDATED, () => {
     if (player.jumpOnUpdate) {
       player.jumpOnUpdate = false;
@@ -233,7 +249,21 @@ function makePlayer(cameraId, video) {
   video.addEventListener("playing", () => clearTimeout(player.stallTimer));
   hls.loadSource(url);
   hls.attachMedia(video);
+  player.latencyTimer = setInterval(() => showLatency(player), LATENCY_MS);
   return player;
+}
+
+// The delay measured on the picture itself: now minus the wall-clock time the server
+// stamped on the frame being shown (EXT-X-PROGRAM-DATE-TIME, taken as the frames arrive).
+function showLatency(player) {
+  const label = player.video.closest(".tile")?.querySelector(".latency");
+  if (!label || !player.hls) return;
+  const shown = player.hls.playingDate;
+  const seconds = shown ? (Date.now() - shown.getTime()) / 1000 : null;
+  const details = player.hls.latestLevelDetails;
+  label.textContent = seconds === null || player.video.paused ? ""
+    : `${details?.partTarget ? "LL " : ""}${seconds.toFixed(1)} s`;
+  player.latency = seconds;
 }
 
 function jumpToLive(player) {
@@ -250,6 +280,7 @@ function jumpToLive(player) {
 function destroyPlayers() {
   for (const player of state.players) {
     clearTimeout(player.stallTimer);
+    clearInterval(player.latencyTimer);
     if (player.hls) player.hls.destroy();
     player.hls = null;
     player.video.removeAttribute("src");
