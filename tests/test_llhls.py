@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from vlmguard.analyzer import joined_copy
+from vlmguard.analyzer import mp4_copy
 from vlmguard.clips import media_times
 from vlmguard.config import load_config
 from vlmguard.ffmpeg import LIVE_MOVFLAGS, analysis_copy_command, media_duration, video_args
@@ -507,8 +507,8 @@ def test_a_window_of_fmp4_segments_is_joined_reduced_and_measured(tmp_path, vide
     clip = clips[-1]
     assert clip.read_text().count("file 'seg-") >= 6
     seconds = media_duration("ffmpeg", clip)
-    # analysis mode "original": the window's segments joined into one MPEG-TS, copied.
-    joined = joined_copy("ffmpeg", clip, tmp_path / "original.ts")
+    # analysis mode "original": the window's segments joined into one MP4, copied.
+    joined = mp4_copy("ffmpeg", clip, tmp_path / "original.mp4")
     assert decoded_frames(joined) == round(seconds * RATE)
     # mode "reduced": the keyframe copy the model sees.
     target = tmp_path / "analysis.mp4"
