@@ -1,4 +1,4 @@
-"""Near-live analysis benchmark (issue 13). Run by hand; figures go to README.md.
+"""Near-live analysis benchmark (issue 13). Run by hand; figures go to docs/benchmarks.md.
 
     .venv/bin/python bench/nearlive_bench.py disk [--seconds 180] [--code DIR]
     .venv/bin/python bench/nearlive_bench.py incidents [--minutes 21]
