@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from datetime import timedelta
@@ -322,6 +323,16 @@ def test_alerts_test_command_reports_each_destination(tmp_path):
         result = CliRunner().invoke(cli_main, ["alerts", "test", "--rule", "nope", "--config",
                                                str(config.source)])
         assert result.exit_code != 0 and "no rule 'nope'" in result.output
+
+
+def test_destination_kinds_keep_their_listed_order_whatever_was_imported_first():
+    """`alerts test` prints destinations in kind order; a process that imported the webhook
+    plug-in before the others (as a long-lived test process does) must not reorder them."""
+    code = ("import sys, vlmguard.alerts.apprise_urls, vlmguard.alerts.webhook\n"
+            "from vlmguard.alerts.registry import kinds\n"
+            "print(' '.join(kinds()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["mqtt", "webhook", "apprise"]
 
 
 def daemon_config(daemon):

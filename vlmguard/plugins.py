@@ -23,6 +23,11 @@ class PluginTable:
         return add
 
     def kinds(self) -> dict[str, type]:
+        """Every kind, in the order its module is listed (not the order some earlier caller
+        happened to import them), so what iterates over kinds is the same on every run."""
         for module in self.modules:
             importlib.import_module(module)
-        return self.table
+        rank = {module: index for index, module in enumerate(self.modules)}
+        ordered = sorted(self.table.items(),
+                         key=lambda item: rank.get(item[1].__module__, len(rank)))
+        return dict(ordered)
