@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 from openai_server import drip
 
 VALID_KEY = "test-key-123"

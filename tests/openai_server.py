@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 from vlmguard.vlm.images import jpeg_size
 
 MODELS = {"qwen2.5vl:7b", "gpt-4.1-mini", "gpt-5-mini"}

@@ -21,6 +21,8 @@ from playwright.sync_api import sync_playwright
 from daemon import RunningVlmguard
 from gemini_server import FakeGemini
 
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 TOKEN = "console-test-token"
 CHROMIUM = "/usr/bin/chromium"
 SEGMENT_SECONDS = 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def route_config(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     from vlmguard.config import load_config
     from vlmguard.store import IncidentRecord, JobStore, Outcome
     config = load_config(write_config(tmp_path, f"""

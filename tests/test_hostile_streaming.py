@@ -18,9 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RunningVlmguard, free_port
 from vlmguard.layout import Layout
-from test_streamer import ffprobe_duration, start_rtsp_camera, wait_for
+
+from daemon import RunningVlmguard
+from helpers import free_port, wait_for
+from helpers.media import ffprobe_duration, start_rtsp_camera
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 SECRET = "sekrit-pw"
 TOKEN = "tok-12345"

@@ -8,11 +8,14 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import RunningVlmguard
-from test_streamer import wait_for
-from test_supervisor import status_counts
+from helpers import wait_for
+from helpers.db import status_counts
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 
 def status(daemon, *args):

@@ -19,6 +19,7 @@ from vlmguard.store import (SCHEMA_VERSION, IncidentRecord, JobStore, Outcome, b
                             utcnow)
 
 import queue_workers
+from helpers import pg_address, pg_url_with_database, through_proxy
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 SPAWN = multiprocessing.get_context("spawn")
@@ -73,6 +74,7 @@ def test_claim_skips_job_not_yet_due(store):
     assert 0 < store.seconds_until_due() <= 12
 
 
+@pytest.mark.e2e
 def test_eight_processes_claim_two_thousand_jobs_exactly_once(db_url):
     with JobStore(db_url) as store:
         with store.write() as conn:  # one bulk insert: the test is about claiming
@@ -133,6 +135,7 @@ def test_worker_whose_lease_was_taken_over_cannot_write(db_url):
         assert (job.status, job.worker_id, job.retry_count) == ("completed", "fast", 1)
 
 
+@pytest.mark.e2e
 def test_worker_sigkilled_mid_job_is_rescued_and_completed_by_another(db_url):
     with JobStore(db_url, lease_seconds=1, poll_seconds=0.2) as store:
         job_id = register(store)
@@ -286,6 +289,7 @@ def test_counts_and_recent_failures(store):
 
 # -- waiting for work ------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_idle_worker_wakes_on_register_without_waiting_for_poll(db_url):
     """The poll fallback is 30 s: a claim well before it proves the wake-up path works."""
     with JobStore(db_url) as store:
@@ -327,6 +331,7 @@ def test_sqlite_is_wal_with_chosen_sync(tmp_path, synchronous, level):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
+@pytest.mark.e2e
 def test_sqlite_writers_sigkilled_mid_transaction_lose_nothing_committed(tmp_path):
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     JobStore(url).close()
@@ -788,8 +793,8 @@ def test_postgres_away_is_an_outage_not_a_bad_database(pg_url):
     from vlmguard.errors import DatabaseUnreachable, UnusableDatabase
     from vlmguard.store import is_outage
 
-    proxy = TcpProxy(("127.0.0.1", 5432))
-    url = pg_url.replace("127.0.0.1:5432", proxy.url_host)
+    proxy = TcpProxy(pg_address())
+    url = through_proxy(pg_url, proxy)
     try:
         proxy.refuse()
         with pytest.raises(DatabaseUnreachable):
@@ -810,7 +815,7 @@ def test_postgres_away_is_an_outage_not_a_bad_database(pg_url):
         proxy.close()
     # A server that answers "no" is not away: that is a bad database.
     with pytest.raises(UnusableDatabase):
-        JobStore("postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database_here")
+        JobStore(pg_url_with_database("no_such_database_here"))
 
 
 def test_a_locked_sqlite_file_is_an_outage(tmp_path, monkeypatch):

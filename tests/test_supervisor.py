@@ -6,27 +6,23 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fault_watch import descendants
-from test_streamer import decoded_frames, wait_for
 from vlmguard.status import daemon_pid
 from vlmguard.store import JobStore
 
+from helpers import wait_for
+from helpers.db import db_rows, status_counts
+from helpers.media import decoded_frames
+from helpers.processes import alive, descendants
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def db_rows(daemon, query: str) -> list[tuple]:
-    conn = sqlite3.connect(daemon.data_dir / "vlmguard.db", timeout=30)
-    try:
-        return conn.execute(query).fetchall()
-    finally:
-        conn.close()
 
 
 def all_completed(daemon, job_ids) -> bool:
@@ -39,23 +35,12 @@ def job_ids(daemon) -> list[int]:
     return [i for (i,) in db_rows(daemon, "SELECT id FROM analysis_jobs")]
 
 
-def status_counts(daemon) -> dict[str, int]:
-    return dict(db_rows(daemon, "SELECT status, count(*) FROM analysis_jobs GROUP BY status"))
-
-
 def analyzer_state(daemon, name: str) -> str:
     import json
     try:
         return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_run_streams_archives_and_analyses(vlmguard):
@@ -281,7 +266,7 @@ def test_systemd_unit_is_hardened_and_valid(tmp_path):
 
 
 def test_role_table_orders_start_and_stop_and_adds_the_notifier_when_alerting(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     from vlmguard import notifier
     from vlmguard.config import load_config
     from vlmguard.supervisor import ROLES, plan_children
