@@ -52,6 +52,11 @@ PART_MARGIN = 1.15
 MAX_FRAME_PARTS = 2.0
 FRAMES_KEPT = 50  # recent frame durations, for the median frame length
 REANCHOR_SECONDS = 0.1  # program dates follow the wall clock again past this drift
+# A frame lasting longer than this many median frames (and over HOLE_SECONDS) stands for a
+# hole in the live video: FFmpeg's live fifo dropped frames while this process did not
+# read, and the muxer stretched the last frame before the hole over it.
+HOLE_FRAMES = 10
+HOLE_SECONDS = 1.0
 PART_HOLD_BACK_PARTS = 3  # the spec's SHOULD: at least three part targets
 HOLD_BACK_TARGETS = 3
 SKIP_TARGETS = 6  # CAN-SKIP-UNTIL may not be less than six target durations
@@ -158,6 +163,9 @@ class LiveStream:
         self.tickets = itertools.count()
         self.rendered: dict[tuple, str] = {}
         self.part_count = 0  # parts made in this run
+        self.run_discontinuity = 0  # the discontinuity number the run began with
+        self.holes = 0  # holes in the live video, for the stream's life
+        self.hole_seconds = 0.0
 
     # -- what the packager is told -------------------------------------------------------
 
@@ -176,7 +184,7 @@ class LiveStream:
         """A new FFmpeg run numbers its segments from run_start; history holds what the
         ended runs left in the playlist (livelist.carry_over)."""
         self.carried = [s for s in history.segments if s.sequence < run_start]
-        self.discontinuity = history.discontinuity
+        self.discontinuity = self.run_discontinuity = history.discontinuity
         self.fresh_at = history.updated if self.carried else 0.0
         self.run_start = run_start
         self.run_active = True
@@ -202,6 +210,9 @@ class LiveStream:
             return
         now = self.clock()
         timing = fragment_timing(moof, self.track)
+        if self.is_hole(timing):
+            self.skip_hole(timing)
+            return
         if timing.duration > 0:
             self.frames.append(timing.duration)
         if self.open is None and not timing.keyframe:
@@ -231,6 +242,31 @@ class LiveStream:
             self.close_segment(at_keyframe=False)
         self.open = None
         self.run_active = False
+        self.bump()
+
+    # -- holes ---------------------------------------------------------------------------
+
+    def is_hole(self, timing: Timing) -> bool:
+        median = self.frame_units()
+        return median > 0 and timing.duration > HOLE_FRAMES * median and \
+            timing.duration > HOLE_SECONDS * self.track.timescale
+
+    def skip_hole(self, timing: Timing) -> None:
+        """Frames are missing after this one (its duration spans them): it is left out,
+        the segment being written ends before it, and the video that follows (from a
+        keyframe) comes after EXT-X-DISCONTINUITY, as the spec asks where the timestamps
+        jump. Every part and segment already listed stays where it is."""
+        seconds = timing.duration / self.track.timescale
+        self.holes += 1
+        self.hole_seconds += seconds
+        log.warning("live video skipped: frames were dropped while this process fell behind"
+                    " (the archive has them)", camera_id=self.camera_id,
+                    hole_s=round(seconds, 2), holes=self.holes)
+        if self.open is not None and (self.open.pending or self.open.parts):
+            self.close_segment(at_keyframe=False)
+        self.open = None
+        if self.done:
+            self.discontinuity += 1
         self.bump()
 
     # -- cutting -------------------------------------------------------------------------
@@ -339,10 +375,18 @@ class LiveStream:
         """index.m3u8 as FFmpeg's HLS muxer wrote it: this run's last segments."""
         listed = [d.segment for d in self.done[-self.settings.live_segments:]]
         lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{self.target}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}", "#EXT-X-INDEPENDENT-SEGMENTS",
-                 f'#EXT-X-MAP:URI="{self.init_uri}"']
+                 f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}"]
+        # Holes within the run, counted from its start (livelist.parse_playlist).
+        if listed[0].discontinuity > self.run_discontinuity:
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:"
+                         f"{listed[0].discontinuity - self.run_discontinuity}")
+        lines += ["#EXT-X-INDEPENDENT-SEGMENTS", f'#EXT-X-MAP:URI="{self.init_uri}"']
+        previous = listed[0]
         for segment in listed:
+            if segment.discontinuity != previous.discontinuity:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines += [*segment.tags, segment.uri]
+            previous = segment
         write_once(self.live_dir / "index.m3u8", ["\n".join(lines).encode() + b"\n"])
 
     # -- waiting -------------------------------------------------------------------------
@@ -577,10 +621,15 @@ class LiveStream:
 
     def health(self) -> str:
         if self.part_target is not None:
-            return f"ll-hls (parts of up to {self.part_target:.3f} s)"
-        if self.no_parts is not None:
-            return f"hls, fMP4 segments without parts: {self.no_parts}"
-        return "ll-hls (starting)"
+            mode = f"ll-hls (parts of up to {self.part_target:.3f} s)"
+        elif self.no_parts is not None:
+            mode = f"hls, fMP4 segments without parts: {self.no_parts}"
+        else:
+            mode = "ll-hls (starting)"
+        if self.holes:
+            mode += (f"; {self.holes} holes in live video ({self.hole_seconds:.1f} s) while"
+                     f" the streaming process fell behind")
+        return mode
 
 
 def skipped_count(listed: list[Segment], skip_until: float) -> int:
