@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RunningVlmguard, free_port
+from daemon import Daemon, RunningVlmguard, free_port
 from vlmguard.layout import Layout
-from test_streamer import ffprobe_duration, start_rtsp_camera, wait_for
+from test_streamer import decoded_frames, ffprobe_duration, start_rtsp_camera, wait_for
 
 SECRET = "sekrit-pw"
 TOKEN = "tok-12345"
@@ -237,3 +237,68 @@ def test_full_archive_disk_stops_archiving_visibly_and_recovers(tmp_path):
     finally:
         running.stop()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# About 5.7 Mbit/s: FFmpeg's 1 MiB live pipe is full within two seconds of a stall.
+NOISY_CAMERA = "lavfi:testsrc2=size=320x240:rate=25,noise=alls=20:allf=t"
+
+
+def archive_bytes(data_dir: Path) -> int:
+    """Bytes of cam1's archive files, wherever they are on their way to archives/."""
+    total = 0
+    for folder in ("partial", "closed", "archives"):
+        for path in (data_dir / folder / "cam1").glob("*.ts"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass  # moved on between the listing and now
+    return total
+
+
+def test_a_stopped_streaming_process_costs_live_video_never_the_archive(tmp_path):
+    """SIGSTOP the streaming process (whose loop reads FFmpeg's live output) for 10 s:
+    FFmpeg drops live frames rather than wait, the archive grows all along and ends whole,
+    FFmpeg is not taken for stalled, and the live URL plays again, past a discontinuity."""
+    daemon = Daemon(tmp_path, camera_url=NOISY_CAMERA, archive_seconds=60).start()
+    try:
+        daemon.wait_live()
+        live_at = time.time()
+        [ffmpeg] = wait_for(daemon.ffmpeg_pids, 10, "ffmpeg")
+        time.sleep(2)
+        sizes = []
+        os.kill(daemon.streamer.pid, signal.SIGSTOP)
+        try:
+            for _ in range(10):
+                time.sleep(1)
+                sizes.append(archive_bytes(daemon.data_dir))
+        finally:
+            os.kill(daemon.streamer.pid, signal.SIGCONT)
+        # The pipe and FFmpeg's fifo are full after two seconds at most: still growing in
+        # the last five means FFmpeg never waited (it wrote nothing more with a blocking pipe).
+        assert sizes[-1] - sizes[4] > 1_000_000, sizes
+
+        def past_the_hole() -> bool:
+            status, body = get(daemon.url)
+            return status == 200 and b"#EXT-X-DISCONTINUITY" in body
+
+        wait_for(past_the_hole, 20, "the live playlist past the hole")
+
+        def hole_scrolled_off() -> bool:  # a player starting now starts after it
+            status, body = get(daemon.url)
+            return status == 200 and b"#EXT-X-DISCONTINUITY-SEQUENCE:1" in body and \
+                b"#EXT-X-DISCONTINUITY\n" not in body
+
+        wait_for(hole_scrolled_off, 20, "the hole to leave the live playlist")
+        assert decoded_frames(daemon.url, seconds=4) >= 90
+        state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+        assert "gaps in live video: 1 " in state["cameras"]["cam1"]["live"], state
+        assert daemon.ffmpeg_pids() == [ffmpeg]  # not restarted as "stalled"
+        time.sleep(2)
+    finally:
+        stopped_at = time.time()
+        daemon.stop()
+    archives = sorted((daemon.data_dir / "archives" / "cam1").glob("*.ts"))
+    recorded = sum(ffprobe_duration(path) for path in archives)
+    assert recorded >= stopped_at - live_at, (archives, recorded)
+    frames = sum(decoded_frames(str(path)) for path in archives)
+    assert frames >= 25 * (stopped_at - live_at), frames

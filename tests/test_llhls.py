@@ -276,7 +276,7 @@ def test_a_hole_in_the_live_video_is_a_discontinuity_and_every_listed_part_stays
     last = checked_sequence(feed)  # every playlist keeps the rules, each after the one before
     stream = feed.stream
     assert stream.holes == 1 and round(stream.hole_seconds, 2) == 2.44
-    assert "1 holes in live video (2.4 s)" in stream.health()
+    assert "gaps in live video: 1 (2.4 s)" in stream.health()
     # 100: frames 0-24; 101: 25-38, cut short before the stretched frame; then the video
     # from the keyframe after the hole, after a discontinuity: 102 (4-5 s), 103 (and 104
     # being written).

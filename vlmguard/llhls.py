@@ -627,7 +627,7 @@ class LiveStream:
         else:
             mode = "ll-hls (starting)"
         if self.holes:
-            mode += (f"; {self.holes} holes in live video ({self.hole_seconds:.1f} s) while"
+            mode += (f"; gaps in live video: {self.holes} ({self.hole_seconds:.1f} s) while"
                      f" the streaming process fell behind")
         return mode
 
