@@ -252,7 +252,7 @@ def test_a_camera_with_too_few_frames_for_parts_gets_ordinary_segments(tmp_path)
     assert "without parts" in feed.stream.health() and "1.00 s apart" in feed.stream.health()
 
 
-def fmp4_with_hole(seconds: float = 7, first: int = 40, last: int = 99) -> bytes:
+def fmp4_with_hole(seconds: float = 7, first: int = 40, last: int = 99, gop: float = 1) -> bytes:
     """FFmpeg's live output when its live fifo dropped frames first..last (the streaming
     process did not read): the muxer stretches the frame before them over the hole, and
     the fifo starts again at a keyframe (here: frame 100, at 4 s)."""
@@ -261,9 +261,21 @@ def fmp4_with_hole(seconds: float = 7, first: int = 40, last: int = 99) -> bytes
          f"testsrc2=size=320x240:rate={RATE}", "-t", str(seconds),
          "-vf", f"select='not(between(n\\,{first}\\,{last}))'", "-fps_mode", "passthrough",
          "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
-         "-g", "1000", "-force_key_frames", "expr:gte(t,n_forced*1)", "-f", "mp4",
+         "-g", "1000", "-force_key_frames", f"expr:gte(t,n_forced*{gop})", "-f", "mp4",
          "-movflags", LIVE_MOVFLAGS, "pipe:1"],
         capture_output=True, check=True, timeout=60).stdout
+
+
+def test_a_long_frame_within_a_gop_is_the_cameras_and_kept(tmp_path):
+    # Frames 5-34 missing, and no keyframe after them: not FFmpeg's fifo starting again.
+    feed = Feed(tmp_path / "live", fmp4_with_hole(seconds=5, first=5, last=34, gop=2))
+    feed.start(run_start=100)
+    for _stream in feed.run():
+        pass
+    stream = feed.stream
+    assert stream.holes == 0 and "gaps" not in stream.health()
+    assert [round(d.segment.duration, 2) for d in stream.done] == [2.0, 2.0]  # 4 s in, unbroken
+    assert {d.segment.discontinuity for d in stream.done} == {0}
 
 
 def test_a_hole_in_the_live_video_is_a_discontinuity_and_every_listed_part_stays(tmp_path):
@@ -276,7 +288,7 @@ def test_a_hole_in_the_live_video_is_a_discontinuity_and_every_listed_part_stays
     last = checked_sequence(feed)  # every playlist keeps the rules, each after the one before
     stream = feed.stream
     assert stream.holes == 1 and round(stream.hole_seconds, 2) == 2.44
-    assert "gaps in live video: 1 (2.4 s)" in stream.health()
+    assert stream.health() == "ll-hls (parts of up to 0.230 s); gaps in live video: 1 (2.4 s)"
     # 100: frames 0-24; 101: 25-38, cut short before the stretched frame; then the video
     # from the keyframe after the hole, after a discontinuity: 102 (4-5 s), 103 (and 104
     # being written).

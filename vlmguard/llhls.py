@@ -52,9 +52,10 @@ PART_MARGIN = 1.15
 MAX_FRAME_PARTS = 2.0
 FRAMES_KEPT = 50  # recent frame durations, for the median frame length
 REANCHOR_SECONDS = 0.1  # program dates follow the wall clock again past this drift
-# A frame lasting longer than this many median frames (and over HOLE_SECONDS) stands for a
-# hole in the live video: FFmpeg's live fifo dropped frames while this process did not
-# read, and the muxer stretched the last frame before the hole over it.
+# A frame lasting longer than this many median frames (and over HOLE_SECONDS), followed by
+# a keyframe, stands for a hole in the live video: FFmpeg's live fifo dropped frames while
+# this process did not read, the muxer stretched the last frame before the hole over it,
+# and the fifo started again at a keyframe.
 HOLE_FRAMES = 10
 HOLE_SECONDS = 1.0
 PART_HOLD_BACK_PARTS = 3  # the spec's SHOULD: at least three part targets
@@ -166,6 +167,9 @@ class LiveStream:
         self.run_discontinuity = 0  # the discontinuity number the run began with
         self.holes = 0  # holes in the live video, for the stream's life
         self.hole_seconds = 0.0
+        # A frame that may stand for a hole, until the next shows whether video starts
+        # again after it at a keyframe (FFmpeg's fifo after dropping frames does).
+        self.held: tuple[bytes, Timing, float] | None = None
 
     # -- what the packager is told -------------------------------------------------------
 
@@ -195,6 +199,7 @@ class LiveStream:
         self.least_lag = math.inf
         self.frames.clear()
         self.part_count = 0
+        self.held = None
         self.bump()
 
     def add_init(self, data: bytes, moov: bytes) -> None:
@@ -210,9 +215,19 @@ class LiveStream:
             return
         now = self.clock()
         timing = fragment_timing(moof, self.track)
+        if self.held is not None:
+            held, self.held = self.held, None
+            if timing.keyframe:
+                self.skip_hole(held[1])
+            else:
+                self.place(*held)  # a long frame within a GOP: the camera's, kept as it is
         if self.is_hole(timing):
-            self.skip_hole(timing)
+            self.held = (data, timing, now)  # the next frame tells
             return
+        self.place(data, timing, now)
+
+    def place(self, data: bytes, timing: Timing, now: float) -> None:
+        """Add a frame to the part and segment it belongs to."""
         if timing.duration > 0:
             self.frames.append(timing.duration)
         if self.open is None and not timing.keyframe:
@@ -238,6 +253,9 @@ class LiveStream:
 
     def end_run(self) -> None:
         """FFmpeg has ended: the segment it was writing ends here, with what it has."""
+        if self.held is not None:
+            self.place(*self.held)
+            self.held = None
         if self.open is not None and (self.open.pending or self.open.parts):
             self.close_segment(at_keyframe=False)
         self.open = None
@@ -252,15 +270,15 @@ class LiveStream:
             timing.duration > HOLE_SECONDS * self.track.timescale
 
     def skip_hole(self, timing: Timing) -> None:
-        """Frames are missing after this one (its duration spans them): it is left out,
-        the segment being written ends before it, and the video that follows (from a
-        keyframe) comes after EXT-X-DISCONTINUITY, as the spec asks where the timestamps
-        jump. Every part and segment already listed stays where it is."""
+        """Frames are missing after this one (its duration spans them, and a keyframe
+        follows them): it is left out, the segment being written ends before it, and the
+        video that follows comes after EXT-X-DISCONTINUITY, as the spec asks where the
+        timestamps jump. Every part and segment already listed stays where it is."""
         seconds = timing.duration / self.track.timescale
         self.holes += 1
         self.hole_seconds += seconds
-        log.warning("live video skipped: frames were dropped while this process fell behind"
-                    " (the archive has them)", camera_id=self.camera_id,
+        log.warning("live video skipped: a hole in the frames (FFmpeg drops live ones, never"
+                    " archived ones, while this process falls behind)", camera_id=self.camera_id,
                     hole_s=round(seconds, 2), holes=self.holes)
         if self.open is not None and (self.open.pending or self.open.parts):
             self.close_segment(at_keyframe=False)
@@ -627,8 +645,7 @@ class LiveStream:
         else:
             mode = "ll-hls (starting)"
         if self.holes:
-            mode += (f"; gaps in live video: {self.holes} ({self.hole_seconds:.1f} s) while"
-                     f" the streaming process fell behind")
+            mode += f"; gaps in live video: {self.holes} ({self.hole_seconds:.1f} s)"
         return mode
 
 
