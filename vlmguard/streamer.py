@@ -291,8 +291,7 @@ class CameraFeed:
                 stdout=stdout if stdout is not None else asyncio.subprocess.DEVNULL,
                 stderr=errors, start_new_session=True, env=child_env())
         finally:
-            # FFmpeg holds the write ends: its exit is our end of file
-            os.close(errors)
+            os.close(errors)  # FFmpeg holds the write ends: its exit is our end of file
             if stdout is not None:
                 os.close(stdout)
         log.info("ffmpeg started", camera_id=self.camera.id, pid=proc.pid,
@@ -511,8 +510,9 @@ def newest_age(path: Path) -> float:
 
 async def open_pipe(limit: int) -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
     """A pipe for FFmpeg's fMP4 or its log: (write end for FFmpeg, reader of the other end
-    (lines up to limit bytes), its transport). Enlarged, so that FFmpeg's log never blocks
-    it while this process is stopped; its live output cannot (ffmpeg.live_output)."""
+    (lines up to limit bytes), its transport). Enlarged to 1 MiB, so that FFmpeg's log
+    does not fill it while this process is stopped (its live output drops frames rather
+    than wait: ffmpeg.live_output)."""
     read_end, write_end = os.pipe()
     try:
         fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
