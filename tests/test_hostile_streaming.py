@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import browser
+from clock import clock_graph
 from daemon import Daemon, RunningVlmguard, free_port
 from vlmguard.layout import Layout
 from test_streamer import decoded_frames, ffprobe_duration, start_rtsp_camera, wait_for
@@ -239,8 +241,9 @@ def test_full_archive_disk_stops_archiving_visibly_and_recovers(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-# About 5.7 Mbit/s: FFmpeg's 1 MiB live pipe is full within two seconds of a stall.
-NOISY_CAMERA = "lavfi:testsrc2=size=320x240:rate=25,noise=alls=20:allf=t"
+# The wall clock burned into every frame (for hls.js's latency), under noise: about
+# 5.7 Mbit/s, so FFmpeg's 1 MiB live pipe is full within two seconds of a stall.
+NOISY_CLOCK_CAMERA = "lavfi:" + clock_graph().replace("realtime", "noise=alls=20:allf=t,realtime", 1)
 
 
 def archive_bytes(data_dir: Path) -> int:
@@ -255,27 +258,52 @@ def archive_bytes(data_dir: Path) -> int:
     return total
 
 
+def archive_growth_while_stopped(daemon: Daemon, seconds: int) -> list[int]:
+    """SIGSTOP the streaming process for seconds; the archive's bytes after each one."""
+    sizes = []
+    os.kill(daemon.streamer.pid, signal.SIGSTOP)
+    try:
+        for _ in range(seconds):
+            time.sleep(1)
+            sizes.append(archive_bytes(daemon.data_dir))
+    finally:
+        os.kill(daemon.streamer.pid, signal.SIGCONT)
+    return sizes
+
+
 def test_a_stopped_streaming_process_costs_live_video_never_the_archive(tmp_path):
-    """SIGSTOP the streaming process (whose loop reads FFmpeg's live output) for 10 s:
-    FFmpeg drops live frames rather than wait, the archive grows all along and ends whole,
-    FFmpeg is not taken for stalled, and the live URL plays again, past a discontinuity."""
-    daemon = Daemon(tmp_path, camera_url=NOISY_CAMERA, archive_seconds=60).start()
+    """SIGSTOP the streaming process (whose loop reads FFmpeg's live output) for 10 s
+    under a playing hls.js: FFmpeg drops live frames rather than wait, the archive grows
+    all along and ends whole, FFmpeg is not taken for stalled, hls.js (lowLatencyMode)
+    comes back to the live edge and ffmpeg plays the URL again, past a discontinuity."""
+    from playwright.sync_api import sync_playwright
+    daemon = Daemon(tmp_path, camera_url=NOISY_CLOCK_CAMERA, archive_seconds=60).start()
     try:
         daemon.wait_live()
         live_at = time.time()
         [ffmpeg] = wait_for(daemon.ffmpeg_pids, 10, "ffmpeg")
-        time.sleep(2)
-        sizes = []
-        os.kill(daemon.streamer.pid, signal.SIGSTOP)
-        try:
-            for _ in range(10):
-                time.sleep(1)
-                sizes.append(archive_bytes(daemon.data_dir))
-        finally:
-            os.kill(daemon.streamer.pid, signal.SIGCONT)
+        with browser.PageServer() as pages, sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+            try:
+                page = chromium.new_page()
+                page.goto(f"http://127.0.0.1:{pages.port}/clock.html?low=1&rate=1.5"
+                          f"&src={daemon.url}")
+                page.wait_for_function("() => window.clock.codes > 50", timeout=60000,
+                                       polling=500)
+                sizes = archive_growth_while_stopped(daemon, 10)
+                shown = page.evaluate("() => window.clock.codes")
+                # Five seconds of frames since: the last of the backlog, then live again.
+                page.wait_for_function(f"() => window.clock.codes > {shown + 125}",
+                                       timeout=30000, polling=500)
+                latest = page.evaluate("() => window.clock.samples.slice(-25)")
+            finally:
+                chromium.close()
         # The pipe and FFmpeg's fifo are full after two seconds at most: still growing in
         # the last five means FFmpeg never waited (it wrote nothing more with a blocking pipe).
         assert sizes[-1] - sizes[4] > 1_000_000, sizes
+        assert max(latest) < 2.5, latest  # back at the live edge, not 10 s behind
 
         def past_the_hole() -> bool:
             status, body = get(daemon.url)
