@@ -5,6 +5,7 @@ prevents it costs the live video.
 Run by hand (needs ffmpeg and ffprobe):
     .venv/bin/python bench/llhls_stall_bench.py stall [--seconds 10]
     .venv/bin/python bench/llhls_stall_bench.py delay [--seconds 20]
+    .venv/bin/python bench/llhls_stall_bench.py player [--seconds 10]
 
 stall: the streaming and archiver processes (tests/daemon.py) with one low-latency camera,
 a 320x240 25-fps lavfi pattern with noise (about 5.7 Mbit/s, so FFmpeg's 1 MiB live pipe
@@ -21,6 +22,11 @@ delay: one FFmpeg whose tee writes the same fMP4 (the streamer's movflags) twice
 pipe directly (the old command line) and to another through the fifo the streamer now
 uses; two threads read the pipes and note when each fragment (by its decode time)
 arrives. The fifo's cost is the per-frame difference of the arrival times: median, p95.
+
+player: hls.js in Chromium (lowLatencyMode, as the console plays) on a camera burning the
+wall clock into its frames (tests/clock.py) under the same noise; the streaming process
+is SIGSTOPped for --seconds once it plays, and the latency of the frame shown is read
+every second after SIGCONT (tests/web/clock.html).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from vlmguard import ffmpeg as vff  # noqa: E402
 from vlmguard.fmp4 import fragment_timing, parse_init  # noqa: E402
 
 NOISY_CAMERA = "lavfi:testsrc2=size=320x240:rate=25,noise=alls=20:allf=t"
+NOISE = "noise=alls=20:allf=t"
 
 
 def archive_bytes(data_dir: Path) -> int:
@@ -175,15 +182,59 @@ def delay(seconds: int) -> None:
           f"max {differences[-1]:.2f}")
 
 
+def player(seconds: int) -> None:
+    import browser
+    from clock import clock_graph
+    from playwright.sync_api import sync_playwright
+
+    graph = clock_graph().replace("realtime", f"{NOISE},realtime", 1)
+    with tempfile.TemporaryDirectory() as directory:
+        daemon = Daemon(Path(directory), camera_url="lavfi:" + graph, archive_seconds=60).start()
+        try:
+            daemon.wait_live(timeout=60)
+            with browser.PageServer() as pages, sync_playwright() as playwright:
+                chromium = playwright.chromium.launch(
+                    executable_path="/usr/bin/chromium",
+                    args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+                try:
+                    page = chromium.new_page()
+                    page.goto(f"http://127.0.0.1:{pages.port}/clock.html?low=1&rate=1.5"
+                              f"&src={daemon.url}")
+                    page.wait_for_function("() => window.clock.codes > 250", timeout=60000,
+                                           polling=500)
+                    before = page.evaluate("() => window.clock.samples.slice(150)")
+                    os.kill(daemon.streamer.pid, signal.SIGSTOP)
+                    time.sleep(seconds)
+                    os.kill(daemon.streamer.pid, signal.SIGCONT)
+                    resumed = time.time()
+                    marks = []
+                    while time.time() - resumed < 15:
+                        time.sleep(1)
+                        marks.append((time.time() - resumed, page.evaluate(
+                            "() => window.clock.samples.slice(-1)[0]")))
+                    tail = page.evaluate("() => window.clock.samples.slice(-100)")
+                finally:
+                    chromium.close()
+        finally:
+            daemon.stop()
+    print(f"hls.js lowLatencyMode before the stop: median latency "
+          f"{statistics.median(before):.2f} s over {len(before)} frames")
+    print(f"latency of the frame shown, each second after SIGCONT of a {seconds}-s stop:")
+    print("  " + " ".join(f"{late:.2f}" for _at, late in marks))
+    print(f"last 100 frames: median {statistics.median(tail):.2f} s, max {max(tail):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("stall", "delay"))
+    parser.add_argument("mode", choices=("stall", "delay", "player"))
     parser.add_argument("--seconds", type=int, default=None)
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.mode == "stall":
         stall(args.seconds or 10)
+    elif args.mode == "player":
+        player(args.seconds or 10)
     else:
         delay(args.seconds or 20)
 
