@@ -184,7 +184,7 @@ def test_an_incident_with_deliveries_is_not_sent_again(outbox):
     before = len(outbox.reports.list_deliveries())
     with outbox.db.write() as conn:
         job = outbox.reports.get(job_id)
-        outbox._enqueue_deliveries(conn, job, Outcome(result={}, safety_score=1))
+        outbox.outbox.enqueue_deliveries(conn, job, Outcome(result={}, safety_score=1))
     assert len(outbox.reports.list_deliveries()) == before + 1  # the window's score only
 
 

@@ -255,7 +255,7 @@ def test_footage_after_its_window_was_closed_becomes_a_window_of_its_own(tmp_pat
     live_playlist(layout, 10, [t0 + timedelta(seconds=2 * n) for n in range(2)])
     archiver.cut_windows()
     archiver.flush_windows()  # an orderly stop at t0 + 4 s
-    restarted = archiver.__class__(archiver.config, store)
+    restarted = archiver.__class__(archiver.config, store.queue, store.recordings)
     live_playlist(layout, 12, [t0 + timedelta(seconds=6.5 + 2 * n) for n in range(3)])
     restarted.cut_windows()
     restarted.flush_windows()
