@@ -1,5 +1,6 @@
 """Alerts: rules and payloads (vlmguard.alerts.plan), the outbox written with the incidents
-(store.py), the config keys, and the webhook and Apprise plug-ins against a real receiver."""
+(vlmguard/store/outbox.py), the config keys, and the webhook and Apprise plug-ins against
+a real receiver."""
 
 from __future__ import annotations
 

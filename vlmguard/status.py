@@ -122,7 +122,8 @@ def fill_from_table(report: dict[str, Any], store: Store) -> None:
             report["jobs"][state] += n
     report["jobs"]["by_camera"] = counts
     report["jobs"]["oldest_pending_age_s"] = age_seconds(store.reports.oldest_pending())
-    report["failures"] = [job_summary(job) for job in store.reports.recent_failures(RECENT_FAILURES)]
+    report["failures"] = [job_summary(job)
+                          for job in store.reports.recent_failures(RECENT_FAILURES)]
     report["analysis"]["paused"] = [
         {"provider": p.provider, "reason": p.reason, "detail": p.detail,
          "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}

@@ -242,7 +242,7 @@ class JobQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            self.db.wait_for_commit(min(remaining, self.poll_seconds, wait if wait else self.poll_seconds))
+            self.db.wait_for_commit(min(remaining, self.poll_seconds, wait or self.poll_seconds))
 
     @quarantining
     def seconds_until_due(self) -> float | None:

@@ -222,9 +222,10 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset,
-                                results=False)
-        return [job_summary(j) for j in found], store.reports.count_jobs(states=states, camera_id=camera)
+        found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit,
+                                        offset=offset, results=False)
+        total = store.reports.count_jobs(states=states, camera_id=camera)
+        return [job_summary(j) for j in found], total
     rows, total = await read(request, work)
     page = bounded_page(rows)
     following = offset + len(page)
