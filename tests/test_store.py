@@ -570,6 +570,22 @@ def test_an_incident_across_a_window_edge_is_one_incident_with_a_stable_id(store
     assert len(store.incidents.find_incidents()) == 2
 
 
+def test_complete_returns_each_stored_incidents_id_and_none_where_one_was_extended(store):
+    first, second = window(store, 0), window(store, 1)
+    job = store.queue.claim("w")
+    ids = store.queue.complete(job, Outcome(result={}, safety_score=20, merge_within_s=2.5,
+                                            incidents=[fire(T0 + timedelta(seconds=55),
+                                                            T0 + timedelta(seconds=59))]))
+    assert ids == [i["id"] for i in store.incidents.list_incidents(first)]
+    fall = IncidentRecord(start_at=T0 + timedelta(seconds=70), end_at=T0 + timedelta(seconds=72),
+                          category="fall", severity="high", description="a fall")
+    job = store.queue.claim("w")
+    ids = store.queue.complete(job, Outcome(
+        result={}, safety_score=20, merge_within_s=2.5,
+        incidents=[fire(T0 + timedelta(seconds=61), T0 + timedelta(seconds=64)), fall]))
+    assert ids == [None, store.incidents.list_incidents(second)[0]["id"]]
+
+
 def test_incidents_of_other_categories_or_archive_jobs_are_not_merged(store):
     first, second = window(store, 0), window(store, 1)
     finish(store, first, [fire(T0 + timedelta(seconds=55), T0 + timedelta(seconds=59))])
