@@ -82,7 +82,7 @@ def store_incident(store: Store, n: int) -> tuple[int, float]:
     incident = IncidentRecord(start + timedelta(seconds=3), start + timedelta(seconds=5), "fall",
                               "high", f"bench incident {n}", 0.9)
     store.queue.complete(job, Outcome(result={"summary": "bench"}, safety_score=50,
-                                incidents=[incident]))
+                                      incidents=[incident]))
     committed = time.time()
     [row] = store.incidents.list_incidents(job.id)
     return row["id"], committed

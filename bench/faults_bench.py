@@ -282,7 +282,7 @@ def measure(run: Run, watch: LiveWatch, started: float, injected: float, undone:
     url = run.db_url or f"sqlite:///{run.daemon.data_dir / 'vlmguard.db'}"
     with Store(url, create=False) as store:
         counts = {s: store.reports.count_jobs(states=(s,)) for s in ("pending", "processing",
-                                                              "completed", "failed")}
+                                                                      "completed", "failed")}
         quarantined = store.quarantine.quarantined()["total"]
     return {
         "fault": run.fault.name, "engine": run.fault.engine, "seconds": run.seconds,

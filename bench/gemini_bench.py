@@ -116,7 +116,7 @@ def run_clips(tree: Path, jobs: int) -> None:
         seconds, per_clip = [], []
         for n in range(jobs):
             store.queue.register("cam1", ARCHIVE, T0 + timedelta(minutes=10 * n),
-                           T0 + timedelta(minutes=10 * (n + 1)))
+                                 T0 + timedelta(minutes=10 * (n + 1)))
             job = store.queue.next_job("bench", timeout=5)
             before = len(calls)
             started = time.perf_counter()
@@ -183,7 +183,7 @@ def run_backlog(jobs: int) -> None:
         store = Store.from_config(config)
         for n in range(jobs):
             store.queue.register("cam1", SHORT, T0 + timedelta(minutes=n),
-                           T0 + timedelta(minutes=n, seconds=12))
+                                 T0 + timedelta(minutes=n, seconds=12))
         workers = [spawn.Process(target=analyzer.main, args=(config, i)) for i in range(2)]
         for process in workers:
             process.start()

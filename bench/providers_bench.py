@@ -103,7 +103,7 @@ def run_scene(clips, scene: str, hours: int, provider: str, gating: bool) -> dic
             for n in range(6 * hours):
                 start = T0 + timedelta(minutes=10 * n)
                 store.queue.register("cam1", clips[HOUR[scene][n % 6]], start,
-                               start + timedelta(minutes=10))
+                                     start + timedelta(minutes=10))
                 worker.process(store.queue.next_job("bench", timeout=5))
             seconds = time.monotonic() - started
             jobs = store.reports.list_jobs()

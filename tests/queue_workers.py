@@ -41,7 +41,7 @@ def register_forever(url: str, camera_id: str, out) -> None:
         while True:
             start = base + timedelta(minutes=n)
             job_id = store.queue.register(camera_id, f"/a/{camera_id}/{n}.mp4", start,
-                                    start + timedelta(minutes=10))
+                                          start + timedelta(minutes=10))
             out.put(job_id)
             n += 1
 

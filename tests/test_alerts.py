@@ -81,11 +81,11 @@ def store_window(store: Store, camera: str, start: datetime,
                  incidents: list[IncidentRecord], score: int = 40) -> int:
     """An analysed window with its incidents, through the public API as an analyzer does."""
     job_id = store.queue.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
-                            start + timedelta(minutes=10))
+                                  start + timedelta(minutes=10))
     job = store.queue.claim("w")
     assert job.id == job_id
     store.queue.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
-                                safety_score=score, incidents=incidents))
+                                      safety_score=score, incidents=incidents))
     return job_id
 
 
@@ -167,7 +167,7 @@ def test_claim_lease_release_and_outcomes(outbox):
     outbox.outbox.delivered(first.id)
     assert outbox.outbox.delivery_failed(second.id, "HTTP 500", retry_in=30, max_age_seconds=3600) == "pending"
     assert outbox.outbox.delivery_failed(third.id, "HTTP 404: gone", retry_in=None,
-                                  max_age_seconds=3600) == "failed"
+                                         max_age_seconds=3600) == "failed"
     assert outbox.outbox.delivery_failed(fourth.id, "refused", retry_in=1, max_age_seconds=0) == "failed"
     rows = {r["id"]: r for r in outbox.reports.list_deliveries()}
     assert rows[first.id]["status"] == "delivered" and rows[first.id]["attempts"] == 1

@@ -284,7 +284,7 @@ def test_thinking_level_the_model_lacks_is_adapted_to_once(setup, gemini, archiv
     worker = Worker(config, store.queue, store.pauses, "w")
     for hour in range(2):
         store.queue.register("cam1", archive, T0 + timedelta(hours=hour),
-                       T0 + timedelta(hours=hour, seconds=12))
+                             T0 + timedelta(hours=hour, seconds=12))
         worker.process(store.queue.next_job("w", timeout=5))
     assert [(j.status, j.retry_count) for j in store.reports.list_jobs()] == [("completed", 0)] * 2
     levels = [sent(gemini, n)["generationConfig"]["thinkingConfig"]["thinkingLevel"]
@@ -304,7 +304,7 @@ def test_the_same_400_on_three_windows_puts_the_provider_aside(setup, gemini, ar
     gemini.outage = "400"
     worker = Worker(config, store.queue, store.pauses, "w")
     ids = [store.queue.register("cam1", archive, T0 + timedelta(minutes=m),
-                          T0 + timedelta(minutes=m, seconds=12)) for m in range(3)]
+                                T0 + timedelta(minutes=m, seconds=12)) for m in range(3)]
     for _ in range(3):
         worker.process(store.queue.next_job("w", timeout=5))
     assert {(store.reports.get(i).status, store.reports.get(i).retry_count) for i in ids} == {("pending", 0)}
@@ -335,7 +335,7 @@ def test_a_400_on_one_clip_while_others_are_answered_is_that_jobs(setup, gemini,
     worker.process(store.queue.next_job("w", timeout=5))
     assert (store.reports.get(bad).status, store.reports.get(bad).retry_count) == ("pending", 0)
     good = store.queue.register("cam1", archive, T0 + timedelta(hours=1),
-                          T0 + timedelta(hours=1, seconds=12))
+                                T0 + timedelta(hours=1, seconds=12))
     job = store.queue.next_job("w", timeout=5)  # the refused one is not due yet
     assert job.id == good
     worker.process(job)
@@ -564,7 +564,7 @@ def wait_for(condition, seconds=60):
 def test_pool_pauses_on_daily_quota_and_resumes_when_a_probe_succeeds(setup, gemini, archive):
     config, store = setup(gemini={"pause_probe_minutes": 0.02})  # a probe every 1.2 s
     ids = [store.queue.register("cam1", archive, T0 + timedelta(minutes=i),
-                          T0 + timedelta(minutes=i, seconds=12)) for i in range(4)]
+                                T0 + timedelta(minutes=i, seconds=12)) for i in range(4)]
     gemini.outage = "429_daily"
     workers, threads = run_pool(config, store)
     try:
@@ -760,8 +760,8 @@ def test_a_window_gone_from_ram_is_cut_from_its_archive(setup, gemini, red_archi
     config, store = setup(analysis={"fps": 1})
     start = T0 + timedelta(seconds=10)
     store.queue.register("cam1", "/nowhere/clip.ffconcat", start, start + timedelta(seconds=10),
-                   kind="window", clip_start=start,
-                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+                         kind="window", clip_start=start,
+                         sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "completed", job.error_message
     [incident] = store.incidents.list_incidents(job.id)
@@ -775,8 +775,8 @@ def test_a_window_gone_from_ram_is_cut_from_its_archive(setup, gemini, red_archi
 def test_a_window_with_neither_ram_copy_nor_archive_fails_saying_so(setup, gemini, tmp_path):
     config, store = setup()
     store.queue.register("cam1", "/nowhere/clip.ffconcat", T0, T0 + timedelta(seconds=10),
-                   kind="window", sources=[{"path": str(tmp_path / "gone.ts"), "offset_s": 0.0,
-                                            "duration_s": 10.0}])
+                         kind="window", sources=[{"path": str(tmp_path / "gone.ts"), "offset_s": 0.0,
+                                                  "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "failed" and job.error_message.startswith("footage gone")
     assert gemini.calls == []
@@ -790,8 +790,8 @@ def test_a_merged_window_missing_a_segment_is_cut_from_its_archive(setup, gemini
     listing.write_text(f"ffconcat version 1.0\nfile '{red_archive}'\nfile '{tmp_path}/gone.ts'\n")
     start = T0 + timedelta(seconds=10)
     store.queue.register("cam1", listing, start, start + timedelta(seconds=10), kind="merged",
-                   clip_start=start,
-                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+                         clip_start=start,
+                         sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "completed", job.error_message
     [incident] = store.incidents.list_incidents(job.id)

@@ -43,9 +43,9 @@ def config(tmp_path):
             job = store.queue.claim("w")
             if n < 8:
                 store.queue.complete(job, Outcome(result={"n": n}, safety_score=90 - n, prompt_tokens=100,
-                                            output_tokens=10, total_tokens=110, incidents=[
+                                                  output_tokens=10, total_tokens=110, incidents=[
                     IncidentRecord(start + timedelta(seconds=5), start + timedelta(seconds=9), "fall",
-                                   SEVERITY_OF[n % 4], f"incident {n}", 0.5)]))
+                                         SEVERITY_OF[n % 4], f"incident {n}", 0.5)]))
             elif n < 10:
                 store.queue.fail(job, "HTTP 400 INVALID_ARGUMENT", permanent=True)
             else:
@@ -170,7 +170,7 @@ def test_an_account_wide_pause_is_said_by_health_metrics_and_status(config):
     assert paused_samples() == [({}, 0)]
     with Store.from_config(config) as store:
         store.pauses.pause("gemini", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: daily "
-                    "quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)", 600)
+                           "quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)", 600)
         text = render_status(gather_status(config, store))
     assert paused_samples() == [({"provider": "gemini", "reason": "quota_exhausted"}, 1)]
     status, body = as_json(config, "/api/health")
@@ -199,8 +199,8 @@ def test_a_window_job_names_its_archive_and_offset(config):
     sources = [{"path": "/data/archives/cam1/x.ts", "offset_s": 30.5, "duration_s": 60.0}]
     with Store.from_config(config) as store:
         job_id = store.queue.register("cam1", "/ram/clip.ffconcat", start, start + timedelta(minutes=1),
-                                kind="window", clip_start=start + timedelta(seconds=0.25),
-                                sources=sources)
+                                      kind="window", clip_start=start + timedelta(seconds=0.25),
+                                      sources=sources)
     status, body = as_json(config, f"/api/jobs/{job_id}")
     assert status == 200 and (body["kind"], body["sources"]) == ("window", sources)
     assert body["clip_start"] == (start + timedelta(seconds=0.25)).isoformat(timespec="milliseconds")

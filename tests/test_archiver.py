@@ -230,10 +230,10 @@ def test_footage_no_job_covers_is_caught_up_archive_by_archive(tmp_path):
         real_ts(layout.archives("cam1") / name_at(t0 + timedelta(minutes=5 * n), "ts"), seconds=4)
     # The first 2 s of the last archive were analysed as a window before the outage.
     store.queue.register("cam1", "/ram/w.ffconcat", t0 + timedelta(minutes=10),
-                   t0 + timedelta(minutes=10, seconds=2), kind="window")
+                         t0 + timedelta(minutes=10, seconds=2), kind="window")
     store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=100))
     live = store.queue.register("cam1", "/ram/live.ffconcat", utcnow(), utcnow() + timedelta(minutes=1),
-                          kind="window")
+                                kind="window")
     archiver.catch_up()
     archiver.catch_up()  # a second start registers nothing twice
     catch_up = sorted((j for j in store.reports.list_jobs() if j.kind == "catchup"),

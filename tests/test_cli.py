@@ -139,7 +139,7 @@ def with_incidents(config_file):
             job = store.queue.claim("w")
             store.queue.complete(job, Outcome(result={}, safety_score=50, incidents=[
                 IncidentRecord(start + timedelta(seconds=30), start + timedelta(seconds=40),
-                               "fall", severity, f"incident {n}", 0.9)]))
+                                     "fall", severity, f"incident {n}", 0.9)]))
     return config_file
 
 

@@ -68,5 +68,5 @@ def test_pictures_are_staged_before_the_commit_and_never_left_behind(config):
         assert not layout.snapshot("cam1", rows["in the gap: no picture"]).exists()
         with pytest.raises(LeaseLost):  # a second completion: the lease is gone, nothing kept
             complete_with_snapshots(store.queue, job, Outcome(result={}, safety_score=50,
-                                                        incidents=found), ffmpeg_binary(), layout)
+                                                              incidents=found), ffmpeg_binary(), layout)
     assert not list(layout.snapshots("cam1").glob("*.part"))

@@ -69,7 +69,7 @@ def fill(config):
         start = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
         store.queue.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
         store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
-                                                 output_tokens=1, total_tokens=2, incidents=[]))
+                                                             output_tokens=1, total_tokens=2, incidents=[]))
 
 
 @contextmanager

@@ -172,7 +172,7 @@ def test_media_needs_the_token(config, path):
 def store_incident(config, start, end, when=T0) -> int:
     with Store.from_config(config) as store:
         store.queue.register("cam1", f"/x/{when:%H%M%S}-{start}.mp4", when + timedelta(seconds=start),
-                       when + timedelta(seconds=end))
+                             when + timedelta(seconds=end))
         job = store.queue.claim("w")
         store.queue.complete(job, Outcome(result={}, safety_score=50, incidents=[IncidentRecord(
             when + timedelta(seconds=start), when + timedelta(seconds=end), "fall", "high",

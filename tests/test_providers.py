@@ -173,7 +173,7 @@ def test_server_without_json_schema_gets_json_mode_checked_by_us(setup, local, c
     worker = Worker(config, store.queue, store.pauses, "w")
     for n in range(2):
         store.queue.register("cam1", clips["busy"], T0 + timedelta(minutes=10 * n),
-                       T0 + timedelta(minutes=10 * n, seconds=12))
+                             T0 + timedelta(minutes=10 * n, seconds=12))
         worker.process(store.queue.next_job("w", timeout=5))
     assert [j.status for j in store.reports.list_jobs()] == ["completed", "completed"]
     # One refused json_schema request, then JSON mode for the life of the client.
@@ -183,7 +183,7 @@ def test_server_without_json_schema_gets_json_mode_checked_by_us(setup, local, c
     # An answer that breaks the contract is still refused, by vlmguard's own check.
     local.answer = {"summary": "fine", "incidents": [], "safety_score": 150}
     store.queue.register("cam1", clips["busy"], T0 + timedelta(hours=1),
-                   T0 + timedelta(hours=1, seconds=12), max_retries=2)
+                         T0 + timedelta(hours=1, seconds=12), max_retries=2)
     worker.process(store.queue.next_job("w", timeout=5))
     [bad] = store.reports.list_jobs(states=["pending"])
     assert bad.retry_count == 1
@@ -706,11 +706,11 @@ providers = ["spare", "cloud"]
                          "edge put aside", daemon)
                 aside = len(edge.requests)
                 cloud_before = len([j for j in store.reports.list_jobs(camera_id="dock",
-                                                              states=["completed"])
+                                                                      states=["completed"])
                                     if j.provider == "cloud"])
                 gemini.faults = ["429_huge"]
                 wait_for(lambda: len([j for j in store.reports.list_jobs(camera_id="dock",
-                                                                states=["completed"])
+                                                                        states=["completed"])
                                       if j.provider == "cloud"]) > cloud_before + 1, 60,
                          "dock's windows answered by cloud", daemon)
                 wait_for(lambda: not spare.faults, 120, "every fault of spare's sent", daemon)

@@ -444,9 +444,9 @@ def test_database_from_schema_version_2_is_upgraded_in_place(db_url):
         assert (old.total_tokens, old.analysis_seconds, old.model_version) == (500, 12.5, None)
         register(store)
         store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=90, total_tokens=130,
-                                                 thoughts_tokens=10, model_version="gemini-3.8-flash"))
+                                                             thoughts_tokens=10, model_version="gemini-3.8-flash"))
         assert store.reports.token_usage()["cam1"] == {"prompt": 0, "output": 0, "thoughts": 10,
-                                               "total": 130}
+                                                       "total": 130}
         store.pauses.pause("gemini", "bad_key", "bad API key", probe_in=600)
         assert store.pauses.provider_state("gemini").reason == "bad_key"
 
@@ -482,10 +482,10 @@ def test_database_from_schema_version_3_is_upgraded_in_place(db_url):
         assert old_pause.reason == "bad_key" and old_pause.failures == 0
         register(store)
         store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=90, total_tokens=130,
-                                                 provider="local", model="qwen2.5vl:7b"))
+                                                             provider="local", model="qwen2.5vl:7b"))
         store.pauses.note_failure("gemini", "generate: HTTP 503")
         assert store.reports.answers_by_provider() == {"local": {"answered": 1, "tokens": 130,
-                                                         "models": ["qwen2.5vl:7b"]}}
+                                                                 "models": ["qwen2.5vl:7b"]}}
         assert store.pauses.provider_state("gemini").failures == 1
         assert store.queue.last_model_request("cam1") is not None
         assert store.queue.last_model_request("old") is None  # answered before providers were recorded
@@ -524,7 +524,7 @@ def test_token_usage_and_duration_histogram(store):
         register(store, n, camera="a" if n < 2 else "b")
         store.queue.complete(store.queue.claim("w"), outcome())
     assert store.reports.token_usage() == {"a": {"prompt": 200, "output": 40, "thoughts": 0, "total": 240},
-                                   "b": {"prompt": 100, "output": 20, "thoughts": 0, "total": 120}}
+                                           "b": {"prompt": 100, "output": 20, "thoughts": 0, "total": 120}}
     assert store.reports.token_usage(since=utcnow() + timedelta(hours=1)) == {}
     buckets, count, total = store.reports.duration_histogram()
     assert count == 3 and total >= 0
@@ -537,10 +537,10 @@ def test_token_usage_and_duration_histogram(store):
 def window(store, n, camera="cam1", seconds=60, kind="window"):
     start = T0 + timedelta(seconds=seconds * n)
     return store.queue.register(camera, f"/ram/{camera}/{n}/clip.ffconcat", start,
-                          start + timedelta(seconds=seconds), kind=kind,
-                          clip_start=start + timedelta(seconds=0.5),
-                          sources=[{"path": f"/data/{camera}/a.ts", "offset_s": 60.0 * n,
-                                    "duration_s": 60.0}])
+                                start + timedelta(seconds=seconds), kind=kind,
+                                clip_start=start + timedelta(seconds=0.5),
+                                sources=[{"path": f"/data/{camera}/a.ts", "offset_s": 60.0 * n,
+                                          "duration_s": 60.0}])
 
 
 def fire(start, end):
@@ -552,7 +552,7 @@ def finish(store, job_id, incidents, within=2.5):
     job = store.queue.claim("w")
     assert job.id == job_id
     store.queue.complete(job, Outcome(result={}, safety_score=20, incidents=incidents,
-                                merge_within_s=within))
+                                      merge_within_s=within))
 
 
 def test_an_incident_across_a_window_edge_is_one_incident_with_a_stable_id(store):
@@ -594,7 +594,7 @@ def test_incidents_of_other_categories_or_archive_jobs_are_not_merged(store):
     finish(store, second, [other, fire(T0 + timedelta(seconds=60), T0 + timedelta(seconds=61))],
            within=None)
     assert sorted(i["category"] for i in store.incidents.find_incidents()) == ["fall", "fire_smoke",
-                                                                     "fire_smoke"]
+                                                                               "fire_smoke"]
 
 
 def test_window_columns_round_trip_and_first_frame_time(store):
@@ -606,7 +606,7 @@ def test_window_columns_round_trip_and_first_frame_time(store):
 
 def test_live_windows_are_claimed_before_catch_up(store):
     old = store.queue.register("cam1", "/data/cam1/old.ts", T0 - timedelta(hours=1),
-                         T0 - timedelta(minutes=50), kind="catchup")
+                               T0 - timedelta(minutes=50), kind="catchup")
     live = window(store, 0)
     assert store.queue.claim("w").id == live
     assert store.queue.claim("w").id == old
@@ -701,10 +701,10 @@ def test_a_kept_window_keeps_the_archives_its_footage_lies_in(store):
                {"path": "/data/archives/cam1/20261126T081000Z.ts", "offset_s": 0.0,
                 "duration_s": 2.0}]
     job_id = store.queue.register("cam1", "/dev/shm/windows/cam1/20261126T080900Z.ffconcat",
-                            T0, T0 + timedelta(seconds=60), sources=sources)
+                                  T0, T0 + timedelta(seconds=60), sources=sources)
     store.recordings.keep_archive(job_id, True)
     assert store.recordings.kept_paths() == {"/dev/shm/windows/cam1/20261126T080900Z.ffconcat",
-                                  *(s["path"] for s in sources)}
+                                             *(s["path"] for s in sources)}
 
 
 def test_changes_since_reports_new_incidents_and_failures(store):
@@ -777,7 +777,7 @@ def test_undecodable_sqlite_values_are_quarantined_and_reads_go_on(tmp_path):
         assert store.incidents.find_incidents() == []
         assert store.incidents.changes_since(*cursor) == {"stored": [], "acknowledged": [], "failed": []}
         assert store.quarantine.quarantined()["rows"] == {"analysis_jobs": 3, "incidents": 1,
-                                               "alert_deliveries": 0}
+                                                          "alert_deliveries": 0}
         assert store.reports.get(ids[0]) is None
 
 

@@ -134,7 +134,7 @@ def test_stop_and_killed_analyzer_windows_are_analysed_once(vlmguard, gemini):
         daemon.start()
         daemon.wait_live()
         wait_for(lambda: store.reports.get(next(j.id for j in store.reports.list_jobs(limit=1000)
-                                        if j.segment_start == stopped_in)).status == "completed",
+                                                        if j.segment_start == stopped_in)).status == "completed",
                  60, "the stop's window analysed after the restart", daemon)
         jobs = store.reports.list_jobs(limit=1000)
         starts = [j.segment_start for j in jobs]

@@ -256,7 +256,7 @@ def incidents(config_path, camera_id, since, severity, limit, as_json):
     worse = SEVERITIES[SEVERITIES.index(severity):] if severity else ()
     with open_store(config) as store:
         rows = store.incidents.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
-                                    since=since.replace(tzinfo=timezone.utc) if since else None)
+                                              since=since.replace(tzinfo=timezone.utc) if since else None)
     for row in rows:
         if as_json:
             click.echo(json.dumps({k: iso(v) if isinstance(v, datetime) else v

@@ -251,7 +251,7 @@ class Notifier:
         delay = (retry_delay(delivery.attempts, answer.retry_after)
                  if answer.outcome == "retry" else None)
         status = self.outbox.delivery_failed(delivery.id, answer.detail, retry_in=delay,
-                                            max_age_seconds=self.max_age_seconds)
+                                             max_age_seconds=self.max_age_seconds)
         if status == "failed":
             log.error("alert delivery failed", error=answer.detail, **fields)
         else:
