@@ -46,7 +46,6 @@ OWNED_UPDATE = update(jobs).where(jobs.c.id == bindparam("b_id"), jobs.c.status 
                                   jobs.c.lease_token == bindparam("b_token"))
 
 
-
 def backoff_seconds(retry_count: int, base: float, rng: random.Random | None = None) -> float:
     """Delay before attempt retry_count+1: base * 2^(retry_count-1), capped, +-20% jitter."""
     rng = rng or random
