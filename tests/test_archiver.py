@@ -288,7 +288,7 @@ def test_at_start_windows_left_by_a_crash_are_registered_or_go_on_collecting(tmp
     real_ts(layout.archives("cam1") / name_at(past, "ts"), seconds=25)
     archiver2, store2, _ = make_archiver(tmp_path, analysis="window_seconds = 10")
     archiver2.catch_up()
-    jobs = sorted(store2.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store2.reports.list_jobs(), key=lambda j: j.segment_start)
     assert [(j.kind, j.segment_start - past, j.segment_end - past) for j in jobs] == [
         ("window", timedelta(0), timedelta(seconds=10)),
         ("catchup", timedelta(seconds=10), timedelta(seconds=20))]
