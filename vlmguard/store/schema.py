@@ -273,7 +273,8 @@ def migrate(conn: Connection, version: int) -> None:
 def schema_version(db: "Database") -> int:
     """The version the database is stamped with."""
     with db.read() as conn:
-        return int(stamped_version(conn))
+        return int(conn.execute(select(meta_table.c.value)
+                                .where(meta_table.c.key == "schema_version")).scalar_one())
 
 
 def already_added(conn: Connection, statement: str) -> bool:
