@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 from helpers import PG_URL, write_config
 
@@ -111,7 +111,7 @@ def db_url(request, tmp_path):
 
 @pytest.fixture
 def store(db_url):
-    with JobStore(db_url, lease_seconds=30, retry_backoff=10) as s:
+    with Store(db_url, lease_seconds=30, retry_backoff=10) as s:
         yield s
 
 

@@ -29,7 +29,7 @@ from vlmguard.archiver import Archiver
 from vlmguard.cli import main
 from vlmguard.config import SECTIONS, CameraConfig, StorageConfig, load_config, masked
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 from helpers import free_port, wait_for, write_config
 from helpers.config_fuzz import ANY_VALUE, NUMERIC, assert_loads_or_one_line, toml_literal
@@ -95,18 +95,18 @@ def test_code_copes_with_every_key_at_its_bound(tmp_path, bound):
     body = "".join(f"[{s}]\n" + "\n".join(rows) + "\n" for s, rows in lines.items())
     body = body.replace("[storage]\n", f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
     config = load_config(write_config(tmp_path, body + CAMERA))
-    with JobStore.from_config(config) as store:
-        archiver = Archiver(config, store)
+    with Store.from_config(config) as store:
+        archiver = Archiver(config, store.queue, store.recordings)
         archive = config.data_dir / "archives" / "a" / "20261126T080000Z.mp4"
         archive.write_bytes(b"x")
         archiver.enforce_retention()
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("a", archive, start, start)
-        job = store.claim("w")
-        store.heartbeat(job)
-        store.fail(job, "boom")
-        assert store.seconds_until_due() is not None
-        store.retry(job.id)
+        store.queue.register("a", archive, start, start)
+        job = store.queue.claim("w")
+        store.queue.heartbeat(job)
+        store.queue.fail(job, "boom")
+        assert store.queue.seconds_until_due() is not None
+        store.queue.retry(job.id)
 
 
 # -- item 9: out-of-range ids, deep TOML, unusable databases -------------------------------
@@ -116,9 +116,9 @@ def filled(request, config_file):
     if request.param == "postgres":
         pg_url = request.getfixturevalue("pg_url")
         config_file.write_text(config_file.read_text() + f'\n[database]\nurl = "{pg_url}"\n')
-    with JobStore.from_config(load_config(config_file)) as store:
+    with Store.from_config(load_config(config_file)) as store:
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("cam1", "/a/0.mp4", start, start)
+        store.queue.register("cam1", "/a/0.mp4", start, start)
     return config_file
 
 
@@ -187,7 +187,7 @@ def shared_tmp():
 def test_read_only_data_dir_is_one_line_exit_2(shared_tmp):
     data = shared_tmp / "data"
     path = write_config(shared_tmp, f'[storage]\ndata_dir = "{data}"\n' + CAMERA)
-    JobStore.from_config(load_config(path)).close()
+    Store.from_config(load_config(path)).close()
     for entry in (data, *data.iterdir()):
         entry.chmod(0o755 if entry.is_dir() else 0o644)
     data.chmod(0o555)
@@ -477,9 +477,9 @@ def test_reload_that_cannot_start_keeps_the_running_config(vlmguard):
 
 @pytest.fixture
 def sqlite_filled(config_file):
-    with JobStore.from_config(load_config(config_file)) as store:
+    with Store.from_config(load_config(config_file)) as store:
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("cam1", "/a/0.mp4", start, start)
+        store.queue.register("cam1", "/a/0.mp4", start, start)
     return config_file
 
 

@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlmguard.httpguard import connection_cap
 from vlmguard.layout import Layout
-from vlmguard.store import JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import Outcome
 
 from helpers import free_port, write_config
 from helpers import make_config as base_config
@@ -51,11 +52,11 @@ def fill(config):
     (live / "index.m3u8").write_text(PLAYLIST)
     for n in (100, 101):
         (live / f"seg-{n}.ts").write_bytes(bytes(range(256)) * 40)
-    with JobStore.from_config(config) as store:
+    with Store.from_config(config) as store:
         start = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
-        store.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
-        store.complete(store.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
-                                                 output_tokens=1, total_tokens=2, incidents=[]))
+        store.queue.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
+        store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
+                                                             output_tokens=1, total_tokens=2, incidents=[]))
 
 
 def exchange(port, request: bytes, timeout: float = 20) -> tuple[int, dict, bytes]:

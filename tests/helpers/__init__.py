@@ -78,7 +78,7 @@ def make_config(directory: Path, *, token: str = "", server: str = "", storage: 
     lines. `serve`: a free port, for a test that listens on it; `with_store`: the job
     table exists (as `vlmguard run` leaves it)."""
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     port = f"port = {free_port()}" if serve else ""
     camera_tables = "".join(f'[[cameras]]\nid = "{camera}"\nurl = "lavfi:testsrc2"\n'
@@ -88,5 +88,5 @@ def make_config(directory: Path, *, token: str = "", server: str = "", storage: 
             + camera_tables)
     config = load_config(write_config(directory, body))
     if with_store:
-        JobStore.from_config(config).close()
+        Store.from_config(config).close()
     return config

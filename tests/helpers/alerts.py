@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 CAMERAS = """
@@ -22,13 +23,13 @@ def incident(offset: float, category: str = "fall", severity: str = "high") -> I
                           category, severity, f"{category} at {offset}", 0.9)
 
 
-def store_window(store: JobStore, camera: str, start: datetime,
+def store_window(store: Store, camera: str, start: datetime,
                  incidents: list[IncidentRecord], score: int = 40) -> int:
     """An analysed window with its incidents, through the public API as an analyzer does."""
-    job_id = store.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
-                            start + timedelta(minutes=10))
-    job = store.claim("w")
+    job_id = store.queue.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
+                                  start + timedelta(minutes=10))
+    job = store.queue.claim("w")
     assert job.id == job_id
-    store.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
-                                safety_score=score, incidents=incidents))
+    store.queue.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
+                                      safety_score=score, incidents=incidents))
     return job_id
