@@ -21,6 +21,7 @@ from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.livelist import live_age
 from vlmguard.store import STATES, Job, JobStore, first_line, is_outage, redact_url, utcnow
+from vlmguard.store_nodes import NodeStore
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
@@ -83,6 +84,8 @@ def gather_status(config: Config, store: JobStore | None = None,
         "analysis": {"paused": [], "providers": {}, "adapted": adapted_report(states)},
         "ram": ram_report(config, states.get("archiver", {})),
         "alerts": {},
+        "node": config.node_name,
+        "nodes": [],
     }
     try:
         if unreachable:
@@ -136,6 +139,9 @@ def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
     report["tokens"] = {"today": store.token_usage(midnight),
                         "last_24h": store.token_usage(now - timedelta(hours=24))}
     report["database"]["quarantined"] = store.quarantined()
+    report["nodes"] = [dict(n, started_at=iso(n["started_at"]),
+                            heartbeat_at=iso(n["heartbeat_at"]))
+                       for n in NodeStore(store).all()]
 
 
 def database_waits(states: dict[str, dict]) -> dict[str, str]:
@@ -399,6 +405,14 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
                      f"{exit_text(child.get('last_exit'))}); next try in "
                      f"{child.get('next_try_in_s')} s")
+    for node in report.get("nodes", []):
+        seen = "alive" if node["alive"] else (
+            f"DOWN, last seen {format_age(node['last_seen_s'])} ago"
+            + (" (stopped)" if node["stopped"] else ""))
+        this = " (this box)" if node["name"] == report.get("node") else ""
+        cameras = f", cameras {' '.join(node['cameras'])}" if node["cameras"] else ""
+        lines.append(f"node      {node['name']}{this}: {seen}, {node['role']}, "
+                     f"{node['public_url']}{cameras}")
     lines.append("cameras")
     for camera in report["cameras"]:
         age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])

@@ -40,7 +40,7 @@ from vlmguard.redact import mask_url
 
 log = get_logger("vlmguard.store")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 STATES = ("pending", "processing", "completed", "failed")
 # What a job covers: a whole archive file (window_seconds = 0), one live window, windows
 # merged because analysis lagged, or footage found unanalysed (catch-up, after live work).
@@ -143,6 +143,8 @@ jobs = Table(
     Column("kept_at", UTCDateTime),
     # Why the row cannot be read (NULL: it can): a quarantined row is skipped everywhere.
     Column("quarantine", Text),
+    # The box that recorded the footage (schema 9; NULL: written before nodes existed).
+    Column("node", String(64)),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -216,6 +218,8 @@ deliveries = Table(
     Column("last_error", Text),
     Column("last_error_at", UTCDateTime),
     Column("quarantine", Text),
+    # The box whose notifier sends it (its snapshot is on that box); NULL: any notifier.
+    Column("node", String(64)),
     CheckConstraint("status IN ('pending', 'delivered', 'failed', 'suppressed')",
                     name="ck_deliveries_status"),
     Index("ix_deliveries_status_due", "status", "next_attempt_at"),
@@ -255,6 +259,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: ("ALTER TABLE analysis_jobs ADD COLUMN quarantine TEXT",
         "ALTER TABLE incidents ADD COLUMN quarantine TEXT",
         "ALTER TABLE alert_deliveries ADD COLUMN quarantine TEXT"),
+    # 9: the nodes table is new (store_nodes.py; create_all makes it).
+    9: ("ALTER TABLE analysis_jobs ADD COLUMN node VARCHAR(64)",
+        "ALTER TABLE alert_deliveries ADD COLUMN node VARCHAR(64)"),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 DURATION_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800)
@@ -323,6 +330,7 @@ class Job:
     windows: int = 1
     kept_at: datetime | None = None
     quarantine: str | None = None
+    node: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -601,8 +609,10 @@ class JobStore:
 
     def __init__(self, url: str, *, lease_seconds: float = 60, retry_backoff: float = 10.0,
                  poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal",
-                 alerts: Any = None, lazy: bool = False):
+                 alerts: Any = None, lazy: bool = False, node: str | None = None):
         self.url = url
+        # The box this store's jobs are registered on (their footage is on its disk).
+        self.node = node
         # The alerts routing (vlmguard.alerts.plan.AlertPlan): which deliveries complete()
         # writes with a job's incidents. None: none.
         self.alerts = alerts
@@ -649,7 +659,7 @@ class JobStore:
                    retry_backoff=config.analysis.retry_backoff_seconds,
                    poll_seconds=config.analysis.poll_seconds,
                    synchronous=config.database.sqlite_synchronous,
-                   alerts=AlertPlan(config), **kwargs)
+                   alerts=AlertPlan(config), node=config.node_name, **kwargs)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -827,7 +837,7 @@ class JobStore:
         values = dict(camera_id=camera_id, video_path=str(video_path), segment_start=segment_start,
                       segment_end=segment_end, status="pending", created_at=now, run_after=now,
                       retry_count=0, max_retries=max_retries, kind=kind, clip_start=clip_start,
-                      sources=sources, windows=1,
+                      sources=sources, windows=1, node=self.node,
                       priority=CATCH_UP_PRIORITY if kind == "catchup" else LIVE_PRIORITY)
         with self.write() as conn:
             job_id = conn.execute(self._register, values).scalar()
@@ -1073,7 +1083,7 @@ class JobStore:
                     camera_id=job.camera_id, job_id=job.id, incident_id=incident["id"],
                     category=incident["category"], incident_at=incident["start_at"],
                     status="suppressed" if cooling else "pending", payload=payload,
-                    last_error=f"cooldown: {cooling}" if cooling else None))
+                    last_error=f"cooldown: {cooling}" if cooling else None, node=job.node))
                 made += 1
         if made:
             self.notify(conn)
@@ -1125,9 +1135,11 @@ class JobStore:
 
     @quarantining
     def claim_deliveries(self, worker_id: str, limit: int, lease_seconds: float,
-                         destinations: Sequence[str] | None = None) -> list[Delivery]:
+                         destinations: Sequence[str] | None = None,
+                         node: str | None = None) -> list[Delivery]:
         """Take due pending deliveries for lease_seconds (another notifier skips them;
-        one that dies leaves them due again when the lease runs out)."""
+        one that dies leaves them due again when the lease runs out). With node, only
+        those any box may send and that box's own (their snapshot is on its disk)."""
         now = utcnow()
         due = (select(deliveries.c.id)
                .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now,
@@ -1135,6 +1147,8 @@ class JobStore:
                .order_by(deliveries.c.id).limit(limit).with_for_update(skip_locked=True))
         if destinations is not None:
             due = due.where(deliveries.c.destination.in_(destinations))
+        if node is not None:
+            due = due.where(or_(deliveries.c.node.is_(None), deliveries.c.node == node))
         with self.write() as conn:
             ids = list(conn.execute(due).scalars())
             if not ids:
@@ -1194,11 +1208,13 @@ class JobStore:
         return status
 
     @quarantining
-    def seconds_until_delivery_due(self) -> float | None:
+    def seconds_until_delivery_due(self, node: str | None = None) -> float | None:
+        query = select(func.min(deliveries.c.next_attempt_at)).where(
+            deliveries.c.status == "pending", DELIVERY_OK)
+        if node is not None:  # another box's deliveries are its notifier's
+            query = query.where(or_(deliveries.c.node.is_(None), deliveries.c.node == node))
         with self.read() as conn:
-            due = checked_time(conn.execute(select(func.min(deliveries.c.next_attempt_at))
-                                            .where(deliveries.c.status == "pending",
-                                                   DELIVERY_OK)).scalar())
+            due = checked_time(conn.execute(query).scalar())
         if due is None:
             return None
         return max((due - utcnow()).total_seconds(), 0.0)
@@ -1859,3 +1875,8 @@ def newer_schema(version: int) -> DatabaseError:
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# The nodes table is declared with its queries (store_nodes.py) on this module's metadata,
+# so create_all and every migration see it; a plain module import works in either order.
+import vlmguard.store_nodes  # noqa: E402,F401

@@ -200,6 +200,7 @@ async def health(request: web.Request) -> web.Response:
     database = report["database"]
     body = {"healthy": report["healthy"], "problems": report["problems"],
             "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES},
+            "node": report["node"], "nodes": report["nodes"],
             "analysis_lag_s": {c["id"]: c["analysis_lag_s"] for c in report["cameras"]},
             "database": {"ready": database["ready"], "error": database["error"],
                          "waiting": database["waiting"],

@@ -1,0 +1,217 @@
+"""Several boxes, one database: node names, the nodes table, jobs that know their node."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from vlmguard.config import load_config
+from vlmguard.errors import ConfigError
+from vlmguard.store import JobStore
+from vlmguard.store_nodes import NodeInfo, NodeStore, NodeTaken, nodes
+
+from conftest import write_config
+
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+
+
+def node(name: str = "box-a", instance: str = "i1", cameras=("cam1",)) -> NodeInfo:
+    return NodeInfo(name=name, instance=instance, public_url=f"http://{name}:8080",
+                    role="records", cameras=tuple(cameras))
+
+
+def test_node_name_defaults_to_the_host_name_and_is_checked(tmp_path):
+    config = load_config(write_config(tmp_path, f"""
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+    """))
+    import socket
+    assert config.node_name == socket.gethostname().split(".")[0]
+    assert config.node_role == "analyses"  # no cameras, two analyzers by default
+    named = load_config(write_config(tmp_path, """
+        [daemon]
+        node = "dock-2"
+        [analysis]
+        workers = 0
+        [[cameras]]
+        id = "cam1"
+        url = "lavfi:testsrc2"
+    """))
+    assert named.node_name == "dock-2" and named.node_role == "records"
+    for bad in ("-x", "a b", "x" * 64, "a/b"):
+        with pytest.raises(ConfigError, match="daemon.node: must be"):
+            load_config(write_config(tmp_path, f'[daemon]\nnode = "{bad}"\n'))
+
+
+def test_a_live_node_name_is_refused_a_stale_or_stopped_one_taken_over(store):
+    nodes_ = NodeStore(store)
+    first = node(instance="first")
+    nodes_.join(first)
+    assert nodes_.heartbeat(first)
+    with pytest.raises(NodeTaken, match="node name 'box-a' is held by another running"):
+        nodes_.join(node(instance="second"))
+    nodes_.leave(first)  # an orderly stop frees the name at once
+    assert not nodes_.get("box-a")["alive"] and nodes_.get("box-a")["stopped"]
+    nodes_.join(node(instance="second"))
+    assert nodes_.get("box-a")["alive"]
+    # A start that died without leaving: its heartbeat goes stale, and the name is free.
+    with store.write() as conn:
+        conn.execute(sqlalchemy.update(nodes).values(
+            heartbeat_at=datetime.now(timezone.utc) - timedelta(minutes=5), stopped_at=None))
+    assert not nodes_.get("box-a")["alive"]
+    nodes_.join(node(instance="third"))
+    # The start that lost its name hears so from its heartbeat, and does not steal it back.
+    assert not nodes_.heartbeat(node(instance="second"))
+    listed = nodes_.all()
+    assert [(n["name"], n["alive"], n["cameras"]) for n in listed] == [("box-a", True, ["cam1"])]
+
+
+def test_jobs_and_incident_deliveries_carry_the_recording_node(db_url):
+    with JobStore(db_url, node="box-a") as store:
+        job_id = store.register("cam1", "/a/cam1.ts", T0, T0 + timedelta(seconds=60),
+                                kind="window")
+        assert store.get(job_id).node == "box-a"
+        claimed = JobStore(db_url, node="box-c")
+        try:
+            assert claimed.claim("w").node == "box-a"
+        finally:
+            claimed.close()
+
+
+def test_schema_8_database_gains_the_node_columns(db_url):
+    """A database written before nodes existed is upgraded; its jobs have no node."""
+    with JobStore(db_url) as store:
+        old = store.register("cam1", "/old.ts", T0, T0 + timedelta(seconds=60))
+        with store.write() as conn:
+            conn.exec_driver_sql("DROP TABLE nodes")
+            conn.exec_driver_sql("ALTER TABLE analysis_jobs DROP COLUMN node")
+            conn.exec_driver_sql("ALTER TABLE alert_deliveries DROP COLUMN node")
+            conn.exec_driver_sql("UPDATE vlmguard_meta SET value = '8' "
+                                 "WHERE key = 'schema_version'")
+    with JobStore(db_url, node="box-a") as store:
+        assert store.schema_version() == 9
+        assert store.get(old).node is None
+        NodeStore(store).join(node())
+        assert NodeStore(store).get("box-a")["role"] == "records"
+
+
+def test_a_second_run_with_a_live_node_name_is_refused(tmp_path, pg_url):
+    """Two boxes configured with the same node name on one database: the second start
+    says so in one line and exits 2; the first keeps its row."""
+    def config(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        from daemon import free_port
+        return write_config(folder, f"""
+            [daemon]
+            node = "same"
+            [server]
+            port = {free_port()}
+            [storage]
+            data_dir = "{folder / 'data'}"
+            [database]
+            url = "{pg_url}"
+            [analysis]
+            workers = 0
+        """)
+    first = subprocess.Popen([sys.executable, "-m", "vlmguard", "run", "--config",
+                              str(config("one"))], stderr=subprocess.PIPE, text=True)
+    try:
+        with JobStore(pg_url, create=False, lazy=True) as store:
+            deadline = datetime.now() + timedelta(seconds=30)
+            while datetime.now() < deadline:
+                try:
+                    store.ensure_ready()
+                    if (found := NodeStore(store).get("same")) and found["alive"]:
+                        break
+                except Exception:
+                    pass
+                import time
+                time.sleep(0.2)
+            else:
+                pytest.fail("the first vlmguard never joined")
+        second = subprocess.run([sys.executable, "-m", "vlmguard", "run", "--config",
+                                 str(config("two"))], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert lines[-1].startswith("vlmguard: node name 'same' is held by another running")
+        assert "Traceback" not in second.stderr
+    finally:
+        first.terminate()
+        first.wait(60)
+    with JobStore(pg_url, create=False) as store:
+        assert NodeStore(store).get("same")["stopped"]
+
+
+def wait_for(check, timeout: float, what: str, *boxes):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        for box in boxes:
+            assert box.proc.poll() is None, box.log_text()[-3000:]
+        time.sleep(0.5)
+    logs = "\n".join(box.log_text()[-2500:] for box in boxes)
+    raise AssertionError(f"{what} did not happen in {timeout} s\n{logs}")
+
+
+def box(tmp_path, gemini, name: str, pg_url: str, *, workers: int, camera: bool):
+    from daemon import RunningVlmguard
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    return RunningVlmguard(folder, gemini.base_url, workers=workers, window_seconds=10,
+                           daemon=f'node = "{name}"', extra=f'[database]\nurl = "{pg_url}"',
+                           cameras=None if camera else "\n")
+
+
+def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gemini, pg_url):
+    """Box A records (0 analyzers), box C has no camera: every window A recorded ends
+    completed by C, fetched over HTTP; A stopped, its windows wait (uncharged, not failed)
+    and complete once it is back."""
+    recorder = box(tmp_path, gemini, "box-a", pg_url, workers=0, camera=True).start()
+    analyst = box(tmp_path, gemini, "box-c", pg_url, workers=1, camera=False).start()
+    try:
+        with JobStore(pg_url) as store:
+            def completed():
+                done = store.list_jobs(states=["completed"], results=False)
+                return done if len(done) >= 2 else None
+            done = wait_for(completed, 120, "two windows completed", recorder, analyst)
+            assert {j.node for j in done} == {"box-a"}
+            assert all(j.kind in ("window", "catchup", "merged") for j in done)
+            fetched = [e for e in analyst.log_events()
+                       if e.get("event") == "footage fetched from its node"]
+            assert fetched and all(e["node"] == "box-a" and e["bytes"] > 10_000 for e in fetched)
+            listed = {n["name"]: n for n in NodeStore(store).all()}
+            assert listed["box-a"]["alive"] and listed["box-a"]["cameras"] == ["cam1"]
+            assert listed["box-c"]["role"] == "analyses" and listed["box-c"]["cameras"] == []
+
+            assert recorder.stop() == 0
+            def waiting():
+                pending = store.list_jobs(states=["pending"], results=False)
+                return [j for j in pending if j.error_message is None
+                        and j.started_at is None] or None
+            # The stop registers the last window; C claims it, finds box-a down, puts it back.
+            wait_for(lambda: any(e.get("event") == "footage on another node out of reach now, "
+                                 "job put back" for e in analyst.log_events()), 60,
+                     "a window put back while its node is down", analyst)
+            held = waiting()
+            assert held and all(j.retry_count == 0 for j in held)
+            assert store.count_jobs(states=["failed"]) == 0
+            held_ids = {j.id for j in held}
+
+            recorder = box(tmp_path, gemini, "box-a", pg_url, workers=0, camera=True).start()
+            def all_done():
+                return all(store.get(i).status == "completed" for i in held_ids)
+            wait_for(all_done, 120, "the held windows completed after box-a returned",
+                     recorder, analyst)
+            assert store.count_jobs(states=["failed"]) == 0
+    finally:
+        for running in (recorder, analyst):
+            running.stop()

@@ -1,0 +1,145 @@
+"""The boxes that share one database: the `nodes` table and every statement on it.
+
+Each `vlmguard run` is a node: a row with its name (daemon.node), the id of this start
+(instance), where its server is reached (public_url, the base of links to its footage),
+its version, role and cameras, and a heartbeat the supervisor writes every few seconds.
+A node whose heartbeat is older than ALIVE_SECONDS is down: its name may be taken by a
+new start, and its jobs wait for it (their footage is on its disk).
+
+The table is declared on the job table's metadata (vlmguard.store), so the store's
+create_all and migrations make it; NodeStore speaks through a JobStore's transactions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import JSON, Column, String, Table, delete, select, update
+
+from vlmguard import __version__
+from vlmguard.errors import StartupError
+from vlmguard.store import UTCDateTime, metadata, utcnow
+
+# The supervisor beats every 5 s (its status line); a node silent six beats is down.
+ALIVE_SECONDS = 30.0
+MAX_CAMERAS_LISTED = 500
+
+nodes = Table(
+    "nodes", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("instance", String(32), nullable=False),
+    Column("public_url", String(500), nullable=False),
+    Column("version", String(50), nullable=False),
+    Column("role", String(16), nullable=False),
+    # [{"id": camera id}], so any box can list (and link to) every box's cameras.
+    Column("cameras", JSON),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    # Set by an orderly stop: the node is down at once, not ALIVE_SECONDS later.
+    Column("stopped_at", UTCDateTime),
+)
+
+
+class NodeTaken(StartupError):
+    """Another live vlmguard holds this node name."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What one start of vlmguard says about itself."""
+
+    name: str
+    instance: str
+    public_url: str
+    role: str
+    cameras: tuple[str, ...]
+    version: str = __version__
+
+    @classmethod
+    def of(cls, config: Any, instance: str | None = None) -> "NodeInfo":
+        return cls(name=config.node_name, instance=instance or secrets.token_hex(8),
+                   public_url=config.public_url, role=config.node_role,
+                   cameras=tuple(c.id for c in config.cameras))
+
+    def values(self, now: datetime) -> dict[str, Any]:
+        return dict(instance=self.instance, public_url=self.public_url[:500],
+                    version=self.version[:50], role=self.role,
+                    cameras=[{"id": c} for c in self.cameras[:MAX_CAMERAS_LISTED]],
+                    heartbeat_at=now, stopped_at=None)
+
+
+def is_alive(row: Any, now: datetime | None = None) -> bool:
+    now = now or utcnow()
+    return (row.stopped_at is None and row.heartbeat_at is not None
+            and now - row.heartbeat_at < timedelta(seconds=ALIVE_SECONDS))
+
+
+def node_dict(row: Any, now: datetime) -> dict[str, Any]:
+    cameras = row.cameras if isinstance(row.cameras, list) else []
+    return {"name": row.name, "alive": is_alive(row, now), "role": row.role,
+            "version": row.version, "public_url": row.public_url,
+            "cameras": [c["id"] for c in cameras if isinstance(c, dict)
+                        and isinstance(c.get("id"), str)],
+            "started_at": row.started_at, "heartbeat_at": row.heartbeat_at,
+            "last_seen_s": round((now - row.heartbeat_at).total_seconds(), 1),
+            "stopped": row.stopped_at is not None}
+
+
+class NodeStore:
+    """The nodes table, through a JobStore's engine and transactions."""
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def join(self, node: NodeInfo) -> None:
+        """Take the node's name for this start; NodeTaken when another live start holds it."""
+        now = utcnow()
+        with self.store.write() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.name == node.name)
+                               .with_for_update()).first()
+            if row is not None and row.instance != node.instance and is_alive(row, now):
+                raise NodeTaken(
+                    f"node name {node.name!r} is held by another running vlmguard (its server "
+                    f"{row.public_url}, last heartbeat {(now - row.heartbeat_at).seconds} s "
+                    "ago); set daemon.node to a name of its own")
+            conn.execute(delete(nodes).where(nodes.c.name == node.name))
+            conn.execute(nodes.insert().values(name=node.name, started_at=now,
+                                               **node.values(now)))
+
+    def heartbeat(self, node: NodeInfo) -> bool:
+        """Say this node is alive; False when another live start has taken its name
+        (this one was silent too long)."""
+        now = utcnow()
+        with self.store.write() as conn:
+            done = conn.execute(update(nodes).where(nodes.c.name == node.name,
+                                                    nodes.c.instance == node.instance)
+                                .values(**node.values(now))).rowcount
+        if done:
+            return True
+        try:
+            self.join(node)  # the row was removed, or taken and then left to go stale
+        except NodeTaken:
+            return False
+        return True
+
+    def leave(self, node: NodeInfo) -> None:
+        """An orderly stop: down at once (its jobs wait for it, its name is free)."""
+        with self.store.write() as conn:
+            conn.execute(update(nodes).where(nodes.c.name == node.name,
+                                             nodes.c.instance == node.instance)
+                         .values(stopped_at=utcnow()))
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self.store.read() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.name == name)).first()
+        return node_dict(row, utcnow()) if row is not None else None
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every node ever seen, by name, alive or with when it was last seen."""
+        now = utcnow()
+        with self.store.read() as conn:
+            rows = conn.execute(select(nodes).order_by(nodes.c.name)).all()
+        return [node_dict(row, now) for row in rows]
