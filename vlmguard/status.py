@@ -382,6 +382,28 @@ def incident_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in row.items()}
 
 
+def camera_homes(config: Config, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """camera id -> the node that records it, for the cameras of other boxes (this box's
+    own cameras are served here)."""
+    homes = {camera: node for node in nodes if node["name"] != config.node_name
+             for camera in node["cameras"]}
+    for camera in config.cameras:
+        homes.pop(camera.id, None)
+    return homes
+
+
+def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An incident row with the node that recorded it and, for another box's camera,
+    its snapshot and clip on that box's server (same token)."""
+    home = homes.get(row.get("camera_id"))
+    if home is None:
+        return dict(row, node=None, snapshot_url=f"/api/incidents/{row['id']}/snapshot.jpg",
+                    clip_url=f"/api/incidents/{row['id']}/clip.mp4")
+    base = f"{home['public_url']}/api/incidents/{row['id']}"
+    return dict(row, node=home["name"], snapshot_url=f"{base}/snapshot.jpg",
+                clip_url=f"{base}/clip.mp4")
+
+
 def iso(when: datetime | None) -> str | None:
     return when.isoformat(timespec="seconds") if when else None
 

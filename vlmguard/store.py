@@ -394,6 +394,7 @@ class Delivery:
     payload: dict[str, Any]
     attempts: int
     created_at: datetime
+    node: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> "Delivery":

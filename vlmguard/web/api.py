@@ -25,8 +25,10 @@ from aiohttp import web
 
 from vlmguard.config import Config
 from vlmguard.outage import Outage
-from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
+from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
+                             live_cameras, with_home)
 from vlmguard.store import STATES, JobStore, is_outage
+from vlmguard.store_nodes import NodeStore
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
 from vlmguard.web.metrics import render_metrics
@@ -258,9 +260,9 @@ async def incidents(request: web.Request) -> web.Response:
 
     def work(config, store):
         return (store.find_incidents(**where, limit=limit, offset=offset),
-                store.count_incidents(**where))
-    rows, total = await read(request, work)
-    page = bounded_page([incident_row(r) for r in rows])
+                store.count_incidents(**where), camera_homes(config, NodeStore(store).all()))
+    rows, total, homes = await read(request, work)
+    page = bounded_page([with_home(incident_row(r), homes) for r in rows])
     following = offset + len(page)
     return web.json_response({"incidents": page, "limit": limit, "offset": offset,
                               "total": total, "truncated": len(page) < len(rows),

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan_clip
+from vlmguard.clips import (MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, middle, plan_clip,
+                            save_snapshot)
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
@@ -73,7 +74,14 @@ async def incident_of(request: web.Request) -> dict:
 
 async def snapshot(request: web.Request) -> web.FileResponse:
     incident = await incident_of(request)
-    path = Layout(config_of(request).data_dir).snapshot(incident["camera_id"], incident["id"])
+    config = config_of(request)
+    layout = Layout(config.data_dir)
+    path = layout.snapshot(incident["camera_id"], incident["id"])
+    if not await asyncio.to_thread(path.is_file) and config.camera(incident["camera_id"]):
+        # Analysed on another box, which has no footage to make it from: made here, once.
+        async with request.app[CLIP_SLOTS_KEY]:
+            await asyncio.to_thread(save_snapshot, ffmpeg_binary(), layout,
+                                    incident["camera_id"], incident["id"], middle(incident))
     if not await asyncio.to_thread(path.is_file):
         raise not_found(f"no snapshot of incident {incident['id']} (none made, or its "
                         "footage was deleted)")

@@ -47,7 +47,9 @@ async def list_nodes(request: web.Request) -> web.Response:
     found = await read(request, lambda config, store: NodeStore(store).all())
     return web.json_response({
         "node": config_of(request).node_name,
-        "nodes": [dict(n, started_at=iso(n["started_at"]), heartbeat_at=iso(n["heartbeat_at"]))
+        "nodes": [dict(n, started_at=iso(n["started_at"]), heartbeat_at=iso(n["heartbeat_at"]),
+                       live=[{"camera": c, "hls_url": f"{n['public_url']}/live/{c}/index.m3u8"}
+                             for c in n["cameras"]])
                   for n in found]})
 
 
