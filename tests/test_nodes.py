@@ -71,6 +71,33 @@ def test_a_live_node_name_is_refused_a_stale_or_stopped_one_taken_over(store):
     assert [(n["name"], n["alive"], n["cameras"]) for n in listed] == [("box-a", True, ["cam1"])]
 
 
+def test_a_node_row_carries_its_cameras_and_their_prompts(store):
+    """An analyzer on another box asks the model what the recording box would."""
+    info = NodeInfo(name="dock", instance="i", public_url="http://dock:8080", role="both",
+                    cameras=("cam1", "cam2"), prompts=("Loading bay.", ""))
+    NodeStore(store).join(info)
+    found = NodeStore(store).get("dock")
+    assert found["cameras"] == ["cam1", "cam2"]
+    assert found["prompts"] == {"cam1": "Loading bay.", "cam2": ""}
+
+
+def test_a_restart_of_the_same_box_after_a_crash_takes_its_name_back(store, tmp_path):
+    """Killed (its heartbeat still fresh), the box starts again on its data directory at
+    once: the same box id, so not refused; another box with that name still is."""
+    from vlmguard.store_nodes import box_id
+    box = box_id(tmp_path)
+    assert box_id(tmp_path) == box and (tmp_path / "node-id").exists()
+    first = NodeInfo(name="dock", instance="crashed", public_url="http://dock:1", role="both",
+                     cameras=(), box=box)
+    NodeStore(store).join(first)
+    NodeStore(store).join(NodeInfo(name="dock", instance="restarted", public_url="http://dock:1",
+                                   role="both", cameras=(), box=box))
+    assert not NodeStore(store).heartbeat(first)
+    with pytest.raises(NodeTaken):
+        NodeStore(store).join(NodeInfo(name="dock", instance="other", public_url="http://x:1",
+                                       role="both", cameras=(), box=box_id(tmp_path / "..")))
+
+
 def test_jobs_and_incident_deliveries_carry_the_recording_node(db_url):
     with JobStore(db_url, node="box-a") as store:
         job_id = store.register("cam1", "/a/cam1.ts", T0, T0 + timedelta(seconds=60),

@@ -396,6 +396,15 @@ class Worker:
         log.info("footage fetched from its node", node=job.node, bytes=size)
         return path
 
+    def camera_prompt(self, job: Job) -> str:
+        """The camera's prompt from this config, or from the config of the box that
+        records it (its nodes row) for another box's camera."""
+        camera = self.config.camera(job.camera_id)
+        if camera is not None or not self.recorded_elsewhere(job):
+            return camera.prompt if camera else ""
+        node = NodeStore(self.store).get(job.node) or {}
+        return node.get("prompts", {}).get(job.camera_id, "")
+
     def complete(self, job: Job, outcome: Outcome) -> None:
         """Store the outcome; the incidents' pictures are made by the box that has the
         footage (here, or the recording node's notifier and server, on demand)."""
@@ -416,9 +425,8 @@ class Worker:
             return no_activity()
         if self.gating and len(clip.frames) == 1:
             clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
-        camera = self.config.camera(job.camera_id)
         window = None if job.kind == "archive" else (job.first_frame_at, job.duration_seconds)
-        prompt = build_prompt(camera.prompt if camera else "", clip, window)
+        prompt = build_prompt(self.camera_prompt(job), clip, window)
         failures: list[tuple[str, AnalysisError]] = []
         skipped: list[tuple[str, object]] = []
         for settings in order:

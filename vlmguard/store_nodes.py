@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, String, Table, delete, select, update
@@ -31,6 +32,9 @@ nodes = Table(
     "nodes", metadata,
     Column("name", String(64), primary_key=True),
     Column("instance", String(32), nullable=False),
+    # The data directory's own id (box_id): a start on the same data directory is this
+    # box again (the data-dir lock says the earlier start is gone), not another box.
+    Column("box", String(32)),
     Column("public_url", String(500), nullable=False),
     Column("version", String(50), nullable=False),
     Column("role", String(16), nullable=False),
@@ -41,6 +45,21 @@ nodes = Table(
     # Set by an orderly stop: the node is down at once, not ALIVE_SECONDS later.
     Column("stopped_at", UTCDateTime),
 )
+
+
+def box_id(data_dir: Path) -> str:
+    """This data directory's id, made at its first start: what tells a restart of this
+    box (after a crash, its heartbeat still fresh) from another box using its name."""
+    path = Path(data_dir) / "node-id"
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if len(found) == 32 and all(c in "0123456789abcdef" for c in found):
+        return found
+    made = secrets.token_hex(16)
+    path.write_text(made + "\n")
+    return made
 
 
 class NodeTaken(StartupError):
@@ -56,18 +75,25 @@ class NodeInfo:
     public_url: str
     role: str
     cameras: tuple[str, ...]
+    box: str = ""
+    # Each camera's prompt, so an analyzer on another box asks what this box would.
+    prompts: tuple[str, ...] = ()
     version: str = __version__
 
     @classmethod
-    def of(cls, config: Any, instance: str | None = None) -> "NodeInfo":
-        return cls(name=config.node_name, instance=instance or secrets.token_hex(8),
+    def of(cls, config: Any, instance: str | None = None, box: str = "") -> "NodeInfo":
+        return cls(name=config.node_name, instance=instance or secrets.token_hex(8), box=box,
                    public_url=config.public_url, role=config.node_role,
-                   cameras=tuple(c.id for c in config.cameras))
+                   cameras=tuple(c.id for c in config.cameras),
+                   prompts=tuple(c.prompt for c in config.cameras))
 
     def values(self, now: datetime) -> dict[str, Any]:
-        return dict(instance=self.instance, public_url=self.public_url[:500],
+        return dict(instance=self.instance, box=self.box or None,
+                    public_url=self.public_url[:500],
                     version=self.version[:50], role=self.role,
-                    cameras=[{"id": c} for c in self.cameras[:MAX_CAMERAS_LISTED]],
+                    cameras=[{"id": c, "prompt": p} for c, p in
+                             zip(self.cameras[:MAX_CAMERAS_LISTED],
+                                 self.prompts or ("",) * len(self.cameras))],
                     heartbeat_at=now, stopped_at=None)
 
 
@@ -78,11 +104,12 @@ def is_alive(row: Any, now: datetime | None = None) -> bool:
 
 
 def node_dict(row: Any, now: datetime) -> dict[str, Any]:
-    cameras = row.cameras if isinstance(row.cameras, list) else []
+    cameras = [c for c in (row.cameras if isinstance(row.cameras, list) else [])
+               if isinstance(c, dict) and isinstance(c.get("id"), str)]
     return {"name": row.name, "alive": is_alive(row, now), "role": row.role,
             "version": row.version, "public_url": row.public_url,
-            "cameras": [c["id"] for c in cameras if isinstance(c, dict)
-                        and isinstance(c.get("id"), str)],
+            "cameras": [c["id"] for c in cameras],
+            "prompts": {c["id"]: str(c.get("prompt") or "") for c in cameras},
             "started_at": row.started_at, "heartbeat_at": row.heartbeat_at,
             "last_seen_s": round((now - row.heartbeat_at).total_seconds(), 1),
             "stopped": row.stopped_at is not None}
@@ -94,13 +121,15 @@ class NodeStore:
     def __init__(self, store: Any):
         self.store = store
 
-    def join(self, node: NodeInfo) -> None:
-        """Take the node's name for this start; NodeTaken when another live start holds it."""
+    def join(self, node: NodeInfo, *, restart: bool = True) -> None:
+        """Take the node's name for this start; NodeTaken when another live start holds it
+        (restart: unless that start was this box's, which the data-dir lock says is gone)."""
         now = utcnow()
         with self.store.write() as conn:
             row = conn.execute(select(nodes).where(nodes.c.name == node.name)
                                .with_for_update()).first()
-            if row is not None and row.instance != node.instance and is_alive(row, now):
+            if row is not None and row.instance != node.instance and is_alive(row, now) \
+                    and not (restart and node.box and row.box == node.box):
                 raise NodeTaken(
                     f"node name {node.name!r} is held by another running vlmguard (its server "
                     f"{row.public_url}, last heartbeat {(now - row.heartbeat_at).seconds} s "
@@ -120,7 +149,7 @@ class NodeStore:
         if done:
             return True
         try:
-            self.join(node)  # the row was removed, or taken and then left to go stale
+            self.join(node, restart=False)  # the row was removed, or taken and left stale
         except NodeTaken:
             return False
         return True

@@ -49,7 +49,7 @@ from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
 from vlmguard.store import JobStore, is_outage
-from vlmguard.store_nodes import NodeInfo, NodeStore, NodeTaken
+from vlmguard.store_nodes import NodeInfo, NodeStore, NodeTaken, box_id
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.supervisor")
@@ -422,7 +422,7 @@ class Supervisor:
         self.probe_paused(config)
         self.stop_children(self.children)
         self.config = config
-        self.node = NodeInfo.of(config, self.node.instance)
+        self.node = NodeInfo.of(config, self.node.instance, self.node.box)
         self.children = self.plan(config)
         for child in self.children:
             self.spawn(child)
@@ -508,6 +508,11 @@ class Supervisor:
     def join_site(self) -> None:
         """Take this box's node name, refused when another live vlmguard holds it. A
         database away now is no reason not to record: the heartbeat joins later."""
+        try:
+            self.node = NodeInfo.of(self.config, box=box_id(self.config.data_dir))
+        except OSError as exc:
+            raise StartupError(f"cannot use data directory {self.config.data_dir}: "
+                               f"{exc.strerror or exc}") from None
         try:
             with JobStore.from_config(self.config, create=False) as store:
                 NodeStore(store).join(self.node)
