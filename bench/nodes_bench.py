@@ -102,7 +102,8 @@ def window_latencies(url: str) -> list[float]:
     return [(j.completed_at - j.segment_end).total_seconds() for j in windows[1:]]
 
 
-def fetched_bytes(log: Path) -> list[int]:
+def fetched(log: Path) -> list[tuple[int, float]]:
+    """(bytes, seconds) of each footage fetch the analysis-only box logged."""
     found = []
     for line in log.read_text().splitlines():
         try:
@@ -110,22 +111,21 @@ def fetched_bytes(log: Path) -> list[int]:
         except ValueError:
             continue
         if event.get("event") == "footage fetched from its node":
-            found.append(int(event["bytes"]))
+            found.append((int(event["bytes"]), float(event["seconds"])))
     return found
 
 
-def database_bytes(schema: str) -> tuple[int, int]:
-    """(bytes of every table of the schema with its indexes and TOAST, window jobs)."""
+def table_figures(schema: str, table: str) -> tuple[int, int, float]:
+    """(bytes of the table with its indexes and TOAST, rows, mean row bytes)."""
     engine = sqlalchemy.create_engine(PG_URL)
     with engine.connect() as conn:
-        size = conn.execute(sqlalchemy.text(
-            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE n.nspname = :s AND c.relkind = 'r'"),
-            {"s": schema}).scalar()
-        jobs = conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {schema}.analysis_jobs")
-                            ).scalar()
+        size = conn.execute(sqlalchemy.text("SELECT pg_total_relation_size(:t)"),
+                            {"t": f"{schema}.{table}"}).scalar()
+        rows, mean = conn.execute(sqlalchemy.text(
+            f"SELECT count(*), coalesce(avg(pg_column_size(t.*)), 0) FROM {schema}.{table} t")
+            ).one()
     engine.dispose()
-    return int(size), int(jobs)
+    return int(size), int(rows), float(mean)
 
 
 def latency_and_bytes(seconds: float) -> dict:
@@ -146,9 +146,10 @@ def latency_and_bytes(seconds: float) -> dict:
             for proc, _log in boxes:
                 proc.wait(120)
         local, remote = window_latencies(local_url), window_latencies(remote_url)
-        moved = fetched_bytes(boxes[2][1])
-    size, jobs = database_bytes("nodes_remote")
-    return {"local": local, "remote": remote, "bytes": moved, "db_bytes": size, "db_jobs": jobs}
+        moved = fetched(boxes[2][1])
+    return {"local": local, "remote": remote, "bytes": moved,
+            "jobs": table_figures("nodes_remote", "analysis_jobs"),
+            "incidents": table_figures("nodes_remote", "incidents")}
 
 
 def drain(url: str, worker_id: str, start, out) -> None:
@@ -212,18 +213,29 @@ def main() -> None:
           f"| {remote:.2f} |")
     print(f"| ratio another / recording box | | {remote / local:.2f} |")
     moved = found["bytes"]
-    per_window = statistics.median(moved)
+    per_window = statistics.median(b for b, _ in moved)
     print(f"\nbytes moved per {WINDOW_SECONDS}-s window: median {per_window / 1e6:.2f} MB over "
           f"{len(moved)} windows ({per_window * 8 / WINDOW_SECONDS / 1e6:.2f} Mbit/s per camera "
-          "while analysed elsewhere)")
-    per_job = found["db_bytes"] / max(found["db_jobs"], 1)
+          f"while analysed elsewhere); the fetch (stream copy + HTTP) took median "
+          f"{statistics.median(s for _, s in moved):.2f} s")
+    shared = queue_rate(args.jobs)
+    # A job's bytes in the table: the queue run's (thousands of rows, so its indexes and
+    # pages are to scale) with its small rows swapped for the real windows' mean row.
+    size, rows, mean = table_figures("nodes_queue", "analysis_jobs")
+    real_row = found["jobs"][2]
+    per_job = size / rows - mean + real_row
+    incident_row = found["incidents"][2]
     day = 86400 / 60
-    print(f"database: {found['db_bytes'] / 1e6:.2f} MB for {found['db_jobs']} window jobs "
-          f"(incl. PostgreSQL's fixed per-table pages), {per_job / 1e3:.1f} kB a job: "
-          f"<= {per_job * day / 1e6:.1f} MB per camera-day at window_seconds = 60")
-    rate = queue_rate(args.jobs)
-    print(f"\nshared queue, 3 nodes x 4 analyzers on PostgreSQL: {rate:,.0f} claim+complete/s "
-          f"({args.jobs} window jobs)")
+    print(f"\ndatabase: a window job {per_job:,.0f} bytes (row {real_row:,.0f} with its result, "
+          f"the rest indexes and page space), so {per_job * day / 1e6:.2f} MB per camera-day "
+          f"at window_seconds = 60; an incident row {incident_row:,.0f} bytes on top. Rows are "
+          "kept (no clean-up of analysed jobs yet): growth, not a steady size.")
+    alone = queue_rate(args.jobs, nodes=1)
+    print(f"\n| PostgreSQL queue, {args.jobs} window jobs | claim+complete/s |")
+    print("|---|---|")
+    print(f"| 3 nodes x 4 analyzers (12 processes) | {shared:,.0f} |")
+    print(f"| 1 node x 4 analyzers, same run | {alone:,.0f} |")
+    print(f"\nload average during the run: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -390,10 +390,12 @@ class Worker:
         if not self.recorded_elsewhere(job):
             return job_video(Layout(self.config.data_dir), job, workdir)
         node = NodeStore(self.store).get(job.node)
+        began = time.monotonic()
         path, size = fetch_footage(node, job, self.config.server.token,
                                    workdir / "footage.mp4",
                                    self.config.storage.ram_max_mb * 2**20, keep_alive)
-        log.info("footage fetched from its node", node=job.node, bytes=size)
+        log.info("footage fetched from its node", node=job.node, bytes=size,
+                 seconds=round(time.monotonic() - began, 3))
         return path
 
     def camera_prompt(self, job: Job) -> str:
