@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from vlmguard.store_nodes import NodeInfo, NodeStore, NodeTaken, nodes
 from conftest import write_config
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+TOKEN = "shared-by-every-box-0123456789"
 
 
 def node(name: str = "box-a", instance: str = "i1", cameras=("cam1",)) -> NodeInfo:
@@ -195,7 +198,7 @@ def box(tmp_path, gemini, name: str, pg_url: str, *, workers: int, camera: bool)
     folder.mkdir(exist_ok=True)
     return RunningVlmguard(folder, gemini.base_url, workers=workers, window_seconds=10,
                            daemon=f'node = "{name}"', extra=f'[database]\nurl = "{pg_url}"',
-                           cameras=None if camera else "\n")
+                           cameras=None if camera else "\n", server=f'token = "{TOKEN}"')
 
 
 def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gemini, pg_url):
@@ -215,6 +218,11 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
             fetched = [e for e in analyst.log_events()
                        if e.get("event") == "footage fetched from its node"]
             assert fetched and all(e["node"] == "box-a" and e["bytes"] > 10_000 for e in fetched)
+            # The footage is the recording box's to give, with the boxes' token only.
+            url = f"http://127.0.0.1:{recorder.port}/api/jobs/{done[0].id}/footage.mp4"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=30)
+            assert refused.value.code == 401
             listed = {n["name"]: n for n in NodeStore(store).all()}
             assert listed["box-a"]["alive"] and listed["box-a"]["cameras"] == ["cam1"]
             assert listed["box-c"]["role"] == "analyses" and listed["box-c"]["cameras"] == []
@@ -242,3 +250,75 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
     finally:
         for running in (recorder, analyst):
             running.stop()
+
+
+class Answering:
+    """A tiny HTTP server on 127.0.0.1 that answers every GET with one status."""
+
+    def __init__(self, status: int, body: bytes = b"x" * 2000):
+        import http.server
+        import threading
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.auth = self.headers.get("Authorization")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.auth = None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status, outcome", [(200, "fetched"), (404, "fails"), (401, "waits"),
+                                             (503, "waits")])
+def test_fetching_footage_from_the_recording_node(tmp_path, status, outcome):
+    """What the recording node answers decides the job: fetched, failed for good (the
+    footage is gone there), or put back to wait (not the job's fault)."""
+    from types import SimpleNamespace
+    from vlmguard.node_footage import FootageAway, fetch_footage
+    from vlmguard.vlm import AnalysisError
+    server = Answering(status)
+    job = SimpleNamespace(id=7, node="box-a")
+    row = {"alive": True, "public_url": server.url, "last_seen_s": 1.0}
+    try:
+        if outcome == "fetched":
+            path, size = fetch_footage(row, job, "tok", tmp_path / "f.mp4", 10_000)
+            assert size == 2000 and path.read_bytes() == b"x" * 2000
+            assert server.auth == "Bearer tok"
+            with pytest.raises(AnalysisError, match="more than storage.ram_max_mb"):
+                fetch_footage(row, job, "tok", tmp_path / "g.mp4", 1000)
+        elif outcome == "fails":
+            with pytest.raises(AnalysisError) as failed:
+                fetch_footage(row, job, "tok", tmp_path / "f.mp4", 10_000)
+            assert not failed.value.retryable and "footage gone on node box-a" in str(failed.value)
+        else:
+            with pytest.raises(FootageAway):
+                fetch_footage(row, job, "tok", tmp_path / "f.mp4", 10_000)
+    finally:
+        server.close()
+
+
+def test_a_node_down_or_unreachable_puts_the_job_back(tmp_path):
+    from types import SimpleNamespace
+    from daemon import free_port
+    from vlmguard.node_footage import FootageAway, fetch_footage
+    job = SimpleNamespace(id=7, node="box-a")
+    with pytest.raises(FootageAway, match="box-a is down"):
+        fetch_footage({"alive": False, "public_url": "http://x", "last_seen_s": 99.0}, job, "",
+                      tmp_path / "f.mp4", 10_000)
+    with pytest.raises(FootageAway, match="never joined"):
+        fetch_footage(None, job, "", tmp_path / "f.mp4", 10_000)
+    closed = {"alive": True, "public_url": f"http://127.0.0.1:{free_port()}", "last_seen_s": 1.0}
+    with pytest.raises(FootageAway, match="unreachable"):
+        fetch_footage(closed, job, "", tmp_path / "f.mp4", 10_000)
