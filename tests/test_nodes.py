@@ -227,7 +227,19 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
             assert listed["box-a"]["alive"] and listed["box-a"]["cameras"] == ["cam1"]
             assert listed["box-c"]["role"] == "analyses" and listed["box-c"]["cameras"] == []
 
+            shown = subprocess.run([sys.executable, "-m", "vlmguard", "status", "--config",
+                                    str(analyst.config_path)], capture_output=True, text=True,
+                                   timeout=60).stdout
+            assert "node      box-a: alive, records" in shown
+            assert "node      box-c (this box): alive, analyses" in shown
+
             assert recorder.stop() == 0
+            shown = subprocess.run([sys.executable, "-m", "vlmguard", "status", "--json",
+                                    "--config", str(analyst.config_path)], capture_output=True,
+                                   text=True, timeout=60).stdout
+            import json
+            nodes_seen = {n["name"]: n for n in json.loads(shown)["nodes"]}
+            assert not nodes_seen["box-a"]["alive"] and nodes_seen["box-a"]["stopped"]
             def waiting():
                 pending = store.list_jobs(states=["pending"], results=False)
                 return [j for j in pending if j.error_message is None

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import shutil
+import socket
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -51,6 +52,14 @@ INCIDENT_MARGIN = timedelta(seconds=5)
 RAM_DIR = Path("/dev/shm")
 MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
+ANALYZER_ID = re.compile(r"(.+)-analyzer-[0-9]+")  # analyzer.worker_name: host-analyzer-N
+
+
+def analysed_elsewhere(incident: dict) -> bool:
+    """Whether another box's analyzer stored the incident (it had no footage for the
+    picture); a picture this box's analyzer did not make stays missing, as on one box."""
+    match = ANALYZER_ID.fullmatch(str(incident.get("worker_id") or ""))
+    return match is not None and match.group(1) != socket.gethostname()
 
 
 def add_media_routes(app: web.Application) -> None:
@@ -77,8 +86,9 @@ async def snapshot(request: web.Request) -> web.FileResponse:
     config = config_of(request)
     layout = Layout(config.data_dir)
     path = layout.snapshot(incident["camera_id"], incident["id"])
-    if not await asyncio.to_thread(path.is_file) and config.camera(incident["camera_id"]):
-        # Analysed on another box, which has no footage to make it from: made here, once.
+    if not await asyncio.to_thread(path.is_file) and config.camera(incident["camera_id"]) \
+            and analysed_elsewhere(incident):
+        # Analysed on another box, which had no footage to make it from: made here, once.
         async with request.app[CLIP_SLOTS_KEY]:
             await asyncio.to_thread(save_snapshot, ffmpeg_binary(), layout,
                                     incident["camera_id"], incident["id"], middle(incident))
