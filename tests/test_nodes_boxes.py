@@ -211,6 +211,16 @@ def test_two_recording_boxes_and_an_analysis_only_box_share_one_queue(tmp_path, 
                 probe = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clip), "-f", "null",
                                         "-"], capture_output=True, text=True, timeout=120)
                 assert status == 200 and probe.returncode == 0, probe.stderr
+                # ... and box A's own server hands it over (a console signed in there).
+                status, headers, data = a.get(f"/api/incidents/{theirs[0]['id']}/clip.mp4",
+                                              timeout=120)
+                assert status == 200 and headers["Content-Type"] == "video/mp4"
+                clip.write_bytes(data)
+                probe = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clip), "-f", "null",
+                                        "-"], capture_output=True, text=True, timeout=120)
+                assert probe.returncode == 0, probe.stderr
+                _, _, picture = a.get(f"/api/incidents/{theirs[0]['id']}/snapshot.jpg")
+                assert red_picture(picture)
                 _, _, body = a.get("/api/nodes")
                 assert {n["name"] for n in json.loads(body)["nodes"]} == {"box-a", "box-b",
                                                                           "box-c"}

@@ -38,6 +38,7 @@ from vlmguard.logs import get_logger
 from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
                               since_param)
 from vlmguard.web.keys import CLIP_SLOTS_KEY
+from vlmguard.web.proxy import from_home, home_of
 
 log = get_logger("vlmguard.web.media")
 
@@ -81,8 +82,11 @@ async def incident_of(request: web.Request) -> dict:
     return found
 
 
-async def snapshot(request: web.Request) -> web.FileResponse:
+async def snapshot(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: its picture is there
+        return await from_home(request, home)
     config = config_of(request)
     layout = Layout(config.data_dir)
     path = layout.snapshot(incident["camera_id"], incident["id"])
@@ -102,6 +106,9 @@ async def snapshot(request: web.Request) -> web.FileResponse:
 
 async def incident_clip(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: cut there, from its recording
+        return await from_home(request, home)
     start = incident["start_at"] - INCIDENT_MARGIN
     seconds = (incident["end_at"] + INCIDENT_MARGIN - start).total_seconds()
     return await serve_clip(request, incident["camera_id"], start, min(seconds, MAX_CLIP_SECONDS),

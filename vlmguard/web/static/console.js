@@ -397,7 +397,7 @@ function showCount() {
 }
 
 function incidentItem(incident) {
-  const thumb = el("img", {src: incident.snapshot_url || `/api/incidents/${incident.id}/snapshot.jpg`, alt: "", loading: "lazy",
+  const thumb = el("img", {src: `/api/incidents/${incident.id}/snapshot.jpg`, alt: "", loading: "lazy",
                            width: 128, height: 72});
   thumb.addEventListener("error", () => { thumb.style.visibility = "hidden"; }, {once: true});
   const button = el("button", {type: "button", class: "incident", "data-incident": incident.id,
@@ -482,9 +482,7 @@ async function playClip(incident) {
   $("#clip-error").textContent = "Loading clip…";
   let response;
   try {
-    // Another box's incident plays from that box (its clip_url; the same token).
-    response = await fetch(incident.clip_url || `/api/incidents/${incident.id}/clip.mp4`,
-                           {credentials: "same-origin"});
+    response = await fetch(`/api/incidents/${incident.id}/clip.mp4`, {credentials: "same-origin"});
   } catch (error) {
     response = null;
   }
