@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -161,7 +162,6 @@ def test_a_second_run_with_a_live_node_name_is_refused(tmp_path, pg_url):
                         break
                 except Exception:
                     pass
-                import time
                 time.sleep(0.2)
             else:
                 pytest.fail("the first vlmguard never joined")
@@ -179,7 +179,6 @@ def test_a_second_run_with_a_live_node_name_is_refused(tmp_path, pg_url):
 
 
 def wait_for(check, timeout: float, what: str, *boxes):
-    import time
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = check()

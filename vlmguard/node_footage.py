@@ -28,8 +28,11 @@ CONNECT_TIMEOUT = 10.0
 FETCH_BASE_SECONDS = 60.0
 FETCH_RATE = 1 << 20
 CHUNK = 256 * 1024
-# How long a job whose node is down or unreachable waits before it is tried again.
+# How long a job whose node is unreachable or busy waits before it is tried again; one
+# whose node is down (no heartbeat) waits longer: a down box's backlog is put back once per
+# DOWN_RETRY_SECONDS, not churned through by every analyzer.
 AWAY_RETRY_SECONDS = 15.0
+DOWN_RETRY_SECONDS = 30.0
 
 
 class FootageAway(Exception):
@@ -49,10 +52,10 @@ def fetch_footage(node: dict[str, Any] | None, job: Any, token: str, target: Pat
     """The job's footage from its recording node into target; (target, bytes)."""
     if node is None:
         raise FootageAway(f"node {job.node} (where job {job.id} was recorded) has never "
-                          "joined this database")
+                          "joined this database", retry_in=DOWN_RETRY_SECONDS)
     if not node["alive"]:
         raise FootageAway(f"node {job.node} is down (last seen {node['last_seen_s']:.0f} s "
-                          "ago): the job waits for it")
+                          "ago): the job waits for it", retry_in=DOWN_RETRY_SECONDS)
     url = footage_url(node["public_url"], job.id)
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
                                      if token else {})
