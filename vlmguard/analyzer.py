@@ -44,9 +44,11 @@ from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, coun
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
+from vlmguard.node_footage import FootageAway, fetch_footage
 from vlmguard.outage import Outage
 from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
+from vlmguard.store.nodes import Nodes
 from vlmguard.store.outbox import Outbox
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.queue import JobQueue
@@ -356,8 +358,7 @@ class Worker:
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
-                self.through_outage(lambda: complete_with_snapshots(
-                    self.queue, job, outcome, self.binary, Layout(self.config.data_dir)))
+                self.through_outage(lambda: self.complete(job, outcome))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)
@@ -366,6 +367,10 @@ class Worker:
             except NoProvider as exc:
                 log.warning("no provider can take the job now, put back", why=str(exc))
                 self.put_back(job, exc.until)
+            except FootageAway as exc:
+                log.warning("footage on another node out of reach now, job put back",
+                            node=job.node, why=str(exc), retry_in_s=exc.retry_in)
+                self.put_back(job, utcnow() + timedelta(seconds=exc.retry_in))
             except LeaseLost:
                 log.warning("lease lost, job dropped without writing")
             except AnalysisError as exc:
@@ -388,9 +393,44 @@ class Worker:
                 shutil.rmtree(workdir, ignore_errors=True)
                 self.state = "idle"
 
+    def recorded_elsewhere(self, job: Job) -> bool:
+        """The job's footage is on another box (jobs from before nodes count as local)."""
+        return job.node is not None and job.node != self.config.node_name
+
+    def footage(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Path:
+        """The video the job covers: here, or fetched from the node that recorded it."""
+        if not self.recorded_elsewhere(job):
+            return job_video(Layout(self.config.data_dir), job, workdir)
+        node = Nodes(self.db).get(job.node)
+        began = time.monotonic()
+        path, size = fetch_footage(node, job, self.config.server.token,
+                                   workdir / "footage.mp4",
+                                   self.config.storage.ram_max_mb * 2**20, keep_alive)
+        log.info("footage fetched from its node", node=job.node, bytes=size,
+                 seconds=round(time.monotonic() - began, 3))
+        return path
+
+    def camera_prompt(self, job: Job) -> str:
+        """The camera's prompt from this config, or from the config of the box that
+        records it (its nodes row) for another box's camera."""
+        camera = self.config.camera(job.camera_id)
+        if camera is not None or not self.recorded_elsewhere(job):
+            return camera.prompt if camera else ""
+        node = Nodes(self.db).get(job.node) or {}
+        return node.get("prompts", {}).get(job.camera_id, "")
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Store the outcome; the incidents' pictures are made by the box that has the
+        footage (here, or the recording node's notifier and server, on demand)."""
+        if self.recorded_elsewhere(job):
+            self.queue.complete(job, outcome)
+        else:
+            complete_with_snapshots(self.queue, job, outcome, self.binary,
+                                    Layout(self.config.data_dir))
+
     def analyze(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Outcome:
         order = self.config.provider_order(job.camera_id)
-        source = job_video(Layout(self.config.data_dir), job, workdir)
+        source = self.footage(job, workdir, keep_alive)
         clip = prepare_clip(self.binary, self.config.analysis, source, workdir,
                             frames=self.gating or any(registry.wants_frames(p) for p in order))
         keep_alive()
@@ -399,9 +439,8 @@ class Worker:
             return no_activity()
         if self.gating and len(clip.frames) == 1:
             clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
-        camera = self.config.camera(job.camera_id)
         window = None if job.kind == "archive" else (job.first_frame_at, job.duration_seconds)
-        prompt = build_prompt(camera.prompt if camera else "", clip, window)
+        prompt = build_prompt(self.camera_prompt(job), clip, window)
         failures: list[tuple[str, AnalysisError]] = []
         skipped: list[tuple[str, object]] = []
         for settings in order:
@@ -713,13 +752,17 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
 
 
+def mp4_copy_command(binary: str, source: Path, target: Path) -> list[str]:
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+            *source_args(source), "-map", "0:v:0", "-c", "copy",
+            "-movflags", "+faststart", "-f", "mp4", str(target)]
+
+
 def mp4_copy(binary: str, source: Path, target: Path) -> Path:
     """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
     RAM folder, never on the archive disk) for mode original: video models' APIs take
     MP4, not always MPEG-TS."""
-    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                           *source_args(source), "-map", "0:v:0", "-c", "copy",
-                           "-movflags", "+faststart", "-f", "mp4", str(target)],
+    proc = subprocess.run(mp4_copy_command(binary, source, target),
                           capture_output=True, text=True, timeout=600, env=child_env())
     if proc.returncode != 0 or not target.exists():
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]

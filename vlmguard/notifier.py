@@ -23,11 +23,18 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from vlmguard.alerts import registry
+from vlmguard.alerts.media import existing_snapshot
+from vlmguard.alerts.plan import with_links
+from vlmguard.clips import save_snapshot
 from vlmguard.config import Config
+from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, write_state
+from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
@@ -136,7 +143,7 @@ class Notifier:
                 log.info("deliveries taken back from an earlier run", count=taken_back)
         self.retry_after_reconnect()
         # A read first: claiming is a write transaction, taken only when one is due.
-        return self.outbox.seconds_until_delivery_due()
+        return self.outbox.seconds_until_delivery_due(node=self.config.node_name)
 
     def notice_roles(self) -> None:
         """Compare the supervisor's roles with last time: a role newly backed off, or one
@@ -187,7 +194,8 @@ class Notifier:
         room = MAX_IN_FLIGHT - len(self.in_flight)
         if room <= 0:
             return 0
-        batch = self.outbox.claim_deliveries(self.worker_id, room, LEASE_SECONDS)
+        batch = self.outbox.claim_deliveries(self.worker_id, room, LEASE_SECONDS,
+                                             node=self.config.node_name)
         for delivery in batch:
             task = asyncio.create_task(self.deliver(delivery))
             self.in_flight.add(task)
@@ -210,7 +218,29 @@ class Notifier:
         # watcher's connection belongs to this thread.
         self.db.wait_for_commit(wait)
 
+    def with_media(self, delivery: Delivery) -> Delivery:
+        """An incident of this box's cameras with its picture on this disk and its links on
+        this box's server. An analyzer on another box could make no picture (the footage
+        is here): it is made now, from the recording, once the analyzer's grace is over."""
+        payload = delivery.payload
+        if delivery.kind != "incident" or not isinstance(payload, dict) \
+                or payload.get("type") != "incident":
+            return delivery
+        camera_id = str(payload.get("camera_id"))
+        if self.config.camera(camera_id) is not None \
+                and existing_snapshot(self.config.data_dir, payload, delivery.created_at) is None:
+            try:
+                start, end = (datetime.fromisoformat(str(payload[k]).replace("Z", "+00:00"))
+                              for k in ("start", "end"))
+                save_snapshot(ffmpeg_binary(), Layout(self.config.data_dir), camera_id,
+                              int(payload["id"]), start + (end - start) / 2)
+            except (KeyError, ValueError, TypeError, OSError) as exc:
+                log.warning("no snapshot for the alert", incident=payload.get("id"),
+                            error=str(exc))
+        return replace(delivery, payload=with_links(payload, self.config.public_url))
+
     async def deliver(self, delivery: Delivery) -> None:
+        delivery = await asyncio.to_thread(self.with_media, delivery)
         destination = self.destinations.get(delivery.destination)
         if destination is None:
             answer = registry.failed(f"destination {delivery.destination} is no longer "

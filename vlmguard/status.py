@@ -86,6 +86,8 @@ def gather_status(config: Config, store: Store | None = None,
         "analysis": {"paused": [], "providers": {}, "adapted": adapted_report(states)},
         "ram": ram_report(config, states.get("archiver", {})),
         "alerts": {},
+        "node": config.node_name,
+        "nodes": [],
     }
     try:
         if unreachable:
@@ -140,6 +142,9 @@ def fill_from_table(report: dict[str, Any], store: Store) -> None:
     report["tokens"] = {"today": store.reports.token_usage(midnight),
                         "last_24h": store.reports.token_usage(now - timedelta(hours=24))}
     report["database"]["quarantined"] = store.quarantine.quarantined()
+    report["nodes"] = [dict(n, started_at=iso(n["started_at"]),
+                            heartbeat_at=iso(n["heartbeat_at"]))
+                       for n in store.nodes.all()]
 
 
 def database_waits(states: dict[str, dict]) -> dict[str, str]:
@@ -380,6 +385,28 @@ def incident_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in row.items()}
 
 
+def camera_homes(config: Config, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """camera id -> the node that records it, for the cameras of other boxes (this box's
+    own cameras are served here)."""
+    homes = {camera: node for node in nodes if node["name"] != config.node_name
+             for camera in node["cameras"]}
+    for camera in config.cameras:
+        homes.pop(camera.id, None)
+    return homes
+
+
+def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An incident row with the node that recorded it and, for another box's camera,
+    its snapshot and clip on that box's server (same token)."""
+    home = homes.get(row.get("camera_id"))
+    if home is None:
+        return dict(row, node=None, snapshot_url=f"/api/incidents/{row['id']}/snapshot.jpg",
+                    clip_url=f"/api/incidents/{row['id']}/clip.mp4")
+    base = f"{home['public_url']}/api/incidents/{row['id']}"
+    return dict(row, node=home["name"], snapshot_url=f"{base}/snapshot.jpg",
+                clip_url=f"{base}/clip.mp4")
+
+
 def iso(when: datetime | None) -> str | None:
     return when.isoformat(timespec="seconds") if when else None
 
@@ -403,6 +430,14 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
                      f"{exit_text(child.get('last_exit'))}); next try in "
                      f"{child.get('next_try_in_s')} s")
+    for node in report.get("nodes", []):
+        seen = "alive" if node["alive"] else (
+            f"DOWN, last seen {format_age(node['last_seen_s'])} ago"
+            + (" (stopped)" if node["stopped"] else ""))
+        this = " (this box)" if node["name"] == report.get("node") else ""
+        cameras = f", cameras {' '.join(node['cameras'])}" if node["cameras"] else ""
+        lines.append(f"node      {node['name']}{this}: {seen}, {node['role']}, "
+                     f"{node['public_url']}{cameras}")
     lines.append("cameras")
     for camera in report["cameras"]:
         age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])

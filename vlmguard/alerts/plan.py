@@ -107,6 +107,15 @@ def incident_payload(public_url: str, incident: dict[str, Any], job_id: int,
     }
 
 
+def with_links(payload: dict[str, Any], public_url: str) -> dict[str, Any]:
+    """An incident's payload with its links on this box's server: the box that recorded
+    the incident serves its snapshot and clip, whichever box analysed it."""
+    if payload.get("type") != "incident" or "id" not in payload:
+        return payload
+    base = f"{public_url}/api/incidents/{payload['id']}"
+    return dict(payload, snapshot_url=f"{base}/snapshot.jpg", clip_url=f"{base}/clip.mp4")
+
+
 def title(payload: dict[str, Any]) -> str:
     """A phone-sized headline: "HIGH fall on dock-2 at 08:00:31" (UTC)."""
     when = payload.get("start") or ""

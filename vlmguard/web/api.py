@@ -25,7 +25,8 @@ from aiohttp import web
 
 from vlmguard.config import Config
 from vlmguard.outage import Outage
-from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
+from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
+                             live_cameras, with_home)
 from vlmguard.store.bundle import Store
 from vlmguard.store.engines import is_outage
 from vlmguard.store.schema import STATES
@@ -202,6 +203,7 @@ async def health(request: web.Request) -> web.Response:
     database = report["database"]
     body = {"healthy": report["healthy"], "problems": report["problems"],
             "daemon": report["daemon"], "jobs": {s: report["jobs"][s] for s in STATES},
+            "node": report["node"], "nodes": report["nodes"],
             "analysis_lag_s": {c["id"]: c["analysis_lag_s"] for c in report["cameras"]},
             "database": {"ready": database["ready"], "error": database["error"],
                          "waiting": database["waiting"],
@@ -260,9 +262,9 @@ async def incidents(request: web.Request) -> web.Response:
 
     def work(config, store):
         return (store.incidents.find_incidents(**where, limit=limit, offset=offset),
-                store.incidents.count_incidents(**where))
-    rows, total = await read(request, work)
-    page = bounded_page([incident_row(r) for r in rows])
+                store.incidents.count_incidents(**where), camera_homes(config, store.nodes.all()))
+    rows, total, homes = await read(request, work)
+    page = bounded_page([with_home(incident_row(r), homes) for r in rows])
     following = offset + len(page)
     return web.json_response({"incidents": page, "limit": limit, "offset": offset,
                               "total": total, "truncated": len(page) < len(rows),

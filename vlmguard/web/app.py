@@ -26,6 +26,7 @@ from vlmguard.web.events import add_event_routes
 from vlmguard.web.hls import add_hls_routes
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY
 from vlmguard.web.media import add_media_routes
+from vlmguard.web.nodes import add_node_routes
 from vlmguard.web.recordings import add_recording_routes
 from vlmguard.web.session import add_session_routes, auth_middleware
 
@@ -109,6 +110,7 @@ def create_app(config: Config) -> web.Application:
     add_media_routes(app)
     add_recording_routes(app)
     add_event_routes(app)
+    add_node_routes(app)
     return app
 
 

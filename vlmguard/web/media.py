@@ -23,19 +23,22 @@ import json
 import math
 import re
 import shutil
+import socket
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan_clip
+from vlmguard.clips import (MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, middle, plan_clip,
+                            save_snapshot)
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
 from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
                               since_param)
 from vlmguard.web.keys import CLIP_SLOTS_KEY
+from vlmguard.web.proxy import from_home, home_of
 
 log = get_logger("vlmguard.web.media")
 
@@ -50,6 +53,14 @@ INCIDENT_MARGIN = timedelta(seconds=5)
 RAM_DIR = Path("/dev/shm")
 MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
+ANALYZER_ID = re.compile(r"(.+)-analyzer-[0-9]+")  # analyzer.worker_name: host-analyzer-N
+
+
+def analysed_elsewhere(incident: dict) -> bool:
+    """Whether another box's analyzer stored the incident (it had no footage for the
+    picture); a picture this box's analyzer did not make stays missing, as on one box."""
+    match = ANALYZER_ID.fullmatch(str(incident.get("worker_id") or ""))
+    return match is not None and match.group(1) != socket.gethostname()
 
 
 def add_media_routes(app: web.Application) -> None:
@@ -71,9 +82,20 @@ async def incident_of(request: web.Request) -> dict:
     return found
 
 
-async def snapshot(request: web.Request) -> web.FileResponse:
+async def snapshot(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
-    path = Layout(config_of(request).data_dir).snapshot(incident["camera_id"], incident["id"])
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: its picture is there
+        return await from_home(request, home)
+    config = config_of(request)
+    layout = Layout(config.data_dir)
+    path = layout.snapshot(incident["camera_id"], incident["id"])
+    if not await asyncio.to_thread(path.is_file) and config.camera(incident["camera_id"]) \
+            and analysed_elsewhere(incident):
+        # Analysed on another box, which had no footage to make it from: made here, once.
+        async with request.app[CLIP_SLOTS_KEY]:
+            await asyncio.to_thread(save_snapshot, ffmpeg_binary(), layout,
+                                    incident["camera_id"], incident["id"], middle(incident))
     if not await asyncio.to_thread(path.is_file):
         raise not_found(f"no snapshot of incident {incident['id']} (none made, or its "
                         "footage was deleted)")
@@ -84,6 +106,9 @@ async def snapshot(request: web.Request) -> web.FileResponse:
 
 async def incident_clip(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: cut there, from its recording
+        return await from_home(request, home)
     start = incident["start_at"] - INCIDENT_MARGIN
     seconds = (incident["end_at"] + INCIDENT_MARGIN - start).total_seconds()
     return await serve_clip(request, incident["camera_id"], start, min(seconds, MAX_CLIP_SECONDS),

@@ -103,6 +103,14 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_quarantined_rows", "gauge",
            "Rows that could not be read, quarantined and skipped, by table.",
            [(label(table=name), n) for name, n in sorted(quarantined.items())])
+    nodes = report.get("nodes", [])
+    if nodes:
+        family("vlmguard_node_up", "gauge",
+               "1 while the box (node) sharing this database heartbeats.",
+               [(label(node=n["name"]), int(n["alive"])) for n in nodes])
+        family("vlmguard_node_last_seen_seconds", "gauge",
+               "Seconds since the node's last heartbeat.",
+               [(label(node=n["name"]), n["last_seen_s"]) for n in nodes])
     archives = report["archives"]
     family("vlmguard_archive_bytes", "gauge", "Bytes used by archives.", [("", archives["bytes"])])
     family("vlmguard_archives", "gauge", "Archive files on disk.", [("", archives["count"])])
