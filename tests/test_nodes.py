@@ -19,7 +19,7 @@ from vlmguard.store.bundle import Store
 from vlmguard.store.nodes import NodeInfo, Nodes, NodeTaken
 from vlmguard.store.schema import nodes, schema_version
 
-from conftest import write_config
+from helpers import write_config
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
 TOKEN = "shared-by-every-box-0123456789"
@@ -132,6 +132,7 @@ def test_schema_8_database_gains_the_node_columns(db_url):
         assert store.nodes.get("box-a")["role"] == "records"
 
 
+@pytest.mark.e2e
 def test_a_second_run_with_a_live_node_name_is_refused(tmp_path, pg_url):
     """Two boxes configured with the same node name on one database: the second start
     says so in one line and exits 2; the first keeps its row."""
@@ -201,6 +202,7 @@ def box(tmp_path, gemini, name: str, pg_url: str, *, workers: int, camera: bool)
                            cameras=None if camera else "\n", server=f'token = "{TOKEN}"')
 
 
+@pytest.mark.e2e
 def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gemini, pg_url):
     """Box A records (0 analyzers), box C has no camera: every window A recorded ends
     completed by C, fetched over HTTP; A stopped, its windows wait (uncharged, not failed)

@@ -26,10 +26,11 @@ import pytest
 from vlmguard.store.bundle import Store
 
 from alert_receiver import Receiver
-from daemon import free_port
+from helpers import free_port
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                                reason="needs root and unshare for the boxes' namespaces")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                 reason="needs root and unshare for the boxes' namespaces")]
 
 RED = "lavfi:color=c=red:size=320x240:rate=10"
 REPO = Path(__file__).resolve().parent.parent
