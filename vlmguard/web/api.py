@@ -26,7 +26,7 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.outage import Outage
 from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
-                             live_cameras, with_home)
+                             live_cameras, other_cameras, with_home)
 from vlmguard.store.bundle import Store
 from vlmguard.store.engines import is_outage
 from vlmguard.store.schema import STATES
@@ -161,10 +161,20 @@ def choice_params(request: web.Request, name: str, choices: tuple[str, ...]) -> 
 
 
 def camera_param(request: web.Request) -> str | None:
+    """The camera asked for; one not configured here is checked against the other boxes'
+    (site_camera, with the database), since jobs and incidents are the whole site's."""
     camera = request.query.get("camera")
-    if camera is not None and config_of(request).camera(camera) is None:
+    if camera is not None and len(camera) > 200:
         raise BadParameter("camera", "unknown camera")
     return camera
+
+
+def site_camera(config: Config, store: Store, camera: str | None) -> None:
+    """BadParameter unless the camera is this box's or another node's."""
+    if camera is None or config.camera(camera) is not None:
+        return
+    if not any(camera in node["cameras"] for node in store.nodes.all()):
+        raise BadParameter("camera", "unknown camera")
 
 
 def since_param(request: web.Request, name: str = "since") -> datetime | None:
@@ -214,7 +224,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def cameras(request: web.Request) -> web.Response:
-    return web.json_response({"cameras": await asyncio.to_thread(live_cameras, config_of(request))})
+    """This box's cameras (node null), then the other boxes' (marked with their node);
+    while the database is away, this box's alone."""
+    own = await asyncio.to_thread(live_cameras, config_of(request))
+    others = await read(request, lambda config, store: other_cameras(config, store.nodes.all()),
+                        lambda config, why: [])
+    return web.json_response({"cameras": [dict(c, node=None) for c in own] + others})
 
 
 async def jobs(request: web.Request) -> web.Response:
@@ -224,6 +239,7 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
+        site_camera(config, store, camera)
         found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit,
                                         offset=offset, results=False)
         total = store.reports.count_jobs(states=states, camera_id=camera)
@@ -261,6 +277,7 @@ async def incidents(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
+        site_camera(config, store, where["camera_id"])
         return (store.incidents.find_incidents(**where, limit=limit, offset=offset),
                 store.incidents.count_incidents(**where), camera_homes(config, store.nodes.all()))
     rows, total, homes = await read(request, work)

@@ -15,7 +15,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from vlmguard.status import gather_status, incident_row, iso
+from vlmguard.status import camera_homes, gather_status, incident_row, iso, with_home
 from vlmguard.store.records import utcnow
 from vlmguard.vlm.pricing import cost_report
 from vlmguard.web.api import BadParameter, MAX_JOB_ID, checked_int, read
@@ -115,10 +115,13 @@ def not_found(what: str) -> web.HTTPNotFound:
 
 async def incident(request: web.Request) -> web.Response:
     incident_id = id_of(request)
-    found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
-    if found is None:
+    def work(config, store):
+        found = store.incidents.get_incident(incident_id)
+        return found and with_home(incident_row(found), camera_homes(config, store.nodes.all()))
+    row = await read(request, work)
+    if row is None:
         raise not_found(f"incident {incident_id}")
-    return web.json_response(incident_row(found))
+    return web.json_response(row)
 
 
 async def json_body(request: web.Request) -> dict:
