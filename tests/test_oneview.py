@@ -126,6 +126,13 @@ def test_console_on_a_lists_b_incident_and_plays_its_clip(site):
     # The one-incident route (the dialog) says where it was recorded too.
     assert site.api(f"/api/incidents/{incident['id']}")["node"] == "box-b"
 
+    # Its picture through A: wait until B has it (renamed into place just after the commit).
+    deadline = time.monotonic() + 30
+    while site.context.request.get(f"{site.base}/api/incidents/{incident['id']}/snapshot.jpg"
+                                   ).status != 200:
+        assert time.monotonic() < deadline, site.b.log_text()[-3000:]
+        time.sleep(0.5)
+
     page = site.page
     page.goto(f"{site.base}/#/incidents")
     page.wait_for_selector("#view-incidents:not([hidden])")
@@ -164,3 +171,44 @@ def test_b_media_needs_a_sign_in_on_a(site):
     with urllib.request.urlopen(request, timeout=60) as answer:
         assert answer.headers["Content-Type"] == "image/jpeg"
         assert answer.read(3) == b"\xff\xd8\xff"
+
+
+def test_b_camera_plays_live_on_a(site):
+    """A's Live view shows B's camera, marked with its node, and hls.js plays it through
+    A's own /live/ (parts and blocking reloads passed on), never from B directly."""
+    cameras = site.api("/api/cameras")["cameras"]
+    assert [(c["id"], c["node"], c["node_alive"]) for c in cameras] == [("dock-b", "box-b", True)]
+    assert cameras[0]["hls_url"] == f"http://127.0.0.1:{site.b.port}/live/dock-b/index.m3u8"
+    page = site.page
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if "/live/" in r.url else None)
+    page.goto(f"{site.base}/#/live")
+    page.wait_for_selector(".tile[data-camera='dock-b']")
+    assert "box-b" in page.inner_text(".tile[data-camera='dock-b'] .name")
+    page.wait_for_function("() => window.vlmguardConsole.players.length &&"
+                           " window.vlmguardConsole.players[0].video.currentTime > 2",
+                           timeout=40000)
+    state = page.evaluate("""() => { const p = window.vlmguardConsole.players[0];
+        return {part: p.hls.latestLevelDetails.partTarget, latency: p.latency}; }""")
+    assert state["part"], state  # LL-HLS parts came through
+    page.screenshot(path=str(SHOTS / "a-plays-b-live.png"))
+    assert asked and all(url.startswith(f"{site.base}/live/dock-b/") for url in asked), asked[:5]
+    assert any("_HLS_msn=" in url for url in asked)
+    # A camera no box records is not found, through the pass-through too.
+    missing = site.context.request.get(f"{site.base}/live/nowhere/index.m3u8")
+    assert missing.status == 404
+    page.goto(f"{site.base}/#/incidents")
+
+
+def test_b_down_its_live_video_on_a_is_503_and_its_camera_marked(site):
+    """Last in the module: B stopped, A answers 503 with Retry-After at once (no hang)
+    and lists B's camera with its node down."""
+    assert site.b.stop() == 0
+    url = f"{site.base}/live/dock-b/index.m3u8"
+    started = time.monotonic()
+    answer = site.context.request.get(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status == 503 and answer.headers["retry-after"]
+    assert time.monotonic() - started < 10
+    assert "box-b" in answer.json()["error"]
+    [camera] = site.api("/api/cameras")["cameras"]
+    assert camera["node"] == "box-b" and not camera["node_alive"] and not camera["online"]

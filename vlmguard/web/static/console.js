@@ -156,9 +156,8 @@ function renderLive(only) {
   grid.replaceChildren();
   grid.classList.toggle("single", Boolean(only));
   $("#live-back").hidden = !only;
-  // Another box's camera is watched on its own box (its live video is not passed through).
-  const here = state.cameras.filter((c) => !c.node);
-  const cameras = only ? here.filter((c) => c.id === only) : here;
+  // Another box's cameras play through this box's server too (/live/ passes them on).
+  const cameras = only ? state.cameras.filter((c) => c.id === only) : state.cameras;
   for (const camera of cameras) {
     const video = el("video", {muted: true, playsinline: true, autoplay: true,
                                "aria-label": `Live video of ${camera.id}`});
@@ -168,7 +167,7 @@ function renderLive(only) {
                                 "aria-label": only ? null : `Open ${camera.id} large`},
       video,
       el("div", {class: "caption"},
-        el("div", {class: "name"}, el("span", {}, camera.id),
+        el("div", {class: "name"}, el("span", {}, cameraName(camera.id)),
            el("span", {},
               el("span", {class: "latency muted",
                           title: "How far behind the camera the picture shown is"}),
@@ -191,7 +190,7 @@ function updateTile(cameraId) {
   if (!tile) return;
   const camera = state.cameras.find((c) => c.id === cameraId) || {};
   const online = tile.querySelector(".online");
-  online.textContent = camera.online ? "live" : "offline";
+  online.textContent = camera.online ? "live" : camera.node && !camera.node_alive ? "box down" : "offline";
   online.className = `online ${camera.online ? "state-online" : "state-offline"}`;
   const latest = state.latest[cameraId] || {};
   tile.querySelector(".score").textContent = latest.score === undefined || latest.score === null
