@@ -13,10 +13,12 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from daemon import RunningVlmguard
@@ -61,6 +63,9 @@ class Site:
         self.base = f"http://127.0.0.1:{a.port}"
         self.context = browser.new_context(viewport={"width": 1280, "height": 800})
         self.page = self.context.new_page()
+        self.refused: list[str] = []  # the page's answers of 400 and more, for a failure
+        self.page.on("response", lambda r: self.refused.append(f"{r.status} {r.url}")
+                     if r.status >= 400 else None)
 
     def api(self, path: str) -> dict:
         response = self.context.request.get(self.base + path)
@@ -93,6 +98,22 @@ def site(tmp_path_factory, schema_url):
             browser.close()
             a.kill()
             b.kill()
+
+
+@contextmanager
+def explained(site: Site):
+    """A browser wait that times out says what the page showed and what it was refused."""
+    try:
+        yield
+    except PlaywrightTimeout as exc:
+        shown = site.page.evaluate("""() => ({hash: location.hash,
+            list: document.querySelector("#incident-list")?.innerText.slice(0, 500),
+            timeline: document.querySelector("#timeline")?.innerText.slice(0, 300),
+            clip: document.querySelector("#clip-error")?.textContent,
+            connection: document.querySelector("#connection")?.textContent})""")
+        raise AssertionError(f"{str(exc).splitlines()[0]}\npage: {shown}\nrefused: "
+                             f"{site.refused[-10:]}\nA: {site.a.log_text()[-1500:]}\n"
+                             f"B: {site.b.log_text()[-1500:]}") from None
 
 
 def sign_in(site: Site) -> None:
@@ -133,6 +154,11 @@ def test_console_on_a_lists_b_incident_and_plays_its_clip(site):
         assert time.monotonic() < deadline, site.b.log_text()[-3000:]
         time.sleep(0.5)
 
+    with explained(site):
+        lists_and_plays(site, incident)
+
+
+def lists_and_plays(site: Site, incident: dict) -> None:
     page = site.page
     page.goto(f"{site.base}/#/incidents")
     page.wait_for_selector("#view-incidents:not([hidden])")

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from vlmguard.config import Config
+from vlmguard.errors import DatabaseError
 from vlmguard.outage import Outage
 from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
                              live_cameras, other_cameras, with_home)
@@ -227,8 +228,12 @@ async def cameras(request: web.Request) -> web.Response:
     """This box's cameras (node null), then the other boxes' (marked with their node);
     while the database is away, this box's alone."""
     own = await asyncio.to_thread(live_cameras, config_of(request))
-    others = await read(request, lambda config, store: other_cameras(config, store.nodes.all()),
-                        lambda config, why: [])
+    try:
+        others = await read(request,
+                            lambda config, store: other_cameras(config, store.nodes.all()),
+                            lambda config, why: [])
+    except DatabaseError:  # no job table yet (never started): no other box known
+        others = []
     return web.json_response({"cameras": [dict(c, node=None) for c in own] + others})
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vlmguard.errors import DatabaseError
 from vlmguard.logs import get_logger
 from vlmguard.status import camera_homes
 from vlmguard.web.api import config_of, read
@@ -126,8 +127,10 @@ async def live_home(request: web.Request, camera_id: str) -> dict | None:
                 request, lambda config, store: camera_homes(config, store.nodes.all()))
             proxy.read_at = time.monotonic()
         except web.HTTPServiceUnavailable:
-            if proxy.homes is None:
+            if proxy.homes is None:  # away, and no box known yet: ask again shortly
                 raise
+        except DatabaseError:  # no job table yet (never started): no other box known
+            return None
     return proxy.homes.get(camera_id)
 
 
