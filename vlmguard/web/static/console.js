@@ -698,7 +698,7 @@ function connectEvents() {
     const incident = JSON.parse(event.data);
     state.latest[incident.camera_id] = {...(state.latest[incident.camera_id] || {}), incident};
     updateTile(incident.camera_id);
-    toast(`New ${incident.severity} incident on ${incident.camera_id}: ${incident.category}`);
+    toast(`New ${incident.severity} incident on ${cameraName(incident.camera_id)}: ${incident.category}`);
     if (state.view === "incidents" && state.page === 0 && matchesFilters(incident)) {
       const item = incidentItem(incident);
       item.firstChild.classList.add("new");
