@@ -69,7 +69,10 @@ def gather_status(config: Config, store: JobStore | None = None,
         "config": str(config.source),
         "daemon": {"running": pid is not None, "pid": pid,
                    "since": iso_epoch(supervisor.get("started_at")),
-                   "children": supervisor.get("children", {})},
+                   "children": supervisor.get("children", {}),
+                   # Bugs each process caught so that it could go on (see child.py).
+                   "unexpected_errors": {name: state.get("unexpected_errors", 0)
+                                         for name, state in states.items()}},
         "database": {"url": redact_url(config.database_url), "ready": False, "error": None,
                      "waiting": database_waits(states),
                      "quarantined": {"rows": {}, "total": 0, "latest": []}},
