@@ -94,7 +94,7 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_unexpected_errors_total", "counter",
            "Bugs a process caught so that its loop goes on, each logged with its traceback "
            "(since that process started).",
-           [(label(role=name), n) for name, n in
+           [(label(child=name), n) for name, n in
             sorted(report["daemon"].get("unexpected_errors", {}).items())])
     database = report["database"]
     family("vlmguard_database_up", "gauge",
