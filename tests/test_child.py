@@ -174,14 +174,14 @@ def test_bugs_are_counted_and_a_hung_childs_stack_is_logged_before_the_kill(tmp_
                    "a new archiver")
         events = daemon.log_events()
         names = [e["event"] for e in events]
-        stacks = [e for e in events if e["event"] == "hung child's stack"]
+        stacks = [e for e in events if e["event"] == "stack of a hung child"]
         assert stacks and stacks[0]["child"] == "archiver" and stacks[0]["child_pid"] == old
         stack = stacks[0]["stack"]
         # The Python stack of the hang, innermost first, down to the child's bootstrap.
         assert "hang_here_for_the_test" in stack and "finalize_or_hang" in stack, stack
         assert "archiver.py" in stack and "child.py" in stack and "bootstrap" in stack, stack
         killed = names.index("child hung: no heartbeat, killing it")
-        assert names.index("hung child's stack") < killed
+        assert names.index("stack of a hung child") < killed
         assert events[killed]["stack_logged"] is True
         assert not (daemon.data_dir / "hang-archiver").exists()
         assert daemon.child_pid("archiver") != old and os.kill(daemon.child_pid("archiver"), 0) is None

@@ -368,7 +368,7 @@ class Supervisor:
                 silent = round(child.beat.age(), 1)
                 stack = self.ask_for_stack(child)
                 if stack:
-                    log.error("hung child's stack", child=child.name,
+                    log.error("stack of a hung child", child=child.name,
                               child_pid=child.process.pid, stack=stack)
                 log.error("child hung: no heartbeat, killing it", child=child.name,
                           child_pid=child.process.pid, silent_s=silent,
@@ -402,7 +402,7 @@ class Supervisor:
                                       -signal.SIGFPE, -signal.SIGILL):
             stack = read_tail(stack_file(self.config.data_dir, child.name), 0)
             if stack:
-                log.error("crashed child's stack", child=child.name,
+                log.error("stack of a crashed child", child=child.name,
                           child_pid=child.process.pid, stack=stack)
 
     def crash_looping(self) -> Child | None:
