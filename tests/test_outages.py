@@ -27,6 +27,7 @@ from fault_watch import LiveWatch
 from tcp_proxy import TcpProxy
 from test_streamer import wait_for
 from test_supervisor import db_rows
+from vlmguard.health import run_dir
 
 CUT_SECONDS = 30  # a minute in bench/faults_bench.py; half of it shows the same here
 LOCK_SECONDS = 40  # longer than SQLite's busy timeout (30 s): writers do give up
@@ -256,7 +257,7 @@ def kill_repeatedly(daemon, name: str, times: int) -> set[int]:
     while len(killed) < times:
         pid = wait_for(lambda: (p := daemon.child_pid(name)) not in killed and p, 60,
                        f"{name} restarted")
-        state = json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
+        state = json.loads((run_dir(daemon.data_dir) / f"{name}.json").read_text())["state"]
         if state.startswith("job"):
             time.sleep(0.2)
             continue

@@ -15,6 +15,7 @@ import pytest
 
 from fault_watch import descendants
 from test_streamer import decoded_frames, wait_for
+from vlmguard.health import run_dir
 from vlmguard.status import daemon_pid
 from vlmguard.store import JobStore
 
@@ -46,7 +47,7 @@ def status_counts(daemon) -> dict[str, int]:
 def analyzer_state(daemon, name: str) -> str:
     import json
     try:
-        return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
+        return json.loads((run_dir(daemon.data_dir) / f"{name}.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
 

@@ -11,7 +11,7 @@ and then runs the role's main. A role then uses, from here:
   traceback and counted in /metrics (vlmguard_unexpected_errors_total).
 
 Every child also has faulthandler on: on SIGUSR1 it writes the Python stack of each of
-its threads to its stack file (<data_dir>/run/<name>.stack), and on a fatal signal
+its threads to its stack file (run/<name>.stack in the RAM folder), and on a fatal signal
 (SIGSEGV, SIGABRT ...) the stack it died in. Before the supervisor kills a hung child it
 asks for that stack and logs it (see Supervisor.murder_hung): a dump is written by the
 signal handler in C, so it arrives while the child's Python code is stuck anywhere.

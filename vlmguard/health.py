@@ -2,9 +2,9 @@
 
 Liveness is a timestamp in shared memory that a child's main loop refreshes: a full disk
 cannot stop it, and a blocked loop (the seed's stutter) stops it. What each child is
-doing is a small JSON file in <data_dir>/run/, replaced atomically when it changes (see
-child.ChildState), for humans and the systemd STATUS line; losing one of those writes is
-harmless. A child's bootstrap is in child.py.
+doing is a small JSON file in the RAM folder's run/ (run_dir), replaced atomically when it
+changes (see child.ChildState), for humans and the systemd STATUS line; losing one of
+those writes is harmless. A child's bootstrap is in child.py.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from vlmguard.layout import ram_root
 
 
 class Beat:
@@ -31,7 +33,9 @@ class Beat:
 
 
 def run_dir(data_dir: Path) -> Path:
-    return data_dir / "run"
+    """The state files are runtime state: in the RAM folder (layout.ram_root), not on the
+    data disk, which may be flash."""
+    return ram_root(data_dir) / "run"
 
 
 def write_state(data_dir: Path, name: str, state: dict[str, Any]) -> None:

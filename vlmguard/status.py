@@ -2,7 +2,7 @@
 
 `vlmguard status`, the REST API and /metrics all show the same facts under the same keys.
 Everything comes from what the processes share: the job table, the files under data_dir,
-and the small state files the running processes keep in <data_dir>/run/. So the report
+and the small state files the running processes keep in the RAM folder. So the report
 works whether or not the daemon is running, and says which.
 """
 
