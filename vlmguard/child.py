@@ -6,7 +6,7 @@ and then runs the role's main. A role then uses, from here:
 - on_stop(handler): the one way to hear SIGTERM, in a plain loop or in an asyncio one;
 - every(seconds, fn): periodic work inside a loop that turns more often;
 - ChildState: the state file the child publishes for the supervisor and `vlmguard status`,
-  written when it changes and not otherwise (the data disk may be flash), and the count
+  in the RAM folder and written when it changes, not on a timer; and the count
   of unexpected errors: bugs caught so that a loop goes on, each logged with its
   traceback and counted in /metrics (vlmguard_unexpected_errors_total).
 
@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -213,9 +214,6 @@ class ChildState:
         if first:
             logger.exception(event, **fields)
         else:
-            logger.error(event, error=first_line(sys.exc_info()[1]), again=True, **fields)
+            error = traceback.format_exception_only(sys.exc_info()[1])[-1].strip()
+            logger.error(event, error=error[:300], again=True, **fields)
         self.publish()
-
-
-def first_line(exc: BaseException | None) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
