@@ -29,7 +29,7 @@ from pathlib import Path
 from vlmguard.config import CameraConfig, Config, check_server_settings
 from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_binary,
                              needs_encoding, probe_codec, write_input_file)
-from vlmguard.child import ChildState, on_stop
+from vlmguard.child import ChildState, every, on_stop
 from vlmguard.health import Beat
 from vlmguard.web import create_app
 from vlmguard.web.keys import CHILD_STATE_KEY, LIVE_KEY
@@ -171,7 +171,7 @@ class CameraFeed:
         self.archive_failed_in_run = False
         self.run_start = 0  # the current run's first segment number
         self.listed_segments = False  # the last run put segments in the playlist
-        self.pruned_at = 0.0
+        self.prune = every(PRUNE_SECONDS, self.prune_live)
         self.input_file: Path | None = None
         storage = config.storage
         self.stream = LiveStream(camera.id, layout.live(camera.id),
@@ -365,10 +365,6 @@ class CameraFeed:
     def prune_live(self) -> None:
         """Delete earlier runs' segments once no playlist can list them; FFmpeg deletes
         its own run's. A removed segment stays downloadable for the spec's time."""
-        now = time.time()
-        if now - self.pruned_at < PRUNE_SECONDS:
-            return
-        self.pruned_at = now
         storage = self.config.storage
         live = self.layout.live(self.camera.id)
         keep_seconds = stale_after(self.config) + \
@@ -416,7 +412,7 @@ class CameraFeed:
             except asyncio.TimeoutError:
                 pass
             offset = hand_over_listed(self.layout, self.camera.id, run_list, offset)
-            self.prune_live()
+            self.prune()
             if stop.is_set():
                 await self.stop_ffmpeg(proc)
                 return "stopping"
