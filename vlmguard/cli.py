@@ -23,7 +23,8 @@ from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
 from vlmguard.status import daemon_pid, gather_status, iso, job_detail, job_summary, render_status
-from vlmguard.store import STATES, JobStore
+from vlmguard.store.bundle import Store
+from vlmguard.store.schema import STATES
 from vlmguard.vlm import SEVERITIES
 
 CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
@@ -69,11 +70,11 @@ MAX_JOB_ID = 2**31 - 1
 
 
 def open_store(config):
-    return JobStore.from_config(config, create=False)
+    return Store.from_config(config, create=False)
 
 
 def find_job(store, job_id: int):
-    found = store.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
+    found = store.reports.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
     if found is None:
         raise VlmguardError(f"no job {job_id}")
     return found
@@ -166,7 +167,7 @@ def jobs(config_path, states, camera_id, limit, as_json):
     """List analysis jobs, newest first."""
     config = load_config(config_path)
     with open_store(config) as store:
-        found = store.list_jobs(states=states, camera_id=camera_id, limit=limit)
+        found = store.reports.list_jobs(states=states, camera_id=camera_id, limit=limit)
     for job in found:
         if as_json:
             echo(json.dumps(job_summary(job)))
@@ -186,7 +187,7 @@ def retry(config_path, job_id):
     config = load_config(config_path)
     with open_store(config) as store:
         job = find_job(store, job_id)
-        if not store.retry(job_id):
+        if not store.queue.retry(job_id):
             raise VlmguardError(f"job {job_id} is {job.status}, only failed jobs can be retried")
     click.echo(f"job {job_id} is pending again")
 
@@ -205,7 +206,7 @@ def job_show(config_path, job_id):
     config = load_config(config_path)
     with open_store(config) as store:
         found = find_job(store, job_id)
-        detail = job_detail(found, store.list_incidents(job_id))
+        detail = job_detail(found, store.incidents.list_incidents(job_id))
     echo(json.dumps(detail, indent=2))
 
 
@@ -254,8 +255,8 @@ def incidents(config_path, camera_id, since, severity, limit, as_json):
     config = load_config(config_path)
     worse = SEVERITIES[SEVERITIES.index(severity):] if severity else ()
     with open_store(config) as store:
-        rows = store.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
-                                    since=since.replace(tzinfo=timezone.utc) if since else None)
+        rows = store.incidents.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
+                                              since=since.replace(tzinfo=timezone.utc) if since else None)
     for row in rows:
         if as_json:
             click.echo(json.dumps({k: iso(v) if isinstance(v, datetime) else v

@@ -18,7 +18,7 @@ from typing import Callable
 
 from vlmguard.errors import DatabaseUnreachable
 from vlmguard.logs import get_logger
-from vlmguard.store import first_line
+from vlmguard.store.engines import first_line
 
 log = get_logger("vlmguard.outage")
 

@@ -26,7 +26,9 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.outage import Outage
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
-from vlmguard.store import STATES, JobStore, is_outage
+from vlmguard.store.bundle import Store
+from vlmguard.store.engines import is_outage
+from vlmguard.store.schema import STATES
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
 from vlmguard.web.metrics import render_metrics
@@ -43,12 +45,12 @@ DATABASE_THREADS = 4
 
 
 class Database:
-    """The streaming process's way to the job table: one JobStore, made on first use
+    """The streaming process's way to the job table: one Store, made on first use
     without reaching the database, and threads of its own."""
 
     def __init__(self, config: Config):
         self.config = config
-        self.store: JobStore | None = None
+        self.store: Store | None = None
         # Its threads log as the process does (role, pid): threads start with no context.
         self.executor = ThreadPoolExecutor(
             DATABASE_THREADS, thread_name_prefix="database",
@@ -57,7 +59,7 @@ class Database:
         self.outage = Outage("api")
         self.lock = threading.Lock()
 
-    def run(self, work: Callable[[Config, JobStore], Any],
+    def run(self, work: Callable[[Config, Store], Any],
             fallback: Callable[[Config, BaseException], Any] | None) -> Any:
         """work(config, store) in this thread; while the database is away, fallback(config,
         why) when there is one, else the outage is raised."""
@@ -65,8 +67,8 @@ class Database:
             with self.lock:
                 self.outage.check()
                 if self.store is None:
-                    self.store = JobStore.from_config(self.config, create=False, lazy=True)
-            self.store.ensure_ready()
+                    self.store = Store.from_config(self.config, create=False, lazy=True)
+            self.store.db.ensure_ready()
             result = work(self.config, self.store)
         except Exception as exc:
             if not is_outage(exc):
@@ -102,9 +104,9 @@ def config_of(request: web.Request) -> Config:
     return request.app[CONFIG_KEY]
 
 
-async def read(request: web.Request, work: Callable[[Config, JobStore], Any],
+async def read(request: web.Request, work: Callable[[Config, Store], Any],
                fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
-    """Run a database read (or a write) off the event loop, with this process's JobStore;
+    """Run a database read (or a write) off the event loop, with this process's Store;
     while the database is away: fallback's answer, or 503 with Retry-After."""
     try:
         return await with_store(request.app, work, fallback)
@@ -118,7 +120,7 @@ async def read(request: web.Request, work: Callable[[Config, JobStore], Any],
             content_type="application/json", headers={"Retry-After": str(retry)}) from None
 
 
-async def with_store(app: web.Application, work: Callable[[Config, JobStore], Any],
+async def with_store(app: web.Application, work: Callable[[Config, Store], Any],
                      fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
     database: Database = app[DATABASE_KEY]
     return await asyncio.get_running_loop().run_in_executor(
@@ -220,9 +222,10 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset,
-                                results=False)
-        return [job_summary(j) for j in found], store.count_jobs(states=states, camera_id=camera)
+        found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit,
+                                        offset=offset, results=False)
+        total = store.reports.count_jobs(states=states, camera_id=camera)
+        return [job_summary(j) for j in found], total
     rows, total = await read(request, work)
     page = bounded_page(rows)
     following = offset + len(page)
@@ -236,8 +239,8 @@ async def job(request: web.Request) -> web.Response:
     job_id = checked_int(raw, "id", 0, MAX_JOB_ID)
 
     def work(config, store):
-        found = store.get(job_id)
-        return job_detail(found, store.list_incidents(found.id)) if found else None
+        found = store.reports.get(job_id)
+        return job_detail(found, store.incidents.list_incidents(found.id)) if found else None
     detail = await read(request, work)
     if detail is None:
         raise web.HTTPNotFound(text=f'{{"error": "no job {job_id}", "parameter": "id"}}',
@@ -256,8 +259,8 @@ async def incidents(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        return (store.find_incidents(**where, limit=limit, offset=offset),
-                store.count_incidents(**where))
+        return (store.incidents.find_incidents(**where, limit=limit, offset=offset),
+                store.incidents.count_incidents(**where))
     rows, total = await read(request, work)
     page = bounded_page([incident_row(r) for r in rows])
     following = offset + len(page)
@@ -281,8 +284,8 @@ def bounded_page(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def metrics(request: web.Request) -> web.Response:
     def work(config, store):
-        return render_metrics(gather_status(config, store), store.duration_histogram(),
-                              store.token_usage())
+        return render_metrics(gather_status(config, store), store.reports.duration_histogram(),
+                              store.reports.token_usage())
 
     def from_files(config, why):
         return render_metrics(status_without_database(config, why), ([], 0, 0.0), {})

@@ -22,7 +22,7 @@ from aiohttp import web
 from vlmguard.errors import DatabaseError
 from vlmguard.logs import Noticed, get_logger
 from vlmguard.status import incident_row, iso, live_cameras
-from vlmguard.store import is_outage
+from vlmguard.store.engines import is_outage
 from vlmguard.web.api import with_store
 from vlmguard.web.keys import CHILD_STATE_KEY, CONFIG_KEY, GUARD_KEY, HUB_KEY
 
@@ -100,10 +100,11 @@ class EventHub:
             try:
                 if cursor is None:
                     cursor = await with_store(self.app,
-                                              lambda config, store: store.event_cursor())
+                                              lambda config, store: store.incidents.event_cursor())
                     continue
                 changes = await with_store(self.app,
-                                           lambda config, store, at=cursor: store.changes_since(*at))
+                                           lambda config, store, at=cursor:
+                                           store.incidents.changes_since(*at))
             except Exception as exc:  # the streams wait, they do not end
                 if is_outage(exc) or isinstance(exc, DatabaseError):  # a database hiccup
                     if self.noticed.first(type(exc).__name__):

@@ -65,7 +65,7 @@ def not_found(message: str) -> web.HTTPNotFound:
 
 async def incident_of(request: web.Request) -> dict:
     incident_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
-    found = await read(request, lambda config, store: store.get_incident(incident_id))
+    found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"no incident {incident_id}")
     return found
