@@ -22,8 +22,9 @@ from vlmguard.health import read_states
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
-from vlmguard.status import daemon_pid, gather_status, iso, job_detail, job_summary, render_status
+from vlmguard.status import daemon_pid, gather_status, job_detail, job_summary, render_status
 from vlmguard.store import STATES, JobStore
+from vlmguard.times import iso, parse_time
 from vlmguard.vlm import SEVERITIES
 
 CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
@@ -316,12 +317,12 @@ def export(config_path, camera_id, start, duration, output):
     """
     from vlmguard.ffmpeg import ffmpeg_binary
     from vlmguard.layout import Layout
-    from vlmguard.recordings import MAX_EXPORT_SECONDS, export_file, iso
+    from vlmguard.recordings import MAX_EXPORT_SECONDS, export_file
 
     config = load_config(config_path)
     if config.camera(camera_id) is None:
         raise VlmguardError(f"--camera: no camera {camera_id!r} in {config.source}")
-    when = parse_time(start, "--start")
+    when = option_time(start, "--start")
     try:
         seconds = float(duration)
     except ValueError:
@@ -335,13 +336,11 @@ def export(config_path, camera_id, start, duration, output):
                f"{len(plan.files)} archive files) -> {output}", err=True)
 
 
-def parse_time(raw: str, option: str) -> datetime:
+def option_time(raw: str, option: str) -> datetime:
     try:
-        when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise VlmguardError(f"{option}: must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z, "
-                            f"got {raw!r}") from None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+        return parse_time(raw.strip())
+    except ValueError as exc:
+        raise VlmguardError(f"{option}: {exc}, got {raw!r}") from None
 
 
 if __name__ == "__main__":

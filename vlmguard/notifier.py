@@ -296,7 +296,8 @@ class Notifier:
 def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
                  since: float | None = None) -> tuple[dict[str, Any], str]:
     """The system message about one role, and the key that makes it one per event."""
-    from vlmguard.status import exit_text, iso_epoch
+    from vlmguard.status import exit_text
+    from vlmguard.times import iso_epoch
 
     host = socket.gethostname()
     since = child.get("backed_off_since") if backed_off else since

@@ -50,6 +50,7 @@ from vlmguard.footage import (PACKET, Extent, FootageError, KeyframeIndex, exten
 from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import program_date, served_window
 from vlmguard.logs import get_logger
+from vlmguard.times import iso
 
 log = get_logger("vlmguard.recordings")
 
@@ -69,10 +70,6 @@ HALF_FRAME = 0.02
 
 def utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, timezone.utc)
-
-
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def index_root(layout: Layout, camera_id: str) -> Path:

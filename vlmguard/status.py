@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.livelist import live_age
 from vlmguard.store import STATES, Job, JobStore, first_line, is_outage, redact_url, utcnow
+from vlmguard.times import iso, iso_epoch
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
@@ -366,7 +367,7 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
         # What the job covers: an archive, a window, merged windows or catch-up; its
         # clip's first frame; the archive file(s) and offsets, to play an incident back.
         "kind": job.kind, "windows": job.windows, "sources": job.sources,
-        "clip_start": job.first_frame_at.isoformat(timespec="milliseconds"),
+        "clip_start": iso(job.first_frame_at),
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
@@ -374,14 +375,6 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def incident_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in row.items()}
-
-
-def iso(when: datetime | None) -> str | None:
-    return when.isoformat(timespec="seconds") if when else None
-
-
-def iso_epoch(seconds: float | None) -> str | None:
-    return iso(datetime.fromtimestamp(seconds, timezone.utc)) if seconds else None
 
 
 def render_status(report: dict[str, Any]) -> str:

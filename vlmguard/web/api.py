@@ -17,7 +17,7 @@ import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 import structlog
@@ -27,6 +27,7 @@ from vlmguard.config import Config
 from vlmguard.outage import Outage
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
 from vlmguard.store import STATES, JobStore, is_outage
+from vlmguard.times import parse_time
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
 from vlmguard.web.metrics import render_metrics
@@ -169,15 +170,9 @@ def since_param(request: web.Request, name: str = "since") -> datetime | None:
     if raw is None:
         return None
     try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadParameter(name, "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
-    if when.tzinfo is None:
-        return when.replace(tzinfo=timezone.utc)
-    try:  # 9999-12-31T23:59:59-23:59 is a valid time that UTC cannot hold
-        return when.astimezone(timezone.utc)
-    except OverflowError:
-        raise BadParameter(name, "out of range: years 1-9999 in UTC") from None
+        return parse_time(raw)
+    except ValueError as exc:
+        raise BadParameter(name, str(exc)) from None
 
 
 def category_params(request: web.Request) -> list[str]:

@@ -15,8 +15,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from vlmguard.status import gather_status, incident_row, iso
+from vlmguard.status import gather_status, incident_row
 from vlmguard.store import utcnow
+from vlmguard.times import iso
 from vlmguard.vlm.pricing import cost_report
 from vlmguard.web.api import BadParameter, MAX_JOB_ID, checked_int, read
 from vlmguard.web.keys import STATIC_KEY

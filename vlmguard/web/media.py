@@ -24,7 +24,7 @@ import math
 import re
 import shutil
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
+from vlmguard.times import EXAMPLE, iso
 from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
                               since_param)
 from vlmguard.web.keys import CLIP_SLOTS_KEY
@@ -103,7 +104,7 @@ async def clip(request: web.Request) -> web.StreamResponse:
 def start_param(request: web.Request) -> datetime:
     when = since_param(request, "start")
     if when is None:
-        raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
+        raise BadParameter("start", f"required: an ISO 8601 time, e.g. {EXAMPLE}")
     return when
 
 
@@ -224,10 +225,6 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
     return {"Content-Type": "video/mp4", "Cache-Control": "private, no-store",
             "Content-Disposition": f'inline; filename="{name}.mp4"',
             "X-Clip-Start": iso(plan.start)}
-
-
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def room_for(size: int) -> bool:

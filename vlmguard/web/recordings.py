@@ -32,11 +32,11 @@ from vlmguard.ffmpeg import child_env, ffmpeg_binary
 from vlmguard.layout import ARCHIVE_NAME, Layout, archive_start
 from vlmguard.logs import get_logger
 from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYLIST_SECONDS,
-                                 Catalog, export_command, export_list, find_file, hold, iso,
-                                 open_export,
-                                 live_edge, mp4_segment_command, plan_export, plan_playlist,
-                                 render_playlist, span_report, stored_thumbnail,
+                                 Catalog, export_command, export_list, find_file, hold,
+                                 open_export, live_edge, mp4_segment_command, plan_export,
+                                 plan_playlist, render_playlist, span_report, stored_thumbnail,
                                  make_thumbnail)
+from vlmguard.times import iso
 from vlmguard.web.api import BadParameter, config_of, since_param
 from vlmguard.web.media import ram_dir
 
