@@ -23,7 +23,7 @@ from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
 from vlmguard.status import daemon_pid, gather_status, job_detail, job_summary, render_status
-from vlmguard.store import STATES, JobStore
+from vlmguard.store import MAX_ID, STATES, JobStore
 from vlmguard.times import iso, parse_time
 from vlmguard.vlm import SEVERITIES
 
@@ -64,17 +64,13 @@ def make_files_private() -> None:
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
 
-# The id column is a 32-bit INTEGER on PostgreSQL (SQLite's would take two billion jobs
-# to pass it): a larger number is no job, not an overflow inside the driver.
-MAX_JOB_ID = 2**31 - 1
-
-
 def open_store(config):
     return JobStore.from_config(config, create=False)
 
 
 def find_job(store, job_id: int):
-    found = store.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
+    # A larger number is no job, not an overflow inside the driver.
+    found = store.get(job_id) if 0 < job_id <= MAX_ID else None
     if found is None:
         raise VlmguardError(f"no job {job_id}")
     return found

@@ -26,7 +26,7 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.outage import Outage
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
-from vlmguard.store import STATES, JobStore, is_outage
+from vlmguard.store import MAX_ID, STATES, JobStore, is_outage
 from vlmguard.times import parse_time
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
@@ -35,7 +35,6 @@ from vlmguard.web.session import session_metrics
 
 MAX_PAGE = 500
 MAX_OFFSET = 10**9
-MAX_JOB_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL's BIGINT hold
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
 # One page of incidents at most this many bytes of JSON (rows are read with their
 # descriptions bounded, so a page costs at most limit x a row's bound to read).
@@ -228,7 +227,7 @@ async def jobs(request: web.Request) -> web.Response:
 
 async def job(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
-    job_id = checked_int(raw, "id", 0, MAX_JOB_ID)
+    job_id = checked_int(raw, "id", 0, MAX_ID)
 
     def work(config, store):
         found = store.get(job_id)

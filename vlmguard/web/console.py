@@ -16,10 +16,10 @@ from importlib import resources
 from aiohttp import web
 
 from vlmguard.status import gather_status, incident_row
-from vlmguard.store import utcnow
+from vlmguard.store import MAX_ID, utcnow
 from vlmguard.times import iso
 from vlmguard.vlm.pricing import cost_report
-from vlmguard.web.api import BadParameter, MAX_JOB_ID, checked_int, read
+from vlmguard.web.api import BadParameter, checked_int, read
 from vlmguard.web.keys import STATIC_KEY
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -106,7 +106,7 @@ async def categories(request: web.Request) -> web.Response:
 
 
 def id_of(request: web.Request) -> int:
-    return checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    return checked_int(request.match_info["id"], "id", 0, MAX_ID)
 
 
 def not_found(what: str) -> web.HTTPNotFound:
