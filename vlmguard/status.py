@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.config import Config
-from vlmguard.errors import DatabaseError, UnusableDatabase
+from vlmguard.errors import DatabaseError, UnusableDatabase, first_line
 from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.livelist import live_age
-from vlmguard.store import STATES, Job, JobStore, first_line, is_outage, redact_url, utcnow
+from vlmguard.store import STATES, Job, JobStore, is_outage, redact_url, utcnow
 from vlmguard.times import iso, iso_epoch
 
 GB = 1_000_000_000

@@ -18,7 +18,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from vlmguard.config import opt
+from vlmguard.errors import first_line
+from vlmguard.options import opt
 
 SEVERITIES = ("low", "medium", "high", "critical")
 CATEGORIES = ("fall", "fight", "fire_smoke", "intrusion", "unsafe_machinery", "vehicle",
@@ -307,9 +308,8 @@ def read_answer(read: Callable[[Any], "Answer"], response: Any, server: str) -> 
     try:
         return read(response)
     except MALFORMED as exc:
-        line = (str(exc).strip().splitlines() or [""])[0][:300]
         raise AnalysisError(f"malformed response from {server} ({type(exc).__name__}: "
-                            f"{line})", retryable=True) from None
+                            f"{first_line(exc)})", retryable=True) from None
 
 
 def token_count(value: Any) -> int | None:

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from vlmguard.config import opt
+from vlmguard.errors import first_line
+from vlmguard.options import opt
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
                           ProviderSettings, RateLimited, describe_wait, parse_answer,
                           read_answer, retry_hint)
@@ -505,7 +506,3 @@ def is_transport_error(exc: Exception) -> bool:
     module = type(exc).__module__.split(".")[0]
     return (module in ("httpx", "httpx2", "httpcore", "aiohttp", "requests", "urllib3")
             or bool(names & {"TimeoutError", "ConnectionError", "TimeoutException"}))
-
-
-def first_line(value: Any) -> str:
-    return (str(value).strip().splitlines() or [""])[0][:300]

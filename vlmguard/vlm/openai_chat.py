@@ -39,7 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmguard.config import opt
+from vlmguard.errors import first_line
+from vlmguard.options import opt
 from vlmguard.ffmpeg import child_env, ffmpeg_binary, grid_command
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip, Frame,
                           ProviderSettings, RateLimited, describe_wait, parse_answer,
@@ -663,7 +664,3 @@ def header(response, name: str) -> str | None:
         return response.headers.get(name)
     except AttributeError:
         return None
-
-
-def first_line(value: Any) -> str:
-    return (str(value).strip().splitlines() or [""])[0][:300]
