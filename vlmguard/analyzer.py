@@ -40,14 +40,16 @@ from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             media_duration, source_args, still_video_command)
+                             last_line, media_duration, source_args,
+                             still_video_command)
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, is_outage, utcnow
-from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
-                          RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
+from vlmguard.vlm import (TOKEN_FIELDS, AccountProblem, AnalysisError, Answer, Clip, Finding,
+                          Frame, RateLimited, VlmClient, build_prompt, check_answer, token_fields,
+                          where_keys_come_from)
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.analyzer")
@@ -493,9 +495,8 @@ class Worker:
         if answer.request or answer.cached_tokens is not None:
             result["request"] = dict(answer.request, cached_tokens=answer.cached_tokens)
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
-                       prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                       total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
-                       model_version=answer.model_version, provider=settings.name,
+                       **token_fields(answer), model_version=answer.model_version,
+                       provider=settings.name,
                        model=settings.model,
                        merge_within_s=(None if job.kind == "archive"
                                        else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
@@ -559,8 +560,7 @@ class Worker:
 def no_activity() -> Outcome:
     """The stored result of a static clip: no request, no incident, no token."""
     return Outcome(result={"safety_score": 100, "summary": NO_ACTIVITY, "incidents": []},
-                   safety_score=100, prompt_tokens=0, output_tokens=0, total_tokens=0,
-                   thoughts_tokens=0)
+                   safety_score=100, **dict.fromkeys(TOKEN_FIELDS, 0))
 
 
 def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
@@ -668,7 +668,7 @@ def distinct_frames(binary: str, copy: Path, directory: Path,
     paths = sorted(directory.glob("frame_*.jpg"))
     offsets = frame_offsets(proc.stderr)
     if proc.returncode != 0 or not paths or len(offsets) != len(paths):
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"keyframes could not be extracted: {reason}", retryable=False)
     return tuple(Frame(path, max(offset, 0.0)) for path, offset in zip(paths, offsets))
 
@@ -695,7 +695,7 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
                                                 analysis.height),
                           capture_output=True, text=True, timeout=1800, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
@@ -710,7 +710,7 @@ def mp4_copy(binary: str, source: Path, target: Path) -> Path:
                            "-movflags", "+faststart", "-f", "mp4", str(target)],
                           capture_output=True, text=True, timeout=600, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
     return target
 

@@ -25,7 +25,7 @@ from vlmguard.redact import redact_text
 from vlmguard.status import daemon_pid, gather_status, job_detail, job_summary, render_status
 from vlmguard.store import MAX_ID, STATES, JobStore
 from vlmguard.times import iso, parse_time
-from vlmguard.vlm import SEVERITIES
+from vlmguard.vlm import SEVERITIES, token_report
 
 CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
 
@@ -222,8 +222,7 @@ def analyze(config_path, file, camera_id, as_json):
 
     config = load_config(config_path)
     finding, answer = analyze_file(config, file, camera_id)
-    tokens = {"prompt": answer.prompt_tokens, "output": answer.output_tokens,
-              "thoughts": answer.thoughts_tokens, "total": answer.total_tokens}
+    tokens = token_report(answer)
     if as_json:
         click.echo(json.dumps({"safety_score": finding.safety_score, "summary": finding.summary,
                                "incidents": list(finding.incidents), "tokens": tokens,

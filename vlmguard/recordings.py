@@ -44,7 +44,7 @@ from typing import Iterator
 
 from vlmguard.clips import Footage, recordings
 from vlmguard.errors import VlmguardError
-from vlmguard.ffmpeg import child_env, parent_death_prefix
+from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
 from vlmguard.footage import (PACKET, Extent, FootageError, KeyframeIndex, extent,
                               keyframe_bytes, mp4_keyframes, scan_ts)
 from vlmguard.layout import Layout, archive_start
@@ -534,8 +534,7 @@ def export_file(layout: Layout, binary: str, camera_id: str, start: datetime, se
                 os.close(descriptor)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
-        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise VlmguardError(f"ffmpeg could not export: {reason[:300]}")
+        raise VlmguardError(f"ffmpeg could not export: {last_line(proc.stderr)}")
     if not streamed:
         partial.rename(output)
     return plan

@@ -22,6 +22,7 @@ from vlmguard.layout import Layout, archive_start, stale_after
 from vlmguard.livelist import live_age
 from vlmguard.store import STATES, Job, JobStore, is_outage, redact_url, utcnow
 from vlmguard.times import iso, iso_epoch
+from vlmguard.vlm import token_report
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
@@ -360,8 +361,7 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
     return job_summary(job) | {
         "started_at": iso(job.started_at), "run_after": iso(job.run_after),
         "lease_expires_at": iso(job.lease_expires_at), "analysis_seconds": job.analysis_seconds,
-        "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
-                   "thoughts": job.thoughts_tokens, "total": job.total_tokens},
+        "tokens": token_report(job),
         "model_version": job.model_version,
         "provider": job.provider, "model": job.model,
         # What the job covers: an archive, a window, merged windows or catch-up; its

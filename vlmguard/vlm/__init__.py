@@ -12,7 +12,7 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -317,6 +317,29 @@ def token_count(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
         return None
     return value
+
+
+# The counts an Answer carries and a job stores, under the same names in both.
+TOKEN_FIELDS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
+
+
+def token_fields(source: Any) -> dict[str, int | None]:
+    """An Answer's (or a stored job's) token counts by field name, to pass on whole."""
+    return {name: getattr(source, name) for name in TOKEN_FIELDS}
+
+
+def token_report(source: Any) -> dict[str, int | None]:
+    """Token counts as the API and the CLI show them: prompt, output, thoughts, total."""
+    return {name.removesuffix("_tokens"): getattr(source, name) for name in TOKEN_FIELDS}
+
+
+def billed_together(earlier: list[Answer], answer: Answer) -> Answer:
+    """The answer with the tokens of the requests made before it for the same clip: all
+    were paid for. A count no request knew stays unknown."""
+    def total(name: str) -> int | None:
+        known = [v for v in (getattr(a, name) for a in (*earlier, answer)) if v is not None]
+        return sum(known) if known else None
+    return replace(answer, **{name: total(name) for name in (*TOKEN_FIELDS, "cached_tokens")})
 
 
 def parse_answer(text: str) -> Any:

@@ -22,8 +22,8 @@ from typing import Any, Callable
 from vlmguard.errors import first_line
 from vlmguard.options import opt
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
-                          ProviderSettings, RateLimited, describe_wait, parse_answer,
-                          read_answer, retry_hint)
+                          ProviderSettings, RateLimited, billed_together, describe_wait,
+                          parse_answer, read_answer, retry_hint)
 from vlmguard.vlm import token_count as count
 from vlmguard.vlm.registry import register
 from vlmguard.vlm.transport import bounded, bounded_client
@@ -187,7 +187,7 @@ class GeminiClient:
             changed = changed_request(refused.kind, request)
             keep_alive()
             try:
-                return billed_together(refused.usage,
+                return billed_together([refused.usage],
                                        self.ask_adapting(clip, prompt, changed, keep_alive))
             except Refused as again:
                 raise AnalysisError(f"{again} (again after a changed request: "
@@ -392,15 +392,6 @@ class GeminiClient:
             raise AnalysisError(f"{what}: malformed response from Gemini "
                                 f"({type(exc).__name__}: {first_line(exc)})",
                                 retryable=True) from None
-
-
-def billed_together(refused: Answer, answer: Answer) -> Answer:
-    """The answer with the refused request's tokens added: both were paid for."""
-    def total(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-    return replace(answer, **{name: total(getattr(refused, name), getattr(answer, name))
-                              for name in ("prompt_tokens", "output_tokens", "total_tokens",
-                                           "thoughts_tokens", "cached_tokens")})
 
 
 def lowest_thinking_level(model: str) -> str:
