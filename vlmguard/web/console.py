@@ -19,8 +19,9 @@ from vlmguard.status import gather_status, incident_row
 from vlmguard.store import MAX_ID, utcnow
 from vlmguard.times import iso
 from vlmguard.vlm.pricing import cost_report
-from vlmguard.web.api import BadParameter, checked_int, read
+from vlmguard.web.database import read
 from vlmguard.web.keys import STATIC_KEY
+from vlmguard.web.params import BadParameter, checked_int
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",

@@ -35,8 +35,10 @@ from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
 from vlmguard.store import MAX_ID
 from vlmguard.times import EXAMPLE, iso
-from vlmguard.web.api import BadParameter, checked_int, config_of, read, since_param
+from vlmguard.web.database import read
+from vlmguard.web.params import BadParameter, checked_int, config_of, since_param
 from vlmguard.web.keys import CLIP_SLOTS_KEY
+from vlmguard.web.scratch import ram_dir, room_for
 
 log = get_logger("vlmguard.web.media")
 
@@ -48,8 +50,6 @@ STALL_SECONDS = 10.0
 CHUNK_BYTES = 256 * 1024
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 INCIDENT_MARGIN = timedelta(seconds=5)
-RAM_DIR = Path("/dev/shm")
-MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
 
 
@@ -227,29 +227,3 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
             "X-Clip-Start": iso(plan.start)}
 
 
-def room_for(size: int) -> bool:
-    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
-    machine keep MEMORY_RESERVE available besides."""
-    try:
-        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
-    except OSError:
-        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
-    available = memory_available()
-    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
-
-
-def memory_available() -> int | None:
-    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def ram_dir() -> str | None:
-    """Clips are copies: kept in RAM, they cost the flash nothing."""
-    return str(RAM_DIR) if RAM_DIR.is_dir() else None

@@ -37,8 +37,8 @@ from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYL
                                  plan_playlist, render_playlist, span_report, stored_thumbnail,
                                  make_thumbnail)
 from vlmguard.times import iso
-from vlmguard.web.api import BadParameter, config_of, since_param
-from vlmguard.web.media import ram_dir
+from vlmguard.web.params import BadParameter, config_of, since_param
+from vlmguard.web.scratch import ram_dir
 
 log = get_logger("vlmguard.web.recordings")
 
