@@ -15,7 +15,7 @@ import pytest
 
 from fault_watch import descendants
 from test_streamer import decoded_frames, wait_for
-from vlmguard.status import daemon_pid
+from vlmguard.livestate import daemon_pid
 from vlmguard.store import JobStore
 
 REPO = Path(__file__).resolve().parent.parent

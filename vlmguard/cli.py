@@ -20,9 +20,10 @@ from vlmguard.config import check_listen_address, check_server_settings, load_co
 from vlmguard.errors import StartupError, VlmguardError
 from vlmguard.health import read_states
 from vlmguard.layout import Layout
+from vlmguard.livestate import daemon_pid
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
-from vlmguard.status import daemon_pid, gather_status, job_detail, job_summary, render_status
+from vlmguard.status import gather_status, job_detail, job_summary, render_status
 from vlmguard.store import MAX_ID, STATES, JobStore
 from vlmguard.times import iso, parse_time
 from vlmguard.vlm import SEVERITIES, token_report

@@ -28,10 +28,12 @@ from typing import Any
 from vlmguard.alerts import registry
 from vlmguard.config import Config
 from vlmguard.health import Beat, write_state
+from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
 from vlmguard.store import Delivery, JobStore, is_outage
+from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.notifier")
 
@@ -264,8 +266,6 @@ class Notifier:
                 self.store.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
-        from vlmguard.status import live_cameras
-
         self.notice_roles()
         state = {"sent": self.sent, "in_flight": len(self.in_flight),
                  "database": self.outage.describe()}
@@ -275,7 +275,7 @@ class Notifier:
         # Destinations that publish camera states (set_camera_states) get them.
         listeners = [d for d in self.destinations.values() if hasattr(d, "set_camera_states")]
         if listeners:
-            online = {c["id"]: bool(c["online"]) for c in live_cameras(self.config)}
+            online = cameras_online(self.config)
             for destination in listeners:
                 destination.set_camera_states(online)
 
@@ -296,9 +296,6 @@ class Notifier:
 def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
                  since: float | None = None) -> tuple[dict[str, Any], str]:
     """The system message about one role, and the key that makes it one per event."""
-    from vlmguard.status import exit_text
-    from vlmguard.times import iso_epoch
-
     host = socket.gethostname()
     since = child.get("backed_off_since") if backed_off else since
     if backed_off:

@@ -8,7 +8,6 @@ works whether or not the daemon is running, and says which.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from datetime import datetime, timedelta
@@ -18,29 +17,15 @@ from typing import Any
 from vlmguard.config import Config
 from vlmguard.errors import DatabaseError, UnusableDatabase, first_line
 from vlmguard.health import read_states
-from vlmguard.layout import Layout, archive_start, stale_after
+from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import live_age
+from vlmguard.livestate import camera_online, daemon_pid, exit_text
 from vlmguard.store import STATES, Job, JobStore, is_outage, redact_url, utcnow
 from vlmguard.times import iso, iso_epoch
 from vlmguard.vlm import token_report
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
-
-
-def daemon_pid(data_dir: Path) -> int | None:
-    """The pid holding the data directory's lock, or None when no vlmguard runs there."""
-    path = data_dir / "vlmguard.pid"
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = handle.read().strip()
-                return int(text) if text.isdigit() else -1
-            return None
-    except FileNotFoundError:
-        return None
 
 
 def hls_url(config: Config, camera_id: str) -> str:
@@ -158,14 +143,6 @@ def backed_off(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if child.get("state") == "backed off"]
 
 
-def exit_text(last_exit: dict[str, Any] | None) -> str:
-    if not last_exit:
-        return "unknown"
-    if "signal" in last_exit:
-        return f"killed by {last_exit['signal']}"
-    return f"exit code {last_exit.get('exitcode')}"
-
-
 def alerts_report(store: JobStore) -> dict[str, dict[str, Any]]:
     """Per alert destination: pending, delivered, failed, suppressed and the last error."""
     return {name: counts | {"last_error_at": iso(counts["last_error_at"])}
@@ -200,7 +177,7 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
         age = live_age(layout, camera.id, config.storage.live_segments)
         cameras.append({
             "id": camera.id,
-            "online": bool(streamer and streamer.get("alive")) and age <= stale_after(config),
+            "online": camera_online(config, streamer, age),
             "segment_age_s": round(age, 1) if age != float("inf") else None,
             "ffmpeg_restarts": reported.get("restarts", 0),
             "mode": reported.get("mode"),
