@@ -37,7 +37,7 @@ import structlog
 
 from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
-from vlmguard.errors import LeaseLost, VlmguardError
+from vlmguard.errors import LeaseLost, VlmguardError, first_line
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
                              last_line, media_duration, source_args,
@@ -237,7 +237,7 @@ class Worker:
     def database_lost(self, job: Job, exc: BaseException) -> None:
         """The database went away mid-job: hand the job back, uncharged, once it returns."""
         log.warning("database unreachable mid-job: handing the job back when it returns",
-                    error=str(exc).splitlines()[0][:300])
+                    error=first_line(exc))
         try:
             self.through_outage(lambda: self.store.release(job))
         except LeaseLost:

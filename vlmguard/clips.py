@@ -31,6 +31,7 @@ from typing import Any, Callable
 from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
 from vlmguard.layout import Layout, archive_start
 from vlmguard.logs import get_logger
+from vlmguard.times import iso
 
 log = get_logger("vlmguard.clips")
 
@@ -198,7 +199,7 @@ def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
     found = [f for f in recordings(layout, camera_id) if f.start <= when]
     if not found:
         log.warning("no footage for the incident's snapshot", camera_id=camera_id,
-                    at=when.isoformat())
+                    at=iso(when))
         return False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +211,7 @@ def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
         reason = last_line(proc.stderr, "no frame at that time")
     except (OSError, subprocess.TimeoutExpired) as exc:
         reason = str(exc)
-    log.warning("snapshot not made", camera_id=camera_id, at=when.isoformat(), error=reason)
+    log.warning("snapshot not made", camera_id=camera_id, at=iso(when), error=reason)
     target.unlink(missing_ok=True)
     return False
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from vlmguard.alerts import registry
 from vlmguard.config import Config
+from vlmguard.errors import first_line
 from vlmguard.health import Beat, write_state
 from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
@@ -229,7 +230,7 @@ class Notifier:
             # The claim's lease sends it again once the database is back (same key).
             log.warning("delivery result not recorded: the database is away",
                         delivery=delivery.id, outcome=answer.outcome,
-                        error=str(exc).splitlines()[0][:300])
+                        error=first_line(exc))
 
     def record_answer(self, delivery: Delivery, answer: registry.Answer) -> None:
         fields = dict(delivery=delivery.id, destination=delivery.destination,
