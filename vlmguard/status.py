@@ -71,6 +71,8 @@ def gather_status(config: Config, store: JobStore | None = None,
         "ram": ram_report(config, states.get("archiver", {})),
         "alerts": {},
     }
+    for child in report["daemon"]["children"].values():  # the state file keeps the epoch
+        child["backed_off_since"] = iso_epoch(child.get("backed_off_since"))
     try:
         if unreachable:
             raise DatabaseError(unreachable)
@@ -365,9 +367,8 @@ def render_status(report: dict[str, Any]) -> str:
     for row in report["database"]["quarantined"]["latest"]:
         lines.append(f"          quarantined: {row['table']} row {row['id']}: {row['reason']}")
     for name, child in backed_off(report):
-        since = iso_epoch(child.get("backed_off_since"))
-        lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
-                     f"{exit_text(child.get('last_exit'))}); next try in "
+        lines.append(f"role      {name} BACKED OFF since {child['backed_off_since']} "
+                     f"(crash loop, last: {exit_text(child.get('last_exit'))}); next try in "
                      f"{child.get('next_try_in_s')} s")
     lines.append("cameras")
     for camera in report["cameras"]:
