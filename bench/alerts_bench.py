@@ -40,7 +40,8 @@ from daemon import free_port  # noqa: E402
 
 from vlmguard import notifier  # noqa: E402
 from vlmguard.config import load_config  # noqa: E402
-from vlmguard.store import IncidentRecord, JobStore, Outcome  # noqa: E402
+from vlmguard.store.bundle import Store  # noqa: E402
+from vlmguard.store.records import IncidentRecord, Outcome  # noqa: E402
 
 CTX = multiprocessing.get_context("spawn")
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -74,16 +75,16 @@ url = "lavfi:testsrc2"
     return load_config(path)
 
 
-def store_incident(store: JobStore, n: int) -> tuple[int, float]:
+def store_incident(store: Store, n: int) -> tuple[int, float]:
     start = T0 + timedelta(minutes=10 * n)
-    store.register("cam", f"/a/{n}.mp4", start, start + timedelta(minutes=10))
-    job = store.claim("bench")
+    store.queue.register("cam", f"/a/{n}.mp4", start, start + timedelta(minutes=10))
+    job = store.queue.claim("bench")
     incident = IncidentRecord(start + timedelta(seconds=3), start + timedelta(seconds=5), "fall",
                               "high", f"bench incident {n}", 0.9)
-    store.complete(job, Outcome(result={"summary": "bench"}, safety_score=50,
-                                incidents=[incident]))
+    store.queue.complete(job, Outcome(result={"summary": "bench"}, safety_score=50,
+                                      incidents=[incident]))
     committed = time.time()
-    [row] = store.list_incidents(job.id)
+    [row] = store.incidents.list_incidents(job.id)
     return row["id"], committed
 
 
@@ -114,9 +115,9 @@ def percentiles(values: list[float]) -> str:
             f"p99={q[98] * 1000:.0f} ms max={ordered[-1] * 1000:.0f} ms")
 
 
-def wait_drained(store: JobStore, timeout: float) -> None:
+def wait_drained(store: Store, timeout: float) -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline and store.list_deliveries(statuses=("pending",)):
+    while time.time() < deadline and store.reports.list_deliveries(statuses=("pending",)):
         time.sleep(0.2)
 
 
@@ -126,7 +127,7 @@ def latency(args) -> None:
         config = make_config(Path(tmp), receiver, 1883, database)
         topic = f"{config.mqtt.topic_prefix}/incidents"
         watcher = Subscriber(1883, topic)
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             proc = CTX.Process(target=notifier.main, args=(config,))
             proc.start()
             time.sleep(2)  # connected and idle
@@ -178,7 +179,7 @@ def outage(args) -> None:
         total = args.minutes * 60
         down_from = (total - args.outage_minutes * 60) / 2
         down_to = down_from + args.outage_minutes * 60
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             proc = CTX.Process(target=notifier.main, args=(config,))
             proc.start()
             time.sleep(2)
@@ -206,7 +207,7 @@ def outage(args) -> None:
             recovered = time.time()
             wait_drained(store, 300)
             drained = time.time() - recovered
-            counts = store.delivery_counts()
+            counts = store.reports.delivery_counts()
             proc.terminate()
             proc.join(10)
         time.sleep(1)

@@ -55,7 +55,7 @@ from tcp_proxy import TcpProxy  # noqa: E402
 import sqlalchemy  # noqa: E402
 
 from vlmguard.layout import archive_start  # noqa: E402
-from vlmguard.store import JobStore  # noqa: E402
+from vlmguard.store.bundle import Store  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 ARCHIVE_SECONDS = 10
@@ -241,8 +241,8 @@ def run_fault(chosen: Fault, seconds: float, warmup: float, settle: float) -> di
 def registered_paths(run: Run) -> set[str] | None:
     url = run.db_url or f"sqlite:///{run.daemon.data_dir / 'vlmguard.db'}"
     try:
-        with JobStore(url, create=False) as store:
-            return store.registered_paths()
+        with Store(url, create=False) as store:
+            return store.recordings.registered_paths()
     except Exception:
         return None
 
@@ -250,8 +250,8 @@ def registered_paths(run: Run) -> set[str] | None:
 def completed(run: Run) -> int | None:
     url = run.db_url or f"sqlite:///{run.daemon.data_dir / 'vlmguard.db'}"
     try:
-        with JobStore(url, create=False) as store:
-            return store.count_jobs(states=("completed",))
+        with Store(url, create=False) as store:
+            return store.reports.count_jobs(states=("completed",))
     except Exception:
         return None
 
@@ -280,10 +280,10 @@ def measure(run: Run, watch: LiveWatch, started: float, injected: float, undone:
     known = registered_paths(run) or set()
     unregistered = sum(1 for p in run.archives() if str(p) not in known)
     url = run.db_url or f"sqlite:///{run.daemon.data_dir / 'vlmguard.db'}"
-    with JobStore(url, create=False) as store:
-        counts = {s: store.count_jobs(states=(s,)) for s in ("pending", "processing",
-                                                              "completed", "failed")}
-        quarantined = store.quarantined()["total"]
+    with Store(url, create=False) as store:
+        counts = {s: store.reports.count_jobs(states=(s,)) for s in ("pending", "processing",
+                                                                      "completed", "failed")}
+        quarantined = store.quarantine.quarantined()["total"]
     return {
         "fault": run.fault.name, "engine": run.fault.engine, "seconds": run.seconds,
         "live_samples": len(watch.samples), "live_seconds_lost": watch.seconds_lost(),

@@ -107,23 +107,23 @@ def run_clips(tree: Path, jobs: int) -> None:
     from gemini_server import FakeGemini
     from vlmguard.analyzer import Worker
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     with FakeGemini() as gemini, tempfile.TemporaryDirectory() as tmp:
         config = load_config(write_config(Path(tmp), gemini.base_url))
-        store = JobStore.from_config(config)
-        worker = Worker(config, store, "bench")
+        store = Store.from_config(config)
+        worker = Worker(config, store.queue, store.pauses, "bench")
         seconds, per_clip = [], []
         for n in range(jobs):
-            store.register("cam1", ARCHIVE, T0 + timedelta(minutes=10 * n),
-                           T0 + timedelta(minutes=10 * (n + 1)))
-            job = store.next_job("bench", timeout=5)
+            store.queue.register("cam1", ARCHIVE, T0 + timedelta(minutes=10 * n),
+                                 T0 + timedelta(minutes=10 * (n + 1)))
+            job = store.queue.next_job("bench", timeout=5)
             before = len(calls)
             started = time.perf_counter()
             worker.process(job)
             seconds.append(time.perf_counter() - started)
             per_clip.append(len(calls) - before)
-            done = store.get(job.id)
+            done = store.reports.get(job.id)
             assert done.status == "completed", done.error_message
         store.close()
     print(f"tree {tree}: requests per 10-minute clip {per_clip}, "
@@ -138,7 +138,7 @@ def run_tokens() -> None:
     from gemini_server import FakeGemini
     from vlmguard.analyzer import Worker
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     print("| thinking | requests | prompt | output | thoughts | total per clip | per camera-hour "
           "| USD per camera-month |")
@@ -147,11 +147,11 @@ def run_tokens() -> None:
         with FakeGemini() as gemini, tempfile.TemporaryDirectory() as tmp:
             config = load_config(write_config(Path(tmp), gemini.base_url,
                                               gemini=f'thinking = "{thinking}"'))
-            with JobStore.from_config(config) as store:
-                store.register("cam1", ARCHIVE, T0, T0 + timedelta(minutes=10))
-                worker = Worker(config, store, "bench")
-                worker.process(store.next_job("bench", timeout=5))
-                [job] = store.list_jobs()
+            with Store.from_config(config) as store:
+                store.queue.register("cam1", ARCHIVE, T0, T0 + timedelta(minutes=10))
+                worker = Worker(config, store.queue, store.pauses, "bench")
+                worker.process(store.queue.next_job("bench", timeout=5))
+                [job] = store.reports.list_jobs()
                 assert job.status == "completed", job.error_message
                 print(f"| {thinking} | {len(gemini.generate_requests)} | {job.prompt_tokens:,} | {job.output_tokens:,} | "
                       f"{job.thoughts_tokens or 0:,} | {job.total_tokens:,} | "
@@ -173,23 +173,23 @@ def run_backlog(jobs: int) -> None:
     from vlmguard import analyzer
     from vlmguard.config import load_config
     from vlmguard.health import read_states
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     spawn = multiprocessing.get_context("spawn")
     with FakeGemini() as gemini, tempfile.TemporaryDirectory() as tmp:
         config = load_config(write_config(Path(tmp), gemini.base_url,
                                           gemini="pause_probe_minutes = 0.1667",
                                           analysis="max_retries = 3"))
-        store = JobStore.from_config(config)
+        store = Store.from_config(config)
         for n in range(jobs):
-            store.register("cam1", SHORT, T0 + timedelta(minutes=n),
-                           T0 + timedelta(minutes=n, seconds=12))
+            store.queue.register("cam1", SHORT, T0 + timedelta(minutes=n),
+                                 T0 + timedelta(minutes=n, seconds=12))
         workers = [spawn.Process(target=analyzer.main, args=(config, i)) for i in range(2)]
         for process in workers:
             process.start()
 
         def completed() -> int:
-            return store.count_jobs(states=["completed"])
+            return store.reports.count_jobs(states=["completed"])
 
         def all_paused() -> bool:
             states = read_states(config.data_dir)
@@ -206,7 +206,7 @@ def run_backlog(jobs: int) -> None:
 
         try:
             for fault, clear in (("429_daily", "SIGHUP"), ("bad_key", "probe every 10 s")):
-                wait(lambda: completed() >= store.count_jobs() // 3 * (1 if fault == "429_daily" else 2))
+                wait(lambda: completed() >= store.reports.count_jobs() // 3 * (1 if fault == "429_daily" else 2))
                 gemini.fault_times.clear()
                 gemini.outage = fault
                 paused_at = wait(all_paused)
@@ -216,7 +216,7 @@ def run_backlog(jobs: int) -> None:
                 gemini.outage = None
                 cleared = time.time()
                 if clear == "SIGHUP":
-                    store.probe_now("gemini")  # what the supervisor does on SIGHUP
+                    store.pauses.probe_now("gemini")  # what the supervisor does on SIGHUP
                 resumed = wait(lambda: completed() > done_before)
                 print(f"{fault}: every analyzer paused {paused_at - first:.2f} s after the "
                       f"first such answer; cleared by {clear}: next job completed "
@@ -227,7 +227,7 @@ def run_backlog(jobs: int) -> None:
                 process.terminate()
             for process in workers:
                 process.join(30)
-        rows = store.list_jobs(limit=jobs)
+        rows = store.reports.list_jobs(limit=jobs)
         print(f"{jobs} jobs: completed {sum(r.status == 'completed' for r in rows)}, failed "
               f"{sum(r.status == 'failed' for r in rows)}, retries used "
               f"{sum(r.retry_count for r in rows)}")

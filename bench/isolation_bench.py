@@ -37,7 +37,7 @@ from daemon import free_port  # noqa: E402
 from stream_bench import make_1080p  # noqa: E402
 
 from vlmguard.config import load_config  # noqa: E402
-from vlmguard.store import JobStore  # noqa: E402
+from vlmguard.store.bundle import Store  # noqa: E402
 
 SOURCE = Path(tempfile.gettempdir()) / "vlmguard-bench-1080p-4M.mp4"
 PYTHON = sys.executable
@@ -73,10 +73,10 @@ def backlog(directory: Path, count: int, source: Path = SOURCE) -> Path:
 def register_backlog(config_path: Path, folder: Path) -> None:
     config = load_config(config_path)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    with JobStore.from_config(config) as store:
+    with Store.from_config(config) as store:
         for n, path in enumerate(sorted(folder.glob("*.mp4"))):
             begin = start + timedelta(minutes=n)
-            store.register("cam1", path, begin, begin + timedelta(seconds=60), max_retries=0)
+            store.queue.register("cam1", path, begin, begin + timedelta(seconds=60), max_retries=0)
 
 
 def wait_live(url: str, timeout: float = 60) -> None:
@@ -117,7 +117,7 @@ def run_scenario(name: str, args, gemini_port: int) -> dict:
         config = load_config(config_path)
         folder = backlog(directory, 400) if name != "idle" else None
         if name == "vlmguard":
-            JobStore.from_config(config).close()
+            Store.from_config(config).close()
             register_backlog(config_path, folder)
         env = {**os.environ, "GEMINI_API_KEY": "test-key-123"}
         daemon = subprocess.Popen([PYTHON, "-m", "vlmguard", "run", "--config", str(config_path)],
@@ -154,8 +154,8 @@ def run_scenario(name: str, args, gemini_port: int) -> dict:
             if mem:
                 result["memory_mb"] = {"rss": round(mem[0][0]), "pss": round(mem[0][1])}
             if name == "vlmguard":
-                with JobStore.from_config(config) as store:
-                    result["jobs_completed"] = sum(c["completed"] for c in store.counts().values())
+                with Store.from_config(config) as store:
+                    result["jobs_completed"] = sum(c["completed"] for c in store.reports.counts().values())
             return result
         finally:
             if baseline:

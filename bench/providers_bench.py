@@ -35,7 +35,7 @@ from openai_server import FakeOpenAI  # noqa: E402
 
 from vlmguard.analyzer import Worker  # noqa: E402
 from vlmguard.config import load_config  # noqa: E402
-from vlmguard.store import JobStore  # noqa: E402
+from vlmguard.store.bundle import Store  # noqa: E402
 
 T0 = datetime(2026, 11, 26, 0, 0, tzinfo=timezone.utc)
 CLIPS = Path(tempfile.gettempdir()) / "vlmguard-bench-providers"
@@ -97,16 +97,16 @@ def run_scene(clips, scene: str, hours: int, provider: str, gating: bool) -> dic
     with FakeOpenAI() as local, FakeGemini() as gemini, \
             tempfile.TemporaryDirectory() as tmp:
         config = config_for(Path(tmp), provider, gating, local.base_url, gemini.base_url)
-        with JobStore.from_config(config) as store:
-            worker = Worker(config, store, "bench")
+        with Store.from_config(config) as store:
+            worker = Worker(config, store.queue, store.pauses, "bench")
             started = time.monotonic()
             for n in range(6 * hours):
                 start = T0 + timedelta(minutes=10 * n)
-                store.register("cam1", clips[HOUR[scene][n % 6]], start,
-                               start + timedelta(minutes=10))
-                worker.process(store.next_job("bench", timeout=5))
+                store.queue.register("cam1", clips[HOUR[scene][n % 6]], start,
+                                     start + timedelta(minutes=10))
+                worker.process(store.queue.next_job("bench", timeout=5))
             seconds = time.monotonic() - started
-            jobs = store.list_jobs()
+            jobs = store.reports.list_jobs()
     assert all(j.status == "completed" for j in jobs), [j.error_message for j in jobs]
     sent = [j for j in jobs if j.provider]
     return {"requests_per_h": len(sent) / hours,
@@ -124,9 +124,9 @@ def request_sizes(clips) -> dict:
                 tempfile.TemporaryDirectory() as tmp:
             config = config_for(Path(tmp), "local", False, local.base_url, gemini.base_url,
                                 images)
-            with JobStore.from_config(config) as store:
-                store.register("cam1", clips["busy"], T0, T0 + timedelta(minutes=10))
-                Worker(config, store, "bench").process(store.next_job("bench", timeout=5))
+            with Store.from_config(config) as store:
+                store.queue.register("cam1", clips["busy"], T0, T0 + timedelta(minutes=10))
+                Worker(config, store.queue, store.pauses, "bench").process(store.queue.next_job("bench", timeout=5))
             [request] = local.requests
             out[images] = {"request_bytes": request["bytes"],
                            "images": len(request["images"]),

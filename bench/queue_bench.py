@@ -21,7 +21,9 @@ from pathlib import Path
 
 import sqlalchemy
 
-from vlmguard.store import JobStore, Outcome
+from vlmguard.store.bundle import Store
+
+from vlmguard.store.records import Outcome
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -30,14 +32,14 @@ CTX = multiprocessing.get_context("spawn")
 
 def drain(url, sync, worker_id, start, out):
     errors = done = 0
-    with JobStore(url, synchronous=sync) as store:
+    with Store(url, synchronous=sync) as store:
         start.wait()
         while True:
             try:
-                job = store.claim(worker_id)
+                job = store.queue.claim(worker_id)
                 if job is None:
                     break
-                store.complete(job, Outcome(result={"ok": True}, safety_score=100))
+                store.queue.complete(job, Outcome(result={"ok": True}, safety_score=100))
                 done += 1
             except sqlalchemy.exc.OperationalError:
                 errors += 1
@@ -45,13 +47,13 @@ def drain(url, sync, worker_id, start, out):
 
 
 def preload(url, n):
-    with JobStore(url) as store:
-        with store.write() as conn:
+    with Store(url) as store:
+        with store.db.write() as conn:
             conn.execute(sqlalchemy.text("DELETE FROM incidents"))
             conn.execute(sqlalchemy.text("DELETE FROM analysis_jobs"))
         for i in range(n):
             start = T0 + timedelta(minutes=i)
-            store.register("bench", f"/{i}.mp4", start, start + timedelta(minutes=10))
+            store.queue.register("bench", f"/{i}.mp4", start, start + timedelta(minutes=10))
 
 
 def throughput(url, sync, procs, n):
@@ -75,12 +77,12 @@ def throughput(url, sync, procs, n):
 
 
 def waiter(url, ready, out, n):
-    with JobStore(url) as store:
+    with Store(url) as store:
         ready.set()
         for _ in range(n):
-            job = store.next_job("waiter", timeout=30)
+            job = store.queue.next_job("waiter", timeout=30)
             out.put((job.video_path, time.time()))
-            store.complete(job, Outcome(result={}, safety_score=100))
+            store.queue.complete(job, Outcome(result={}, safety_score=100))
 
 
 def pickup(url, samples):
@@ -92,10 +94,10 @@ def pickup(url, samples):
     time.sleep(1.0)
     committed = {}
     latencies = []
-    with JobStore(url) as store:
+    with Store(url) as store:
         for i in range(samples):
             start = T0 + timedelta(minutes=i)
-            store.register("bench", f"/p{i}.mp4", start, start + timedelta(minutes=10))
+            store.queue.register("bench", f"/p{i}.mp4", start, start + timedelta(minutes=10))
             committed[f"/p{i}.mp4"] = time.time()
             path, claimed = out.get(timeout=30)
             latencies.append((claimed - committed[path]) * 1000)

@@ -119,17 +119,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 config = load_config(sys.argv[1])
 clip, windows = Path(sys.argv[2]), int(sys.argv[3])
 t0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
-with JobStore.from_config(config) as store:
-    worker = Worker(config, store, "bench")
+with Store.from_config(config) as store:
+    worker = Worker(config, store.queue, store.pauses, "bench")
     for n in range(windows):
         start = t0 + timedelta(minutes=n)
-        store.register("cam1", clip, start, start + timedelta(seconds=60), max_retries=0)
-        worker.process(store.next_job("bench", timeout=5))
-    while (job := store.next_job("bench", timeout=3)) is not None:  # put back, now due
+        store.queue.register("cam1", clip, start, start + timedelta(seconds=60), max_retries=0)
+        worker.process(store.queue.next_job("bench", timeout=5))
+    while (job := store.queue.next_job("bench", timeout=3)) is not None:  # put back, now due
         worker.process(job)
 """
 
@@ -144,7 +144,7 @@ def run_analyzer(tree: Path, config: Path, clip: Path, windows: int) -> None:
 
 def run_mode(tree: Path, name: str, windows: int) -> dict:
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     settings, keys = MODES[name]
     clip = make_window()
@@ -156,8 +156,8 @@ def run_mode(tree: Path, name: str, windows: int) -> dict:
         started = time.monotonic()
         run_analyzer(tree, config, clip, windows)
         seconds = time.monotonic() - started
-        with JobStore.from_config(load_config(config)) as store:
-            jobs = store.list_jobs()
+        with Store.from_config(load_config(config)) as store:
+            jobs = store.reports.list_jobs()
         answered = local.answered
         context = {"ollama": local.num_ctx, "vllm": local.max_model_len,
                    "llamacpp": local.n_ctx}.get(local.mode)
@@ -211,7 +211,7 @@ def modes(args) -> None:
 def window(args) -> None:
     from vlmguard.analyzer import Worker
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     os.environ["GEMINI_API_KEY"] = VALID_KEY
     clip = make_window()
@@ -226,10 +226,10 @@ def window(args) -> None:
                 setattr(local, key, value)
             config = load_config(write_config(Path(tmp), local.base_url, gemini.base_url, keys,
                                               True, order=f'"{order}"'))
-            with JobStore.from_config(config) as store:
-                store.register("cam1", clip, T0, T0 + timedelta(seconds=60))
-                Worker(config, store, "bench").process(store.next_job("bench", timeout=5))
-                [job] = store.list_jobs()
+            with Store.from_config(config) as store:
+                store.queue.register("cam1", clip, T0, T0 + timedelta(seconds=60))
+                Worker(config, store.queue, store.pauses, "bench").process(store.queue.next_job("bench", timeout=5))
+                [job] = store.reports.list_jobs()
             if order == "local":
                 [request] = local.requests
                 images = len(request["images"])
@@ -267,7 +267,7 @@ def window(args) -> None:
 
 def run_fault(tree: Path, fault: str, seconds: float) -> dict:
     from vlmguard.config import load_config
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     with FakeOpenAI() as local, FakeGemini() as gemini, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -318,8 +318,8 @@ def run_fault(tree: Path, fault: str, seconds: float) -> dict:
                 proc.terminate()
                 proc.wait(60)
             log.close()
-        with JobStore.from_config(load_config(config)) as store:
-            jobs = store.list_jobs()
+        with Store.from_config(load_config(config)) as store:
+            jobs = store.reports.list_jobs()
         events = [line for line in (folder / "vlmguard.log").read_text().splitlines()]
         return {
             "daemon_alive": alive, "streamer_same_pid": same_pid,

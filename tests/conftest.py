@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -77,7 +77,7 @@ def db_url(request, tmp_path):
 
 @pytest.fixture
 def store(db_url):
-    with JobStore(db_url, lease_seconds=30, retry_backoff=10) as s:
+    with Store(db_url, lease_seconds=30, retry_backoff=10) as s:
         yield s
 
 

@@ -1,5 +1,6 @@
 """Alerts: rules and payloads (vlmguard.alerts.plan), the outbox written with the incidents
-(store.py), the config keys, and the webhook and Apprise plug-ins against a real receiver."""
+(vlmguard/store/outbox.py), the config keys, and the webhook and Apprise plug-ins against
+a real receiver."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from vlmguard.alerts.plan import AlertPlan, title
 from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config
 from vlmguard.errors import ConfigError
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 from alert_receiver import Receiver
 from conftest import write_config
@@ -75,22 +77,22 @@ def incident(offset: float, category: str = "fall", severity: str = "high") -> I
                           category, severity, f"{category} at {offset}", 0.9)
 
 
-def store_window(store: JobStore, camera: str, start: datetime,
+def store_window(store: Store, camera: str, start: datetime,
                  incidents: list[IncidentRecord], score: int = 40) -> int:
     """An analysed window with its incidents, through the public API as an analyzer does."""
-    job_id = store.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
-                            start + timedelta(minutes=10))
-    job = store.claim("w")
+    job_id = store.queue.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
+                                  start + timedelta(minutes=10))
+    job = store.queue.claim("w")
     assert job.id == job_id
-    store.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
-                                safety_score=score, incidents=incidents))
+    store.queue.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
+                                      safety_score=score, incidents=incidents))
     return job_id
 
 
 @pytest.fixture
 def outbox(db_url, tmp_path):
     config = alert_config(tmp_path, RULES)
-    with JobStore(db_url, alerts=AlertPlan(config)) as s:
+    with Store(db_url, alerts=AlertPlan(config)) as s:
         yield s
 
 
@@ -98,7 +100,7 @@ def outbox(db_url, tmp_path):
 
 def test_deliveries_are_written_with_the_incidents(outbox):
     job_id = store_window(outbox, "dock-2", T0, [incident(3), incident(30, "fire_smoke", "low")])
-    rows = outbox.list_deliveries()
+    rows = outbox.reports.list_deliveries()
     by_kind = {}
     for row in rows:
         by_kind.setdefault((row["kind"], row["destination"]), []).append(row)
@@ -110,7 +112,7 @@ def test_deliveries_are_written_with_the_incidents(outbox):
     assert all(r["status"] == "pending" and r["job_id"] == job_id for r in rows)
     assert len({r["key"] for r in rows}) == len(rows)
     payload = by_kind[("incident", "webhook:manager:0")][0]["payload"]
-    [stored] = [i for i in outbox.list_incidents(job_id) if i["category"] == "fall"]
+    [stored] = [i for i in outbox.incidents.list_incidents(job_id) if i["category"] == "fall"]
     assert payload == {
         "type": "incident", "id": stored["id"], "camera_id": "dock-2",
         "start": "2026-11-26T08:00:03.000Z", "end": "2026-11-26T08:00:05.000Z", "category": "fall",
@@ -125,73 +127,73 @@ def test_deliveries_are_written_with_the_incidents(outbox):
 
 
 def test_a_failed_commit_writes_neither_incidents_nor_deliveries(outbox):
-    outbox.register("dock-2", "/a/x.mp4", T0, T0 + timedelta(minutes=10))
-    job = outbox.claim("w")
+    outbox.queue.register("dock-2", "/a/x.mp4", T0, T0 + timedelta(minutes=10))
+    job = outbox.queue.claim("w")
 
     class Broken(AlertPlan):
         def incident_payload(self, *args):
             raise RuntimeError("disk full half way")
 
-    outbox.alerts = Broken(outbox.alerts.config)
+    outbox.outbox.plan = Broken(outbox.outbox.plan.config)
     with pytest.raises(RuntimeError):
-        outbox.complete(job, Outcome(result={}, safety_score=10, incidents=[incident(1)]))
-    assert outbox.list_incidents(job.id) == [] and outbox.list_deliveries() == []
-    assert outbox.get(job.id).status == "processing"
+        outbox.queue.complete(job, Outcome(result={}, safety_score=10, incidents=[incident(1)]))
+    assert outbox.incidents.list_incidents(job.id) == [] and outbox.reports.list_deliveries() == []
+    assert outbox.reports.get(job.id).status == "processing"
 
 
 def test_cooldown_suppresses_and_records_it(outbox):
     store_window(outbox, "dock-2", T0, [incident(3), incident(40)])
     store_window(outbox, "dock-2", T0 + timedelta(minutes=10), [incident(600)])  # 10 min later
     store_window(outbox, "gate", T0, [incident(5)])  # another camera: its own cooldown
-    rows = [r for r in outbox.list_deliveries() if r["destination"] == "webhook:manager:0"]
+    rows = [r for r in outbox.reports.list_deliveries() if r["destination"] == "webhook:manager:0"]
     assert [(r["camera_id"], r["status"]) for r in rows] == [
         ("dock-2", "pending"), ("dock-2", "suppressed"), ("dock-2", "pending"),
         ("gate", "pending")]
     assert "cooldown" in rows[1]["last_error"]
     # MQTT takes every incident: no cooldown there.
-    assert all(r["status"] == "pending" for r in outbox.list_deliveries()
+    assert all(r["status"] == "pending" for r in outbox.reports.list_deliveries()
                if r["destination"] == "mqtt")
-    counts = outbox.delivery_counts()
+    counts = outbox.reports.delivery_counts()
     assert (counts["webhook:manager:0"]["suppressed"], counts["webhook:manager:0"]["pending"]) == (1, 3)
 
 
 def test_claim_lease_release_and_outcomes(outbox):
     store_window(outbox, "dock-2", T0, [incident(3)])
-    claimed = outbox.claim_deliveries("n1", 100, lease_seconds=600)
+    claimed = outbox.outbox.claim_deliveries("n1", 100, lease_seconds=600)
     assert len(claimed) == 4
-    assert outbox.claim_deliveries("n2", 100, lease_seconds=600) == []  # leased
-    assert outbox.release_deliveries("n1") == 4  # a restart takes its own back at once
-    first, second, third, fourth = outbox.claim_deliveries("n1", 100, lease_seconds=600)
-    outbox.delivered(first.id)
-    assert outbox.delivery_failed(second.id, "HTTP 500", retry_in=30, max_age_seconds=3600) == "pending"
-    assert outbox.delivery_failed(third.id, "HTTP 404: gone", retry_in=None,
-                                  max_age_seconds=3600) == "failed"
-    assert outbox.delivery_failed(fourth.id, "refused", retry_in=1, max_age_seconds=0) == "failed"
-    rows = {r["id"]: r for r in outbox.list_deliveries()}
+    assert outbox.outbox.claim_deliveries("n2", 100, lease_seconds=600) == []  # leased
+    assert outbox.outbox.release_deliveries("n1") == 4  # a restart takes its own back at once
+    first, second, third, fourth = outbox.outbox.claim_deliveries("n1", 100, lease_seconds=600)
+    outbox.outbox.delivered(first.id)
+    assert outbox.outbox.delivery_failed(second.id, "HTTP 500", retry_in=30, max_age_seconds=3600) == "pending"
+    assert outbox.outbox.delivery_failed(third.id, "HTTP 404: gone", retry_in=None,
+                                         max_age_seconds=3600) == "failed"
+    assert outbox.outbox.delivery_failed(fourth.id, "refused", retry_in=1, max_age_seconds=0) == "failed"
+    rows = {r["id"]: r for r in outbox.reports.list_deliveries()}
     assert rows[first.id]["status"] == "delivered" and rows[first.id]["attempts"] == 1
     assert rows[second.id]["status"] == "pending" and rows[second.id]["last_error"] == "HTTP 500"
     assert rows[fourth.id]["last_error"].startswith("gave up after 0 h: refused")
-    assert 25 < outbox.seconds_until_delivery_due() <= 30
-    outbox.deliveries_due_now(second.destination)
-    assert outbox.seconds_until_delivery_due() == 0
+    assert 25 < outbox.outbox.seconds_until_delivery_due() <= 30
+    outbox.outbox.deliveries_due_now(second.destination)
+    assert outbox.outbox.seconds_until_delivery_due() == 0
 
 
 def test_an_incident_with_deliveries_is_not_sent_again(outbox):
     """A window that re-stores an incident (issue 13's extension keeps its id) makes no
     second alert: only incidents without deliveries get them."""
     job_id = store_window(outbox, "gate", T0, [incident(3, "fire_smoke", "high")])
-    before = len(outbox.list_deliveries())
-    with outbox.write() as conn:
-        job = outbox.get(job_id)
-        outbox._enqueue_deliveries(conn, job, Outcome(result={}, safety_score=1))
-    assert len(outbox.list_deliveries()) == before + 1  # the window's score only
+    before = len(outbox.reports.list_deliveries())
+    with outbox.db.write() as conn:
+        job = outbox.reports.get(job_id)
+        outbox.outbox.enqueue_deliveries(conn, job, Outcome(result={}, safety_score=1))
+    assert len(outbox.reports.list_deliveries()) == before + 1  # the window's score only
 
 
 def test_no_alerts_configured_writes_nothing(db_url, tmp_path):
     config = alert_config(tmp_path, mqtt="")
-    with JobStore(db_url, alerts=AlertPlan(config)) as store:
+    with Store(db_url, alerts=AlertPlan(config)) as store:
         store_window(store, "dock-2", T0, [incident(3)])
-        assert store.list_deliveries() == []
+        assert store.reports.list_deliveries() == []
 
 
 # -- config ------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ webhook_secret = "Zq-signing-secret"
 # -- the plug-ins against a real receiver -------------------------------------------------
 
 def delivery_of(outbox, destination: str):
-    return next(d for d in outbox.claim_deliveries("t", 100, 600) if d.destination == destination)
+    return next(d for d in outbox.outbox.claim_deliveries("t", 100, 600) if d.destination == destination)
 
 
 def test_webhook_signs_and_judges_answers(tmp_path):
@@ -318,9 +320,9 @@ def test_apprise_json_url_carries_title_and_snapshot(tmp_path, db_url):
 name = "r"
 urls = ["json://127.0.0.1:{receiver.port}/apprise"]
 """, mqtt="")
-        with JobStore(db_url, alerts=AlertPlan(config)) as store:
+        with Store(db_url, alerts=AlertPlan(config)) as store:
             job_id = store_window(store, "dock-2", T0, [incident(3)])
-            [row] = store.list_incidents(job_id)
+            [row] = store.incidents.list_incidents(job_id)
             snapshot = snapshot_path(config.data_dir, "dock-2", row["id"])
             snapshot.parent.mkdir(parents=True)
             snapshot.write_bytes(b"\xff\xd8 a jpeg \xff\xd9")

@@ -18,7 +18,8 @@ from vlmguard import analyzer
 from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
 from vlmguard.layout import Layout
-from vlmguard.store import JobStore, utcnow
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import utcnow
 
 from conftest import write_config
 from gemini_server import VALID_KEY
@@ -72,21 +73,21 @@ def setup(tmp_path, gemini, monkeypatch):
         """))
         # The RAM folder marked as this test's (other sessions' clean-ups leave it alone).
         Layout(config.data_dir).make_dirs("cam1")
-        return config, JobStore.from_config(config)
+        return config, Store.from_config(config)
     return make
 
 
 def register(store, path, duration=12):
-    return store.register("cam1", path, T0, T0 + timedelta(seconds=duration), max_retries=2)
+    return store.queue.register("cam1", path, T0, T0 + timedelta(seconds=duration), max_retries=2)
 
 
 def attempt(config, store):
     """One claim-and-process round by a worker, as its loop does it."""
-    worker = Worker(config, store, "test-worker")
-    job = store.next_job("test-worker", timeout=5)
+    worker = Worker(config, store.queue, store.pauses, "test-worker")
+    job = store.queue.next_job("test-worker", timeout=5)
     assert job is not None
     worker.process(job)
-    return store.get(job.id)
+    return store.reports.get(job.id)
 
 
 GENERATE = "POST /v1beta/models/gemini-3.8-flash:generateContent"
@@ -116,7 +117,7 @@ def test_archive_goes_pending_to_completed_in_one_request(setup, gemini, archive
     assert job.thoughts_tokens == 300  # thinking off: LOW, the lowest level 3.8 takes
     assert job.total_tokens == job.prompt_tokens + job.output_tokens + job.thoughts_tokens
     assert job.analysis_result["summary"].startswith("A worker walks")
-    [incident] = store.list_incidents(job_id)
+    [incident] = store.incidents.list_incidents(job_id)
     assert incident["start_at"] == T0 + timedelta(seconds=3)
     assert incident["end_at"] == T0 + timedelta(seconds=5)
     assert (incident["category"], incident["severity"], incident["confidence"]) == ("fall", "high", 0.8)
@@ -187,7 +188,7 @@ def test_thinking_budget_on_2_5_class_and_thoughts_billed(setup, gemini, archive
     assert job.status == "completed" and not job.thoughts_tokens
     assert sent(gemini)["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
     high, _ = setup(gemini={"thinking": '"high"', "max_output_tokens": 8192})
-    store.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
+    store.queue.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
     job = attempt(high, store)
     assert job.status == "completed" and job.thoughts_tokens == 2000
     assert job.total_tokens == job.prompt_tokens + job.output_tokens + job.thoughts_tokens
@@ -238,7 +239,7 @@ def test_each_job_fault_has_its_outcome(setup, gemini, archive, fault, status, m
     assert job.status == status
     assert job.error_message.startswith(message), job.error_message
     assert job.retry_count == 1
-    shared = store.provider_state("gemini")  # nothing account-wide
+    shared = store.pauses.provider_state("gemini")  # nothing account-wide
     assert shared is None or (not shared.paused and shared.not_before is None)
     store.close()
 
@@ -268,7 +269,7 @@ def test_refusal_gets_one_changed_retry_then_fails(setup, gemini, archive, fault
     first, second = (sent(gemini, n)["generationConfig"] for n in range(2))
     fps = [sent(gemini, n)["contents"][0]["parts"][0]["videoMetadata"]["fps"] for n in range(2)]
     assert (fps[1] < fps[0]) if "fps" in change else (second["maxOutputTokens"] == 4096)
-    store.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
+    store.queue.register("cam1", archive, T0 + timedelta(hours=1), T0 + timedelta(hours=1, seconds=12))
     gemini.faults = [fault, fault]
     job = attempt(config, store)
     assert (job.status, job.retry_count) == ("failed", 1)
@@ -280,12 +281,12 @@ def test_refusal_gets_one_changed_retry_then_fails(setup, gemini, archive, fault
 def test_thinking_level_the_model_lacks_is_adapted_to_once(setup, gemini, archive):
     gemini.levels["gemini-3.5-flash"] = ("LOW", "MEDIUM", "HIGH")  # MINIMAL withdrawn
     config, store = setup(gemini={"model": '"gemini-3.5-flash"'})
-    worker = Worker(config, store, "w")
+    worker = Worker(config, store.queue, store.pauses, "w")
     for hour in range(2):
-        store.register("cam1", archive, T0 + timedelta(hours=hour),
-                       T0 + timedelta(hours=hour, seconds=12))
-        worker.process(store.next_job("w", timeout=5))
-    assert [(j.status, j.retry_count) for j in store.list_jobs()] == [("completed", 0)] * 2
+        store.queue.register("cam1", archive, T0 + timedelta(hours=hour),
+                             T0 + timedelta(hours=hour, seconds=12))
+        worker.process(store.queue.next_job("w", timeout=5))
+    assert [(j.status, j.retry_count) for j in store.reports.list_jobs()] == [("completed", 0)] * 2
     levels = [sent(gemini, n)["generationConfig"]["thinkingConfig"]["thinkingLevel"]
               for n in range(len(gemini.generate_requests))]
     assert levels == ["MINIMAL", "LOW", "LOW"]  # one refusal, then remembered
@@ -301,13 +302,13 @@ def test_the_same_400_on_three_windows_puts_the_provider_aside(setup, gemini, ar
     from vlmguard.status import gather_status, render_status
     config, store = setup(gemini={"pause_probe_minutes": 0.01})
     gemini.outage = "400"
-    worker = Worker(config, store, "w")
-    ids = [store.register("cam1", archive, T0 + timedelta(minutes=m),
-                          T0 + timedelta(minutes=m, seconds=12)) for m in range(3)]
+    worker = Worker(config, store.queue, store.pauses, "w")
+    ids = [store.queue.register("cam1", archive, T0 + timedelta(minutes=m),
+                                T0 + timedelta(minutes=m, seconds=12)) for m in range(3)]
     for _ in range(3):
-        worker.process(store.next_job("w", timeout=5))
-    assert {(store.get(i).status, store.get(i).retry_count) for i in ids} == {("pending", 0)}
-    pause = store.provider_state("gemini")
+        worker.process(store.queue.next_job("w", timeout=5))
+    assert {(store.reports.get(i).status, store.reports.get(i).retry_count) for i in ids} == {("pending", 0)}
+    pause = store.pauses.provider_state("gemini")
     assert pause.reason == "misconfigured"
     assert pause.detail == ("generate: HTTP 400 INVALID_ARGUMENT: Request contains an invalid "
                             "argument. (the same on 3 windows in a row)")
@@ -315,36 +316,36 @@ def test_the_same_400_on_three_windows_puts_the_provider_aside(setup, gemini, ar
     assert report["analysis"]["paused"][0]["reason"] == "misconfigured"
     assert "PAUSED (gemini)" in render_status(report) and "misconfigured" in render_status(report)
     assert worker.held_back()  # the probe is refused too: still aside
-    assert store.provider_state("gemini").paused
+    assert store.pauses.provider_state("gemini").paused
     gemini.outage = None  # the server's setup was fixed
     time.sleep(0.7)
     assert not worker.held_back()  # the next probe succeeds
     for _ in range(3):
-        worker.process(store.next_job("w", timeout=5))
-    assert {store.get(i).status for i in ids} == {"completed"}
-    assert {store.get(i).retry_count for i in ids} == {0}
+        worker.process(store.queue.next_job("w", timeout=5))
+    assert {store.reports.get(i).status for i in ids} == {"completed"}
+    assert {store.reports.get(i).retry_count for i in ids} == {0}
     store.close()
 
 
 def test_a_400_on_one_clip_while_others_are_answered_is_that_jobs(setup, gemini, archive):
     config, store = setup()
-    worker = Worker(config, store, "w")
+    worker = Worker(config, store.queue, store.pauses, "w")
     bad = register(store, archive)
     gemini.faults = ["400"]
-    worker.process(store.next_job("w", timeout=5))
-    assert (store.get(bad).status, store.get(bad).retry_count) == ("pending", 0)
-    good = store.register("cam1", archive, T0 + timedelta(hours=1),
-                          T0 + timedelta(hours=1, seconds=12))
-    job = store.next_job("w", timeout=5)  # the refused one is not due yet
+    worker.process(store.queue.next_job("w", timeout=5))
+    assert (store.reports.get(bad).status, store.reports.get(bad).retry_count) == ("pending", 0)
+    good = store.queue.register("cam1", archive, T0 + timedelta(hours=1),
+                                T0 + timedelta(hours=1, seconds=12))
+    job = store.queue.next_job("w", timeout=5)  # the refused one is not due yet
     assert job.id == good
     worker.process(job)
     time.sleep(0.3)
     gemini.faults = ["400"]
-    worker.process(store.next_job("w", timeout=5))
-    job = store.get(bad)
+    worker.process(store.queue.next_job("w", timeout=5))
+    job = store.reports.get(bad)
     assert (job.status, job.retry_count) == ("pending", 1)  # now it pays, as any failure
     assert job.error_message.startswith("generate: HTTP 400 INVALID_ARGUMENT")
-    assert not store.provider_state("gemini").paused
+    assert not store.pauses.provider_state("gemini").paused
     store.close()
 
 
@@ -358,7 +359,7 @@ def test_absurd_retry_delays_are_cut_to_the_maximum_wait(setup, gemini, archive,
     job = attempt(config, store)
     if fault == "429_huge":  # one shared wait, the job uncharged
         assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
-        wait = (store.provider_state("gemini").not_before - utcnow()).total_seconds()
+        wait = (store.pauses.provider_state("gemini").not_before - utcnow()).total_seconds()
     else:  # the job's retry waits at most as long
         assert (job.status, job.retry_count) == ("pending", 1)
         wait = (job.run_after - utcnow()).total_seconds()
@@ -374,7 +375,7 @@ def test_an_overlong_answer_is_stored_cleaned_and_cut(setup, gemini, archive):
     assert job.status == "completed", job.error_message
     summary = job.analysis_result["summary"]
     assert len(summary) == 2000 and summary.endswith("\u2026[truncated]")
-    [incident] = store.list_incidents(job.id)
+    [incident] = store.incidents.list_incidents(job.id)
     assert len(incident["description"]) == 1000
     assert incident["description"].startswith("Flames spread.y")  # NUL and U+202E removed
     store.close()
@@ -421,7 +422,7 @@ def test_account_fault_pauses_without_charging_the_job(setup, gemini, archive, f
     gemini.faults = [fault]
     job = attempt(config, store)
     assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
-    pause = store.provider_state("gemini")
+    pause = store.pauses.provider_state("gemini")
     assert pause.reason == reason and pause.detail.startswith(message), pause.detail
     assert 590 < (pause.probe_at - utcnow()).total_seconds() <= 600  # pause_probe_minutes 10
     assert VALID_KEY not in pause.detail
@@ -434,7 +435,7 @@ def test_retired_or_unknown_model_pauses(setup, gemini, archive, model):
     register(store, archive)
     job = attempt(config, store)
     assert (job.status, job.retry_count) == ("pending", 0)
-    pause = store.provider_state("gemini")
+    pause = store.pauses.provider_state("gemini")
     assert pause.reason == "model_unavailable" and f"model '{model}' unknown or retired" in pause.detail
     store.close()
 
@@ -445,13 +446,13 @@ def test_per_minute_429_makes_everyone_wait_without_charging(setup, gemini, arch
     gemini.faults = ["429"]
     job = attempt(config, store)
     assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
-    shared = store.provider_state("gemini")
+    shared = store.pauses.provider_state("gemini")
     assert not shared.paused and 30 < (shared.not_before - utcnow()).total_seconds() <= 41  # retryDelay 41s
     assert (job.run_after - utcnow()).total_seconds() > 30
-    worker = Worker(config, store, "other-worker")
+    worker = Worker(config, store.queue, store.pauses, "other-worker")
     assert worker.held_back()
     assert worker.state.startswith("waiting: rate limited until")
-    assert store.get(job_id).status == "pending"
+    assert store.reports.get(job_id).status == "pending"
     store.close()
 
 
@@ -473,7 +474,7 @@ def test_file_gone_403_is_the_jobs_problem(setup, gemini, archive):
     job = attempt(config, store)
     assert (job.status, job.retry_count) == ("pending", 1)
     assert "uploaded file not accessible" in job.error_message
-    shared = store.provider_state("gemini")
+    shared = store.pauses.provider_state("gemini")
     assert shared is None or (not shared.paused and shared.not_before is None)
     store.close()
 
@@ -498,7 +499,7 @@ def test_answer_past_the_clip_is_repaired_not_retried(setup, gemini, archive):
     gemini.answer = {"summary": "A spill.", "incidents": [near, outside], "safety_score": 80}
     job = attempt(config, store)
     assert (job.status, job.retry_count, job.incident_count) == ("completed", 0, 1)
-    [incident] = store.list_incidents(job.id)
+    [incident] = store.incidents.list_incidents(job.id)
     assert incident["end_at"] == T0 + timedelta(seconds=12)
     store.close()
 
@@ -524,9 +525,15 @@ def test_retries_then_failed_with_the_last_error(setup, gemini, archive):
     store.close()
 
 
+def analyzer_parts(config):
+    """(queue, pauses) on a database of their own, as each analyzer process has."""
+    store = Store.from_config(config)
+    return store.queue, store.pauses
+
+
 def run_pool(config, store, n=2):
     """n workers, each with a store of its own as each analyzer process has."""
-    workers = [Worker(config, JobStore.from_config(config), f"pool-{i}") for i in range(n)]
+    workers = [Worker(config, *analyzer_parts(config), f"pool-{i}") for i in range(n)]
     threads = [threading.Thread(target=run_and_close, args=(w,)) for w in workers]
     for thread in threads:
         thread.start()
@@ -544,7 +551,7 @@ def run_and_close(worker):
     try:
         worker.run()
     finally:
-        worker.store.close()  # in its own thread: the SQLite watcher is bound to it
+        worker.db.close()  # in its own thread: the SQLite watcher is bound to it
 
 
 def wait_for(condition, seconds=60):
@@ -556,8 +563,8 @@ def wait_for(condition, seconds=60):
 
 def test_pool_pauses_on_daily_quota_and_resumes_when_a_probe_succeeds(setup, gemini, archive):
     config, store = setup(gemini={"pause_probe_minutes": 0.02})  # a probe every 1.2 s
-    ids = [store.register("cam1", archive, T0 + timedelta(minutes=i),
-                          T0 + timedelta(minutes=i, seconds=12)) for i in range(4)]
+    ids = [store.queue.register("cam1", archive, T0 + timedelta(minutes=i),
+                                T0 + timedelta(minutes=i, seconds=12)) for i in range(4)]
     gemini.outage = "429_daily"
     workers, threads = run_pool(config, store)
     try:
@@ -565,13 +572,13 @@ def test_pool_pauses_on_daily_quota_and_resumes_when_a_probe_succeeds(setup, gem
         probes = len(gemini.generate_requests)
         time.sleep(3)
         assert len(gemini.generate_requests) - probes <= 4  # one probe per interval, not a storm
-        assert {(store.get(i).status, store.get(i).retry_count) for i in ids} == {("pending", 0)}
+        assert {(store.reports.get(i).status, store.reports.get(i).retry_count) for i in ids} == {("pending", 0)}
         gemini.outage = None
-        wait_for(lambda: all(store.get(i).status == "completed" for i in ids))
-        assert store.provider_state("gemini").paused is False
+        wait_for(lambda: all(store.reports.get(i).status == "completed" for i in ids))
+        assert store.pauses.provider_state("gemini").paused is False
     finally:
         stop_pool(workers, threads)
-    assert {store.get(i).retry_count for i in ids} == {0}
+    assert {store.reports.get(i).retry_count for i in ids} == {0}
     store.close()
 
 
@@ -583,8 +590,8 @@ def test_sighup_probe_resumes_a_long_pause_at_once(setup, gemini, archive, monke
     try:
         wait_for(lambda: workers[0].state.startswith("paused: bad_key"))
         gemini.outage = None  # the key was fixed
-        assert store.probe_now("gemini") == 1  # what the supervisor does on SIGHUP
-        wait_for(lambda: store.get(job_id).status == "completed", 30)
+        assert store.pauses.probe_now("gemini") == 1  # what the supervisor does on SIGHUP
+        wait_for(lambda: store.reports.get(job_id).status == "completed", 30)
     finally:
         stop_pool(workers, threads)
     store.close()
@@ -615,11 +622,11 @@ def test_a_failure_while_stopping_hands_the_job_back(setup, gemini, tmp_path):
     path = tmp_path / "20261126T080000Z.mp4"
     path.write_bytes(b"\x00garbage" * 1000)  # fails to prepare, as a killed FFmpeg does
     register(store, path)
-    worker = Worker(config, store, "test-worker")
-    job = store.next_job("test-worker", timeout=5)
+    worker = Worker(config, store.queue, store.pauses, "test-worker")
+    job = store.queue.next_job("test-worker", timeout=5)
     worker.stopping.set()
     worker.process(job)
-    job = store.get(job.id)
+    job = store.reports.get(job.id)
     assert (job.status, job.error_message, job.retry_count) == ("pending", None, 0)
     assert gemini.generate_requests == []
     store.close()
@@ -629,13 +636,13 @@ def test_no_api_key_leaves_jobs_pending(setup, gemini, archive, monkeypatch):
     config, store = setup()
     monkeypatch.delenv("GEMINI_API_KEY")
     job_id = register(store, archive)
-    worker = Worker(config, store, "keyless")
+    worker = Worker(config, store.queue, store.pauses, "keyless")
     threading_run = __import__("threading").Thread(target=worker.run)
     threading_run.start()
     time.sleep(1.5)
     worker.stopping.set()
     threading_run.join(20)
-    job = store.get(job_id)
+    job = store.reports.get(job_id)
     assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
     assert worker.state.startswith("waiting: no Gemini API key ($GEMINI_API_KEY")
     store.close()
@@ -663,18 +670,18 @@ def test_worker_killed_mid_upload_is_rescued_and_completed_once(setup, gemini, a
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.join()
     gemini.upload_delay = 0
-    assert store.get(job_id).status == "processing"
+    assert store.reports.get(job_id).status == "processing"
     rescuer = SPAWN.Process(target=analyzer.main, args=(config, 1))
     rescuer.start()
     deadline = time.time() + 60
-    while store.get(job_id).status != "completed" and time.time() < deadline:
+    while store.reports.get(job_id).status != "completed" and time.time() < deadline:
         time.sleep(0.5)
     rescuer.terminate()
     rescuer.join(30)
-    job = store.get(job_id)
+    job = store.reports.get(job_id)
     assert (job.status, job.retry_count, job.incident_count) == ("completed", 1, 1)
     assert job.worker_id.endswith("-analyzer-1")
-    assert len(store.list_incidents(job_id)) == 1
+    assert len(store.incidents.list_incidents(job_id)) == 1
     assert rescuer.exitcode == 0
     # The API key is nowhere in what the processes logged, nor in the database files.
     logs = capfd.readouterr()
@@ -752,12 +759,12 @@ def test_a_window_gone_from_ram_is_cut_from_its_archive(setup, gemini, red_archi
     gemini.looks = True
     config, store = setup(analysis={"fps": 1})
     start = T0 + timedelta(seconds=10)
-    store.register("cam1", "/nowhere/clip.ffconcat", start, start + timedelta(seconds=10),
-                   kind="window", clip_start=start,
-                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+    store.queue.register("cam1", "/nowhere/clip.ffconcat", start, start + timedelta(seconds=10),
+                         kind="window", clip_start=start,
+                         sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "completed", job.error_message
-    [incident] = store.list_incidents(job.id)
+    [incident] = store.incidents.list_incidents(job.id)
     assert abs((incident["start_at"] - (T0 + timedelta(seconds=12))).total_seconds()) <= 1.0
     assert abs((incident["end_at"] - (T0 + timedelta(seconds=13))).total_seconds()) <= 1.0
     text = [p["text"] for p in sent(gemini)["contents"][0]["parts"] if "text" in p][0]
@@ -767,9 +774,9 @@ def test_a_window_gone_from_ram_is_cut_from_its_archive(setup, gemini, red_archi
 
 def test_a_window_with_neither_ram_copy_nor_archive_fails_saying_so(setup, gemini, tmp_path):
     config, store = setup()
-    store.register("cam1", "/nowhere/clip.ffconcat", T0, T0 + timedelta(seconds=10),
-                   kind="window", sources=[{"path": str(tmp_path / "gone.ts"), "offset_s": 0.0,
-                                            "duration_s": 10.0}])
+    store.queue.register("cam1", "/nowhere/clip.ffconcat", T0, T0 + timedelta(seconds=10),
+                         kind="window", sources=[{"path": str(tmp_path / "gone.ts"), "offset_s": 0.0,
+                                                  "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "failed" and job.error_message.startswith("footage gone")
     assert gemini.calls == []
@@ -782,10 +789,10 @@ def test_a_merged_window_missing_a_segment_is_cut_from_its_archive(setup, gemini
     listing = tmp_path / "merged.ffconcat"
     listing.write_text(f"ffconcat version 1.0\nfile '{red_archive}'\nfile '{tmp_path}/gone.ts'\n")
     start = T0 + timedelta(seconds=10)
-    store.register("cam1", listing, start, start + timedelta(seconds=10), kind="merged",
-                   clip_start=start,
-                   sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
+    store.queue.register("cam1", listing, start, start + timedelta(seconds=10), kind="merged",
+                         clip_start=start,
+                         sources=[{"path": str(red_archive), "offset_s": 10.0, "duration_s": 10.0}])
     job = attempt(config, store)
     assert job.status == "completed", job.error_message
-    [incident] = store.list_incidents(job.id)
+    [incident] = store.incidents.list_incidents(job.id)
     assert abs((incident["start_at"] - (T0 + timedelta(seconds=12))).total_seconds()) <= 1.0

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vlmguard.config import load_config
 from vlmguard.web import create_app
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 from conftest import write_config
 
@@ -34,21 +35,21 @@ def config(tmp_path):
         id = "cam2"
         url = "lavfi:testsrc2"
     """))
-    with JobStore.from_config(config) as store:
+    with Store.from_config(config) as store:
         for n in range(12):
             camera = "cam1" if n % 3 else "cam2"
             start = T0 + timedelta(minutes=10 * n)
-            store.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
-            job = store.claim("w")
+            store.queue.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
+            job = store.queue.claim("w")
             if n < 8:
-                store.complete(job, Outcome(result={"n": n}, safety_score=90 - n, prompt_tokens=100,
-                                            output_tokens=10, total_tokens=110, incidents=[
+                store.queue.complete(job, Outcome(result={"n": n}, safety_score=90 - n, prompt_tokens=100,
+                                                  output_tokens=10, total_tokens=110, incidents=[
                     IncidentRecord(start + timedelta(seconds=5), start + timedelta(seconds=9), "fall",
-                                   SEVERITY_OF[n % 4], f"incident {n}", 0.5)]))
+                                         SEVERITY_OF[n % 4], f"incident {n}", 0.5)]))
             elif n < 10:
-                store.fail(job, "HTTP 400 INVALID_ARGUMENT", permanent=True)
+                store.queue.fail(job, "HTTP 400 INVALID_ARGUMENT", permanent=True)
             else:
-                store.release(job)
+                store.queue.release(job)
     return config
 
 
@@ -167,9 +168,9 @@ def test_an_account_wide_pause_is_said_by_health_metrics_and_status(config):
         return [(s.labels, s.value) for s in families["vlmguard_analysis_paused"].samples]
 
     assert paused_samples() == [({}, 0)]
-    with JobStore.from_config(config) as store:
-        store.pause("gemini", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: daily "
-                    "quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)", 600)
+    with Store.from_config(config) as store:
+        store.pauses.pause("gemini", "quota_exhausted", "generate: HTTP 429 RESOURCE_EXHAUSTED: daily "
+                           "quota used up (GenerateRequestsPerDayPerProjectPerModel-FreeTier)", 600)
         text = render_status(gather_status(config, store))
     assert paused_samples() == [({"provider": "gemini", "reason": "quota_exhausted"}, 1)]
     status, body = as_json(config, "/api/health")
@@ -196,10 +197,10 @@ def test_analysis_lag_is_in_metrics_and_health(config):
 def test_a_window_job_names_its_archive_and_offset(config):
     start = datetime.now(timezone.utc).replace(microsecond=0)
     sources = [{"path": "/data/archives/cam1/x.ts", "offset_s": 30.5, "duration_s": 60.0}]
-    with JobStore.from_config(config) as store:
-        job_id = store.register("cam1", "/ram/clip.ffconcat", start, start + timedelta(minutes=1),
-                                kind="window", clip_start=start + timedelta(seconds=0.25),
-                                sources=sources)
+    with Store.from_config(config) as store:
+        job_id = store.queue.register("cam1", "/ram/clip.ffconcat", start, start + timedelta(minutes=1),
+                                      kind="window", clip_start=start + timedelta(seconds=0.25),
+                                      sources=sources)
     status, body = as_json(config, f"/api/jobs/{job_id}")
     assert status == 200 and (body["kind"], body["sources"]) == ("window", sources)
     assert body["clip_start"] == f"{start:%Y-%m-%dT%H:%M:%S}.250Z"
@@ -230,11 +231,11 @@ def test_a_page_of_huge_descriptions_is_bounded_in_bytes_and_says_where_to_go_on
 
 def test_database_away_is_503_with_retry_after_and_health_still_answers(config, monkeypatch):
     from vlmguard.errors import DatabaseUnreachable
-    from vlmguard.store import JobStore
+    from vlmguard.store.database import Database
 
     def away(self, *args, **kwargs):
         raise DatabaseUnreachable("cannot open database: connection refused")
-    monkeypatch.setattr(JobStore, "ensure_ready", away)
+    monkeypatch.setattr(Database, "ensure_ready", away)
     status, headers, body = call(config, "/api/incidents")
     assert status == 503 and int(headers["Retry-After"]) >= 1
     assert json.loads(body)["error"].startswith("database unreachable")

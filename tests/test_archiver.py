@@ -13,7 +13,8 @@ from pathlib import Path
 from vlmguard.archiver import Archiver
 from vlmguard.config import load_config
 from vlmguard.layout import ARCHIVE_TIME, Layout
-from vlmguard.store import JobStore, Outcome, utcnow
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import Outcome, utcnow
 
 from conftest import write_config
 
@@ -32,8 +33,8 @@ def make_archiver(tmp_path, analysis="window_seconds = 0", **storage):
         id = "cam1"
         url = "lavfi:testsrc2"
     """))
-    store = JobStore.from_config(config)
-    return Archiver(config, store), store, Layout(config.data_dir)
+    store = Store.from_config(config)
+    return Archiver(config, store.queue, store.recordings), store, Layout(config.data_dir)
 
 
 def name_at(when: datetime, suffix: str = "mp4") -> str:
@@ -61,7 +62,7 @@ def test_catch_up_finalizes_and_registers_everything_left(tmp_path):
                     str(done)], check=True, timeout=60)
     archiver.catch_up()
     archiver.catch_up()  # a second start registers nothing twice
-    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store.reports.list_jobs(), key=lambda j: j.segment_start)
     assert [Path(j.video_path).name for j in jobs] == [
         done.name, name_at(t0, "ts"), name_at(t0 + timedelta(minutes=10), "ts"),
         name_at(t0 + timedelta(minutes=20), "ts")]  # the unreadable one is kept, not dropped
@@ -96,7 +97,7 @@ def test_budget_keeps_archives_still_to_be_analysed(tmp_path):
     archiver, store, layout = make_archiver(tmp_path, max_disk_gb=0.0025, min_free_gb=0)
     paths = fill_archives(layout, 5)
     start = datetime.now(timezone.utc)
-    store.register("cam1", paths[0], start, start)  # the oldest is pending
+    store.queue.register("cam1", paths[0], start, start)  # the oldest is pending
     archiver.enforce_retention()
     # The pending one stays, so one more of the others goes to meet the budget.
     assert sorted(layout.archives("cam1").iterdir()) == [paths[0], paths[4]]
@@ -107,7 +108,7 @@ def test_disk_nearly_full_deletes_even_unanalysed_archives(tmp_path, capsys):
     archiver, store, layout = make_archiver(tmp_path, min_free_gb=100_000)
     paths = fill_archives(layout, 2)
     start = datetime.now(timezone.utc)
-    store.register("cam1", paths[0], start, start)
+    store.queue.register("cam1", paths[0], start, start)
     archiver.enforce_retention()
     assert list(layout.archives("cam1").iterdir()) == []
     assert "deleting an archive not yet analysed: the disk is nearly full" in capsys.readouterr().out
@@ -149,10 +150,10 @@ def test_live_segments_are_linked_into_clock_aligned_windows(tmp_path):
     first = [t0 + timedelta(seconds=0.3 + 2 * n) for n in range(5)]   # 08:00:00.3-08:00:10.3
     live_playlist(layout, 100, first)
     archiver.cut_windows()
-    assert store.list_jobs() == []  # no segment of a later window yet
+    assert store.reports.list_jobs() == []  # no segment of a later window yet
     live_playlist(layout, 103, first[3:] + [t0 + timedelta(seconds=10.3)])
     archiver.cut_windows()
-    [job] = store.list_jobs()
+    [job] = store.reports.list_jobs()
     assert (job.kind, job.segment_start, job.segment_end) == (
         "window", t0, t0 + timedelta(seconds=10))
     assert job.first_frame_at == first[0]
@@ -166,11 +167,11 @@ def test_live_segments_are_linked_into_clock_aligned_windows(tmp_path):
     # An orderly stop registers the window in progress, once.
     archiver.flush_windows()
     archiver.flush_windows()
-    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store.reports.list_jobs(), key=lambda j: j.segment_start)
     assert [j.segment_start for j in jobs] == [t0, t0 + timedelta(seconds=10)]
     # A window is removed from RAM once its job is done.
-    done = store.claim("w")
-    store.complete(done, Outcome(result={}, safety_score=100))
+    done = store.queue.claim("w")
+    store.queue.complete(done, Outcome(result={}, safety_score=100))
     archiver.housekeeping()
     assert not folder.exists() and Path(jobs[1].video_path).exists()
     store.close()
@@ -185,15 +186,15 @@ def test_lagging_camera_has_its_waiting_windows_merged(tmp_path, capsys):
     live_playlist(layout, 10, starts)
     archiver.cut_windows()
     archiver.flush_windows()
-    assert len(store.pending_windows("cam1")) == 4
+    assert len(store.queue.pending_windows("cam1")) == 4
     archiver.housekeeping()
-    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store.reports.list_jobs(), key=lambda j: j.segment_start)
     # At most one archive's length (30 s) per merged job: 3 windows, then the last alone.
     assert [(j.kind, j.windows) for j in jobs] == [("merged", 3), ("window", 1)]
     assert jobs[0].segment_end == t0 + timedelta(seconds=30)
     listing = Path(jobs[0].video_path).read_text()
     assert listing.count("file '") == 15 and jobs[0].first_frame_at == t0
-    assert store.merge_counts() == {"cam1": 2}
+    assert store.reports.merge_counts() == {"cam1": 2}
     assert "analysis lagging: windows merged into one job" in capsys.readouterr().out
     store.close()
 
@@ -212,7 +213,7 @@ def test_ram_over_its_bound_drops_the_oldest_waiting_windows(tmp_path):
     big.unlink()  # FFmpeg deleted it from the live playlist: now only a window holds it
     archiver.housekeeping()
     assert archiver.state()["windows_evicted"] == 1
-    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store.reports.list_jobs(), key=lambda j: j.segment_start)
     assert not Path(jobs[0].video_path).exists() and Path(jobs[1].video_path).exists()
     assert archiver.state()["ram_bytes"] < 16 * MB
     store.close()
@@ -228,21 +229,21 @@ def test_footage_no_job_covers_is_caught_up_archive_by_archive(tmp_path):
     for n in range(3):
         real_ts(layout.archives("cam1") / name_at(t0 + timedelta(minutes=5 * n), "ts"), seconds=4)
     # The first 2 s of the last archive were analysed as a window before the outage.
-    store.register("cam1", "/ram/w.ffconcat", t0 + timedelta(minutes=10),
-                   t0 + timedelta(minutes=10, seconds=2), kind="window")
-    store.complete(store.claim("w"), Outcome(result={}, safety_score=100))
-    live = store.register("cam1", "/ram/live.ffconcat", utcnow(), utcnow() + timedelta(minutes=1),
-                          kind="window")
+    store.queue.register("cam1", "/ram/w.ffconcat", t0 + timedelta(minutes=10),
+                         t0 + timedelta(minutes=10, seconds=2), kind="window")
+    store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=100))
+    live = store.queue.register("cam1", "/ram/live.ffconcat", utcnow(), utcnow() + timedelta(minutes=1),
+                                kind="window")
     archiver.catch_up()
     archiver.catch_up()  # a second start registers nothing twice
-    catch_up = sorted((j for j in store.list_jobs() if j.kind == "catchup"),
+    catch_up = sorted((j for j in store.reports.list_jobs() if j.kind == "catchup"),
                       key=lambda j: j.segment_start)
     assert [(j.segment_start - t0).total_seconds() for j in catch_up] == [0, 300, 602]
     assert all(j.priority == 1 for j in catch_up)
     assert [j.sources[0]["offset_s"] for j in catch_up] == [0, 0, 2]
     assert 3.5 < catch_up[0].duration_seconds < 4.5
-    assert store.claim("w").id == live
-    assert [store.claim("w").id for _ in catch_up] == [j.id for j in catch_up]
+    assert store.queue.claim("w").id == live
+    assert [store.queue.claim("w").id for _ in catch_up] == [j.id for j in catch_up]
     store.close()
 
 
@@ -254,12 +255,12 @@ def test_footage_after_its_window_was_closed_becomes_a_window_of_its_own(tmp_pat
     live_playlist(layout, 10, [t0 + timedelta(seconds=2 * n) for n in range(2)])
     archiver.cut_windows()
     archiver.flush_windows()  # an orderly stop at t0 + 4 s
-    restarted = archiver.__class__(archiver.config, store)
+    restarted = archiver.__class__(archiver.config, store.queue, store.recordings)
     live_playlist(layout, 12, [t0 + timedelta(seconds=6.5 + 2 * n) for n in range(3)])
     restarted.cut_windows()
     restarted.flush_windows()
     restarted.flush_windows()
-    jobs = sorted(store.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store.reports.list_jobs(), key=lambda j: j.segment_start)
     assert [(j.segment_start - t0, j.segment_end - t0) for j in jobs] == [
         (timedelta(0), timedelta(seconds=10)), (timedelta(seconds=6), timedelta(seconds=10)),
         (timedelta(seconds=10), timedelta(seconds=20))]
@@ -275,7 +276,7 @@ def test_at_start_windows_left_by_a_crash_are_registered_or_go_on_collecting(tmp
     live_playlist(layout, 10, [past + timedelta(seconds=2 * n) for n in range(3)]
                   + [current + timedelta(seconds=0.5)])
     archiver.cut_windows()  # links; the past window closes (a later segment exists)
-    [done] = store.list_jobs()
+    [done] = store.reports.list_jobs()
     store.close()
     (tmp_path / "data" / "vlmguard.db").unlink()
     for suffix in ("-wal", "-shm"):
@@ -287,7 +288,7 @@ def test_at_start_windows_left_by_a_crash_are_registered_or_go_on_collecting(tmp
     real_ts(layout.archives("cam1") / name_at(past, "ts"), seconds=25)
     archiver2, store2, _ = make_archiver(tmp_path, analysis="window_seconds = 10")
     archiver2.catch_up()
-    jobs = sorted(store2.list_jobs(), key=lambda j: j.segment_start)
+    jobs = sorted(store2.reports.list_jobs(), key=lambda j: j.segment_start)
     assert [(j.kind, j.segment_start - past, j.segment_end - past) for j in jobs] == [
         ("window", timedelta(0), timedelta(seconds=10)),
         ("catchup", timedelta(seconds=10), timedelta(seconds=20))]

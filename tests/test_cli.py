@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from vlmguard import __version__
 from vlmguard.cli import main
 from vlmguard.config import load_config
-from vlmguard.store import JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import Outcome
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 
@@ -25,13 +26,13 @@ def run(*args):
 @pytest.fixture
 def filled(config_file):
     """Two cameras' jobs in every state but processing."""
-    with JobStore.from_config(load_config(config_file)) as store:
+    with Store.from_config(load_config(config_file)) as store:
         for n in range(3):
             start = T0 + timedelta(minutes=10 * n)
-            store.register("cam1", f"/a/{n}.mp4", start, start + timedelta(minutes=10))
-        store.register("cam2", "/b/0.mp4", T0, T0 + timedelta(minutes=10))
-        store.complete(store.claim("w1"), Outcome(result={"summary": "fine"}, safety_score=95))
-        store.fail(store.claim("w1"), "HTTP 401: bad API key", permanent=True)
+            store.queue.register("cam1", f"/a/{n}.mp4", start, start + timedelta(minutes=10))
+        store.queue.register("cam2", "/b/0.mp4", T0, T0 + timedelta(minutes=10))
+        store.queue.complete(store.queue.claim("w1"), Outcome(result={"summary": "fine"}, safety_score=95))
+        store.queue.fail(store.queue.claim("w1"), "HTTP 401: bad API key", permanent=True)
     return config_file
 
 
@@ -130,15 +131,15 @@ def test_console_script_installed():
 
 @pytest.fixture
 def with_incidents(config_file):
-    from vlmguard.store import IncidentRecord
-    with JobStore.from_config(load_config(config_file)) as store:
+    from vlmguard.store.records import IncidentRecord
+    with Store.from_config(load_config(config_file)) as store:
         for camera, n, severity in [("cam1", 0, "low"), ("cam1", 1, "critical"), ("cam2", 2, "high")]:
             start = T0 + timedelta(hours=n)
-            store.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
-            job = store.claim("w")
-            store.complete(job, Outcome(result={}, safety_score=50, incidents=[
+            store.queue.register(camera, f"/{camera}/{n}.mp4", start, start + timedelta(minutes=10))
+            job = store.queue.claim("w")
+            store.queue.complete(job, Outcome(result={}, safety_score=50, incidents=[
                 IncidentRecord(start + timedelta(seconds=30), start + timedelta(seconds=40),
-                               "fall", severity, f"incident {n}", 0.9)]))
+                                     "fall", severity, f"incident {n}", 0.9)]))
     return config_file
 
 

@@ -13,7 +13,8 @@ from vlmguard.clips import complete_with_snapshots, cut_clip, plan_clip, recordi
 from vlmguard.errors import LeaseLost
 from vlmguard.ffmpeg import count_frames, ffmpeg_binary
 from vlmguard.layout import Layout
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 from test_media import T0, config, duration_of, footage, second_at  # noqa: F401 (fixtures)
 
@@ -57,15 +58,15 @@ def test_pictures_are_staged_before_the_commit_and_never_left_behind(config):
                             "in the footage", 0.9),
              IncidentRecord(T0 + timedelta(seconds=40), T0 + timedelta(seconds=44), "fire", "low",
                             "in the gap: no picture", 0.5)]
-    with JobStore.from_config(config) as store:
-        store.register("cam1", "/x/staged.mp4", T0 + timedelta(hours=5), T0 + timedelta(hours=6))
-        job = store.claim("w")
-        complete_with_snapshots(store, job, Outcome(result={}, safety_score=50, incidents=found),
+    with Store.from_config(config) as store:
+        store.queue.register("cam1", "/x/staged.mp4", T0 + timedelta(hours=5), T0 + timedelta(hours=6))
+        job = store.queue.claim("w")
+        complete_with_snapshots(store.queue, job, Outcome(result={}, safety_score=50, incidents=found),
                                 ffmpeg_binary(), layout)
-        rows = {r["description"]: r["id"] for r in store.list_incidents(job.id)}
+        rows = {r["description"]: r["id"] for r in store.incidents.list_incidents(job.id)}
         assert layout.snapshot("cam1", rows["in the footage"]).is_file()
         assert not layout.snapshot("cam1", rows["in the gap: no picture"]).exists()
         with pytest.raises(LeaseLost):  # a second completion: the lease is gone, nothing kept
-            complete_with_snapshots(store, job, Outcome(result={}, safety_score=50,
-                                                        incidents=found), ffmpeg_binary(), layout)
+            complete_with_snapshots(store.queue, job, Outcome(result={}, safety_score=50,
+                                                              incidents=found), ffmpeg_binary(), layout)
     assert not list(layout.snapshots("cam1").glob("*.part"))

@@ -15,7 +15,8 @@ from pathlib import Path
 def route_config(tmp_path):
     from conftest import write_config
     from vlmguard.config import load_config
-    from vlmguard.store import IncidentRecord, JobStore, Outcome
+    from vlmguard.store.bundle import Store
+    from vlmguard.store.records import IncidentRecord, Outcome
     config = load_config(write_config(tmp_path, f"""
         [storage]
         data_dir = "{tmp_path / 'data'}"
@@ -24,9 +25,9 @@ def route_config(tmp_path):
         url = "lavfi:testsrc2"
     """))
     start = datetime.fromisoformat("2026-11-26T08:00:00+00:00")
-    with JobStore.from_config(config) as store:
-        store.register("cam1", "/cam1/0.mp4", start, start)
-        store.complete(store.claim("w"), Outcome(result={}, safety_score=60, incidents=[
+    with Store.from_config(config) as store:
+        store.queue.register("cam1", "/cam1/0.mp4", start, start)
+        store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=60, incidents=[
             IncidentRecord(start, start, "fire", "critical", "smoke", 0.9)]))
     return config
 

@@ -9,7 +9,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from vlmguard.config import load_config
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 from conftest import write_config
 from daemon import free_port
@@ -34,18 +35,18 @@ def make_config(tmp_path, server=""):
         id = "cam1"
         url = "lavfi:testsrc2"
     """))
-    JobStore.from_config(config).close()
+    Store.from_config(config).close()
     return config
 
 
 def store_incident(config, n: int = 0) -> int:
     start = T0 + timedelta(minutes=10 * n)
-    with JobStore.from_config(config) as store:
-        store.register("cam1", f"/cam1/{n}.mp4", start, start + timedelta(minutes=10))
-        job = store.claim("w")
-        store.complete(job, Outcome(result={}, safety_score=50, incidents=[
+    with Store.from_config(config) as store:
+        store.queue.register("cam1", f"/cam1/{n}.mp4", start, start + timedelta(minutes=10))
+        job = store.queue.claim("w")
+        store.queue.complete(job, Outcome(result={}, safety_score=50, incidents=[
             IncidentRecord(start, start + timedelta(seconds=4), "fall", "high", "a fall", 0.9)]))
-        return store.list_incidents(job.id)[0]["id"]
+        return store.incidents.list_incidents(job.id)[0]["id"]
 
 
 def open_stream(port: int) -> socket.socket:
@@ -88,8 +89,8 @@ def test_stream_outlives_the_idle_timeout_and_carries_incidents_and_acks(tmp_pat
         time.sleep(2.5)  # over twice idle_timeout_seconds: the stream is not idle
         incident_id = store_incident(config)
         assert f'"id":{incident_id},'.encode() in read_event(sock, "incident")
-        with JobStore.from_config(config) as store:
-            store.acknowledge(incident_id, "seen")
+        with Store.from_config(config) as store:
+            store.incidents.acknowledge(incident_id, "seen")
         assert b'"ack_note":"seen"' in read_event(sock, "acknowledged")
 
 

@@ -191,8 +191,8 @@ def test_failures_are_logged_and_counted_in_metrics(tmp_path, capsys):
         await asyncio.sleep(1.1)  # the address may try again
         metrics = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
         return metrics.status, await metrics.text()
-    from vlmguard.store import JobStore
-    JobStore.from_config(config).close()
+    from vlmguard.store.bundle import Store
+    Store.from_config(config).close()
     status, text = run_app(config, script)
     assert status == 200
     assert re.search(r"^vlmguard_signin_failures_total 5$", text, re.M), text[-600:]

@@ -32,7 +32,7 @@ from vlmguard.config import (FFMPEG_PATH_CHARS, SECTIONS, CameraConfig, StorageC
                              load_config, masked)
 from vlmguard.errors import ConfigError
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 from conftest import write_config
 from test_streamer import wait_for
@@ -106,18 +106,18 @@ def test_code_copes_with_every_key_at_its_bound(tmp_path, bound):
     body = "".join(f"[{s}]\n" + "\n".join(rows) + "\n" for s, rows in lines.items())
     body = body.replace("[storage]\n", f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
     config = load_config(write_config(tmp_path, body + CAMERA))
-    with JobStore.from_config(config) as store:
-        archiver = Archiver(config, store)
+    with Store.from_config(config) as store:
+        archiver = Archiver(config, store.queue, store.recordings)
         archive = config.data_dir / "archives" / "a" / "20261126T080000Z.mp4"
         archive.write_bytes(b"x")
         archiver.enforce_retention()
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("a", archive, start, start)
-        job = store.claim("w")
-        store.heartbeat(job)
-        store.fail(job, "boom")
-        assert store.seconds_until_due() is not None
-        store.retry(job.id)
+        store.queue.register("a", archive, start, start)
+        job = store.queue.claim("w")
+        store.queue.heartbeat(job)
+        store.queue.fail(job, "boom")
+        assert store.queue.seconds_until_due() is not None
+        store.queue.retry(job.id)
 
 
 # -- item 9: out-of-range ids, deep TOML, unusable databases -------------------------------
@@ -127,9 +127,9 @@ def filled(request, config_file):
     if request.param == "postgres":
         pg_url = request.getfixturevalue("pg_url")
         config_file.write_text(config_file.read_text() + f'\n[database]\nurl = "{pg_url}"\n')
-    with JobStore.from_config(load_config(config_file)) as store:
+    with Store.from_config(load_config(config_file)) as store:
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("cam1", "/a/0.mp4", start, start)
+        store.queue.register("cam1", "/a/0.mp4", start, start)
     return config_file
 
 
@@ -195,7 +195,7 @@ def shared_tmp():
 def test_read_only_data_dir_is_one_line_exit_2(shared_tmp):
     data = shared_tmp / "data"
     path = write_config(shared_tmp, f'[storage]\ndata_dir = "{data}"\n' + CAMERA)
-    JobStore.from_config(load_config(path)).close()
+    Store.from_config(load_config(path)).close()
     for entry in (data, *data.iterdir()):
         entry.chmod(0o755 if entry.is_dir() else 0o644)
     data.chmod(0o555)
@@ -517,9 +517,9 @@ def test_reload_that_cannot_start_keeps_the_running_config(vlmguard):
 
 @pytest.fixture
 def sqlite_filled(config_file):
-    with JobStore.from_config(load_config(config_file)) as store:
+    with Store.from_config(load_config(config_file)) as store:
         start = datetime(2026, 11, 26, 8, tzinfo=timezone.utc)
-        store.register("cam1", "/a/0.mp4", start, start)
+        store.queue.register("cam1", "/a/0.mp4", start, start)
     return config_file
 
 

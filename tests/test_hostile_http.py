@@ -31,7 +31,8 @@ from vlmguard.config import load_config
 from vlmguard.web import create_app
 from vlmguard.httpguard import connection_cap, start_server
 from vlmguard.layout import Layout
-from vlmguard.store import JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import Outcome
 
 from conftest import write_config
 from daemon import free_port
@@ -64,11 +65,11 @@ def fill(config):
     (live / "index.m3u8").write_text(PLAYLIST)
     for n in (100, 101):
         (live / f"seg-{n}.ts").write_bytes(bytes(range(256)) * 40)
-    with JobStore.from_config(config) as store:
+    with Store.from_config(config) as store:
         start = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
-        store.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
-        store.complete(store.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
-                                                 output_tokens=1, total_tokens=2, incidents=[]))
+        store.queue.register("cam1", "/cam1/a.mp4", start, start + timedelta(minutes=10))
+        store.queue.complete(store.queue.claim("w"), Outcome(result={}, safety_score=90, prompt_tokens=1,
+                                                             output_tokens=1, total_tokens=2, incidents=[]))
 
 
 @contextmanager

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RunningVlmguard, free_port
+import browser
+from clock import clock_graph
+from daemon import Daemon, RunningVlmguard, free_port
 from vlmguard.layout import Layout
-from test_streamer import ffprobe_duration, start_rtsp_camera, wait_for
+from test_streamer import decoded_frames, ffprobe_duration, start_rtsp_camera, wait_for
 
 SECRET = "sekrit-pw"
 TOKEN = "tok-12345"
@@ -237,3 +239,94 @@ def test_full_archive_disk_stops_archiving_visibly_and_recovers(tmp_path):
     finally:
         running.stop()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# The wall clock burned into every frame (for hls.js's latency), under noise: about
+# 5.7 Mbit/s, so FFmpeg's 1 MiB live pipe is full within two seconds of a stall.
+NOISY_CLOCK_CAMERA = "lavfi:" + clock_graph().replace("realtime", "noise=alls=20:allf=t,realtime", 1)
+
+
+def archive_bytes(data_dir: Path) -> int:
+    """Bytes of cam1's archive files, wherever they are on their way to archives/."""
+    total = 0
+    for folder in ("partial", "closed", "archives"):
+        for path in (data_dir / folder / "cam1").glob("*.ts"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass  # moved on between the listing and now
+    return total
+
+
+def archive_growth_while_stopped(daemon: Daemon, seconds: int) -> list[int]:
+    """SIGSTOP the streaming process for seconds; the archive's bytes after each one."""
+    sizes = []
+    os.kill(daemon.streamer.pid, signal.SIGSTOP)
+    try:
+        for _ in range(seconds):
+            time.sleep(1)
+            sizes.append(archive_bytes(daemon.data_dir))
+    finally:
+        os.kill(daemon.streamer.pid, signal.SIGCONT)
+    return sizes
+
+
+def test_a_stopped_streaming_process_costs_live_video_never_the_archive(tmp_path):
+    """SIGSTOP the streaming process (whose loop reads FFmpeg's live output) for 10 s
+    under a playing hls.js: FFmpeg drops live frames rather than wait, the archive grows
+    all along and ends whole, FFmpeg is not taken for stalled, hls.js (lowLatencyMode)
+    comes back to the live edge and ffmpeg plays the URL again, past a discontinuity."""
+    from playwright.sync_api import sync_playwright
+    daemon = Daemon(tmp_path, camera_url=NOISY_CLOCK_CAMERA, archive_seconds=60).start()
+    try:
+        daemon.wait_live()
+        live_at = time.time()
+        [ffmpeg] = wait_for(daemon.ffmpeg_pids, 10, "ffmpeg")
+        with browser.PageServer() as pages, sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+            try:
+                page = chromium.new_page()
+                page.goto(f"http://127.0.0.1:{pages.port}/clock.html?low=1&rate=1.5"
+                          f"&src={daemon.url}")
+                page.wait_for_function("() => window.clock.codes > 50", timeout=60000,
+                                       polling=500)
+                sizes = archive_growth_while_stopped(daemon, 10)
+                shown = page.evaluate("() => window.clock.codes")
+                # Five seconds of frames since: the last of the backlog, then live again.
+                page.wait_for_function(f"() => window.clock.codes > {shown + 125}",
+                                       timeout=30000, polling=500)
+                latest = page.evaluate("() => window.clock.samples.slice(-25)")
+            finally:
+                chromium.close()
+        # The pipe and FFmpeg's fifo are full after two seconds at most: still growing in
+        # the last five means FFmpeg never waited (it wrote nothing more with a blocking pipe).
+        assert sizes[-1] - sizes[4] > 1_000_000, sizes
+        assert max(latest) < 2.5, latest  # back at the live edge, not 10 s behind
+
+        def past_the_hole() -> bool:
+            status, body = get(daemon.url)
+            return status == 200 and b"#EXT-X-DISCONTINUITY" in body
+
+        wait_for(past_the_hole, 20, "the live playlist past the hole")
+
+        def hole_scrolled_off() -> bool:  # a player starting now starts after it
+            status, body = get(daemon.url)
+            return status == 200 and b"#EXT-X-DISCONTINUITY-SEQUENCE:1" in body and \
+                b"#EXT-X-DISCONTINUITY\n" not in body
+
+        wait_for(hole_scrolled_off, 20, "the hole to leave the live playlist")
+        assert decoded_frames(daemon.url, seconds=4) >= 90
+        state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+        assert "gaps in live video: 1 " in state["cameras"]["cam1"]["live"], state
+        assert daemon.ffmpeg_pids() == [ffmpeg]  # not restarted as "stalled"
+        time.sleep(2)
+    finally:
+        stopped_at = time.time()
+        daemon.stop()
+    archives = sorted((daemon.data_dir / "archives" / "cam1").glob("*.ts"))
+    recorded = sum(ffprobe_duration(path) for path in archives)
+    assert recorded >= stopped_at - live_at, (archives, recorded)
+    frames = sum(decoded_frames(str(path)) for path in archives)
+    assert frames >= 25 * (stopped_at - live_at), frames

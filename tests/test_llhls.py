@@ -252,6 +252,67 @@ def test_a_camera_with_too_few_frames_for_parts_gets_ordinary_segments(tmp_path)
     assert "without parts" in feed.stream.health() and "1.00 s apart" in feed.stream.health()
 
 
+def fmp4_with_hole(seconds: float = 7, first: int = 40, last: int = 99, gop: float = 1) -> bytes:
+    """FFmpeg's live output when its live fifo dropped frames first..last (the streaming
+    process did not read): the muxer stretches the frame before them over the hole, and
+    the fifo starts again at a keyframe (here: frame 100, at 4 s)."""
+    return subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i",
+         f"testsrc2=size=320x240:rate={RATE}", "-t", str(seconds),
+         "-vf", f"select='not(between(n\\,{first}\\,{last}))'", "-fps_mode", "passthrough",
+         "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-pix_fmt", "yuv420p",
+         "-g", "1000", "-force_key_frames", f"expr:gte(t,n_forced*{gop})", "-f", "mp4",
+         "-movflags", LIVE_MOVFLAGS, "pipe:1"],
+        capture_output=True, check=True, timeout=60).stdout
+
+
+def test_a_long_frame_within_a_gop_is_the_cameras_and_kept(tmp_path):
+    # Frames 5-34 missing, and no keyframe after them: not FFmpeg's fifo starting again.
+    feed = Feed(tmp_path / "live", fmp4_with_hole(seconds=5, first=5, last=34, gop=2))
+    feed.start(run_start=100)
+    for _stream in feed.run():
+        pass
+    stream = feed.stream
+    assert stream.holes == 0 and "gaps" not in stream.health()
+    assert [round(d.segment.duration, 2) for d in stream.done] == [2.0, 2.0]  # 4 s in, unbroken
+    assert {d.segment.discontinuity for d in stream.done} == {0}
+
+
+def test_a_hole_in_the_live_video_is_a_discontinuity_and_every_listed_part_stays(tmp_path):
+    live = tmp_path / "live"
+    feed = Feed(live, fmp4_with_hole())
+    feed.start(run_start=100)
+    stretched = [n for n, (_data, moof) in enumerate(feed.fragments)
+                 if fragment_timing(moof, feed.track).duration > 2 * feed.track.timescale]
+    assert stretched == [39]  # the hole is in FFmpeg's output as the test means it
+    last = checked_sequence(feed)  # every playlist keeps the rules, each after the one before
+    stream = feed.stream
+    assert stream.holes == 1 and round(stream.hole_seconds, 2) == 2.44
+    assert stream.health() == "ll-hls (parts of up to 0.230 s); gaps in live video: 1 (2.4 s)"
+    # 100: frames 0-24; 101: 25-38, cut short before the stretched frame; then the video
+    # from the keyframe after the hole, after a discontinuity: 102 (4-5 s), 103 (and 104
+    # being written).
+    durations = {s.msn: round(s.duration, 2) for s in last.segments}
+    assert durations == {100: 1.0, 101: 0.56, 102: 1.0, 103: 1.0}
+    assert {s.msn: s.discontinuity for s in last.segments} == \
+        {100: 0, 101: 0, 102: 1, 103: 1}
+    text = stream.playlist()
+    assert text.index("seg-101.m4s") < text.index("#EXT-X-DISCONTINUITY") < text.index("seg-102.m4s")
+    assert decoded_frames(live / "seg-102.mp4") == RATE
+    # The run's own playlist keeps the hole for what reads it (windows, the next run).
+    history = carry_over(History(next_sequence=100), (live / "index.m3u8").read_text(),
+                         feed.clock.now, keep=6, stale_seconds=10, now=feed.clock.now)
+    assert [s.discontinuity for s in history.segments] == [0, 0, 1, 1]
+    assert history.discontinuity == 2 and history.next_sequence == 104
+    # Once the hole has left the run's playlist, its count still stands at the top.
+    stream.settings = settings(live_segments=2)
+    stream.write_run_playlist()
+    history = carry_over(History(next_sequence=100), (live / "index.m3u8").read_text(),
+                         feed.clock.now, keep=6, stale_seconds=10, now=feed.clock.now)
+    assert [s.discontinuity for s in history.segments] == [1, 1]
+    assert history.discontinuity == 2
+
+
 def test_the_checker_catches_broken_playlists():
     good = """#EXTM3U
 #EXT-X-VERSION:6

@@ -26,7 +26,8 @@ from vlmguard.archiver import Archiver
 from vlmguard.clips import recordings
 from vlmguard.config import load_config
 from vlmguard.layout import Layout, snapshot_path
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 from vlmguard.web import create_app
 
 from conftest import write_config
@@ -169,14 +170,14 @@ def test_media_needs_the_token(config, path):
 
 
 def store_incident(config, start, end, when=T0) -> int:
-    with JobStore.from_config(config) as store:
-        store.register("cam1", f"/x/{when:%H%M%S}-{start}.mp4", when + timedelta(seconds=start),
-                       when + timedelta(seconds=end))
-        job = store.claim("w")
-        store.complete(job, Outcome(result={}, safety_score=50, incidents=[IncidentRecord(
+    with Store.from_config(config) as store:
+        store.queue.register("cam1", f"/x/{when:%H%M%S}-{start}.mp4", when + timedelta(seconds=start),
+                             when + timedelta(seconds=end))
+        job = store.queue.claim("w")
+        store.queue.complete(job, Outcome(result={}, safety_score=50, incidents=[IncidentRecord(
             when + timedelta(seconds=start), when + timedelta(seconds=end), "fall", "high",
             "a fall", 0.9)]))
-        return store.list_incidents(job.id)[0]["id"]
+        return store.incidents.list_incidents(job.id)[0]["id"]
 
 
 def test_incident_clip_has_five_seconds_either_side(config, tmp_path):
@@ -213,11 +214,11 @@ def test_analyzer_makes_the_snapshot_and_retention_deletes_it(tmp_path, gemini, 
     layout = Layout(config.data_dir)
     old = layout.archives("cam1") / f"{OLD:%Y%m%dT%H%M%SZ}.mp4"
     make_archive(old, seconds=12)
-    with JobStore.from_config(config) as store:
-        job_id = store.register("cam1", old, OLD, OLD + timedelta(seconds=12))
-        worker = Worker(config, store, "test-worker")
-        worker.process(store.next_job("test-worker", timeout=5))
-        [incident] = store.list_incidents(job_id)  # the test model reports one at 3-5 s
+    with Store.from_config(config) as store:
+        job_id = store.queue.register("cam1", old, OLD, OLD + timedelta(seconds=12))
+        worker = Worker(config, store.queue, store.pauses, "test-worker")
+        worker.process(store.queue.next_job("test-worker", timeout=5))
+        [incident] = store.incidents.list_incidents(job_id)  # the test model reports one at 3-5 s
         picture = snapshot_path(config.data_dir, "cam1", incident["id"])
         assert picture.read_bytes()[:2] == b"\xff\xd8" and picture.stat().st_size < 50_000
         status, headers, body = fetch(config, f"/api/incidents/{incident['id']}/snapshot.jpg")
@@ -227,7 +228,7 @@ def test_analyzer_makes_the_snapshot_and_retention_deletes_it(tmp_path, gemini, 
         stale.write_bytes(b"x")  # staged by an analyzer that died before its commit
         fresh.write_bytes(b"x")  # staged by one still running
         os.utime(stale, (time.time() - 7200, time.time() - 7200))
-        Archiver(config, store).enforce_retention()  # 2020 is past retention_days
+        Archiver(config, store.queue, store.recordings).enforce_retention()  # 2020 is past retention_days
         assert not old.exists() and not picture.exists()
         assert not stale.exists() and fresh.exists()
         assert recordings(layout, "cam1") == []

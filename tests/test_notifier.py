@@ -24,7 +24,7 @@ from vlmguard.layout import snapshot_path
 from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config
 from vlmguard.status import gather_status, render_status
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 from vlmguard.web.metrics import render_metrics
 
 from alert_receiver import Receiver, Subscriber
@@ -74,13 +74,13 @@ def stop(proc, signum=signal.SIGTERM) -> None:
     assert not proc.is_alive()
 
 
-def wait_all_done(store: JobStore, timeout: float = 60) -> None:
+def wait_all_done(store: Store, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not store.list_deliveries(statuses=("pending",)):
+        if not store.reports.list_deliveries(statuses=("pending",)):
             return
         time.sleep(0.1)
-    raise AssertionError(f"still pending: {store.list_deliveries(statuses=('pending',))}")
+    raise AssertionError(f"still pending: {store.reports.list_deliveries(statuses=('pending',))}")
 
 
 def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
@@ -88,7 +88,7 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
         config = notifier_config(tmp_path, receiver)
         prefix, disc = config.mqtt.topic_prefix, config.mqtt.discovery_prefix
         watcher = Subscriber(1883, f"{prefix}/#", f"{disc}/#")
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             first = start_notifier(config)
             watcher.wait_for(lambda: (b"online", False) in watcher.on(f"{prefix}/available"))
             receiver.fail_until = time.time() + 3  # a receiver down for 3 s, then 200
@@ -97,7 +97,7 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
             for n in range(6):
                 job_id = store_window(store, "dock-2", T0 + timedelta(minutes=10 * n),
                                       [incident(600 * n + 3), incident(600 * n + 30)])
-                ids += [i["id"] for i in store.list_incidents(job_id)]
+                ids += [i["id"] for i in store.incidents.list_incidents(job_id)]
             snapshot = snapshot_path(config.data_dir, "dock-2", ids[0])
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             snapshot.write_bytes(b"\xff\xd8jpeg\xff\xd9")
@@ -111,9 +111,9 @@ def test_every_alert_arrives_through_500s_and_a_sigkill(tmp_path):
             wait_all_done(store)
             stop(second)
             watcher.wait_for(lambda: watcher.on(f"{prefix}/available")[-1] == (b"offline", False))
-            rows = store.list_deliveries()
+            rows = store.reports.list_deliveries()
             report = gather_status(config, store)
-            histogram = store.duration_histogram()
+            histogram = store.reports.duration_histogram()
         watcher.close()
 
     assert {r["status"] for r in rows} == {"delivered"}
@@ -175,13 +175,13 @@ def test_notifier_on_postgresql(tmp_path, pg_url):
         config.source.write_text(config.source.read_text()
                                  + f'\n[database]\nurl = "{pg_url}"\n')
         config = load_config(config.source)
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             proc = start_notifier(config)
             ids = []
             for n in range(3):
                 job_id = store_window(store, "gate", T0 + timedelta(minutes=10 * n),
                                       [incident(600 * n + 3)])
-                ids += [i["id"] for i in store.list_incidents(job_id)]
+                ids += [i["id"] for i in store.incidents.list_incidents(job_id)]
                 time.sleep(0.2)
             wait_all_done(store)
             stop(proc)
@@ -280,7 +280,7 @@ def test_broker_outage_loses_nothing(tmp_path, own_broker):
         config = notifier_config(tmp_path, receiver, own_broker.port, rules=False)
         prefix = config.mqtt.topic_prefix
         watcher = Subscriber(own_broker.port, f"{prefix}/incidents")
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             proc = start_notifier(config)
             ids = []
             for n in range(8):
@@ -290,10 +290,10 @@ def test_broker_outage_loses_nothing(tmp_path, own_broker):
                     own_broker.start()
                 job_id = store_window(store, "gate", T0 + timedelta(minutes=10 * n),
                                       [incident(600 * n + 3)])
-                ids += [i["id"] for i in store.list_incidents(job_id)]
+                ids += [i["id"] for i in store.incidents.list_incidents(job_id)]
                 time.sleep(0.5)
             wait_all_done(store)
-            retried = [r for r in store.list_deliveries() if r["attempts"] > 1]
+            retried = [r for r in store.reports.list_deliveries() if r["attempts"] > 1]
             stop(proc)
         watcher.wait_for(lambda: {json.loads(p)["id"] for p, _ in watcher.on(f"{prefix}/incidents")}
                          == set(ids))
@@ -390,8 +390,8 @@ webhook_secret = "{SECRET}"
         # The whole daemon SIGKILLed while the receiver is down: what it had not delivered
         # stays in the outbox and goes out after the next start.
         receiver.fail_until = time.time() + 3600
-        with JobStore.from_config(daemon_config(daemon)) as store:
-            receiver.wait_for(lambda: [r for r in store.list_deliveries(statuses=("pending",))
+        with Store.from_config(daemon_config(daemon)) as store:
+            receiver.wait_for(lambda: [r for r in store.reports.list_deliveries(statuses=("pending",))
                                        if r["destination"] == "webhook:site:0"], timeout=60)
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(10)
@@ -400,9 +400,9 @@ webhook_secret = "{SECRET}"
             wait_gone(daemon)
             again = vlmguard(workers=0, extra=daemon_extra)
             wait_all_done(store)
-            incident_ids = {r["incident_id"] for r in store.list_deliveries()
+            incident_ids = {r["incident_id"] for r in store.reports.list_deliveries()
                             if r["destination"] == "webhook:site:0"}
-            rows_after = store.list_deliveries()
+            rows_after = store.reports.list_deliveries()
             again.stop()
         watcher.close()
     assert {r["status"] for r in rows_after} == {"delivered"}

@@ -107,12 +107,12 @@ def test_postgres_down_at_start_and_cut_mid_run(vlmguard, pg_url):
 
 
 def jobs_on(url: str, column: str):
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     def read() -> set[str]:
         try:
-            with JobStore(url, create=False) as store:
-                return {str(getattr(j, column)) for j in store.list_jobs(limit=10_000)}
+            with Store(url, create=False) as store:
+                return {str(getattr(j, column)) for j in store.reports.list_jobs(limit=10_000)}
         except Exception:
             return set()
     return read
@@ -127,11 +127,11 @@ def failed(url: str) -> int:
 
 
 def count(url: str, states) -> int:
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     try:
-        with JobStore(url, create=False) as store:
-            return store.count_jobs(states=states)
+        with Store(url, create=False) as store:
+            return store.reports.count_jobs(states=states)
     except Exception:
         return -1
 

@@ -21,7 +21,8 @@ from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
 from vlmguard.layout import Layout
 from vlmguard.status import gather_status, render_status
-from vlmguard.store import JobStore, utcnow
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import utcnow
 
 from conftest import write_config
 from daemon import RunningVlmguard, free_port
@@ -112,7 +113,7 @@ def setup(tmp_path, local, gemini, monkeypatch):
         """))
         # The RAM folder marked as this test's (other sessions' clean-ups leave it alone).
         Layout(config.data_dir).make_dirs("cam1")
-        store = JobStore.from_config(config)
+        store = Store.from_config(config)
         made.append(store)
         return config, store
     yield make
@@ -123,12 +124,12 @@ def setup(tmp_path, local, gemini, monkeypatch):
 def run_job(config, store, clip: Path, start: datetime = T0, worker: Worker | None = None,
             seconds: int = 12):
     """Register one clip and let a worker process it, as its loop does."""
-    store.register("cam1", clip, start, start + timedelta(seconds=seconds), max_retries=2)
-    worker = worker or Worker(config, store, "test-worker")
-    job = store.next_job("test-worker", timeout=5)
+    store.queue.register("cam1", clip, start, start + timedelta(seconds=seconds), max_retries=2)
+    worker = worker or Worker(config, store.queue, store.pauses, "test-worker")
+    job = store.queue.next_job("test-worker", timeout=5)
     assert job is not None
     worker.process(job)
-    return store.get(job.id)
+    return store.reports.get(job.id)
 
 
 # -- the OpenAI-compatible provider ---------------------------------------------------------
@@ -155,7 +156,7 @@ def test_frames_go_as_labelled_jpegs_with_a_strict_schema(setup, local, clips):
     assert (job.prompt_tokens, job.output_tokens, job.total_tokens) == (
         usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
     assert job.analysis_result["incidents"][0]["category"] == "fall"
-    assert store.list_incidents(job.id)[0]["start_at"] == T0 + timedelta(seconds=3)
+    assert store.incidents.list_incidents(job.id)[0]["start_at"] == T0 + timedelta(seconds=3)
 
 
 def test_max_images_picks_frames_evenly(setup, local, clips):
@@ -169,22 +170,22 @@ def test_max_images_picks_frames_evenly(setup, local, clips):
 def test_server_without_json_schema_gets_json_mode_checked_by_us(setup, local, clips):
     config, store = setup()
     local.schema_support = False
-    worker = Worker(config, store, "w")
+    worker = Worker(config, store.queue, store.pauses, "w")
     for n in range(2):
-        store.register("cam1", clips["busy"], T0 + timedelta(minutes=10 * n),
-                       T0 + timedelta(minutes=10 * n, seconds=12))
-        worker.process(store.next_job("w", timeout=5))
-    assert [j.status for j in store.list_jobs()] == ["completed", "completed"]
+        store.queue.register("cam1", clips["busy"], T0 + timedelta(minutes=10 * n),
+                             T0 + timedelta(minutes=10 * n, seconds=12))
+        worker.process(store.queue.next_job("w", timeout=5))
+    assert [j.status for j in store.reports.list_jobs()] == ["completed", "completed"]
     # One refused json_schema request, then JSON mode for the life of the client.
     assert [(r["status"], r["response_format"]["type"]) for r in local.requests] == [
         (400, "json_schema"), (200, "json_object"), (200, "json_object")]
     assert '"safety_score"' in local.requests[1]["texts"][-1]  # the schema is in the prompt
     # An answer that breaks the contract is still refused, by vlmguard's own check.
     local.answer = {"summary": "fine", "incidents": [], "safety_score": 150}
-    store.register("cam1", clips["busy"], T0 + timedelta(hours=1),
-                   T0 + timedelta(hours=1, seconds=12), max_retries=2)
-    worker.process(store.next_job("w", timeout=5))
-    [bad] = store.list_jobs(states=["pending"])
+    store.queue.register("cam1", clips["busy"], T0 + timedelta(hours=1),
+                         T0 + timedelta(hours=1, seconds=12), max_retries=2)
+    worker.process(store.queue.next_job("w", timeout=5))
+    [bad] = store.reports.list_jobs(states=["pending"])
     assert bad.retry_count == 1
     assert "invalid model output: safety_score must be an integer 0-100" in bad.error_message
 
@@ -249,7 +250,7 @@ def test_failing_first_provider_hands_the_clip_to_the_next(setup, local, gemini,
     assert time.monotonic() - started < 20
     assert (job.status, job.retry_count, job.provider) == ("completed", 0, "cloud")
     assert job.model == "gemini-3.8-flash" and len(gemini.generate_requests) == 1
-    shared = store.provider_state("local")
+    shared = store.pauses.provider_state("local")
     assert shared.failures == 1 and not shared.paused
     assert shared.last_error.startswith(FALLBACK_FAULTS[fault]), shared.last_error
 
@@ -259,12 +260,12 @@ def test_rate_limited_or_paused_provider_is_skipped_without_a_failure(setup, loc
     local.faults = ["429"]
     first = run_job(config, store, clips["busy"])
     assert first.provider == "cloud"
-    shared = store.provider_state("local")
+    shared = store.pauses.provider_state("local")
     assert shared.failures == 0 and shared.not_before is not None  # Retry-After: 2
     local.faults = ["quota"]
     time.sleep(2.1)
     second = run_job(config, store, clips["busy"], T0 + timedelta(minutes=10))
-    assert second.provider == "cloud" and store.provider_state("local").reason == "quota_exhausted"
+    assert second.provider == "cloud" and store.pauses.provider_state("local").reason == "quota_exhausted"
     asked = len(local.requests)
     third = run_job(config, store, clips["busy"], T0 + timedelta(minutes=20))
     assert third.provider == "cloud" and len(local.requests) == asked  # paused: not asked
@@ -286,9 +287,9 @@ def test_every_provider_paused_puts_the_job_back_uncharged(setup, local, gemini,
     gemini.faults = ["429_daily"]
     job = run_job(config, store, clips["busy"])
     assert (job.status, job.retry_count, job.error_message) == ("pending", 0, None)
-    assert {p.provider: p.reason for p in store.paused_providers()} == {
+    assert {p.provider: p.reason for p in store.pauses.paused_providers()} == {
         "local": "quota_exhausted", "cloud": "quota_exhausted"}
-    worker = Worker(config, store, "other")
+    worker = Worker(config, store.queue, store.pauses, "other")
     assert worker.held_back()
     assert worker.state.startswith("paused: local: quota_exhausted")
 
@@ -338,7 +339,7 @@ def test_local_server_modes_are_answered_by_the_provider_itself(setup, local, cl
     config, store = setup(local_keys=keys)
     if name == "gpt5":
         config = replace_model(config, "local", "gpt-5-mini")
-    worker = Worker(config, store, "w")
+    worker = Worker(config, store.queue, store.pauses, "w")
     jobs = [run_job(config, store, clips["minute"], T0 + timedelta(minutes=n), worker, seconds=60)
             for n in range(2)]
     assert [(j.status, j.retry_count, j.provider) for j in jobs] == [("completed", 0, "local")] * 2
@@ -379,20 +380,20 @@ def replace_model(config, name, model):
 def test_a_misconfigured_provider_is_put_aside_and_the_next_answers(setup, local, gemini, clips):
     local.mode = "misconfigured"  # every request a 400, probes too
     config, store = setup(order=("local", "cloud"))
-    worker = Worker(config, store, "w")
+    worker = Worker(config, store.queue, store.pauses, "w")
     jobs = [run_job(config, store, clips["busy"], T0 + timedelta(minutes=n), worker)
             for n in range(4)]
     assert [(j.status, j.retry_count, j.provider) for j in jobs] == [("completed", 0, "cloud")] * 4
     assert len(local.requests) == 3  # the fourth window did not ask it
-    pause = store.provider_state("local")
+    pause = store.pauses.provider_state("local")
     assert pause.reason == "misconfigured"
     assert pause.detail.startswith("chat: HTTP 400: image input is not supported - hint:")
     text = render_status(gather_status(config, store))
     assert "PAUSED (local) since" in text and "image input is not supported" in text
-    assert store.probe_now("local") == 1  # SIGHUP: probed at once, refused again
-    assert worker.blocked("local") is not None and store.provider_state("local").paused
+    assert store.pauses.probe_now("local") == 1  # SIGHUP: probed at once, refused again
+    assert worker.blocked("local") is not None and store.pauses.provider_state("local").paused
     local.mode = None  # the server was started with its --mmproj
-    store.probe_now("local")
+    store.pauses.probe_now("local")
     assert worker.blocked("local") is None
     assert run_job(config, store, clips["busy"], T0 + timedelta(hours=1), worker).provider == "local"
 
@@ -403,7 +404,7 @@ def test_absurd_retry_after_is_one_capped_shared_wait(setup, local, gemini, clip
     local.faults = [fault]
     job = run_job(config, store, clips["busy"])
     assert (job.status, job.retry_count, job.provider) == ("completed", 0, "cloud")
-    shared = store.provider_state("local")
+    shared = store.pauses.provider_state("local")
     assert shared.failures == 0 and 25 < (shared.not_before - utcnow()).total_seconds() <= 30
 
 
@@ -422,13 +423,13 @@ def test_answers_are_bounded_and_cleaned_whatever_the_provider(setup, local, cli
     assert job.status == "completed", job.error_message
     assert len(job.analysis_result["summary"]) == 2000
     assert "\x00" not in job.analysis_result["summary"]
-    [incident] = store.list_incidents(job.id)
+    [incident] = store.incidents.list_incidents(job.id)
     assert incident["description"].startswith("A person falls.[31my")  # NUL, ESC, U+202E gone
     assert incident["description"].endswith("\u2026[truncated]") and len(incident["description"]) == 1000
     assert incident["category"] == "other"  # "fall\a zzz..." is no known category
     local.faults = ["many"]
     job = run_job(config, store, clips["busy"], T0 + timedelta(hours=1))
-    incidents = store.list_incidents(job.id)
+    incidents = store.incidents.list_incidents(job.id)
     assert len(incidents) == job.incident_count == 50
     assert sum(i["severity"] == "critical" for i in incidents) == 5  # the worst are kept
 
@@ -565,14 +566,14 @@ url = "lavfi:color=c=gray:size=320x240:rate=25"
     config = load_config(daemon.config_path)
     try:
         daemon.wait_live()
-        with JobStore.from_config(config) as store:
+        with Store.from_config(config) as store:
             def answered(camera, provider):
-                return [j for j in store.list_jobs(camera_id=camera, states=["completed"])
+                return [j for j in store.reports.list_jobs(camera_id=camera, states=["completed"])
                         if j.provider == provider]
             wait_for(lambda: answered("cam1", "cloud"), 60, "a clip answered by cloud", daemon)
             local.outage = None  # the GPU box is back
             wait_for(lambda: answered("cam1", "local"), 60, "a clip answered by local", daemon)
-            wait_for(lambda: len(store.list_jobs(camera_id="still", states=["completed"])) >= 4,
+            wait_for(lambda: len(store.reports.list_jobs(camera_id="still", states=["completed"])) >= 4,
                      60, "four clips of the still camera", daemon)
             report = gather_status(config, store)
         text = render_status(report)
@@ -580,10 +581,10 @@ url = "lavfi:color=c=gray:size=320x240:rate=25"
             metrics = r.read().decode()
     finally:
         daemon.stop()
-    with JobStore.from_config(config) as store:
-        still = sorted(store.list_jobs(camera_id="still", states=["completed"]),
+    with Store.from_config(config) as store:
+        still = sorted(store.reports.list_jobs(camera_id="still", states=["completed"]),
                        key=lambda j: j.segment_start)
-        cam1 = store.list_jobs(camera_id="cam1", states=["completed"])
+        cam1 = store.reports.list_jobs(camera_id="cam1", states=["completed"])
     # The busy camera: every clip went to a model, and the job table says which.
     assert all(j.provider in ("local", "cloud") for j in cam1)
     assert {j.model for j in cam1 if j.provider == "local"} == {LOCAL_MODEL}
@@ -686,11 +687,11 @@ providers = ["spare", "cloud"]
             daemon.wait_live("yard")
             streamer = daemon.child_pid("streamer")
             live = LiveWatch([daemon.url("dock"), daemon.url("yard")])
-            with live, JobStore.from_config(config) as store:
+            with live, Store.from_config(config) as store:
                 def answered_by(provider, mode=None, server=edge):
                     return [r for r in server.requests if r["status"] == 200
                             and (mode is None or r["mode"] == mode)] and \
-                        [j for j in store.list_jobs(states=["completed"]) if j.provider == provider]
+                        [j for j in store.reports.list_jobs(states=["completed"]) if j.provider == provider]
 
                 for mode, settle in (("vllm", None), ("ollama", 2048), ("gpt5", None)):
                     edge.mode = mode
@@ -700,16 +701,16 @@ providers = ["spare", "cloud"]
                                          for r in edge.requests), 60,
                              f"a window answered by the {mode} server", daemon)
                 edge.mode = "misconfigured"
-                wait_for(lambda: (store.provider_state("edge") or 0) and
-                         store.provider_state("edge").reason == "misconfigured", 90,
+                wait_for(lambda: (store.pauses.provider_state("edge") or 0) and
+                         store.pauses.provider_state("edge").reason == "misconfigured", 90,
                          "edge put aside", daemon)
                 aside = len(edge.requests)
-                cloud_before = len([j for j in store.list_jobs(camera_id="dock",
-                                                              states=["completed"])
+                cloud_before = len([j for j in store.reports.list_jobs(camera_id="dock",
+                                                                      states=["completed"])
                                     if j.provider == "cloud"])
                 gemini.faults = ["429_huge"]
-                wait_for(lambda: len([j for j in store.list_jobs(camera_id="dock",
-                                                                states=["completed"])
+                wait_for(lambda: len([j for j in store.reports.list_jobs(camera_id="dock",
+                                                                        states=["completed"])
                                       if j.provider == "cloud"]) > cloud_before + 1, 60,
                          "dock's windows answered by cloud", daemon)
                 wait_for(lambda: not spare.faults, 120, "every fault of spare's sent", daemon)
@@ -730,10 +731,10 @@ providers = ["spare", "cloud"]
                 # The server is fixed; SIGHUP probes edge at once.
                 edge.mode = None
                 daemon.proc.send_signal(signal.SIGHUP)
-                wait_for(lambda: len(edge.answered) > 0 and not store.provider_state("edge").paused,
+                wait_for(lambda: len(edge.answered) > 0 and not store.pauses.provider_state("edge").paused,
                          60, "edge back after SIGHUP", daemon)
-                failed = store.list_jobs(states=["failed"])
-                jobs = store.list_jobs(states=["completed"])
+                failed = store.reports.list_jobs(states=["failed"])
+                jobs = store.reports.list_jobs(states=["completed"])
         finally:
             daemon.stop()
     assert failed == [], [j.error_message for j in failed]
@@ -769,5 +770,5 @@ providers = ["spare", "cloud"]
 
 
 def store_errors(config) -> dict[str, str]:
-    with JobStore.from_config(config) as store:
-        return {p.provider: p.last_error or "" for p in store.provider_states()}
+    with Store.from_config(config) as store:
+        return {p.provider: p.last_error or "" for p in store.pauses.provider_states()}

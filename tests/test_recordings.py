@@ -527,14 +527,14 @@ def archiver_config(tmp_path, storage: str = ""):
 
 def test_held_archives_stay_through_retention(tmp_path):
     from vlmguard.archiver import Archiver
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     config = archiver_config(tmp_path, "retention_days = 1")
     layout = Layout(config.data_dir)
     old = make_session(layout.archives("cam1"), datetime(2020, 1, 1, 8, 0, tzinfo=timezone.utc),
                        40, archive_seconds=20)
-    with JobStore.from_config(config) as store:
-        archiver = Archiver(config, store)
+    with Store.from_config(config) as store:
+        archiver = Archiver(config, store.queue, store.recordings)
         with hold(layout, "cam1", [old[0].name]) as held:
             assert held_names(layout) == {("cam1", old[0].name)}
             archiver.enforce_retention()
@@ -550,13 +550,13 @@ def test_held_archives_stay_through_retention(tmp_path):
 
 def test_the_archiver_indexes_what_it_files(tmp_path):
     from vlmguard.archiver import Archiver
-    from vlmguard.store import JobStore
+    from vlmguard.store.bundle import Store
 
     config = archiver_config(tmp_path)
     layout = Layout(config.data_dir)
     [made] = make_session(layout.closed("cam1"), at(8, 0), 70, archive_seconds=600)
-    with JobStore.from_config(config) as store:
-        archiver = Archiver(config, store)
+    with Store.from_config(config) as store:
+        archiver = Archiver(config, store.queue, store.recordings)
         archiver.finalize_closed()
         archiver.sidecars.stop()
     folder = sidecar_dir(layout, "cam1", made.name)

@@ -23,7 +23,8 @@ from playwright.sync_api import sync_playwright
 
 from vlmguard.config import load_config
 from vlmguard.layout import Layout
-from vlmguard.store import IncidentRecord, JobStore, Outcome
+from vlmguard.store.bundle import Store
+from vlmguard.store.records import IncidentRecord, Outcome
 
 from daemon import RunningVlmguard
 from footage_maker import CLOCK_JS, GOP_SECONDS, frame_clocks, make_session
@@ -95,14 +96,14 @@ def scene(tmp_path_factory):
     make_session(layout.archives("dock-2"), t0 + timedelta(minutes=16), 4 * 60)
     make_session(layout.archives("gate"), t0 + timedelta(minutes=1), 14 * 60)
     incidents = {}
-    with JobStore.from_config(config) as store:
+    with Store.from_config(config) as store:
         for camera, minute, severity in (("dock-2", 5, "high"), ("gate", 10, "medium")):
             when = t0 + timedelta(minutes=minute)
-            store.register(camera, f"/planted/{camera}.ts", when, when + timedelta(seconds=60))
-            job = store.claim("test")
-            store.complete(job, Outcome(result={}, safety_score=40, incidents=[IncidentRecord(
+            store.queue.register(camera, f"/planted/{camera}.ts", when, when + timedelta(seconds=60))
+            job = store.queue.claim("test")
+            store.queue.complete(job, Outcome(result={}, safety_score=40, incidents=[IncidentRecord(
                 when, when + timedelta(seconds=4), "fall", severity, f"planted on {camera}", 0.9)]))
-            incidents[camera] = store.list_incidents(job.id)[0]["id"]
+            incidents[camera] = store.incidents.list_incidents(job.id)[0]["id"]
     daemon.start()
     try:
         for camera in ("dock-2", "gate"):

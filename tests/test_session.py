@@ -9,7 +9,7 @@ from aiohttp import CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 
 from vlmguard.config import load_config
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 from vlmguard.web import create_app
 from vlmguard.web.session import COOKIE
 
@@ -27,7 +27,7 @@ def make_config(tmp_path, token="tok", hours=12, data_dir=None):
         id = "cam1"
         url = "lavfi:testsrc2"
     """))
-    JobStore.from_config(config).close()
+    Store.from_config(config).close()
     return config
 
 

@@ -16,7 +16,7 @@ import pytest
 from fault_watch import descendants
 from test_streamer import decoded_frames, wait_for
 from vlmguard.livestate import daemon_pid
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -251,11 +251,11 @@ def test_sighup_reloads_cameras_and_keeps_running_on_a_bad_config(vlmguard):
     daemon.wait_live()
     text = daemon.config_path.read_text()
     daemon.config_path.write_text(text + '\n[[cameras]]\nid = "cam2"\nurl = "lavfi:testsrc=size=320x240:rate=25"\n')
-    with JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}") as store:
-        store.pause("gemini", "bad_key", "bad API key", probe_in=600)  # the key was fixed since
+    with Store(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}") as store:
+        store.pauses.pause("gemini", "bad_key", "bad API key", probe_in=600)  # the key was fixed since
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_live("cam2", timeout=60)
-        wait_for(lambda: not store.provider_state("gemini").paused, 30, "the probe at SIGHUP")
+        wait_for(lambda: not store.pauses.provider_state("gemini").paused, 30, "the probe at SIGHUP")
     daemon.config_path.write_text(text + "\n[server]\nbogus = 1\n")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: any(e["event"].startswith("reload refused") for e in daemon.log_events()),

@@ -10,7 +10,7 @@ import signal
 import time
 from datetime import datetime, timezone
 
-from vlmguard.store import JobStore
+from vlmguard.store.bundle import Store
 
 PERIOD = 30
 # Red, in seconds of each 30-s period: 13-16 inside a window, 28-32 across the window
@@ -43,7 +43,7 @@ def wait_for(condition, seconds, what, daemon):
 
 
 def incidents(store) -> list[dict]:
-    return sorted(store.find_incidents(limit=1000), key=lambda i: i["start_at"])
+    return sorted(store.incidents.find_incidents(limit=1000), key=lambda i: i["start_at"])
 
 
 def at(epoch: float) -> datetime:
@@ -55,7 +55,7 @@ def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard
     daemon = vlmguard(cameras=CAMERA, workers=1, window_seconds=WINDOW, analysis=f"fps = {FPS}")
     daemon.wait_live()
     live_since = time.time()
-    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    store = Store(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
     try:
         # The first whole event inside a window and the first across a window edge.
         inside = events_between(live_since + 2, live_since + 3 * PERIOD, INSIDE)[0]
@@ -65,7 +65,7 @@ def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard
 
         def analysed():
             return any(j.segment_start == last_window and j.status == "completed"
-                       for j in store.list_jobs(limit=1000))
+                       for j in store.reports.list_jobs(limit=1000))
         wait_for(analysed, max(inside, across) + 5 + WINDOW + 40 - time.time(),
                  "the windows of both events analysed", daemon)
         found = incidents(store)
@@ -80,7 +80,7 @@ def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard
         assert abs((edge["start_at"] - at(across)).total_seconds()) <= tolerance, edge
         assert abs((edge["end_at"] - at(across + 3.9)).total_seconds()) <= tolerance, edge
         # Two windows saw it: the incident was extended by the second, its id kept.
-        jobs = {j.id: j for j in store.list_jobs(limit=1000)}
+        jobs = {j.id: j for j in store.reports.list_jobs(limit=1000)}
         assert jobs[edge["job_id"]].segment_end == at(across - ACROSS[0] + PERIOD)
         # Every window is one job of the window's length, with its archive and offset.
         windows = [j for j in jobs.values() if j.kind == "window"]
@@ -116,7 +116,7 @@ def test_stop_and_killed_analyzer_windows_are_analysed_once(vlmguard, gemini):
     import os
     daemon = vlmguard(workers=1, window_seconds=WINDOW)
     daemon.wait_live()
-    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    store = Store(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
     try:
         gemini.generate_delay = 30
         wait_for(lambda: analyzer_state(daemon).startswith("job"), 60, "a window in analysis",
@@ -124,27 +124,27 @@ def test_stop_and_killed_analyzer_windows_are_analysed_once(vlmguard, gemini):
         killed_job = int(analyzer_state(daemon)[4:])
         os.kill(daemon.child_pid("analyzer-0"), signal.SIGKILL)
         gemini.generate_delay = 0
-        wait_for(lambda: store.get(killed_job).status == "completed", 60,
+        wait_for(lambda: store.reports.get(killed_job).status == "completed", 60,
                  "the killed analyzer's window analysed again", daemon)
         # Stop in the middle of a window: it is registered on the way out.
         wait_for(lambda: 3 < time.time() % WINDOW < 7, 15, "mid-window", daemon)
         stopped_in = at(time.time() // WINDOW * WINDOW)
         assert daemon.stop() == 0
-        assert any(j.segment_start == stopped_in for j in store.list_jobs(limit=1000))
+        assert any(j.segment_start == stopped_in for j in store.reports.list_jobs(limit=1000))
         daemon.start()
         daemon.wait_live()
-        wait_for(lambda: store.get(next(j.id for j in store.list_jobs(limit=1000)
-                                        if j.segment_start == stopped_in)).status == "completed",
+        wait_for(lambda: store.reports.get(next(j.id for j in store.reports.list_jobs(limit=1000)
+                                                        if j.segment_start == stopped_in)).status == "completed",
                  60, "the stop's window analysed after the restart", daemon)
-        jobs = store.list_jobs(limit=1000)
+        jobs = store.reports.list_jobs(limit=1000)
         starts = [j.segment_start for j in jobs]
         assert len(starts) == len(set(starts))
-        killed = store.get(killed_job)
+        killed = store.reports.get(killed_job)
         assert killed.retry_count == 1 and killed.status == "completed"
         # One set of incidents per analysed window (the stand-in reports one each).
         for job in jobs:
             if job.status == "completed":
-                assert len(store.list_incidents(job.id)) == job.incident_count
+                assert len(store.incidents.list_incidents(job.id)) == job.incident_count
     finally:
         store.close()
         daemon.stop()
@@ -167,10 +167,10 @@ def test_footage_recorded_while_analysis_was_down_is_caught_up(vlmguard, gemini,
                        check=True, timeout=60)
         made.append(path)
     daemon = vlmguard(workers=1, window_seconds=WINDOW)
-    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    store = Store(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
     try:
         def caught_up():
-            jobs = [j for j in store.list_jobs(limit=1000) if j.kind == "catchup"]
+            jobs = [j for j in store.reports.list_jobs(limit=1000) if j.kind == "catchup"]
             return len(jobs) == 3 and all(j.status == "completed" for j in jobs) and jobs
         jobs = sorted(wait_for(caught_up, 90, "three catch-up jobs analysed", daemon),
                       key=lambda j: j.segment_start)
@@ -207,9 +207,9 @@ def test_a_lagging_camera_has_its_windows_merged_and_says_so(vlmguard):
     merged = [line for line in metrics.splitlines()
               if line.startswith('vlmguard_analysis_windows_merged_total{camera="cam1"}')]
     assert merged and float(merged[0].split()[-1]) >= 1
-    store = JobStore(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
+    store = Store(f"sqlite:///{daemon.data_dir / 'vlmguard.db'}")
     try:
-        jobs = sorted(store.list_jobs(limit=1000), key=lambda j: j.segment_start)
+        jobs = sorted(store.reports.list_jobs(limit=1000), key=lambda j: j.segment_start)
         # No footage skipped: the jobs still cover back to back what was recorded.
         assert any(j.kind == "merged" and j.windows >= 2 for j in jobs)
         assert all(a.segment_end <= b.segment_start for a, b in zip(jobs, jobs[1:]))

@@ -46,7 +46,12 @@ from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
-from vlmguard.store import IncidentRecord, Job, JobStore, Outcome, Pause, is_outage, utcnow
+from vlmguard.store.database import Database
+from vlmguard.store.engines import is_outage
+from vlmguard.store.outbox import Outbox
+from vlmguard.store.pauses import Pauses
+from vlmguard.store.queue import JobQueue
+from vlmguard.store.records import IncidentRecord, Job, Outcome, Pause, utcnow
 from vlmguard.vlm import (TOKEN_FIELDS, AccountProblem, AnalysisError, Answer, Clip, Finding,
                           Frame, RateLimited, VlmClient, build_prompt, check_answer, token_fields,
                           where_keys_come_from)
@@ -112,8 +117,13 @@ def main(config: Config, index: int, beat: Beat = Beat()) -> None:
     lower_priority()
     worker_id = worker_name(index)
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
-    with JobStore.from_config(config, lazy=True) as store:
-        worker = Worker(config, store, worker_id, beat=beat, state_name=f"analyzer-{index}")
+    with Database.from_config(config, lazy=True) as db:
+        # The outbox rides along: a job's alerts are written in the transaction that
+        # stores its incidents (JobQueue.complete), the notifier sends them.
+        outbox = Outbox.from_config(db, config)
+        queue = JobQueue.from_config(db, config, alongside_complete=outbox.enqueue_deliveries)
+        worker = Worker(config, queue, Pauses(db), worker_id, beat=beat,
+                        state_name=f"analyzer-{index}")
         signal.signal(signal.SIGTERM, worker.on_signal)
         worker.run()
     log.info("analyzer stopped")
@@ -143,10 +153,12 @@ def client_makers(config: Config) -> dict[str, Callable[[], VlmClient | None]]:
 
 
 class Worker:
-    def __init__(self, config: Config, store: JobStore, worker_id: str, *,
+    def __init__(self, config: Config, queue: JobQueue, pauses: Pauses, worker_id: str, *,
                  beat: Beat = Beat(), state_name: str | None = None):
         self.config = config
-        self.store = store
+        self.queue = queue
+        self.pauses = pauses  # shared by every analyzer: a provider's pause, its rate limit
+        self.db = queue.db
         self.worker_id = worker_id
         self.makers = client_makers(config)
         self.binary = ffmpeg_binary()
@@ -200,11 +212,11 @@ class Worker:
         while not self.stopping.is_set():
             self.beat()
             try:
-                self.store.ensure_ready()
+                self.db.ensure_ready()
                 if self.held_back():
                     continue
                 self.state = "idle"
-                job = self.store.next_job(self.worker_id, timeout=1.0)
+                job = self.queue.next_job(self.worker_id, timeout=1.0)
             except Exception as exc:
                 if not is_outage(exc):
                     raise
@@ -239,7 +251,7 @@ class Worker:
         log.warning("database unreachable mid-job: handing the job back when it returns",
                     error=first_line(exc))
         try:
-            self.through_outage(lambda: self.store.release(job))
+            self.through_outage(lambda: self.queue.release(job))
         except LeaseLost:
             pass
         except Exception as again:
@@ -266,14 +278,14 @@ class Worker:
         if client is None:
             return (f"waiting: {prefix}no {registry.label(settings)} API key "
                     f"({where_keys_come_from(settings)})", NO_KEY_RECHECK_SECONDS)
-        shared = self.store.provider_state(name)
+        shared = self.pauses.provider_state(name)
         if shared is None:
             return None
         now = utcnow()
         if shared.paused:
-            if self.store.take_probe(name, self.probe_interval(name)):
+            if self.pauses.take_probe(name, self.probe_interval(name)):
                 self.probe(name, client, shared)
-                shared = self.store.provider_state(name)
+                shared = self.pauses.provider_state(name)
                 if shared is None or not shared.paused:
                     return None
             return (f"paused: {prefix}{shared.reason}: {shared.detail} "
@@ -294,7 +306,7 @@ class Worker:
         self.state = "; ".join(r for r, _ in reasons)
         wait = min(w for _, w in reasons)
         if any(r.startswith("paused") for r, _ in reasons) and wait <= PAUSE_RECHECK_SECONDS:
-            self.store.watcher().wait(wait)
+            self.db.wait_for_commit(wait)
         else:
             self.stopping.wait(wait)
         return True
@@ -309,7 +321,7 @@ class Worker:
         except Stopping:
             return
         except AccountProblem as exc:
-            self.store.pause(name, exc.reason, str(exc), self.probe_interval(name))
+            self.pauses.pause(name, exc.reason, str(exc), self.probe_interval(name))
             log.warning("probe: still paused", provider=name, reason=exc.reason, error=str(exc))
             return
         except (AnalysisError, RateLimited) as exc:
@@ -317,17 +329,17 @@ class Worker:
             return
         finally:
             self.interruptible = False
-        if self.store.resume(name):
+        if self.pauses.resume(name):
             log.info("probe succeeded, analysis resumed", provider=name, was=shared.reason)
 
     def pause_provider(self, name: str, problem: AccountProblem) -> None:
-        self.store.pause(name, problem.reason, str(problem), self.probe_interval(name))
+        self.pauses.pause(name, problem.reason, str(problem), self.probe_interval(name))
         log.error("provider paused for every analyzer", provider=name, reason=problem.reason,
                   error=str(problem), probe_in_s=self.probe_interval(name))
 
     def put_back(self, job: Job, until=None) -> None:
         try:
-            self.store.defer(job, until)
+            self.queue.defer(job, until)
         except LeaseLost:
             log.warning("lease lost, job not put back")
         except Exception as exc:
@@ -339,7 +351,7 @@ class Worker:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
             self.state = f"job {job.id}"
             log.info("job claimed", video=job.video_path, attempt=job.retry_count + 1)
-            lease = LeaseKeeper(self.store, job)
+            lease = LeaseKeeper(self.queue, job)
             work = Layout(self.config.data_dir).work()
             work.mkdir(parents=True, exist_ok=True)  # RAM: the copies never touch the disk
             workdir = Path(tempfile.mkdtemp(prefix=f"job{job.id}-", dir=work))
@@ -347,7 +359,7 @@ class Worker:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
                 self.through_outage(lambda: complete_with_snapshots(
-                    self.store, job, outcome, self.binary, Layout(self.config.data_dir)))
+                    self.queue, job, outcome, self.binary, Layout(self.config.data_dir)))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)
@@ -400,7 +412,7 @@ class Worker:
             name = settings.name
             why = self.blocked(name)
             if why is not None:
-                skipped.append((why[0], self.store.provider_state(name)))
+                skipped.append((why[0], self.pauses.provider_state(name)))
                 continue
             try:
                 outcome = self.ask(settings, self.client(name), job, clip, prompt, keep_alive)
@@ -409,10 +421,10 @@ class Worker:
                 skipped.append((str(exc), None))
             except RateLimited as exc:
                 wait = min(exc.retry_after, settings.max_retry_wait_seconds)
-                self.store.hold_off(name, wait)
+                self.pauses.hold_off(name, wait)
                 log.warning("rate limited, every analyzer waits", provider=name,
                             seconds=wait, error=str(exc))
-                skipped.append((str(exc), self.store.provider_state(name)))
+                skipped.append((str(exc), self.pauses.provider_state(name)))
             except AnalysisError as exc:
                 self.provider_failed(name, job, exc)
                 failures.append((name, exc))
@@ -440,7 +452,7 @@ class Worker:
                          until=earliest_retry(skipped))
 
     def provider_failed(self, name: str, job: Job, exc: AnalysisError) -> None:
-        self.store.note_failure(name, str(exc))
+        self.pauses.note_failure(name, str(exc))
         log.warning("provider failed, trying the next", provider=name, error=str(exc))
         if exc.bad_request:
             self.count_rejection(name, job, exc)
@@ -457,7 +469,7 @@ class Worker:
             return
         del self.rejections[name]
         detail = f"{exc} (the same on {MISCONFIGURED_AFTER} windows in a row)"
-        self.store.pause(name, MISCONFIGURED, detail, self.probe_interval(name))
+        self.pauses.pause(name, MISCONFIGURED, detail, self.probe_interval(name))
         log.error("provider put aside as misconfigured", provider=name, error=str(exc),
                   windows=MISCONFIGURED_AFTER, probe_in_s=self.probe_interval(name))
 
@@ -524,7 +536,7 @@ class Worker:
         sent for static_check_minutes (a covered or frozen camera must still be seen)."""
         if not self.gating or len(clip.frames) != 1:
             return False
-        last = self.store.last_model_request(job.camera_id)
+        last = self.queue.last_model_request(job.camera_id)
         if last is None:
             return False
         due = last + timedelta(minutes=self.config.analysis.static_check_minutes)
@@ -532,7 +544,7 @@ class Worker:
 
     def hand_back(self, job: Job) -> None:
         try:
-            self.store.release(job)
+            self.queue.release(job)
             log.info("job handed back on stop")
         except LeaseLost:
             pass
@@ -544,7 +556,7 @@ class Worker:
     def record_failure(self, job: Job, error: str, *, permanent: bool = False,
                        retry_after: float | None = None) -> None:
         try:
-            status = self.store.fail(job, error, permanent=permanent, retry_after=retry_after)
+            status = self.queue.fail(job, error, permanent=permanent, retry_after=retry_after)
         except LeaseLost:
             log.warning("lease lost, failure not recorded", error=error)
             return
@@ -758,10 +770,10 @@ def clip_duration(job: Job, clip: Clip) -> float:
 class LeaseKeeper:
     """Heartbeats the job's lease from a thread; check() raises once the lease is lost."""
 
-    def __init__(self, store: JobStore, job: Job):
-        self.store = store
+    def __init__(self, queue: JobQueue, job: Job):
+        self.queue = queue
         self.job = job
-        self.interval = max(store.lease_seconds / 3, 0.2)
+        self.interval = max(queue.lease_seconds / 3, 0.2)
         self.done = threading.Event()
         self.lost = threading.Event()
         self.thread = threading.Thread(target=self.beat, daemon=True, name=f"lease-{job.id}")
@@ -769,7 +781,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         while not self.done.wait(self.interval):
             try:
-                self.store.heartbeat(self.job)
+                self.queue.heartbeat(self.job)
             except LeaseLost:
                 self.lost.set()
                 return

@@ -36,7 +36,11 @@ from vlmguard.layout import Layout, archive_start, snapshot_id, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.recordings import SidecarWriter, held_names, sweep_sidecars
-from vlmguard.store import JobStore, is_outage, utcnow
+from vlmguard.store.database import Database
+from vlmguard.store.engines import is_outage
+from vlmguard.store.queue import JobQueue
+from vlmguard.store.records import utcnow
+from vlmguard.store.recordings import RecordingsIndex
 from vlmguard.windows import JOB_FILE, WindowCutter, adjacent_groups, archive_sources
 
 log = get_logger("vlmguard.archiver")
@@ -57,8 +61,8 @@ def main(config: Config, beat: Beat = Beat()) -> None:
     configure_logging("archiver")
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
-    with JobStore.from_config(config, lazy=True) as store:
-        archiver = Archiver(config, store)
+    with Database.from_config(config, lazy=True) as db:
+        archiver = Archiver(config, JobQueue.from_config(db, config), RecordingsIndex(db))
         beat()
         last_retention = last_housekeeping = 0.0
         while not stopping.is_set():
@@ -93,9 +97,11 @@ class ArchiveFile:
 
 
 class Archiver:
-    def __init__(self, config: Config, store: JobStore):
+    def __init__(self, config: Config, queue: JobQueue, recordings: RecordingsIndex):
         self.config = config
-        self.store = store
+        self.queue = queue  # registers archives and windows, merges lagging windows
+        self.recordings = recordings  # what retention must keep
+        self.db = queue.db
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
         self.noticed = Noticed()
@@ -125,8 +131,8 @@ class Archiver:
         def register(clip: Path, start: datetime, end: datetime, clip_start: datetime,
                      sources: list) -> int | None:
             self.outage.check()
-            self.store.ensure_ready()
-            return self.store.register(camera_id, clip, start, end, kind="window",
+            self.db.ensure_ready()
+            return self.queue.register(camera_id, clip, start, end, kind="window",
                                        clip_start=clip_start, sources=sources,
                                        max_retries=self.config.analysis.max_retries)
         return register
@@ -141,7 +147,7 @@ class Archiver:
         tried again after the outage's wait). True when it ran."""
         try:
             self.outage.check()
-            self.store.ensure_ready()
+            self.db.ensure_ready()
             step()
         except Exception as exc:
             if not is_outage(exc):
@@ -170,7 +176,7 @@ class Archiver:
                 cutter.close_past()  # windows a crash left in RAM
             self.catch_up_gaps()
             return
-        known = self.store.registered_paths()
+        known = self.recordings.registered_paths()
         for archive in self.archives():
             if str(archive.path) not in known:
                 self.register(archive.camera_id, archive.path)
@@ -183,7 +189,7 @@ class Archiver:
             by_camera.setdefault(archive.camera_id, []).append(archive)
         least = timedelta(seconds=CATCH_UP_LEAST_SECONDS)
         for camera_id, archives in by_camera.items():
-            spans = self.store.job_spans(camera_id, since=archives[0].start)
+            spans = self.queue.job_spans(camera_id, since=archives[0].start)
             if camera_id in self.cutters:
                 spans += self.cutters[camera_id].open_spans()
             for n, archive in enumerate(archives):
@@ -201,7 +207,7 @@ class Archiver:
         offset = (low - archive.start).total_seconds()
         sources = [{"path": str(archive.path), "offset_s": round(offset, 3),
                     "duration_s": round((high - low).total_seconds(), 3)}]
-        job_id = self.store.register(archive.camera_id, archive.path, low, high,
+        job_id = self.queue.register(archive.camera_id, archive.path, low, high,
                                      kind="catchup", clip_start=low, sources=sources,
                                      max_retries=self.config.analysis.max_retries)
         if job_id is not None:
@@ -261,8 +267,8 @@ class Archiver:
             self.ram_bytes = self.layout.ram_bytes()
             return
         for camera_id, cutter in self.cutters.items():
-            cutter.sweep(self.store.job_spans(camera_id, in_flight=True))
-        lags = self.store.lag_seconds()
+            cutter.sweep(self.queue.job_spans(camera_id, in_flight=True))
+        lags = self.queue.lag_seconds()
         for camera_id, lag in lags.items():
             if lag > self.config.analysis.max_lag_seconds and camera_id in self.cutters:
                 self.merge_lagging(camera_id, lag)
@@ -274,7 +280,7 @@ class Archiver:
     def evict_one(self) -> bool:
         for camera_id, cutter in self.cutters.items():
             pending = [(j.segment_start, j.segment_end)
-                       for j in self.store.pending_windows(camera_id)]
+                       for j in self.queue.pending_windows(camera_id)]
             if cutter.evict(pending):
                 return True
         return False
@@ -284,14 +290,14 @@ class Archiver:
         merged, up to one archive's length each."""
         cutter = self.cutters[camera_id]
         longest = timedelta(seconds=max(self.config.storage.archive_seconds, 2 * self.window_seconds))
-        for group in adjacent_groups(self.store.pending_windows(camera_id), longest):
+        for group in adjacent_groups(self.queue.pending_windows(camera_id), longest):
             start, end = group[0].segment_start, group[-1].segment_end
             clip = cutter.merged_clip(start, end, [j.video_path for j in group])
             first = group[0].first_frame_at
             sources = archive_sources(self.layout, camera_id, first.timestamp(),
                                       end.timestamp())
             path = str(clip) if clip else (sources[0]["path"] if sources else group[0].video_path)
-            if self.store.merge_jobs(group[0], group[1:], path, sources):
+            if self.queue.merge_jobs(group[0], group[1:], path, sources):
                 log.warning("analysis lagging: windows merged into one job",
                             camera_id=camera_id, lag_s=round(lag), windows=len(group),
                             job_id=group[0].id, seconds=(end - start).total_seconds())
@@ -344,7 +350,7 @@ class Archiver:
     def register(self, camera_id: str, path: Path) -> None:
         start = archive_start(path)
         duration = media_duration(self.binary, path) or 0.0
-        job_id = self.store.register(camera_id, path, start, start + timedelta(seconds=duration),
+        job_id = self.queue.register(camera_id, path, start, start + timedelta(seconds=duration),
                                      max_retries=self.config.analysis.max_retries)
         if job_id is not None:
             log.info("archive registered", camera_id=camera_id, job_id=job_id,
@@ -364,8 +370,8 @@ class Archiver:
         return sorted(found, key=lambda a: a.start)
 
     def read_protected(self) -> None:
-        self.in_flight = self.store.in_flight_paths()
-        self.kept = self.store.kept_paths()
+        self.in_flight = self.recordings.in_flight_paths()
+        self.kept = self.recordings.kept_paths()
         self.protected_at = utcnow()
 
     def enforce_retention(self) -> None:
@@ -426,7 +432,7 @@ class Archiver:
             return
         left = recordings(self.layout, camera_id)
         oldest = left[0].start if left else utcnow()
-        for incident_id in self.store.incidents_ended_before(camera_id, oldest, list(files)):
+        for incident_id in self.recordings.incidents_ended_before(camera_id, oldest, list(files)):
             files[incident_id].unlink(missing_ok=True)
 
     def delete(self, archive: ArchiveFile) -> bool:

@@ -24,7 +24,8 @@ from vlmguard.livestate import daemon_pid
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
 from vlmguard.status import gather_status, job_detail, job_summary, render_status
-from vlmguard.store import MAX_ID, STATES, JobStore
+from vlmguard.store.bundle import Store
+from vlmguard.store.schema import MAX_ID, STATES
 from vlmguard.times import iso, parse_time
 from vlmguard.vlm import SEVERITIES, token_report
 
@@ -66,12 +67,12 @@ def make_files_private() -> None:
 
 
 def open_store(config):
-    return JobStore.from_config(config, create=False)
+    return Store.from_config(config, create=False)
 
 
 def find_job(store, job_id: int):
     # A larger number is no job, not an overflow inside the driver.
-    found = store.get(job_id) if 0 < job_id <= MAX_ID else None
+    found = store.reports.get(job_id) if 0 < job_id <= MAX_ID else None
     if found is None:
         raise VlmguardError(f"no job {job_id}")
     return found
@@ -164,7 +165,7 @@ def jobs(config_path, states, camera_id, limit, as_json):
     """List analysis jobs, newest first."""
     config = load_config(config_path)
     with open_store(config) as store:
-        found = store.list_jobs(states=states, camera_id=camera_id, limit=limit)
+        found = store.reports.list_jobs(states=states, camera_id=camera_id, limit=limit)
     for job in found:
         if as_json:
             echo(json.dumps(job_summary(job)))
@@ -184,7 +185,7 @@ def retry(config_path, job_id):
     config = load_config(config_path)
     with open_store(config) as store:
         job = find_job(store, job_id)
-        if not store.retry(job_id):
+        if not store.queue.retry(job_id):
             raise VlmguardError(f"job {job_id} is {job.status}, only failed jobs can be retried")
     click.echo(f"job {job_id} is pending again")
 
@@ -203,7 +204,7 @@ def job_show(config_path, job_id):
     config = load_config(config_path)
     with open_store(config) as store:
         found = find_job(store, job_id)
-        detail = job_detail(found, store.list_incidents(job_id))
+        detail = job_detail(found, store.incidents.list_incidents(job_id))
     echo(json.dumps(detail, indent=2))
 
 
@@ -251,8 +252,8 @@ def incidents(config_path, camera_id, since, severity, limit, as_json):
     config = load_config(config_path)
     worse = SEVERITIES[SEVERITIES.index(severity):] if severity else ()
     with open_store(config) as store:
-        rows = store.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
-                                    since=since.replace(tzinfo=timezone.utc) if since else None)
+        rows = store.incidents.find_incidents(camera_id=camera_id, severities=worse, limit=limit,
+                                              since=since.replace(tzinfo=timezone.utc) if since else None)
     for row in rows:
         if as_json:
             click.echo(json.dumps({k: iso(v) if isinstance(v, datetime) else v

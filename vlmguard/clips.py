@@ -227,18 +227,17 @@ def save_snapshot(binary: str, layout: Layout, camera_id: str, incident_id: int,
     return target
 
 
-def complete_with_snapshots(store: Any, job: Any, outcome: Any, binary: str,
+def complete_with_snapshots(queue: Any, job: Any, outcome: Any, binary: str,
                             layout: Layout) -> None:
-    """store.complete(job, outcome), each incident's picture made before the commit and
+    """queue.complete(job, outcome), each incident's picture made before the commit and
     put in place by a rename right after it: whoever reads a committed incident (the
     notifier attaching it to a message) finds its picture milliseconds later, not after
     an FFmpeg run per incident. Pictures are named by incident id, known only then."""
     staged = [stage_picture(binary, layout, job, n, incident)
               for n, incident in enumerate(outcome.incidents)]
     try:
-        store.complete(job, outcome)  # checks the lease itself
-        if any(staged):
-            publish(layout, outcome.incidents, staged, store.list_incidents(job.id))
+        stored = queue.complete(job, outcome)  # checks the lease itself
+        publish(layout, job.camera_id, staged, stored)
     finally:
         for path in staged:
             if path is not None:
@@ -251,15 +250,10 @@ def stage_picture(binary: str, layout: Layout, job: Any, n: int, incident: Any) 
     return target if make_picture(binary, layout, job.camera_id, when, target) else None
 
 
-def publish(layout: Layout, incidents: list[Any], staged: list[Path | None],
-            rows: list[dict[str, Any]]) -> None:
-    """Each staged picture renamed to its stored incident's id (matched by content)."""
-    left = dict(enumerate(incidents))
-    for row in sorted(rows, key=lambda r: r["id"]):
-        for n, incident in left.items():
-            if (incident.start_at, incident.end_at, incident.category, incident.description) \
-                    == (row["start_at"], row["end_at"], row["category"], row["description"]):
-                del left[n]
-                if staged[n] is not None:
-                    staged[n].rename(layout.snapshot(row["camera_id"], row["id"]))
-                break
+def publish(layout: Layout, camera_id: str, staged: list[Path | None],
+            stored: list[int | None]) -> None:
+    """Each staged picture renamed to its stored incident's id; an incident that extended
+    an earlier one (None) keeps that one's picture."""
+    for path, incident_id in zip(staged, stored):
+        if path is not None and incident_id is not None:
+            path.rename(layout.snapshot(camera_id, incident_id))

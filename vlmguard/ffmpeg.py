@@ -134,13 +134,24 @@ def tee_escape(value: str) -> str:
 LIVE_MOVFLAGS = "+cmaf+frag_every_frame+delay_moov+default_base_moof+skip_trailer"
 
 
+# The live fMP4 goes through FFmpeg's fifo muxer, a thread and a queue of its own that
+# drops packets (and starts again at a keyframe) when full: a streaming process that stops
+# reading the pipe (stalled, paused, SIGSTOPped) costs live video, never the archive, which
+# tee writes from FFmpeg's main thread. queue_size is in packets: about 2 s of frames, on
+# top of the pipe's own buffer. Escaped for tee's two parsing passes before the fifo's.
+LIVE_FIFO_OPTIONS = r"\\\:".join(["drop_pkts_on_overflow=1", "restart_with_keyframe=1",
+                                 "queue_size=60"])
+
+
 def live_output(storage: StorageConfig, live_dir: Path, start_number: int,
                 low_latency: bool) -> str:
     """The tee's live output. Low latency: fragmented MP4 on stdout, one fragment per
-    frame, for the streaming process to cut into parts and segments (llhls.py). Else
-    FFmpeg's own HLS muxer writes MPEG-TS segments and the playlist into live_dir."""
+    frame, for the streaming process to cut into parts and segments (llhls.py), through a
+    fifo that never lets the pipe block FFmpeg. Else FFmpeg's own HLS muxer writes
+    MPEG-TS segments and the playlist into live_dir."""
     if low_latency:
-        mp4 = ":".join(["f=mp4", f"movflags={LIVE_MOVFLAGS}", "flush_packets=1"])
+        mp4 = ":".join(["f=mp4", f"movflags={LIVE_MOVFLAGS}", "flush_packets=1",
+                        "use_fifo=1", f"fifo_options={LIVE_FIFO_OPTIONS}"])
         return f"[{mp4}]pipe:1"
     hls = ":".join([
         "f=hls", f"hls_time={storage.segment_seconds}", f"hls_list_size={storage.live_segments}",

@@ -36,7 +36,9 @@ class Segment:
     uri: str
     duration: float
     tags: tuple[str, ...]  # EXTINF, PROGRAM-DATE-TIME, ... in FFmpeg's order
-    discontinuity: int = 0  # which run it came from, counted in discontinuities
+    # Discontinuities before it: runs, and holes in a run's live video (llhls.py). In a
+    # run's own playlist, counted from the run's start.
+    discontinuity: int = 0
     init: str | None = None  # an fMP4 segment's init file (EXT-X-MAP); None for MPEG-TS
 
     @property
@@ -62,14 +64,19 @@ class Window:
 
 
 def parse_playlist(text: str) -> tuple[list[Segment], int]:
-    """A run's playlist as segments (only our seg-N names), and its version."""
-    segments, tags, version, init = [], [], 3, None
+    """A run's playlist as segments (only our seg-N names), and its version. A segment's
+    discontinuity counts those within the run (FFmpeg's own playlists have none)."""
+    segments, tags, version, init, discontinuity = [], [], 3, None, 0
     for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
         if line.startswith("#EXT-X-VERSION:"):
             version = int(line[15:]) if line[15:].isdigit() else version
+        elif line.startswith("#EXT-X-DISCONTINUITY-SEQUENCE:"):
+            discontinuity = int(line[30:]) if line[30:].isdigit() else discontinuity
+        elif line == "#EXT-X-DISCONTINUITY":
+            discontinuity += 1
         elif line.startswith("#EXT-X-MAP:"):
             init = map_uri(line)
         elif line.startswith("#"):
@@ -79,6 +86,7 @@ def parse_playlist(text: str) -> tuple[list[Segment], int]:
             match = SEGMENT_URI.fullmatch(line)
             if match:
                 segments.append(Segment(int(match.group(1)), line, extinf(tags), tuple(tags),
+                                        discontinuity,
                                         init=init if match.group(2) == "mp4" else None))
             tags = []
     return segments, version
@@ -129,7 +137,7 @@ def carry_over(history: History, ended_playlist: str | None, ended_at: float, ke
     continue), but the numbering and the discontinuity count go on regardless."""
     now = time.time() if now is None else now
     ended, version = parse_playlist(ended_playlist) if ended_playlist else ([], history.version)
-    ended = [replace(s, discontinuity=history.discontinuity) for s in ended
+    ended = [replace(s, discontinuity=history.discontinuity + s.discontinuity) for s in ended
              if history.next_sequence is None or s.sequence >= history.next_sequence]
     segments = list(history.segments)
     updated = history.updated
@@ -137,7 +145,7 @@ def carry_over(history: History, ended_playlist: str | None, ended_at: float, ke
     if ended:
         segments = same_container(segments, ended[0]) + ended
         updated = ended_at
-        discontinuity += 1
+        discontinuity = ended[-1].discontinuity + 1
     if now - updated > stale_seconds:
         segments = []
     last = max([s.sequence for s in segments + ended], default=None)
@@ -162,7 +170,8 @@ def live_window(history: History, current_playlist: str | None, current_at: floa
         # The streamer may be between writing the history and removing the ended
         # run's playlist: a segment already carried over is not listed twice.
         current = [s for s in current if s.sequence >= history.next_sequence]
-    current = [replace(s, discontinuity=history.discontinuity) for s in current]
+    current = [replace(s, discontinuity=history.discontinuity + s.discontinuity)
+               for s in current]
     carried = same_container(list(history.segments), current[0]) if current else \
         list(history.segments)
     segments = (carried + current)[-size:]

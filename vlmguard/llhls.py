@@ -52,6 +52,12 @@ PART_MARGIN = 1.15
 MAX_FRAME_PARTS = 2.0
 FRAMES_KEPT = 50  # recent frame durations, for the median frame length
 REANCHOR_SECONDS = 0.1  # program dates follow the wall clock again past this drift
+# A frame lasting longer than this many median frames (and over HOLE_SECONDS), followed by
+# a keyframe, stands for a hole in the live video: FFmpeg's live fifo dropped frames while
+# this process did not read, the muxer stretched the last frame before the hole over it,
+# and the fifo started again at a keyframe.
+HOLE_FRAMES = 10
+HOLE_SECONDS = 1.0
 PART_HOLD_BACK_PARTS = 3  # the spec's SHOULD: at least three part targets
 HOLD_BACK_TARGETS = 3
 SKIP_TARGETS = 6  # CAN-SKIP-UNTIL may not be less than six target durations
@@ -153,6 +159,12 @@ class LiveStream:
         self.tickets = itertools.count()
         self.rendered: dict[tuple, str] = {}
         self.part_count = 0  # parts made in this run
+        self.run_discontinuity = 0  # the discontinuity number the run began with
+        self.holes = 0  # holes in the live video, for the stream's life
+        self.hole_seconds = 0.0
+        # A frame that may stand for a hole, until the next shows whether video starts
+        # again after it at a keyframe (FFmpeg's fifo after dropping frames does).
+        self.held: tuple[bytes, Timing, float] | None = None
 
     # -- what the packager is told -------------------------------------------------------
 
@@ -171,7 +183,7 @@ class LiveStream:
         """A new FFmpeg run numbers its segments from run_start; history holds what the
         ended runs left in the playlist (livelist.carry_over)."""
         self.carried = [s for s in history.segments if s.sequence < run_start]
-        self.discontinuity = history.discontinuity
+        self.discontinuity = self.run_discontinuity = history.discontinuity
         self.fresh_at = history.updated if self.carried else 0.0
         self.run_start = run_start
         self.run_active = True
@@ -182,6 +194,7 @@ class LiveStream:
         self.least_lag = math.inf
         self.frames.clear()
         self.part_count = 0
+        self.held = None
         self.bump()
 
     def add_init(self, data: bytes, moov: bytes) -> None:
@@ -197,6 +210,19 @@ class LiveStream:
             return
         now = self.clock()
         timing = fragment_timing(moof, self.track)
+        if self.held is not None:
+            held, self.held = self.held, None
+            if timing.keyframe:
+                self.skip_hole(held[1])
+            else:
+                self.place(*held)  # a long frame within a GOP: the camera's, kept as it is
+        if self.is_hole(timing):
+            self.held = (data, timing, now)  # the next frame tells
+            return
+        self.place(data, timing, now)
+
+    def place(self, data: bytes, timing: Timing, now: float) -> None:
+        """Add a frame to the part and segment it belongs to."""
         if timing.duration > 0:
             self.frames.append(timing.duration)
         if self.open is None and not timing.keyframe:
@@ -222,10 +248,38 @@ class LiveStream:
 
     def end_run(self) -> None:
         """FFmpeg has ended: the segment it was writing ends here, with what it has."""
+        if self.held is not None:
+            self.place(*self.held)
+            self.held = None
         if self.open is not None and (self.open.pending or self.open.parts):
             self.close_segment(at_keyframe=False)
         self.open = None
         self.run_active = False
+        self.bump()
+
+    # -- holes ---------------------------------------------------------------------------
+
+    def is_hole(self, timing: Timing) -> bool:
+        median = self.frame_units()
+        return median > 0 and timing.duration > HOLE_FRAMES * median and \
+            timing.duration > HOLE_SECONDS * self.track.timescale
+
+    def skip_hole(self, timing: Timing) -> None:
+        """Frames are missing after this one (its duration spans them, and a keyframe
+        follows them): it is left out, the segment being written ends before it, and the
+        video that follows comes after EXT-X-DISCONTINUITY, as the spec asks where the
+        timestamps jump. Every part and segment already listed stays where it is."""
+        seconds = timing.duration / self.track.timescale
+        self.holes += 1
+        self.hole_seconds += seconds
+        log.warning("live video skipped: a hole in the frames (FFmpeg drops live ones, never"
+                    " archived ones, while this process falls behind)", camera_id=self.camera_id,
+                    hole_s=round(seconds, 2), holes=self.holes)
+        if self.open is not None and (self.open.pending or self.open.parts):
+            self.close_segment(at_keyframe=False)
+        self.open = None
+        if self.done:
+            self.discontinuity += 1
         self.bump()
 
     # -- cutting -------------------------------------------------------------------------
@@ -334,10 +388,18 @@ class LiveStream:
         """index.m3u8 as FFmpeg's HLS muxer wrote it: this run's last segments."""
         listed = [d.segment for d in self.done[-self.settings.live_segments:]]
         lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{self.target}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}", "#EXT-X-INDEPENDENT-SEGMENTS",
-                 f'#EXT-X-MAP:URI="{self.init_uri}"']
+                 f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}"]
+        # Holes within the run, counted from its start (livelist.parse_playlist).
+        if listed[0].discontinuity > self.run_discontinuity:
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:"
+                         f"{listed[0].discontinuity - self.run_discontinuity}")
+        lines += ["#EXT-X-INDEPENDENT-SEGMENTS", f'#EXT-X-MAP:URI="{self.init_uri}"']
+        previous = listed[0]
         for segment in listed:
+            if segment.discontinuity != previous.discontinuity:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines += [*segment.tags, segment.uri]
+            previous = segment
         write_once(self.live_dir / "index.m3u8", ["\n".join(lines).encode() + b"\n"])
 
     # -- waiting -------------------------------------------------------------------------
@@ -572,10 +634,14 @@ class LiveStream:
 
     def health(self) -> str:
         if self.part_target is not None:
-            return f"ll-hls (parts of up to {self.part_target:.3f} s)"
-        if self.no_parts is not None:
-            return f"hls, fMP4 segments without parts: {self.no_parts}"
-        return "ll-hls (starting)"
+            mode = f"ll-hls (parts of up to {self.part_target:.3f} s)"
+        elif self.no_parts is not None:
+            mode = f"hls, fMP4 segments without parts: {self.no_parts}"
+        else:
+            mode = "ll-hls (starting)"
+        if self.holes:
+            mode += f"; gaps in live video: {self.holes} ({self.hole_seconds:.1f} s)"
+        return mode
 
 
 def skipped_count(listed: list[Segment], skip_until: float) -> int:

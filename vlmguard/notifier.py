@@ -33,7 +33,10 @@ from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
-from vlmguard.store import Delivery, JobStore, is_outage
+from vlmguard.store.database import Database
+from vlmguard.store.engines import is_outage
+from vlmguard.store.outbox import Outbox
+from vlmguard.store.records import Delivery
 from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.notifier")
@@ -61,17 +64,18 @@ def retry_delay(attempts: int, retry_after: float | None = None,
 
 def main(config: Config, beat: Beat = Beat()) -> None:
     configure_logging("notifier")
-    with JobStore.from_config(config, lazy=True) as store:
-        notifier = Notifier(config, store, beat)
+    with Database.from_config(config, lazy=True) as db:
+        notifier = Notifier(config, Outbox.from_config(db, config), beat)
         signal.signal(signal.SIGTERM, notifier.on_signal)
         asyncio.run(notifier.run())
     log.info("notifier stopped")
 
 
 class Notifier:
-    def __init__(self, config: Config, store: JobStore, beat: Beat = Beat()):
+    def __init__(self, config: Config, outbox: Outbox, beat: Beat = Beat()):
         self.config = config
-        self.store = store
+        self.outbox = outbox
+        self.db = outbox.db
         self.beat = beat
         self.worker_id = worker_name()
         self.destinations = registry.configured(config)
@@ -126,16 +130,16 @@ class Notifier:
     def step(self) -> float | None:
         """The database part of one turn: take back an earlier run's claims (once), send
         reconnected destinations' retries now, and say when the next delivery is due."""
-        self.store.ensure_ready()
+        self.db.ensure_ready()
         self.tell_operators()
         if not self.taken_back:
-            taken_back = self.store.release_deliveries(self.worker_id)
+            taken_back = self.outbox.release_deliveries(self.worker_id)
             self.taken_back = True
             if taken_back:
                 log.info("deliveries taken back from an earlier run", count=taken_back)
         self.retry_after_reconnect()
         # A read first: claiming is a write transaction, taken only when one is due.
-        return self.store.seconds_until_delivery_due()
+        return self.outbox.seconds_until_delivery_due()
 
     def notice_roles(self) -> None:
         """Compare the supervisor's roles with last time: a role newly backed off, or one
@@ -158,7 +162,7 @@ class Notifier:
         """Write the untold messages to the outbox (they wait here while it is away)."""
         while self.untold:
             payload, key = self.untold[0]
-            if self.store.enqueue_system(payload, list(self.destinations), key):
+            if self.outbox.enqueue_system(payload, list(self.destinations), key):
                 log.info("operators told", about=payload["event"], child=payload["role"])
             self.untold.pop(0)
 
@@ -186,7 +190,7 @@ class Notifier:
         room = MAX_IN_FLIGHT - len(self.in_flight)
         if room <= 0:
             return 0
-        batch = self.store.claim_deliveries(self.worker_id, room, LEASE_SECONDS)
+        batch = self.outbox.claim_deliveries(self.worker_id, room, LEASE_SECONDS)
         for delivery in batch:
             task = asyncio.create_task(self.deliver(delivery))
             self.in_flight.add(task)
@@ -207,7 +211,7 @@ class Notifier:
             return
         # Nothing else runs on this loop now, so blocking it is free; and the SQLite
         # watcher's connection belongs to this thread.
-        self.store.watcher().wait(wait)
+        self.db.wait_for_commit(wait)
 
     async def deliver(self, delivery: Delivery) -> None:
         destination = self.destinations.get(delivery.destination)
@@ -237,20 +241,20 @@ class Notifier:
                       kind=delivery.kind, incident=delivery.incident_id,
                       attempt=delivery.attempts + 1)
         if answer.delivered:
-            self.store.delivered(delivery.id)
+            self.outbox.delivered(delivery.id)
             self.sent += 1
             log.info("alert delivered", **fields)
             if delivery.destination in self.troubled:
                 # It answers again: what waits in backoff for it goes now, not up to a
                 # minute later.
                 self.troubled.discard(delivery.destination)
-                self.store.deliveries_due_now(delivery.destination)
+                self.outbox.deliveries_due_now(delivery.destination)
             return
         self.troubled.add(delivery.destination)
         delay = (retry_delay(delivery.attempts, answer.retry_after)
                  if answer.outcome == "retry" else None)
-        status = self.store.delivery_failed(delivery.id, answer.detail, retry_in=delay,
-                                            max_age_seconds=self.max_age_seconds)
+        status = self.outbox.delivery_failed(delivery.id, answer.detail, retry_in=delay,
+                                             max_age_seconds=self.max_age_seconds)
         if status == "failed":
             log.error("alert delivery failed", error=answer.detail, **fields)
         else:
@@ -264,7 +268,7 @@ class Notifier:
             came_back = getattr(destination, "came_back", None)
             if came_back is not None and came_back.is_set():
                 came_back.clear()
-                self.store.deliveries_due_now(name)
+                self.outbox.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
         self.notice_roles()

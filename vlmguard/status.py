@@ -20,7 +20,10 @@ from vlmguard.health import read_states
 from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import live_age
 from vlmguard.livestate import camera_online, daemon_pid, exit_text
-from vlmguard.store import STATES, Job, JobStore, is_outage, redact_url, utcnow
+from vlmguard.store.bundle import Store
+from vlmguard.store.engines import is_outage, redact_url
+from vlmguard.store.records import Job, utcnow
+from vlmguard.store.schema import STATES
 from vlmguard.times import iso, iso_epoch
 from vlmguard.vlm import token_report
 
@@ -44,7 +47,7 @@ def live_cameras(config: Config) -> list[dict[str, Any]]:
                          states.get("supervisor", {}).get("children", {}).get("streamer"))
 
 
-def gather_status(config: Config, store: JobStore | None = None,
+def gather_status(config: Config, store: Store | None = None,
                   unreachable: str | None = None) -> dict[str, Any]:
     """The report; with unreachable (why the database cannot be read now), from the
     files alone."""
@@ -76,7 +79,7 @@ def gather_status(config: Config, store: JobStore | None = None,
     try:
         if unreachable:
             raise DatabaseError(unreachable)
-        opened = store or JobStore.from_config(config, create=False)
+        opened = store or Store.from_config(config, create=False)
     except UnusableDatabase:
         raise  # not "no database yet" but one a person must repair: one line, exit 2
     except DatabaseError as exc:
@@ -100,31 +103,32 @@ def gather_status(config: Config, store: JobStore | None = None,
     return report
 
 
-def fill_from_table(report: dict[str, Any], store: JobStore) -> None:
+def fill_from_table(report: dict[str, Any], store: Store) -> None:
     report["database"]["ready"] = True
-    counts = store.counts()
+    counts = store.reports.counts()
     for states in counts.values():
         for state, n in states.items():
             report["jobs"][state] += n
     report["jobs"]["by_camera"] = counts
-    report["jobs"]["oldest_pending_age_s"] = age_seconds(store.oldest_pending())
-    report["failures"] = [job_summary(job) for job in store.recent_failures(RECENT_FAILURES)]
+    report["jobs"]["oldest_pending_age_s"] = age_seconds(store.reports.oldest_pending())
+    report["failures"] = [job_summary(job)
+                          for job in store.reports.recent_failures(RECENT_FAILURES)]
     report["analysis"]["paused"] = [
         {"provider": p.provider, "reason": p.reason, "detail": p.detail,
          "since": iso(p.paused_at), "next_probe": iso(p.probe_at)}
-        for p in store.paused_providers()]
+        for p in store.pauses.paused_providers()]
     report["analysis"]["providers"] = provider_report(store)
-    lags, merged = store.lag_seconds(), store.merge_counts()
+    lags, merged = store.queue.lag_seconds(), store.reports.merge_counts()
     for camera in report["cameras"]:
         camera["analysis_lag_s"] = round(lags.get(camera["id"], 0.0), 1)
         camera["windows_merged"] = merged.get(camera["id"], 0)
     report["alerts"] = alerts_report(store)
-    report["archives"]["kept"] = kept_report(store.kept_paths())
+    report["archives"]["kept"] = kept_report(store.recordings.kept_paths())
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    report["tokens"] = {"today": store.token_usage(midnight),
-                        "last_24h": store.token_usage(now - timedelta(hours=24))}
-    report["database"]["quarantined"] = store.quarantined()
+    report["tokens"] = {"today": store.reports.token_usage(midnight),
+                        "last_24h": store.reports.token_usage(now - timedelta(hours=24))}
+    report["database"]["quarantined"] = store.quarantine.quarantined()
 
 
 def database_waits(states: dict[str, dict]) -> dict[str, str]:
@@ -145,16 +149,16 @@ def backed_off(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if child.get("state") == "backed off"]
 
 
-def alerts_report(store: JobStore) -> dict[str, dict[str, Any]]:
+def alerts_report(store: Store) -> dict[str, dict[str, Any]]:
     """Per alert destination: pending, delivered, failed, suppressed and the last error."""
     return {name: counts | {"last_error_at": iso(counts["last_error_at"])}
-            for name, counts in sorted(store.delivery_counts().items())}
+            for name, counts in sorted(store.reports.delivery_counts().items())}
 
 
-def provider_report(store: JobStore) -> dict[str, dict[str, Any]]:
+def provider_report(store: Store) -> dict[str, dict[str, Any]]:
     """Per provider: clips answered (and tokens), failed requests, pause and why."""
-    answers = store.answers_by_provider()
-    states = {p.provider: p for p in store.provider_states()}
+    answers = store.reports.answers_by_provider()
+    states = {p.provider: p for p in store.pauses.provider_states()}
     out = {}
     for name in sorted(set(answers) | set(states)):
         state = states.get(name)

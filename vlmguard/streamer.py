@@ -12,7 +12,9 @@ restart, and it deletes those segments once no playlist can list them.
 A low-latency camera's FFmpeg writes its live output as fragmented MP4 to a pipe, which
 this process reads and packages into LL-HLS segments and parts (llhls.py); if FFmpeg
 cannot write fMP4 for the camera, its later runs use FFmpeg's own MPEG-TS HLS output, and
-the camera's status says why.
+the camera's status says why. Recording never waits for this process: FFmpeg drops live
+frames when the pipe is full (ffmpeg.live_output), its log pipe has room for a long
+stall, and a stall of this process's own is not taken for FFmpeg's.
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ ARCHIVE_SLAVE_FAILED = re.compile(r"[Ss]lave muxer #1 failed(?::\s*([^,]+))?")
 # output (fMP4 for low latency) could not take the camera's stream.
 LIVE_SLAVE_FAILED = re.compile(r"[Ss]lave muxer #0 failed(?::\s*([^,]+))?")
 LIVE_FILES = ("index.m3u8", "history.json")
-# The pipe FFmpeg writes fMP4 to: room for a second or two of video if the loop is busy.
+# The pipes FFmpeg writes fMP4 and its log to: room for a second or two of video, or
+# minutes of warnings, while the loop is busy or this process is stopped.
 PIPE_BYTES = 1 << 20
+LOG_LINE_BYTES = 1 << 16
+# The supervising loop ran this much later than it should have: this process was stopped
+# or its loop stalled, so an old live playlist says nothing about FFmpeg.
+LOOP_STALL_SECONDS = 2.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PUMP_DRAIN_SECONDS = 5.0
 
@@ -276,22 +283,25 @@ class CameraFeed:
                                  codec=self.codec)
         self.archive_failed_in_run = False
         self.fmp4_failed_in_run = False
-        stdout, reader, pipe = await open_live_pipe() if low_latency else (None, None, None)
+        stdout, reader, pipe = await open_pipe(PIPE_BYTES) if low_latency else (None, None, None)
+        errors, error_reader, error_pipe = await open_pipe(LOG_LINE_BYTES)
         # Forked from the event-loop thread, so the parent-death signal stays armed.
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL,
                 stdout=stdout if stdout is not None else asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_env())
+                stderr=errors, start_new_session=True, env=child_env())
         finally:
+            os.close(errors)  # FFmpeg holds the write ends: its exit is our end of file
             if stdout is not None:
-                os.close(stdout)  # FFmpeg holds the write end: its exit is our end of file
+                os.close(stdout)
         log.info("ffmpeg started", camera_id=self.camera.id, pid=proc.pid,
                  first_segment=self.run_start, live="fmp4" if low_latency else "mpegts")
-        stderr = asyncio.create_task(self.log_stderr(proc))
+        stderr = asyncio.create_task(self.log_stderr(error_reader))
         packager = asyncio.create_task(self.package(reader, proc)) if reader else None
         reason = await self.supervise(proc, stop, run_list, live)
         await stderr
+        error_pipe.close()
         if packager is not None:
             await self.finish_packaging(packager)
             pipe.close()
@@ -394,7 +404,7 @@ class CameraFeed:
             return False
 
     async def supervise(self, proc, stop: asyncio.Event, run_list: Path, live: Path) -> str:
-        started = time.monotonic()
+        started = checked = time.monotonic()
         offset = 0
         stall_limit = max(4.0 * self.config.storage.segment_seconds, 10.0)
         while True:
@@ -403,6 +413,12 @@ class CameraFeed:
                 return f"exited with status {proc.returncode}"
             except asyncio.TimeoutError:
                 pass
+            now = time.monotonic()
+            if now - checked > CHECK_INTERVAL + LOOP_STALL_SECONDS:
+                # FFmpeg kept recording meanwhile; the packager gets the start's grace to
+                # catch up before an old playlist counts against FFmpeg.
+                started = now
+            checked = now
             offset = hand_over_listed(self.layout, self.camera.id, run_list, offset)
             self.prune_live()
             if stop.is_set():
@@ -443,8 +459,8 @@ class CameraFeed:
             pass
         await proc.wait()
 
-    async def log_stderr(self, proc) -> None:
-        while line := await proc.stderr.readline():
+    async def log_stderr(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
             text = line.decode(errors="replace").strip()
             if text:
                 self.read_ffmpeg_line(text)
@@ -493,17 +509,17 @@ def newest_age(path: Path) -> float:
         return float("inf")
 
 
-async def open_live_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
-    """A pipe for FFmpeg's fMP4: (write end for FFmpeg's stdout, reader of the other end,
-    its transport).
-    Enlarged so that a busy moment in this process never blocks FFmpeg (and the archive
-    it writes) at once."""
+async def open_pipe(limit: int) -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for FFmpeg's fMP4 or its log: (write end for FFmpeg, reader of the other end
+    (lines up to limit bytes), its transport). Enlarged to 1 MiB, so that FFmpeg's log
+    does not fill it while this process is stopped (its live output drops frames rather
+    than wait: ffmpeg.live_output)."""
     read_end, write_end = os.pipe()
     try:
         fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still works
-    reader = asyncio.StreamReader(limit=PIPE_BYTES)
+    reader = asyncio.StreamReader(limit=limit)
     loop = asyncio.get_running_loop()
     transport, _protocol = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0))

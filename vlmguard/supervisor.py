@@ -48,7 +48,9 @@ from vlmguard.errors import ConfigError, DatabaseUnreachable, StartupError, Vlmg
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
 from vlmguard.logs import get_logger
-from vlmguard.store import JobStore
+from vlmguard.store.database import Database
+from vlmguard.store.pauses import Pauses
+from vlmguard.store.reports import Reports
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.supervisor")
@@ -212,7 +214,7 @@ class Supervisor:
         # not do this: a forked sibling inherits the supervisor's end of each earlier
         # child's pipe, and a stopped sibling then holds it open for good.
         self.lifeline: tuple[int, int] | None = None
-        self.store: JobStore | None = None  # for the status line; never open across a fork
+        self.reports: Reports | None = None  # for the status line; never open across a fork
         self.status_db_retry_at = 0.0
         self.status_db_wait = STATUS_DB_RETRY
         self.started_at = time.time()
@@ -424,8 +426,8 @@ class Supervisor:
     def probe_paused(self, config: Config) -> None:
         """SIGHUP also says "fixed it": a paused analysis probes at once, not in 10 minutes."""
         try:
-            with JobStore.from_config(config, create=False) as store:
-                if store.probe_now():
+            with Database.from_config(config, create=False) as db:
+                if Pauses(db).probe_now():
                     log.info("analysis paused: probing at once")
         except Exception as exc:  # a reload must not fail on this
             log.warning("cannot ask the analyzers to probe", error=str(exc))
@@ -482,10 +484,10 @@ class Supervisor:
         if time.monotonic() < self.status_db_retry_at:
             return "?", "?"
         try:
-            if self.store is None:
-                self.store = JobStore.from_config(self.config, create=False)
-            pending = sum(s["pending"] for s in self.store.counts().values())
-            alerts = (sum(d["pending"] for d in self.store.delivery_counts().values())
+            if self.reports is None:
+                self.reports = Reports(Database.from_config(self.config, create=False))
+            pending = sum(s["pending"] for s in self.reports.counts().values())
+            alerts = (sum(d["pending"] for d in self.reports.delivery_counts().values())
                       if notifier_count(self.config) else None)
         except Exception:  # the status line must not take the supervisor down
             self.close_store()
@@ -496,9 +498,9 @@ class Supervisor:
         return pending, alerts
 
     def close_store(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.reports is not None:
+            self.reports.db.close()
+            self.reports = None
 
     def close_in_child(self) -> None:
         """Runs in each child right after the fork: drop what only the supervisor may use.
@@ -568,7 +570,7 @@ def check_database(config: Config) -> None:
     """Create or upgrade the schema now, once; refuse a database that is wrong. One that
     cannot be reached now is not wrong: recording starts, its users wait for it."""
     try:
-        JobStore.from_config(config).close()
+        Database.from_config(config).close()
     except DatabaseUnreachable as exc:
         log.warning("database unreachable at start: recording starts without it; analysis, "
                     "alerts and the API's database parts wait for it", error=str(exc))

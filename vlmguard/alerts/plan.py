@@ -1,8 +1,8 @@
 """Which deliveries an analysed window makes, and what each one carries.
 
-Pure functions of the config: the job table (store.py) calls them inside the transaction
-that stores the incidents, so the deliveries are written with the incidents or not at all
-(the transactional outbox). Nothing here touches the network or the database.
+Pure functions of the config: the outbox (vlmguard/store/outbox.py) calls them inside the
+transaction that stores the incidents, so the deliveries are written with the incidents or
+not at all (the transactional outbox). Nothing here touches the network or the database.
 """
 
 from __future__ import annotations

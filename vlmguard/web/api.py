@@ -19,7 +19,7 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.errors import first_line
 from vlmguard.status import gather_status, incident_row, job_detail, job_summary, live_cameras
-from vlmguard.store import MAX_ID, STATES
+from vlmguard.store.schema import MAX_ID, STATES
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.database import read
 from vlmguard.web.keys import LIMITER_KEY
@@ -74,9 +74,10 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        found = store.list_jobs(states=states, camera_id=camera, limit=limit, offset=offset,
-                                results=False)
-        return [job_summary(j) for j in found], store.count_jobs(states=states, camera_id=camera)
+        found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit,
+                                        offset=offset, results=False)
+        total = store.reports.count_jobs(states=states, camera_id=camera)
+        return [job_summary(j) for j in found], total
     rows, total = await read(request, work)
     page = bounded_page(rows)
     following = offset + len(page)
@@ -90,8 +91,8 @@ async def job(request: web.Request) -> web.Response:
     job_id = checked_int(raw, "id", 0, MAX_ID)
 
     def work(config, store):
-        found = store.get(job_id)
-        return job_detail(found, store.list_incidents(found.id)) if found else None
+        found = store.reports.get(job_id)
+        return job_detail(found, store.incidents.list_incidents(found.id)) if found else None
     detail = await read(request, work)
     if detail is None:
         raise web.HTTPNotFound(text=f'{{"error": "no job {job_id}", "parameter": "id"}}',
@@ -110,8 +111,8 @@ async def incidents(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
-        return (store.find_incidents(**where, limit=limit, offset=offset),
-                store.count_incidents(**where))
+        return (store.incidents.find_incidents(**where, limit=limit, offset=offset),
+                store.incidents.count_incidents(**where))
     rows, total = await read(request, work)
     page = bounded_page([incident_row(r) for r in rows])
     following = offset + len(page)
@@ -135,8 +136,8 @@ def bounded_page(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def metrics(request: web.Request) -> web.Response:
     def work(config, store):
-        return render_metrics(gather_status(config, store), store.duration_histogram(),
-                              store.token_usage())
+        return render_metrics(gather_status(config, store), store.reports.duration_histogram(),
+                              store.reports.token_usage())
 
     def from_files(config, why):
         return render_metrics(status_without_database(config, why), ([], 0, 0.0), {})

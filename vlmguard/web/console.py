@@ -16,7 +16,8 @@ from importlib import resources
 from aiohttp import web
 
 from vlmguard.status import gather_status, incident_row
-from vlmguard.store import MAX_ID, utcnow
+from vlmguard.store.records import utcnow
+from vlmguard.store.schema import MAX_ID
 from vlmguard.times import iso
 from vlmguard.vlm.pricing import cost_report
 from vlmguard.web.database import read
@@ -94,7 +95,7 @@ async def status(request: web.Request) -> web.Response:
         report["price_per_million_tokens"] = config.analysis.price_per_million_tokens
         midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
         report["cost_today"] = cost_report(config.providers,
-                                           store.token_usage(midnight, by="provider"),
+                                           store.reports.token_usage(midnight, by="provider"),
                                            config.analysis.price_per_million_tokens)
         report["segment_seconds"] = config.storage.segment_seconds
         return report
@@ -102,7 +103,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def categories(request: web.Request) -> web.Response:
-    found = await read(request, lambda config, store: store.incident_categories())
+    found = await read(request, lambda config, store: store.incidents.incident_categories())
     return web.json_response({"categories": found})
 
 
@@ -117,7 +118,7 @@ def not_found(what: str) -> web.HTTPNotFound:
 
 async def incident(request: web.Request) -> web.Response:
     incident_id = id_of(request)
-    found = await read(request, lambda config, store: store.get_incident(incident_id))
+    found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"incident {incident_id}")
     return web.json_response(incident_row(found))
@@ -143,7 +144,7 @@ async def acknowledge(request: web.Request) -> web.Response:
     note = (await json_body(request)).get("note") or None
     if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE_CHARS):
         raise BadParameter("note", f"must be text of at most {MAX_NOTE_CHARS} characters")
-    when = await read(request, lambda config, store: store.acknowledge(incident_id, note))
+    when = await read(request, lambda config, store: store.incidents.acknowledge(incident_id, note))
     if when is None:
         raise not_found(f"incident {incident_id}")
     return web.json_response({"id": incident_id, "acknowledged_at": iso(when), "ack_note": note})
@@ -155,14 +156,14 @@ async def keep(request: web.Request) -> web.Response:
     wanted = (await json_body(request)).get("keep", True)
     if not isinstance(wanted, bool):
         raise BadParameter("keep", "must be true or false")
-    if not await read(request, lambda config, store: store.keep_archive(job_id, wanted)):
+    if not await read(request, lambda config, store: store.recordings.keep_archive(job_id, wanted)):
         raise not_found(f"job {job_id}")
     return web.json_response({"id": job_id, "kept": wanted})
 
 
 async def retry(request: web.Request) -> web.Response:
     job_id = id_of(request)
-    if not await read(request, lambda config, store: store.retry(job_id)):
+    if not await read(request, lambda config, store: store.queue.retry(job_id)):
         raise web.HTTPConflict(text=json.dumps({"error": f"job {job_id} is not failed"}),
                                content_type="application/json")
     return web.json_response({"id": job_id, "status": "pending"})

@@ -1,4 +1,4 @@
-"""The web side's way to the job table: one JobStore for the streaming process's app,
+"""The web side's way to the job table: one Store for the streaming process's app,
 made on first use without reaching the database, with worker threads of its own, so the
 event loop that serves the video never waits on SQL and a database that is slow or away
 never takes the threads the app lends to file reads. While the database is away, a read
@@ -19,7 +19,8 @@ from aiohttp import web
 from vlmguard.config import Config
 from vlmguard.errors import first_line
 from vlmguard.outage import Outage
-from vlmguard.store import JobStore, is_outage
+from vlmguard.store.bundle import Store
+from vlmguard.store.engines import is_outage
 from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
 
 DATABASE_THREADS = 4
@@ -31,12 +32,12 @@ def add_database(app: web.Application) -> None:
 
 
 class Database:
-    """The streaming process's way to the job table: one JobStore, made on first use
+    """The streaming process's way to the job table: one Store, made on first use
     without reaching the database, and threads of its own."""
 
     def __init__(self, config: Config):
         self.config = config
-        self.store: JobStore | None = None
+        self.store: Store | None = None
         # Its threads log as the process does (role, pid): threads start with no context.
         self.executor = ThreadPoolExecutor(
             DATABASE_THREADS, thread_name_prefix="database",
@@ -45,7 +46,7 @@ class Database:
         self.outage = Outage("api")
         self.lock = threading.Lock()
 
-    def run(self, work: Callable[[Config, JobStore], Any],
+    def run(self, work: Callable[[Config, Store], Any],
             fallback: Callable[[Config, BaseException], Any] | None) -> Any:
         """work(config, store) in this thread; while the database is away, fallback(config,
         why) when there is one, else the outage is raised."""
@@ -53,8 +54,8 @@ class Database:
             with self.lock:
                 self.outage.check()
                 if self.store is None:
-                    self.store = JobStore.from_config(self.config, create=False, lazy=True)
-            self.store.ensure_ready()
+                    self.store = Store.from_config(self.config, create=False, lazy=True)
+            self.store.db.ensure_ready()
             result = work(self.config, self.store)
         except Exception as exc:
             if not is_outage(exc):
@@ -75,9 +76,9 @@ class Database:
             self.store.close()
 
 
-async def read(request: web.Request, work: Callable[[Config, JobStore], Any],
+async def read(request: web.Request, work: Callable[[Config, Store], Any],
                fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
-    """Run a database read (or a write) off the event loop, with this process's JobStore;
+    """Run a database read (or a write) off the event loop, with this process's Store;
     while the database is away: fallback's answer, or 503 with Retry-After."""
     try:
         return await with_store(request.app, work, fallback)
@@ -91,7 +92,7 @@ async def read(request: web.Request, work: Callable[[Config, JobStore], Any],
             content_type="application/json", headers={"Retry-After": str(retry)}) from None
 
 
-async def with_store(app: web.Application, work: Callable[[Config, JobStore], Any],
+async def with_store(app: web.Application, work: Callable[[Config, Store], Any],
                      fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
     database: Database = app[DATABASE_KEY]
     return await asyncio.get_running_loop().run_in_executor(

@@ -99,10 +99,11 @@ class EventHub:
             try:
                 if cursor is None:
                     cursor = await with_store(self.app,
-                                              lambda config, store: store.event_cursor())
+                                              lambda config, store: store.incidents.event_cursor())
                     continue
                 changes = await with_store(self.app,
-                                           lambda config, store, at=cursor: store.changes_since(*at))
+                                           lambda config, store, at=cursor:
+                                           store.incidents.changes_since(*at))
             except Exception as exc:  # a database hiccup: the streams wait, they do not end
                 if self.noticed.first(type(exc).__name__):
                     log.warning("event poll failed, retrying", error=str(exc).splitlines()[0][:300])

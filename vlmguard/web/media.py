@@ -33,7 +33,7 @@ from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.store import MAX_ID
+from vlmguard.store.schema import MAX_ID
 from vlmguard.times import EXAMPLE, iso
 from vlmguard.web.database import read
 from vlmguard.web.params import BadParameter, checked_int, config_of, since_param
@@ -66,7 +66,7 @@ def not_found(message: str) -> web.HTTPNotFound:
 
 async def incident_of(request: web.Request) -> dict:
     incident_id = checked_int(request.match_info["id"], "id", 0, MAX_ID)
-    found = await read(request, lambda config, store: store.get_incident(incident_id))
+    found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"no incident {incident_id}")
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from vlmguard.store import STATES
+from vlmguard.store.schema import STATES
 
 
 def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, int]], int, float],
