@@ -15,7 +15,7 @@ from vlmguard.web import create_app
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import IncidentRecord, Outcome
 
-from conftest import write_config
+from helpers import write_config
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 SEVERITY_OF = ["low", "medium", "high", "critical"]

@@ -123,6 +123,7 @@ def test_config_from_environment(filled, monkeypatch):
     assert json.loads(run("status", "--json").output)["jobs"]["completed"] == 1
 
 
+@pytest.mark.e2e
 def test_console_script_installed():
     proc = subprocess.run([sys.executable, "-m", "vlmguard", "--version"], capture_output=True,
                           text=True, timeout=60)

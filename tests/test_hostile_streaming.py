@@ -18,11 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from vlmguard.layout import Layout
+
 import browser
 from clock import clock_graph
-from daemon import Daemon, RunningVlmguard, free_port
-from vlmguard.layout import Layout
-from test_streamer import decoded_frames, ffprobe_duration, start_rtsp_camera, wait_for
+from daemon import Daemon, RunningVlmguard
+from helpers import free_port, wait_for
+from helpers.media import decoded_frames, ffprobe_duration, start_rtsp_camera
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 SECRET = "sekrit-pw"
 TOKEN = "tok-12345"

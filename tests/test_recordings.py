@@ -34,10 +34,11 @@ from vlmguard.recordings import (hold, holds_dir, held_names, index_root, minute
                                  sidecar_dir, sweep_sidecars, write_sidecar)
 from vlmguard.web import create_app
 
-from conftest import write_config
-from daemon import free_port
+from helpers import free_port, write_config
 from footage_maker import (CLOCK_JS, CLOCK_ROWS, GOP_SECONDS, WIDTH, frame_clocks,
                            make_session, read_clock)
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 TOKEN = "tok"
 DAY = datetime(2026, 11, 26, tzinfo=timezone.utc)
