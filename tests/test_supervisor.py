@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmguard.status import daemon_pid
+from vlmguard.livestate import daemon_pid
 from vlmguard.store.bundle import Store
 
 from helpers import wait_for

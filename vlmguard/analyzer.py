@@ -37,10 +37,11 @@ import structlog
 
 from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
-from vlmguard.errors import LeaseLost, VlmguardError
+from vlmguard.errors import LeaseLost, VlmguardError, first_line
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             media_duration, source_args, still_video_command)
+                             last_line, media_duration, source_args,
+                             still_video_command)
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
@@ -53,8 +54,9 @@ from vlmguard.store.outbox import Outbox
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.queue import JobQueue
 from vlmguard.store.records import IncidentRecord, Job, Outcome, Pause, utcnow
-from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
-                          RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
+from vlmguard.vlm import (TOKEN_FIELDS, AccountProblem, AnalysisError, Answer, Clip, Finding,
+                          Frame, RateLimited, VlmClient, build_prompt, check_answer, token_fields,
+                          where_keys_come_from)
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.analyzer")
@@ -249,7 +251,7 @@ class Worker:
     def database_lost(self, job: Job, exc: BaseException) -> None:
         """The database went away mid-job: hand the job back, uncharged, once it returns."""
         log.warning("database unreachable mid-job: handing the job back when it returns",
-                    error=str(exc).splitlines()[0][:300])
+                    error=first_line(exc))
         try:
             self.through_outage(lambda: self.queue.release(job))
         except LeaseLost:
@@ -544,9 +546,8 @@ class Worker:
         if answer.request or answer.cached_tokens is not None:
             result["request"] = dict(answer.request, cached_tokens=answer.cached_tokens)
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
-                       prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                       total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
-                       model_version=answer.model_version, provider=settings.name,
+                       **token_fields(answer), model_version=answer.model_version,
+                       provider=settings.name,
                        model=settings.model,
                        merge_within_s=(None if job.kind == "archive"
                                        else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
@@ -610,8 +611,7 @@ class Worker:
 def no_activity() -> Outcome:
     """The stored result of a static clip: no request, no incident, no token."""
     return Outcome(result={"safety_score": 100, "summary": NO_ACTIVITY, "incidents": []},
-                   safety_score=100, prompt_tokens=0, output_tokens=0, total_tokens=0,
-                   thoughts_tokens=0)
+                   safety_score=100, **dict.fromkeys(TOKEN_FIELDS, 0))
 
 
 def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
@@ -719,7 +719,7 @@ def distinct_frames(binary: str, copy: Path, directory: Path,
     paths = sorted(directory.glob("frame_*.jpg"))
     offsets = frame_offsets(proc.stderr)
     if proc.returncode != 0 or not paths or len(offsets) != len(paths):
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"keyframes could not be extracted: {reason}", retryable=False)
     return tuple(Frame(path, max(offset, 0.0)) for path, offset in zip(paths, offsets))
 
@@ -746,7 +746,7 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
                                                 analysis.height),
                           capture_output=True, text=True, timeout=1800, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
@@ -765,7 +765,7 @@ def mp4_copy(binary: str, source: Path, target: Path) -> Path:
     proc = subprocess.run(mp4_copy_command(binary, source, target),
                           capture_output=True, text=True, timeout=600, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
     return target
 

@@ -32,9 +32,11 @@ from vlmguard.alerts.media import existing_snapshot
 from vlmguard.alerts.plan import with_links
 from vlmguard.clips import save_snapshot
 from vlmguard.config import Config
+from vlmguard.errors import first_line
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.health import Beat, write_state
 from vlmguard.layout import Layout
+from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
@@ -42,6 +44,7 @@ from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
 from vlmguard.store.outbox import Outbox
 from vlmguard.store.records import Delivery
+from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.notifier")
 
@@ -261,7 +264,7 @@ class Notifier:
             # The claim's lease sends it again once the database is back (same key).
             log.warning("delivery result not recorded: the database is away",
                         delivery=delivery.id, outcome=answer.outcome,
-                        error=str(exc).splitlines()[0][:300])
+                        error=first_line(exc))
 
     def record_answer(self, delivery: Delivery, answer: registry.Answer) -> None:
         fields = dict(delivery=delivery.id, destination=delivery.destination,
@@ -298,8 +301,6 @@ class Notifier:
                 self.outbox.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
-        from vlmguard.status import live_cameras
-
         self.notice_roles()
         state = {"sent": self.sent, "in_flight": len(self.in_flight),
                  "database": self.outage.describe()}
@@ -309,7 +310,7 @@ class Notifier:
         # Destinations that publish camera states (set_camera_states) get them.
         listeners = [d for d in self.destinations.values() if hasattr(d, "set_camera_states")]
         if listeners:
-            online = {c["id"]: bool(c["online"]) for c in live_cameras(self.config)}
+            online = cameras_online(self.config)
             for destination in listeners:
                 destination.set_camera_states(online)
 
@@ -330,8 +331,6 @@ class Notifier:
 def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
                  since: float | None = None) -> tuple[dict[str, Any], str]:
     """The system message about one role, and the key that makes it one per event."""
-    from vlmguard.status import exit_text, iso_epoch
-
     host = socket.gethostname()
     since = child.get("backed_off_since") if backed_off else since
     if backed_off:

@@ -22,6 +22,7 @@ from aiohttp import web
 from vlmguard.config import Config, ServerConfig
 from vlmguard.web.api import add_api_routes
 from vlmguard.web.console import add_console_routes
+from vlmguard.web.database import add_database
 from vlmguard.web.events import add_event_routes
 from vlmguard.web.hls import add_hls_routes
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY
@@ -103,6 +104,7 @@ def create_app(config: Config) -> web.Application:
     app[ACCESS_KEY] = Access.of(config.server)
     app.on_response_prepare.append(add_cors_headers)
     app[GUARD_KEY] = []
+    add_database(app)
     add_session_routes(app)
     add_console_routes(app)
     add_hls_routes(app)

@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from vlmguard.logs import Noticed, get_logger
-from vlmguard.status import incident_row, iso, live_cameras
-from vlmguard.web.api import with_store
+from vlmguard.status import incident_row, live_cameras
+from vlmguard.times import iso
+from vlmguard.web.database import with_store
 from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY, HUB_KEY
 
 log = get_logger("vlmguard.web.events")

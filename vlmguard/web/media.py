@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -35,10 +35,13 @@ from vlmguard.clips import (MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, mid
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
-                              since_param)
+from vlmguard.store.schema import MAX_ID
+from vlmguard.times import EXAMPLE, iso
+from vlmguard.web.database import read
+from vlmguard.web.params import BadParameter, checked_int, config_of, since_param
 from vlmguard.web.keys import CLIP_SLOTS_KEY
 from vlmguard.web.proxy import from_home, home_of
+from vlmguard.web.scratch import ram_dir, room_for
 
 log = get_logger("vlmguard.web.media")
 
@@ -50,8 +53,6 @@ STALL_SECONDS = 10.0
 CHUNK_BYTES = 256 * 1024
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 INCIDENT_MARGIN = timedelta(seconds=5)
-RAM_DIR = Path("/dev/shm")
-MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
 ANALYZER_ID = re.compile(r"(.+)-analyzer-[0-9]+")  # analyzer.worker_name: host-analyzer-N
 
@@ -75,7 +76,7 @@ def not_found(message: str) -> web.HTTPNotFound:
 
 
 async def incident_of(request: web.Request) -> dict:
-    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_ID)
     found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"no incident {incident_id}")
@@ -128,7 +129,7 @@ async def clip(request: web.Request) -> web.StreamResponse:
 def start_param(request: web.Request) -> datetime:
     when = since_param(request, "start")
     if when is None:
-        raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
+        raise BadParameter("start", f"required: an ISO 8601 time, e.g. {EXAMPLE}")
     return when
 
 
@@ -251,33 +252,3 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
             "X-Clip-Start": iso(plan.start)}
 
 
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def room_for(size: int) -> bool:
-    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
-    machine keep MEMORY_RESERVE available besides."""
-    try:
-        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
-    except OSError:
-        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
-    available = memory_available()
-    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
-
-
-def memory_available() -> int | None:
-    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def ram_dir() -> str | None:
-    """Clips are copies: kept in RAM, they cost the flash nothing."""
-    return str(RAM_DIR) if RAM_DIR.is_dir() else None

@@ -132,3 +132,15 @@ def escape(value: str) -> str:
 
 def format_value(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) and not float(value).is_integer() else str(int(value))
+
+
+def signin_metrics(limiter: Any) -> str:
+    """The sign-in counters (web.session.SignInLimiter's) in the Prometheus text format."""
+    return ("# HELP vlmguard_signin_failures_total Wrong tokens checked (sign-in form, Bearer "
+            "header or ?token=) since the streaming process started.\n"
+            "# TYPE vlmguard_signin_failures_total counter\n"
+            f"vlmguard_signin_failures_total {limiter.failed_total}\n"
+            "# HELP vlmguard_signin_refused_total Requests with a token refused unchecked "
+            "(429) because their address had to wait after wrong tokens.\n"
+            "# TYPE vlmguard_signin_refused_total counter\n"
+            f"vlmguard_signin_refused_total {limiter.refused_total}\n")
