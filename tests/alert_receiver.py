@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 
 WEB = Path(__file__).parent / "web"
 HLS_JS = WEB / "node_modules" / "hls.js" / "dist" / "hls.min.js"

@@ -1,23 +1,52 @@
-"""Shared fixtures: every queue test runs on a SQLite file and on a PostgreSQL schema."""
+"""Shared fixtures: every queue test runs on a SQLite file and on a PostgreSQL schema.
+
+Tiers: a test is end to end (marker `e2e`) when its module, class or function is marked
+so; every other test is in the fast tier (marker `fast`, added here): it runs in this
+process and starts no process, which the `fast_tier_starts_no_process` guard checks."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import textwrap
+import subprocess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
 import sqlalchemy
+from sqlalchemy.engine import make_url
 
 from vlmguard.store.bundle import Store
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from helpers import PG_URL, write_config
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.fast)
+        params = getattr(item, "callspec", None)
+        if "pg_url" in item.fixturenames or (params and "postgres" in params.params.values()):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_process(request, monkeypatch):
+    """A fast test that starts a process (FFmpeg, a daemon, a browser) belongs to the e2e
+    tier: say so at once rather than let the fast tier grow slow."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process but is in the fast tier: "
+                             "mark it @pytest.mark.e2e (or its module: pytestmark = pytest.mark.e2e)")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(BaseProcess, "start", refuse)
 
 
 def postgres_available() -> bool:
     try:
-        engine = sqlalchemy.create_engine(PG_ADMIN_URL)
+        engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 5})
         with engine.connect():
             pass
         engine.dispose()
@@ -57,12 +86,17 @@ def pg_up() -> bool:
 def pg_url(pg_up):
     """A PostgreSQL URL whose search_path is a schema made for this test alone."""
     if not pg_up:
-        pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts it)")
+        reason = (f"PostgreSQL is not reachable at {make_url(PG_URL)} (tests/run.sh starts one; "
+                  "VLMGUARD_TEST_PG_URL names another)")
+        if os.environ.get("VLMGUARD_TEST_PG_REQUIRED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
     schema = "t_" + secrets.token_hex(6)
-    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     admin.dispose()
@@ -79,12 +113,6 @@ def db_url(request, tmp_path):
 def store(db_url):
     with Store(db_url, lease_seconds=30, retry_backoff=10) as s:
         yield s
-
-
-def write_config(directory: Path, body: str) -> Path:
-    path = directory / "config.toml"
-    path.write_text(textwrap.dedent(body))
-    return path
 
 
 @pytest.fixture
@@ -105,7 +133,7 @@ def config_file(tmp_path):
 @pytest.fixture
 def gemini():
     """The project's Gemini-protocol server on 127.0.0.1, for the real google-genai SDK."""
-    from gemini_server import FakeGemini  # it imports this module's helpers
+    from gemini_server import FakeGemini  # imported when used: aiohttp, google-genai
 
     with FakeGemini() as server:
         yield server
@@ -114,7 +142,7 @@ def gemini():
 @pytest.fixture
 def vlmguard(tmp_path, gemini):
     """Start `vlmguard run` processes against the test Gemini; killed at the end."""
-    from daemon import RunningVlmguard  # it imports this module's helpers
+    from daemon import RunningVlmguard
 
     started = []
 

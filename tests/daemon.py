@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,15 +12,9 @@ from vlmguard import archiver, streamer
 from vlmguard.config import load_config
 from vlmguard.health import run_dir
 
-from conftest import write_config
+from helpers import free_port, write_config
 
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daemon:

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 from openai_server import drip
 
 VALID_KEY = "test-key-123"
@@ -248,7 +248,9 @@ class FakeGemini:
         app.router.add_get("/v1beta/files/{id}", self.get_file)
         app.router.add_delete("/v1beta/files/{id}", self.delete_file)
         app.router.add_post("/v1beta/models/{call}", self.models_call)
-        self.runner = web.AppRunner(app, access_log=None)
+        # A handler sleeping on purpose (delays, hangs, drips) is cancelled after 1 s at
+        # the end of a test, instead of holding the test's teardown.
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
         self.ready.set()

@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import free_port
+from helpers import free_port
 from vlmguard.vlm.images import jpeg_size
 
 MODELS = {"qwen2.5vl:7b", "gpt-4.1-mini", "gpt-5-mini"}
@@ -194,7 +194,9 @@ class FakeOpenAI:
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
-        self.runner = web.AppRunner(app, access_log=None)
+        # A handler sleeping on purpose (delays, hangs, drips) is cancelled after 1 s at
+        # the end of a test, instead of holding the test's teardown.
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
         self.ready.set()

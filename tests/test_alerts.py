@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
@@ -21,21 +21,12 @@ from vlmguard.cli import main as cli_main
 from vlmguard.config import load_config
 from vlmguard.errors import ConfigError
 from vlmguard.store.bundle import Store
-from vlmguard.store.records import IncidentRecord, Outcome
+from vlmguard.store.records import Outcome
 
 from alert_receiver import Receiver
-from conftest import write_config
-from test_hostile_config import ANY_VALUE, assert_loads_or_one_line, toml_literal
-
-T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
-CAMERAS = """
-[[cameras]]
-id = "dock-2"
-url = "lavfi:testsrc2"
-[[cameras]]
-id = "gate"
-url = "lavfi:testsrc2"
-"""
+from helpers import free_port, write_config
+from helpers.alerts import CAMERAS, T0, incident, store_window
+from helpers.config_fuzz import ANY_VALUE, assert_loads_or_one_line, toml_literal
 
 
 def alert_config(tmp_path, rules: str = "", mqtt: str = 'host = "127.0.0.1"', extra: str = ""):
@@ -72,23 +63,6 @@ webhooks = ["http://127.0.0.1:9/fire"]
 """
 
 
-def incident(offset: float, category: str = "fall", severity: str = "high") -> IncidentRecord:
-    return IncidentRecord(T0 + timedelta(seconds=offset), T0 + timedelta(seconds=offset + 2),
-                          category, severity, f"{category} at {offset}", 0.9)
-
-
-def store_window(store: Store, camera: str, start: datetime,
-                 incidents: list[IncidentRecord], score: int = 40) -> int:
-    """An analysed window with its incidents, through the public API as an analyzer does."""
-    job_id = store.queue.register(camera, f"/a/{camera}/{start:%H%M%S}.mp4", start,
-                                  start + timedelta(minutes=10))
-    job = store.queue.claim("w")
-    assert job.id == job_id
-    store.queue.complete(job, Outcome(result={"summary": "a window", "safety_score": score},
-                                      safety_score=score, incidents=incidents))
-    return job_id
-
-
 @pytest.fixture
 def outbox(db_url, tmp_path):
     config = alert_config(tmp_path, RULES)
@@ -115,7 +89,7 @@ def test_deliveries_are_written_with_the_incidents(outbox):
     [stored] = [i for i in outbox.incidents.list_incidents(job_id) if i["category"] == "fall"]
     assert payload == {
         "type": "incident", "id": stored["id"], "camera_id": "dock-2",
-        "start": "2026-11-26T08:00:03Z", "end": "2026-11-26T08:00:05Z", "category": "fall",
+        "start": "2026-11-26T08:00:03.000Z", "end": "2026-11-26T08:00:05.000Z", "category": "fall",
         "severity": "high", "event_type": "high", "description": "fall at 3",
         "confidence": 0.9, "safety_score": 40, "summary": "a window", "job_id": job_id,
         "snapshot_url": f"https://guard.example.com/api/incidents/{stored['id']}/snapshot.jpg",
@@ -123,7 +97,7 @@ def test_deliveries_are_written_with_the_incidents(outbox):
     assert title(payload) == "HIGH fall on dock-2 at 08:00:03"
     score = by_kind[("safety_score", "mqtt")][0]["payload"]
     assert (score["safety_score"], score["camera_id"], score["window_start"]) == \
-        (40, "dock-2", "2026-11-26T08:00:00Z")
+        (40, "dock-2", "2026-11-26T08:00:00.000Z")
 
 
 def test_a_failed_commit_writes_neither_incidents_nor_deliveries(outbox):
@@ -295,7 +269,6 @@ webhook_secret = "{secret}"
 
 
 def test_webhook_without_a_listener_is_retried(tmp_path):
-    from daemon import free_port
 
     config = alert_config(tmp_path, f"""
 [[alerts.rules]]
@@ -338,7 +311,6 @@ urls = ["json://127.0.0.1:{receiver.port}/apprise"]
 
 
 def test_apprise_missing_snapshot_attaches_nothing_and_failure_is_retried(tmp_path):
-    from daemon import free_port
 
     config = alert_config(tmp_path, f"""
 [[alerts.rules]]

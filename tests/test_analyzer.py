@@ -21,8 +21,10 @@ from vlmguard.layout import Layout
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import utcnow
 
-from conftest import write_config
+from helpers import wait_for, write_config
 from gemini_server import VALID_KEY
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 SPAWN = multiprocessing.get_context("spawn")
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
@@ -457,7 +459,7 @@ def test_per_minute_429_makes_everyone_wait_without_charging(setup, gemini, arch
 
 
 def test_connection_refused_is_retried(setup, gemini, archive):
-    from daemon import free_port
+    from helpers import free_port
     config, store = setup(gemini={"base_url": f'"http://127.0.0.1:{free_port()}"'})
     register(store, archive)
     job = attempt(config, store)
@@ -552,13 +554,6 @@ def run_and_close(worker):
         worker.run()
     finally:
         worker.db.close()  # in its own thread: the SQLite watcher is bound to it
-
-
-def wait_for(condition, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
 
 
 def test_pool_pauses_on_daily_quota_and_resumes_when_a_probe_succeeds(setup, gemini, archive):

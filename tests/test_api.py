@@ -15,7 +15,7 @@ from vlmguard.web import create_app
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import IncidentRecord, Outcome
 
-from conftest import write_config
+from helpers import write_config
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 SEVERITY_OF = ["low", "medium", "high", "critical"]
@@ -203,7 +203,7 @@ def test_a_window_job_names_its_archive_and_offset(config):
                                       sources=sources)
     status, body = as_json(config, f"/api/jobs/{job_id}")
     assert status == 200 and (body["kind"], body["sources"]) == ("window", sources)
-    assert body["clip_start"] == (start + timedelta(seconds=0.25)).isoformat(timespec="milliseconds")
+    assert body["clip_start"] == f"{start:%Y-%m-%dT%H:%M:%S}.250Z"
 
 
 def test_a_page_of_huge_descriptions_is_bounded_in_bytes_and_says_where_to_go_on(config,

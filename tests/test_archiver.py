@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 
 from vlmguard.archiver import Archiver
 from vlmguard.config import load_config
@@ -16,7 +17,7 @@ from vlmguard.layout import ARCHIVE_TIME, Layout
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import Outcome, utcnow
 
-from conftest import write_config
+from helpers import write_config
 
 MB = 1_000_000
 
@@ -48,6 +49,7 @@ def real_ts(path: Path, seconds: int = 2) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_catch_up_finalizes_and_registers_everything_left(tmp_path):
     """window_seconds = 0: one job per archive. Archives stay MPEG-TS, as FFmpeg wrote
     them (they were remuxed to MP4 before: a second full write of every byte); an MP4
@@ -219,6 +221,7 @@ def test_ram_over_its_bound_drops_the_oldest_waiting_windows(tmp_path):
     store.close()
 
 
+@pytest.mark.e2e
 def test_footage_no_job_covers_is_caught_up_archive_by_archive(tmp_path):
     """Fifteen minutes recorded while analysis was down (archives fabricated on disk):
     archive-sized catch-up jobs, oldest first, after live windows; a part that windows
@@ -269,6 +272,7 @@ def test_footage_after_its_window_was_closed_becomes_a_window_of_its_own(tmp_pat
     store.close()
 
 
+@pytest.mark.e2e
 def test_at_start_windows_left_by_a_crash_are_registered_or_go_on_collecting(tmp_path):
     archiver, store, layout = make_archiver(tmp_path, analysis="window_seconds = 10")
     now = datetime.fromtimestamp(time.time() // 10 * 10, timezone.utc)

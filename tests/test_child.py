@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from vlmguard.child import ChildState, every, on_stop
 from vlmguard.health import read_states, run_dir
 
@@ -50,6 +52,7 @@ def test_state_file_is_written_on_change_only(tmp_path):
     assert read_states(tmp_path)["archiver"]["unexpected_errors"] == 0
 
 
+@pytest.mark.e2e  # a process of its own
 def test_an_unexpected_error_is_counted_and_its_traceback_logged_once(tmp_path):
     script = f"""
 from pathlib import Path
@@ -75,6 +78,7 @@ for n in range(3):
     assert read_states(tmp_path)["archiver"]["unexpected_errors"] == 3
 
 
+@pytest.mark.e2e  # a process of its own
 def test_on_stop_outside_a_loop_may_interrupt_the_work(tmp_path):
     script = """
 import os, signal, time
@@ -98,6 +102,7 @@ except Stopping:
     assert proc.stdout.strip() == "stopped", proc.stderr
 
 
+@pytest.mark.e2e  # a process of its own
 def test_on_stop_in_an_asyncio_loop_sets_its_event():
     script = """
 import asyncio, os, signal
@@ -148,6 +153,7 @@ def metric(daemon, name: str, child: str) -> float | None:
     return None
 
 
+@pytest.mark.e2e  # a process of its own
 def test_bugs_are_counted_and_a_hung_childs_stack_is_logged_before_the_kill(tmp_path):
     from daemon import RunningVlmguard
 

@@ -1,6 +1,6 @@
 """clips.py: finding footage, cutting it with FFmpeg without re-encoding, and the
-snapshots staged around an incident's commit. The footage fixtures live in test_media.py
-(the routes that serve what this module makes)."""
+snapshots staged around an incident's commit. The footage fixtures live in helpers/media.py
+(shared with test_media.py: the routes that serve what this module makes)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from vlmguard.layout import Layout
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import IncidentRecord, Outcome
 
-from test_media import T0, config, duration_of, footage, second_at  # noqa: F401 (fixtures)
+from helpers.media import T0, config, duration_of, footage, second_at  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 
 @pytest.mark.parametrize("minute,kind", [(0, "mp4"), (1, "ts"), (2, "mp4")],

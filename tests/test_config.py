@@ -13,8 +13,7 @@ from vlmguard.cli import main
 from vlmguard.config import load_config, masked
 from vlmguard.errors import ConfigError
 
-from conftest import write_config
-from daemon import free_port
+from helpers import free_port, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 CAMERA = '[[cameras]]\nid = "a"\nurl = "lavfi:testsrc2"\n'
@@ -161,6 +160,7 @@ def test_missing_config_file(tmp_path):
     assert result.stderr.strip() == f"vlmguard: {tmp_path / 'nope.toml'}: file not found"
 
 
+@pytest.mark.e2e
 def test_real_process_prints_no_traceback(tmp_path):
     path = write_config(tmp_path, '[[cameras]]\nid = "a"\n')
     proc = subprocess.run([sys.executable, "-m", "vlmguard", "check-config", "--config", str(path)],

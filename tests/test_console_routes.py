@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def route_config(tmp_path):
-    from conftest import write_config
+    from helpers import write_config
     from vlmguard.config import load_config
     from vlmguard.store.bundle import Store
     from vlmguard.store.records import IncidentRecord, Outcome

@@ -8,13 +8,11 @@ import socket
 import time
 from datetime import datetime, timedelta, timezone
 
-from vlmguard.config import load_config
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import IncidentRecord, Outcome
 
-from conftest import write_config
-from daemon import free_port
-from test_hostile_http import serving
+from helpers import make_config as base_config
+from helpers.http import serving
 
 TOKEN = "ev-token"
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
@@ -23,20 +21,8 @@ REQUEST = (f"GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN
 
 
 def make_config(tmp_path, server=""):
-    config = load_config(write_config(tmp_path, f"""
-        [server]
-        port = {free_port()}
-        token = "{TOKEN}"
-        idle_timeout_seconds = 1
-        {server}
-        [storage]
-        data_dir = "{tmp_path / 'data'}"
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-    """))
-    Store.from_config(config).close()
-    return config
+    return base_config(tmp_path, token=TOKEN, serve=True, with_store=True,
+                       server="idle_timeout_seconds = 1\n" + server)
 
 
 def store_incident(config, n: int = 0) -> int:

@@ -15,6 +15,8 @@ from vlmguard.footage import (PACKET, FootageError, KeyframeIndex, extent, keyfr
 
 from footage_maker import frame_clocks, make_session
 
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 START = datetime(2026, 11, 26, 7, 59, 0, tzinfo=timezone.utc)
 
 

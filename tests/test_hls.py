@@ -16,7 +16,8 @@ from vlmguard.web import create_app
 from vlmguard.layout import Layout
 from vlmguard.livelist import carry_over, read_history, write_history
 
-from conftest import write_config
+from helpers import make_config as base_config
+from helpers import write_config
 
 PLAYLIST = """#EXTM3U
 #EXT-X-VERSION:6
@@ -33,19 +34,7 @@ seg-101.ts
 
 
 def make_config(tmp_path, token=""):
-    return load_config(write_config(tmp_path, f"""
-        [server]
-        token = "{token}"
-        [storage]
-        data_dir = "{tmp_path / 'data'}"
-        segment_seconds = 2
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-        [[cameras]]
-        id = "cam2"
-        url = "lavfi:testsrc2"
-    """))
+    return base_config(tmp_path, token=token, storage="segment_seconds = 2", cameras=("cam1", "cam2"))
 
 
 def fill_live(config, camera="cam1", age=0.0):

@@ -41,8 +41,9 @@ from vlmguard.web import create_app
 from vlmguard.web import session as session_module
 from vlmguard.web.session import COOKIE, SignInLimiter, backoff
 
-from conftest import write_config
-from daemon import RunningVlmguard, free_port
+from daemon import RunningVlmguard
+from helpers import free_port, write_config
+from helpers import make_config as base_config
 
 TOKEN = "hostile-clients-token-0123"
 NOISY_CAMERA = ('[[cameras]]\nid = "cam1"\n'
@@ -150,16 +151,7 @@ def test_ipv6_neighbours_count_as_one_address():
 # -- sign-in: through the app ---------------------------------------------------------------
 
 def make_config(tmp_path, token=TOKEN, server="", data_dir=None):
-    return load_config(write_config(tmp_path, f"""
-        [server]
-        token = "{token}"
-        {server}
-        [storage]
-        data_dir = "{data_dir or tmp_path / 'data'}"
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-    """))
+    return base_config(tmp_path, token=token, server=server, data_dir=data_dir)
 
 
 def test_wrong_tokens_by_any_route_lead_to_429_even_for_the_right_one(tmp_path):
@@ -247,6 +239,7 @@ def test_garbage_session_list_signs_everyone_out_without_failing(tmp_path):
 
 # -- tokens, and configs that lock players out ----------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("token", ["", "short", "x" * 15])
 def test_network_server_refuses_a_short_token_in_check_config_and_run(tmp_path, token):
     path = write_config(tmp_path, config_text(tmp_path, f'host = "0.0.0.0"\ntoken = "{token}"'))
@@ -362,6 +355,7 @@ def run_briefly(path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, env=env)
 
 
+@pytest.mark.e2e
 def test_ram_folder_made_first_by_another_user_is_refused(ram_config):
     path, folder = ram_config
     folder.mkdir(mode=0o777)
@@ -408,6 +402,7 @@ def test_ram_folder_is_made_private_and_an_old_one_of_ours_closed(ram_config):
 
 # -- the database password ---------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_database_password_in_the_url_is_masked_in_run_status_and_jobs(tmp_path):
     secret = "Hunter2-in-the-url"
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?password={secret}"
@@ -657,6 +652,7 @@ def stalled_reader(port: int, path: str) -> socket.socket:
     return sock
 
 
+@pytest.mark.e2e
 def test_clip_readers_that_stop_reading_free_their_slots(hostile):
     time.sleep(max(0.0, 25 - (datetime.now(timezone.utc) - hostile.started).total_seconds()))
     start = hostile.started.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -720,6 +716,7 @@ def guess_tokens(port: int, source: str, seconds: float, connections: int = 4) -
     return results
 
 
+@pytest.mark.e2e
 def test_token_brute_force_is_slowed_and_players_play_on(hostile):
     attacker = "127.0.0.3"
     with hostile.recording_throughout():
@@ -739,6 +736,7 @@ def test_token_brute_force_is_slowed_and_players_play_on(hostile):
     assert len(logged) == checked and {e["client"] for e in logged} == {attacker}
 
 
+@pytest.mark.e2e
 def test_huge_webhook_answers_cost_the_notifier_nothing(hostile):
     receiver = hostile.receiver
     with hostile.recording_throughout():
@@ -754,6 +752,7 @@ def test_huge_webhook_answers_cost_the_notifier_nothing(hostile):
     assert deliveries, "the notifier logged no delivery"
 
 
+@pytest.mark.e2e
 def test_daemon_files_are_private_outside_systemd(hostile):
     data_dir = hostile.running.data_dir
     ram = Layout(data_dir).ram

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -28,19 +27,15 @@ from hypothesis import strategies as st
 
 from vlmguard.archiver import Archiver
 from vlmguard.cli import main
-from vlmguard.config import (FFMPEG_PATH_CHARS, SECTIONS, CameraConfig, StorageConfig,
-                             load_config, masked)
-from vlmguard.errors import ConfigError
+from vlmguard.config import SECTIONS, CameraConfig, StorageConfig, load_config, masked
 from vlmguard.ffmpeg import camera_command, ffmpeg_binary
 from vlmguard.store.bundle import Store
 
-from conftest import write_config
-from test_streamer import wait_for
-from test_supervisor import alive, descendants
+from helpers import free_port, wait_for, write_config
+from helpers.config_fuzz import ANY_VALUE, NUMERIC, assert_loads_or_one_line, toml_literal
+from helpers.processes import alive, descendants
 
 CAMERA = '[[cameras]]\nid = "a"\nurl = "lavfi:testsrc2"\n'
-NUMERIC = [(section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-           if f.type in ("int", "float")]
 FLOATS = [(section, f) for section, f in NUMERIC if f.type == "float"]
 
 
@@ -59,12 +54,6 @@ def one_line_error(result, code: int = 2) -> str:
 def vlmguard_process(*args, prefix=(), timeout=60):
     return subprocess.run([*prefix, sys.executable, "-m", "vlmguard", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- item 4: non-finite numbers ----------------------------------------------------------
@@ -141,6 +130,7 @@ def test_out_of_range_job_id_is_no_job(filled, command, job_id):
     assert one_line_error(result, 1) == f"vlmguard: no job {int(job_id)}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("body", [
     "a = " + "[" * 5000 + "]" * 5000,
     "a = " + "{b = " * 5000 + "1" + "}" * 5000,
@@ -166,6 +156,7 @@ def foreign_database(config_file: Path) -> None:
     conn.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage,message", [(garbage_database, "file is not a database"),
                                             (foreign_database, "is not a vlmguard database")])
 def test_unusable_database_is_one_line_exit_2(config_file, damage, message):
@@ -192,6 +183,7 @@ def shared_tmp():
     shutil.rmtree(path)
 
 
+@pytest.mark.e2e
 def test_read_only_data_dir_is_one_line_exit_2(shared_tmp):
     data = shared_tmp / "data"
     path = write_config(shared_tmp, f'[storage]\ndata_dir = "{data}"\n' + CAMERA)
@@ -263,6 +255,7 @@ def run_camera_ffmpeg(data_dir: Path, seconds: float) -> tuple[Path, Path]:
     return live, partial
 
 
+@pytest.mark.e2e
 def test_odd_but_accepted_data_dir_records_with_real_ffmpeg(tmp_path):
     data_dir = tmp_path / 'cams dir=é,;#&($"!~'
     path = write_config(tmp_path, f"[storage]\ndata_dir = {json.dumps(str(data_dir))}\n" + CAMERA)
@@ -270,6 +263,7 @@ def test_odd_but_accepted_data_dir_records_with_real_ffmpeg(tmp_path):
     assert recording(*run_camera_ffmpeg(data_dir, 60))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("char", ["|", ":"])
 def test_refused_characters_really_break_ffmpeg(tmp_path, char):
     """Why they are refused: the same command under such a folder records nothing there."""
@@ -342,30 +336,6 @@ def test_fuzz_secrets_never_reach_check_config_output(tmp_path, user, password, 
 
 # -- the corpus: fuzzed values for every key, odd files ----------------------------------------
 
-def toml_literal(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") \
-            if math.isinf(value) else repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_literal(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-SCALARS = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.floats(), st.booleans(),
-                    st.text(max_size=40), st.datetimes(timezones=st.just(timezone.utc)))
-ANY_VALUE = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=8)
-
-
 def typed_value(spec) -> st.SearchStrategy:
     meta = spec.metadata
     if spec.type == "int":
@@ -386,20 +356,6 @@ def documents(draw):
     chosen = draw(st.lists(st.sampled_from(FIELDS), min_size=1, max_size=5,
                            unique_by=lambda sf: (sf[0], sf[1].name)))
     return {(section, spec.name): draw(typed_value(spec) | ANY_VALUE) for section, spec in chosen}
-
-
-def assert_loads_or_one_line(path: Path) -> None:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        message = str(exc)
-        assert message.startswith(f"{path}: ") and "\n" not in message and "\r" not in message
-        return
-    json.dumps(masked(config))  # what check-config prints
-    assert not set(str(config.data_dir)) & set(FFMPEG_PATH_CHARS) and str(config.data_dir).isprintable()
-    for section, spec in NUMERIC:
-        value = getattr(getattr(config, section), spec.name)
-        assert math.isfinite(value) and spec.metadata["lo"] <= value <= spec.metadata["hi"]
 
 
 @settings(database=None, max_examples=200, deadline=None,
@@ -448,6 +404,7 @@ def test_odd_config_file_names(tmp_path, name):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("setup,message", [
     (lambda p: p.mkdir(), "cannot read"),
     (lambda p: p.write_bytes(b"\xff\xfe[server]\n"), "cannot read"),
@@ -464,6 +421,7 @@ def test_unreadable_config_files_are_one_line(tmp_path, setup, message):
 
 # -- item 15: the analysis processes' I/O priority really drops ------------------------------
 
+@pytest.mark.e2e
 def test_lower_priority_sets_best_effort_7():
     script = ("import os, subprocess; from vlmguard.analyzer import lower_priority; "
               "lower_priority(); print(subprocess.run(['ionice', '-p', str(os.getpid())], "
@@ -474,6 +432,7 @@ def test_lower_priority_sets_best_effort_7():
 
 # -- items 11, 12, 14: the running daemon ----------------------------------------------------
 
+@pytest.mark.e2e
 def test_children_die_with_the_supervisor_even_when_a_sibling_is_stopped(vlmguard):
     daemon = vlmguard(workers=1)
     daemon.wait_live()
@@ -491,6 +450,7 @@ def test_children_die_with_the_supervisor_even_when_a_sibling_is_stopped(vlmguar
         assert stopped in events
 
 
+@pytest.mark.e2e
 def test_reload_that_cannot_start_keeps_the_running_config(vlmguard):
     daemon = vlmguard(workers=0)
     daemon.wait_live()

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from vlmguard.health import run_dir
+from vlmguard.layout import Layout
+
 import browser
 from clock import clock_graph
-from daemon import Daemon, RunningVlmguard, free_port
-from vlmguard.layout import Layout
-from test_streamer import decoded_frames, ffprobe_duration, start_rtsp_camera, wait_for
+from daemon import Daemon, RunningVlmguard
+from helpers import free_port, wait_for
+from helpers.media import decoded_frames, ffprobe_duration, start_rtsp_camera
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 SECRET = "sekrit-pw"
 TOKEN = "tok-12345"
@@ -318,7 +323,7 @@ def test_a_stopped_streaming_process_costs_live_video_never_the_archive(tmp_path
 
         wait_for(hole_scrolled_off, 20, "the hole to leave the live playlist")
         assert decoded_frames(daemon.url, seconds=4) >= 90
-        state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+        state = json.loads((run_dir(daemon.data_dir) / "streamer.json").read_text())
         assert "gaps in live video: 1 " in state["cameras"]["cam1"]["live"], state
         assert daemon.ffmpeg_pids() == [ffmpeg]  # not restarted as "stalled"
         time.sleep(2)

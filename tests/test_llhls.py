@@ -16,7 +16,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from vlmguard.analyzer import mp4_copy
 from vlmguard.clips import media_times
-from vlmguard.config import load_config
 from vlmguard.ffmpeg import LIVE_MOVFLAGS, analysis_copy_command, media_duration, video_args
 from vlmguard.fmp4 import children, fragment_timing, init_size, parse_init
 from vlmguard.layout import Layout
@@ -26,8 +25,10 @@ from vlmguard.web import create_app
 from vlmguard.web.keys import LIVE_KEY
 from vlmguard.windows import WindowCutter
 
-from conftest import write_config
 from hls_rules import Violation, check_playlist, check_successor, parse
+from helpers import make_config as base_config
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 RATE = 25
 
@@ -346,17 +347,8 @@ seg-7.m4s
 # -- serving -------------------------------------------------------------------------------
 
 def make_config(tmp_path, token="", live_segments=6):
-    return load_config(write_config(tmp_path, f"""
-        [server]
-        token = "{token}"
-        [storage]
-        data_dir = "{tmp_path / 'data'}"
-        segment_seconds = 1
-        live_segments = {live_segments}
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-    """))
+    return base_config(tmp_path, token=token,
+                       storage=f"segment_seconds = 1\nlive_segments = {live_segments}")
 
 
 class Served:

@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 SCRIPT = """
 import logging
 from vlmguard.logs import configure_logging, get_logger

@@ -2,8 +2,8 @@
 test client; snapshots made by a real analyzer (against the test Gemini) and deleted by
 the archiver's retention.
 
-The fabricated archives show a flat grey whose brightness grows 20 levels a second from
-the file's start, so a decoded frame says which second of which file it is.
+The fabricated archives (helpers/media.py) show a flat grey whose brightness grows 20
+levels a second from the file's start, so a decoded frame says which second of which file it is.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -30,55 +28,13 @@ from vlmguard.store.bundle import Store
 from vlmguard.store.records import IncidentRecord, Outcome
 from vlmguard.web import create_app
 
-from conftest import write_config
+from helpers import write_config
+from helpers.media import (LEVELS_PER_SECOND, T0, config, duration_of, footage,  # noqa: F401 (fixtures)
+                           make_archive, second_at)
 
-T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 OLD = datetime(2020, 1, 1, 8, 0, tzinfo=timezone.utc)
-LEVELS_PER_SECOND = 20 * 255 / 219  # the ramp's grey levels a second, decoded full range
-
-
-def make_archive(path: Path, seconds: int = 10) -> None:
-    """An H.264 archive with a keyframe every 2 s (like a camera's), grey ramp inside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "nullsrc=s=64x48:r=10,geq=lum='16+20*T':cb=128:cr=128", "-t", str(seconds),
-                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "20", "-pix_fmt", "yuv420p",
-                    str(path)], check=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def footage(tmp_path_factory) -> Path:
-    """cam1: two 10-s MP4 archives back to back from T0, a gap, then two MPEG-TS ones
-    from T0+60 s and two fragmented MP4 ones (which start at 0.2 s) from T0+120 s; cam2:
-    nothing."""
-    data = tmp_path_factory.mktemp("media") / "data"
-    archives = Layout(data).archives("cam1")
-    make_archive(archives / "20261126T080000Z.mp4")
-    shutil.copy(archives / "20261126T080000Z.mp4", archives / "20261126T080010Z.mp4")
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(archives / "20261126T080000Z.mp4"),
-                    "-c", "copy", str(archives / "20261126T080100Z.ts")], check=True, timeout=60)
-    shutil.copy(archives / "20261126T080100Z.ts", archives / "20261126T080110Z.ts")
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(archives / "20261126T080000Z.mp4"),
-                    "-c", "copy", "-movflags", "frag_keyframe+empty_moov+default_base_moof",
-                    str(archives / "20261126T080200Z.mp4")], check=True, timeout=60)
-    shutil.copy(archives / "20261126T080200Z.mp4", archives / "20261126T080210Z.mp4")
-    return data
-
-
-@pytest.fixture
-def config(tmp_path, footage):
-    return load_config(write_config(tmp_path, f"""
-        [server]
-        token = "tok"
-        [storage]
-        data_dir = "{footage}"
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-        [[cameras]]
-        id = "cam2"
-        url = "lavfi:testsrc2"
-    """))
 
 
 def fetch(config, path, token="tok", headers=None):
@@ -92,28 +48,12 @@ def fetch(config, path, token="tok", headers=None):
     return asyncio.run(go())
 
 
-def second_at(video: Path, at: float) -> float | None:
-    """Which second of its archive the frame shown at `at` s into the video comes from."""
-    proc = subprocess.run(["ffmpeg", "-v", "error", "-ss", str(at), "-i", str(video),
-                           "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "gray", "-"],
-                          capture_output=True, timeout=60)
-    pixels = proc.stdout
-    return sum(pixels) / len(pixels) / LEVELS_PER_SECOND if pixels else None
-
-
-def duration_of(video: Path) -> float:
-    proc = subprocess.run(["ffmpeg", "-hide_banner", "-i", str(video)], capture_output=True,
-                          text=True, timeout=60)
-    hours, minutes, seconds = proc.stderr.split("Duration: ")[1].split(",")[0].split(":")
-    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
-
 def test_api_clip_is_an_mp4_from_the_start_with_range_support(config, tmp_path, monkeypatch):
-    from vlmguard.web import media
+    from vlmguard.web import scratch
 
     ram = tmp_path / "shm"  # its own, as other runs on this machine share /dev/shm
     ram.mkdir()
-    monkeypatch.setattr(media, "RAM_DIR", ram)
+    monkeypatch.setattr(scratch, "RAM_DIR", ram)
     status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:05Z"
                                           "&duration=10")
     assert status == 200 and headers["Content-Type"] == "video/mp4"
@@ -315,10 +255,10 @@ def test_clip_requests_beyond_the_bound_get_503(config, monkeypatch):
 
 
 def test_a_clip_that_would_not_fit_in_memory_gets_503(config, monkeypatch):
-    from vlmguard.web import media
+    from vlmguard.web import scratch
 
-    monkeypatch.setattr(media, "MEMORY_RESERVE", 2**62)  # as if the box had no RAM to spare
+    monkeypatch.setattr(scratch, "MEMORY_RESERVE", 2**62)  # as if the box had no RAM to spare
     status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")
     assert status == 503 and "memory" in json.loads(body)["error"]
-    monkeypatch.setattr(media, "MEMORY_RESERVE", 0)
+    monkeypatch.setattr(scratch, "MEMORY_RESERVE", 0)
     assert fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")[0] == 200

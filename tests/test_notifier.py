@@ -28,9 +28,10 @@ from vlmguard.store.bundle import Store
 from vlmguard.web.metrics import render_metrics
 
 from alert_receiver import Receiver, Subscriber
-from conftest import write_config
-from daemon import free_port
-from test_alerts import CAMERAS, T0, incident, store_window
+from helpers import free_port, write_config
+from helpers.alerts import CAMERAS, T0, incident, store_window
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 SPAWN = multiprocessing.get_context("spawn")
 SECRET = "hmac-secret-1"

@@ -23,11 +23,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from fault_watch import LiveWatch
 from tcp_proxy import TcpProxy
-from test_streamer import wait_for
-from test_supervisor import db_rows
+from helpers import pg_address, through_proxy, wait_for
+from helpers.db import db_rows
 from vlmguard.health import run_dir
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 CUT_SECONDS = 30  # a minute in bench/faults_bench.py; half of it shows the same here
 LOCK_SECONDS = 40  # longer than SQLite's busy timeout (30 s): writers do give up
@@ -64,8 +68,8 @@ def test_postgres_down_at_start_and_cut_mid_run(vlmguard, pg_url):
     """PostgreSQL behind a proxy the test owns: refused at start, then cut for
     CUT_SECONDS mid-run. `run` starts and records all along; the footage filed meanwhile
     is registered by the catch-up scan; no process exits, no job fails."""
-    proxy = TcpProxy(("127.0.0.1", 5432))
-    url = pg_url.replace("127.0.0.1:5432", proxy.url_host)
+    proxy = TcpProxy(pg_address())
+    url = through_proxy(pg_url, proxy)
     proxy.refuse()
     try:
         daemon = vlmguard(workers=1, extra=f'[database]\nurl = "{url}"\n')

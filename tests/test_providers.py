@@ -25,10 +25,12 @@ from vlmguard.status import gather_status, render_status
 from vlmguard.store.bundle import Store
 from vlmguard.store.records import utcnow
 
-from conftest import write_config
+from helpers import wait_for, write_config
 from daemon import RunningVlmguard, free_port
 from gemini_server import VALID_KEY, FakeGemini
 from openai_server import FakeOpenAI
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 LOCAL_MODEL = "qwen2.5vl:7b"
@@ -532,14 +534,6 @@ def test_gating_off_sends_every_static_clip(setup, local, clips):
 
 
 # -- end to end: `vlmguard run` ----------------------------------------------------------------
-
-def wait_for(condition, seconds, what, daemon):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
-        assert time.monotonic() < deadline, f"{what} not reached:\n{daemon.log_text()[-3000:]}"
-        time.sleep(0.5)
-
 
 def test_run_falls_back_while_the_local_model_is_down_and_gates_a_still_camera(
         tmp_path, local, gemini):

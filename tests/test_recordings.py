@@ -34,10 +34,11 @@ from vlmguard.recordings import (hold, holds_dir, held_names, index_root, minute
                                  sidecar_dir, sweep_sidecars, write_sidecar)
 from vlmguard.web import create_app
 
-from conftest import write_config
-from daemon import free_port
+from helpers import free_port, write_config
 from footage_maker import (CLOCK_JS, CLOCK_ROWS, GOP_SECONDS, WIDTH, frame_clocks,
                            make_session, read_clock)
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 TOKEN = "tok"
 DAY = datetime(2026, 11, 26, tzinfo=timezone.utc)
@@ -437,6 +438,7 @@ def test_cli_export_writes_the_same(config, tmp_path):
     assert frame_clocks(str(streamed), DAY) == clocks
     for args, problem in [(["--camera", "nope"], "no camera 'nope'"),
                           (["--start", "tomorrow"], "--start: must be an ISO 8601 time"),
+                          (["--start", "9999-12-31T23:59:59-23:59"], "--start: out of range"),
                           (["--duration", "7200"], "--duration: must be seconds"),
                           (["--start", "2020-01-01T00:00:00Z"], "no recorded video of dock")]:
         bad = command + ["-o", str(tmp_path / "bad.mp4")]

@@ -29,6 +29,8 @@ from vlmguard.store.records import IncidentRecord, Outcome
 from daemon import RunningVlmguard
 from footage_maker import CLOCK_JS, GOP_SECONDS, frame_clocks, make_session
 
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
 TOKEN = "recordings-console-token"
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"

@@ -8,27 +8,15 @@ import time
 from aiohttp import CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 
-from vlmguard.config import load_config
-from vlmguard.store.bundle import Store
 from vlmguard.web import create_app
 from vlmguard.web.session import COOKIE
 
-from conftest import write_config
+from helpers import make_config as base_config
 
 
 def make_config(tmp_path, token="tok", hours=12, data_dir=None):
-    config = load_config(write_config(tmp_path, f"""
-        [server]
-        token = "{token}"
-        session_hours = {hours}
-        [storage]
-        data_dir = "{data_dir or tmp_path / 'data'}"
-        [[cameras]]
-        id = "cam1"
-        url = "lavfi:testsrc2"
-    """))
-    Store.from_config(config).close()
-    return config
+    return base_config(tmp_path, token=token, server=f"session_hours = {hours}", data_dir=data_dir,
+                       with_store=True)
 
 
 def run(config, script):

@@ -8,11 +8,33 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import RunningVlmguard
-from test_streamer import wait_for
-from test_supervisor import status_counts
+from helpers import wait_for
+from helpers.db import status_counts
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory):
+    """Both tests' daemons, one with the API key and one without, started together so
+    that they record their first archives at the same time."""
+    from gemini_server import FakeGemini
+
+    with FakeGemini() as gemini:
+        started = {"keyed": RunningVlmguard(tmp_path_factory.mktemp("keyed"), gemini.base_url),
+                   "keyless": RunningVlmguard(tmp_path_factory.mktemp("keyless"), gemini.base_url,
+                                              env={"GEMINI_API_KEY": ""})}
+        for daemon in started.values():
+            daemon.start()
+        try:
+            yield started
+        finally:
+            for daemon in started.values():
+                daemon.kill()
 
 
 def status(daemon, *args):
@@ -29,8 +51,8 @@ def get(daemon, path):
         return exc.code, exc.read().decode()
 
 
-def test_status_running_then_stopped(tmp_path, gemini):
-    daemon = RunningVlmguard(tmp_path, gemini.base_url).start()
+def test_status_running_then_stopped(daemons):
+    daemon = daemons["keyed"]
     try:
         daemon.wait_live()
         wait_for(lambda: status_counts(daemon).get("completed", 0) >= 1, 60, "a completed job")
@@ -72,8 +94,8 @@ def test_status_running_then_stopped(tmp_path, gemini):
     assert status(daemon)[1].startswith("vlmguard  NOT RUNNING")
 
 
-def test_status_says_why_nothing_is_analysed_without_a_key(tmp_path, gemini):
-    daemon = RunningVlmguard(tmp_path, gemini.base_url, env={"GEMINI_API_KEY": ""}).start()
+def test_status_says_why_nothing_is_analysed_without_a_key(daemons):
+    daemon = daemons["keyless"]
     try:
         daemon.wait_live()
         wait_for(lambda: status_counts(daemon).get("pending", 0) >= 1, 40, "a pending job")

@@ -21,6 +21,7 @@ from vlmguard.store.records import IncidentRecord, Outcome, utcnow
 from vlmguard.store.schema import SCHEMA_VERSION, schema_version
 
 import queue_workers
+from helpers import pg_address, pg_url_with_database, through_proxy
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
 SPAWN = multiprocessing.get_context("spawn")
@@ -75,6 +76,7 @@ def test_claim_skips_job_not_yet_due(store):
     assert 0 < store.queue.seconds_until_due() <= 12
 
 
+@pytest.mark.e2e
 def test_eight_processes_claim_two_thousand_jobs_exactly_once(db_url):
     with Store(db_url) as store:
         with store.db.write() as conn:  # one bulk insert: the test is about claiming
@@ -135,6 +137,7 @@ def test_worker_whose_lease_was_taken_over_cannot_write(db_url):
         assert (job.status, job.worker_id, job.retry_count) == ("completed", "fast", 1)
 
 
+@pytest.mark.e2e
 def test_worker_sigkilled_mid_job_is_rescued_and_completed_by_another(db_url):
     with Store(db_url, lease_seconds=1, poll_seconds=0.2) as store:
         job_id = register(store)
@@ -288,6 +291,7 @@ def test_counts_and_recent_failures(store):
 
 # -- waiting for work ------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_idle_worker_wakes_on_register_without_waiting_for_poll(db_url):
     """The poll fallback is 30 s: a claim well before it proves the wake-up path works."""
     with Store(db_url) as store:
@@ -329,6 +333,7 @@ def test_sqlite_is_wal_with_chosen_sync(tmp_path, synchronous, level):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
+@pytest.mark.e2e
 def test_sqlite_writers_sigkilled_mid_transaction_lose_nothing_committed(tmp_path):
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     Store(url).close()
@@ -806,8 +811,8 @@ def test_postgres_away_is_an_outage_not_a_bad_database(pg_url):
     from vlmguard.errors import DatabaseUnreachable, UnusableDatabase
     from vlmguard.store.engines import is_outage
 
-    proxy = TcpProxy(("127.0.0.1", 5432))
-    url = pg_url.replace("127.0.0.1:5432", proxy.url_host)
+    proxy = TcpProxy(pg_address())
+    url = through_proxy(pg_url, proxy)
     try:
         proxy.refuse()
         with pytest.raises(DatabaseUnreachable):
@@ -828,7 +833,7 @@ def test_postgres_away_is_an_outage_not_a_bad_database(pg_url):
         proxy.close()
     # A server that answers "no" is not away: that is a bad database.
     with pytest.raises(UnusableDatabase):
-        Store("postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database_here")
+        Store(pg_url_with_database("no_such_database_here"))
 
 
 def test_a_locked_sqlite_file_is_an_outage(tmp_path, monkeypatch):

@@ -23,23 +23,11 @@ import browser
 from clock import clock_graph
 from daemon import Daemon, free_port
 from hls_rules import check_playlist, check_successor
+from helpers import wait_for
+from helpers.media import decoded_frames, ffprobe_duration, start_rtsp_camera
 from vlmguard.health import run_dir
 
-
-def ffprobe_duration(path: Path) -> float:
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
-                          "-of", "json", str(path)], capture_output=True, text=True, timeout=60)
-    return float(json.loads(out.stdout)["format"]["duration"])
-
-
-def decoded_frames(path_or_url: str, seconds: float | None = None) -> int:
-    args = ["ffmpeg", "-v", "error", "-nostdin", "-i", path_or_url]
-    if seconds:
-        args += ["-t", str(seconds)]
-    out = subprocess.run(args + ["-f", "null", "-progress", "pipe:1", "-"], capture_output=True,
-                         text=True, timeout=120)
-    frames = re.findall(r"^frame=(\d+)$", out.stdout, re.M)
-    return int(frames[-1]) if frames else 0
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 
 def job_rows(daemon: Daemon) -> list[tuple]:
@@ -48,16 +36,6 @@ def job_rows(daemon: Daemon) -> list[tuple]:
                         "FROM analysis_jobs ORDER BY segment_start").fetchall()
     conn.close()
     return rows
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # A second camera whose raw video the MP4 muxer refuses: its live output falls back to
@@ -216,13 +194,6 @@ def test_hlsjs_without_low_latency_mode_plays_near_live_edge(daemon, tmp_path):
     assert latency["frames"] > 100
     # hls.js honours EXT-X-START (3 target durations back); well inside the playlist window.
     assert max(latency["latencies"]) < 6 * daemon.config.storage.segment_seconds + 2
-
-
-def start_rtsp_camera(port: int) -> subprocess.Popen:
-    camera = subprocess.Popen(["/usr/bin/python3", str(Path(__file__).parent / "rtsp_camera.py"),
-                               str(port)], stdout=subprocess.PIPE, text=True)
-    assert camera.stdout.readline().strip() == "ready"
-    return camera
 
 
 def http_status(url: str) -> int:

@@ -10,8 +10,14 @@ import signal
 import time
 from datetime import datetime, timezone
 
+import pytest
+
 from vlmguard.health import run_dir
 from vlmguard.store.bundle import Store
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
 PERIOD = 30
 # Red, in seconds of each 30-s period: 13-16 inside a window, 28-32 across the window
@@ -32,15 +38,6 @@ def events_between(start: float, end: float, at: tuple[int, int]) -> list[float]
     first = math.floor(start / PERIOD) * PERIOD
     return [t for t in (first + n * PERIOD + at[0] for n in range(int((end - first) / PERIOD) + 2))
             if start <= t and t + (at[1] - at[0]) <= end]
-
-
-def wait_for(condition, seconds, what, daemon):
-    deadline = time.monotonic() + seconds
-    while not (result := condition()):
-        assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
-        assert time.monotonic() < deadline, f"{what} not reached:\n{daemon.log_text()[-4000:]}"
-        time.sleep(0.5)
-    return result
 
 
 def incidents(store) -> list[dict]:

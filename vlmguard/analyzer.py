@@ -36,23 +36,27 @@ import structlog
 
 from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
-from vlmguard.errors import LeaseLost, VlmguardError
+from vlmguard.errors import LeaseLost, VlmguardError, first_line
 from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             media_duration, source_args, still_video_command)
+                             last_line, media_duration, source_args,
+                             still_video_command)
 from vlmguard.child import ChildState, on_stop
 from vlmguard.health import Beat
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
+from vlmguard.node_footage import FootageAway, fetch_footage
 from vlmguard.outage import Outage
 from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
+from vlmguard.store.nodes import Nodes
 from vlmguard.store.outbox import Outbox
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.queue import JobQueue
 from vlmguard.store.records import IncidentRecord, Job, Outcome, Pause, utcnow
-from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
-                          RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
+from vlmguard.vlm import (TOKEN_FIELDS, AccountProblem, AnalysisError, Answer, Clip, Finding,
+                          Frame, RateLimited, VlmClient, build_prompt, check_answer, token_fields,
+                          where_keys_come_from)
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.analyzer")
@@ -246,7 +250,7 @@ class Worker:
     def database_lost(self, job: Job, exc: BaseException) -> None:
         """The database went away mid-job: hand the job back, uncharged, once it returns."""
         log.warning("database unreachable mid-job: handing the job back when it returns",
-                    error=str(exc).splitlines()[0][:300])
+                    error=first_line(exc))
         try:
             self.through_outage(lambda: self.queue.release(job))
         except LeaseLost:
@@ -355,8 +359,7 @@ class Worker:
             try:
                 with lease:
                     outcome = self.analyze(job, workdir, self.keep_alive(lease))
-                self.through_outage(lambda: complete_with_snapshots(
-                    self.queue, job, outcome, self.binary, Layout(self.config.data_dir)))
+                self.through_outage(lambda: self.complete(job, outcome))
                 log.info("job completed", safety_score=outcome.safety_score,
                          incidents=len(outcome.incidents), tokens=outcome.total_tokens,
                          provider=outcome.provider)
@@ -365,6 +368,10 @@ class Worker:
             except NoProvider as exc:
                 log.warning("no provider can take the job now, put back", why=str(exc))
                 self.put_back(job, exc.until)
+            except FootageAway as exc:
+                log.warning("footage on another node out of reach now, job put back",
+                            node=job.node, why=str(exc), retry_in_s=exc.retry_in)
+                self.put_back(job, utcnow() + timedelta(seconds=exc.retry_in))
             except LeaseLost:
                 log.warning("lease lost, job dropped without writing")
             except AnalysisError as exc:
@@ -387,9 +394,44 @@ class Worker:
                 shutil.rmtree(workdir, ignore_errors=True)
                 self.state = "idle"
 
+    def recorded_elsewhere(self, job: Job) -> bool:
+        """The job's footage is on another box (jobs from before nodes count as local)."""
+        return job.node is not None and job.node != self.config.node_name
+
+    def footage(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Path:
+        """The video the job covers: here, or fetched from the node that recorded it."""
+        if not self.recorded_elsewhere(job):
+            return job_video(Layout(self.config.data_dir), job, workdir)
+        node = Nodes(self.db).get(job.node)
+        began = time.monotonic()
+        path, size = fetch_footage(node, job, self.config.server.token,
+                                   workdir / "footage.mp4",
+                                   self.config.storage.ram_max_mb * 2**20, keep_alive)
+        log.info("footage fetched from its node", node=job.node, bytes=size,
+                 seconds=round(time.monotonic() - began, 3))
+        return path
+
+    def camera_prompt(self, job: Job) -> str:
+        """The camera's prompt from this config, or from the config of the box that
+        records it (its nodes row) for another box's camera."""
+        camera = self.config.camera(job.camera_id)
+        if camera is not None or not self.recorded_elsewhere(job):
+            return camera.prompt if camera else ""
+        node = Nodes(self.db).get(job.node) or {}
+        return node.get("prompts", {}).get(job.camera_id, "")
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        """Store the outcome; the incidents' pictures are made by the box that has the
+        footage (here, or the recording node's notifier and server, on demand)."""
+        if self.recorded_elsewhere(job):
+            self.queue.complete(job, outcome)
+        else:
+            complete_with_snapshots(self.queue, job, outcome, self.binary,
+                                    Layout(self.config.data_dir))
+
     def analyze(self, job: Job, workdir: Path, keep_alive: Callable[[], None]) -> Outcome:
         order = self.config.provider_order(job.camera_id)
-        source = job_video(Layout(self.config.data_dir), job, workdir)
+        source = self.footage(job, workdir, keep_alive)
         clip = prepare_clip(self.binary, self.config.analysis, source, workdir,
                             frames=self.gating or any(registry.wants_frames(p) for p in order))
         keep_alive()
@@ -398,9 +440,8 @@ class Worker:
             return no_activity()
         if self.gating and len(clip.frames) == 1:
             clip = still_clip(self.binary, clip, workdir)  # the periodic look: one picture
-        camera = self.config.camera(job.camera_id)
         window = None if job.kind == "archive" else (job.first_frame_at, job.duration_seconds)
-        prompt = build_prompt(camera.prompt if camera else "", clip, window)
+        prompt = build_prompt(self.camera_prompt(job), clip, window)
         failures: list[tuple[str, AnalysisError]] = []
         skipped: list[tuple[str, object]] = []
         for settings in order:
@@ -505,9 +546,8 @@ class Worker:
         if answer.request or answer.cached_tokens is not None:
             result["request"] = dict(answer.request, cached_tokens=answer.cached_tokens)
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
-                       prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                       total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
-                       model_version=answer.model_version, provider=settings.name,
+                       **token_fields(answer), model_version=answer.model_version,
+                       provider=settings.name,
                        model=settings.model,
                        merge_within_s=(None if job.kind == "archive"
                                        else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
@@ -571,8 +611,7 @@ class Worker:
 def no_activity() -> Outcome:
     """The stored result of a static clip: no request, no incident, no token."""
     return Outcome(result={"safety_score": 100, "summary": NO_ACTIVITY, "incidents": []},
-                   safety_score=100, prompt_tokens=0, output_tokens=0, total_tokens=0,
-                   thoughts_tokens=0)
+                   safety_score=100, **dict.fromkeys(TOKEN_FIELDS, 0))
 
 
 def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
@@ -680,7 +719,7 @@ def distinct_frames(binary: str, copy: Path, directory: Path,
     paths = sorted(directory.glob("frame_*.jpg"))
     offsets = frame_offsets(proc.stderr)
     if proc.returncode != 0 or not paths or len(offsets) != len(paths):
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"keyframes could not be extracted: {reason}", retryable=False)
     return tuple(Frame(path, max(offset, 0.0)) for path, offset in zip(paths, offsets))
 
@@ -707,22 +746,26 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
                                                 analysis.height),
                           capture_output=True, text=True, timeout=1800, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
+
+
+def mp4_copy_command(binary: str, source: Path, target: Path) -> list[str]:
+    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+            *source_args(source), "-map", "0:v:0", "-c", "copy",
+            "-movflags", "+faststart", "-f", "mp4", str(target)]
 
 
 def mp4_copy(binary: str, source: Path, target: Path) -> Path:
     """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
     RAM folder, never on the archive disk) for mode original: video models' APIs take
     MP4, not always MPEG-TS."""
-    proc = subprocess.run([binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                           *source_args(source), "-map", "0:v:0", "-c", "copy",
-                           "-movflags", "+faststart", "-f", "mp4", str(target)],
+    proc = subprocess.run(mp4_copy_command(binary, source, target),
                           capture_output=True, text=True, timeout=600, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
     return target
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import ConfigError
+from vlmguard.options import opt
 from vlmguard.redact import mask_path, mask_url  # noqa: F401  (one redaction, re-exported)
+from vlmguard.vlm import CATEGORIES, registry
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -35,13 +37,9 @@ MIN_WINDOW_SECONDS = 10
 MIN_NETWORK_TOKEN = 16
 HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 ORIGIN = re.compile(r"https?://[^/?#@\s]+")
-
-
-def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-        choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    """A config field: its default plus the checks the walker applies to it."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "secret": secret}
-    return field(default=default, metadata=meta)
+# A node name: a host name's first label, or any such short name (it goes into URLs,
+# logs and a VARCHAR(64) column).
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,9 @@ class DaemonConfig:
     # A role other than the streamer that crash-loops is backed off, not fatal: it is
     # retried with a growing wait, at most this long.
     max_backoff_seconds: float = opt(300.0, lo=5, hi=3600)
+    # This box's name among the boxes that share one database (its `nodes` row, the node
+    # its jobs are recorded on); empty: the host name.
+    node: str = opt("")
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,19 @@ class Config:
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'vlmguard.db'}"
+
+    @property
+    def node_name(self) -> str:
+        """This box's name among the boxes sharing the database."""
+        return self.daemon.node or default_node_name()
+
+    @property
+    def node_role(self) -> str:
+        """What this box does for the site: records (cameras), analyses (workers), or both."""
+        records, analyses = bool(self.cameras), self.analysis.workers > 0
+        if records and analyses:
+            return "both"
+        return "records" if records else ("analyses" if analyses else "serves")
 
     def camera(self, camera_id: str) -> CameraConfig | None:
         return next((c for c in self.cameras if c.id == camera_id), None)
@@ -337,8 +351,6 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
-    from vlmguard.vlm import registry
-
     where = str(path)
     unknown = sorted(set(raw) - set(SECTIONS) - {"cameras", "providers", "alerts"}
                      - set(registry.legacy_sections()))
@@ -366,7 +378,23 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     check_database_url(config.database.url, where)
     check_data_dir(config, where)
     check_window(config, where)
+    check_node(config, where)
     return config
+
+
+def default_node_name() -> str:
+    """The host name's first label, made a valid node name (a host name may be long or
+    hold characters a node name cannot)."""
+    label = socket.gethostname().split(".")[0]
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", label)[:63].strip("-.") or "vlmguard"
+    return cleaned if NODE_NAME.fullmatch(cleaned) else "vlmguard"
+
+
+def check_node(config: Config, where: str) -> None:
+    node = config.daemon.node
+    if node and not NODE_NAME.fullmatch(node):
+        raise ConfigError(f"{where}: daemon.node: must be 1-63 letters, digits, '.', '_' or "
+                          f"'-', starting with a letter or digit, got {node!r}")
 
 
 def check_window(config: Config, where: str) -> None:
@@ -393,8 +421,6 @@ def check_data_dir(config: Config, where: str) -> None:
 
 def parse_providers(tables: dict[str, Any], where: str, prefix: str) -> tuple[Any, ...]:
     """[providers.NAME] tables, each checked against its kind's settings dataclass."""
-    from vlmguard.vlm import registry
-
     providers = []
     for name, table in tables.items():
         key = f"{prefix}{name}"
@@ -473,8 +499,6 @@ def check_mqtt(mqtt: MqttConfig, where: str) -> None:
 def parse_alerts(table: dict[str, Any], where: str,
                  cameras: tuple[CameraConfig, ...]) -> AlertsConfig:
     """[alerts] (max_age_hours) and its [[alerts.rules]]."""
-    from vlmguard.vlm import CATEGORIES
-
     settings = build(AlertsConfig, {k: v for k, v in table.items() if k != "rules"}, "alerts", where)
     raw_rules = table.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -595,8 +619,6 @@ def masked(config: Config) -> dict[str, Any]:
             value = list(value) if isinstance(value, tuple) else value
             out[f.name] = mask(value) if f.metadata.get("secret") and value else value
         return out
-
-    from vlmguard.vlm import registry
 
     data = {name: table(getattr(config, name)) for name in SECTIONS}
     data["analysis"]["providers"] = [p.name for p in config.provider_order()]

@@ -22,12 +22,21 @@ import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from vlmguard.alerts import registry
+from vlmguard.alerts.media import existing_snapshot
+from vlmguard.alerts.plan import with_links
+from vlmguard.clips import save_snapshot
 from vlmguard.config import Config
+from vlmguard.errors import first_line
+from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.child import ChildState, every, on_stop
 from vlmguard.health import Beat
+from vlmguard.layout import Layout
+from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
@@ -35,6 +44,7 @@ from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
 from vlmguard.store.outbox import Outbox
 from vlmguard.store.records import Delivery
+from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.notifier")
 
@@ -135,7 +145,7 @@ class Notifier:
                 log.info("deliveries taken back from an earlier run", count=taken_back)
         self.retry_after_reconnect()
         # A read first: claiming is a write transaction, taken only when one is due.
-        return self.outbox.seconds_until_delivery_due()
+        return self.outbox.seconds_until_delivery_due(node=self.config.node_name)
 
     def notice_roles(self) -> None:
         """Compare the supervisor's roles with last time: a role newly backed off, or one
@@ -185,7 +195,8 @@ class Notifier:
         room = MAX_IN_FLIGHT - len(self.in_flight)
         if room <= 0:
             return 0
-        batch = self.outbox.claim_deliveries(self.worker_id, room, LEASE_SECONDS)
+        batch = self.outbox.claim_deliveries(self.worker_id, room, LEASE_SECONDS,
+                                             node=self.config.node_name)
         for delivery in batch:
             task = asyncio.create_task(self.deliver(delivery))
             self.in_flight.add(task)
@@ -208,7 +219,29 @@ class Notifier:
         # watcher's connection belongs to this thread.
         self.db.wait_for_commit(wait)
 
+    def with_media(self, delivery: Delivery) -> Delivery:
+        """An incident of this box's cameras with its picture on this disk and its links on
+        this box's server. An analyzer on another box could make no picture (the footage
+        is here): it is made now, from the recording, once the analyzer's grace is over."""
+        payload = delivery.payload
+        if delivery.kind != "incident" or not isinstance(payload, dict) \
+                or payload.get("type") != "incident":
+            return delivery
+        camera_id = str(payload.get("camera_id"))
+        if self.config.camera(camera_id) is not None \
+                and existing_snapshot(self.config.data_dir, payload, delivery.created_at) is None:
+            try:
+                start, end = (datetime.fromisoformat(str(payload[k]).replace("Z", "+00:00"))
+                              for k in ("start", "end"))
+                save_snapshot(ffmpeg_binary(), Layout(self.config.data_dir), camera_id,
+                              int(payload["id"]), start + (end - start) / 2)
+            except (KeyError, ValueError, TypeError, OSError) as exc:
+                log.warning("no snapshot for the alert", incident=payload.get("id"),
+                            error=str(exc))
+        return replace(delivery, payload=with_links(payload, self.config.public_url))
+
     async def deliver(self, delivery: Delivery) -> None:
+        delivery = await asyncio.to_thread(self.with_media, delivery)
         destination = self.destinations.get(delivery.destination)
         if destination is None:
             answer = registry.failed(f"destination {delivery.destination} is no longer "
@@ -235,7 +268,7 @@ class Notifier:
             # The claim's lease sends it again once the database is back (same key).
             log.warning("delivery result not recorded: the database is away",
                         delivery=delivery.id, outcome=answer.outcome,
-                        error=str(exc).splitlines()[0][:300])
+                        error=first_line(exc))
 
     def record_answer(self, delivery: Delivery, answer: registry.Answer) -> None:
         fields = dict(delivery=delivery.id, destination=delivery.destination,
@@ -272,15 +305,13 @@ class Notifier:
                 self.outbox.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
-        from vlmguard.status import live_cameras
-
         self.notice_roles()
         self.published.publish({"sent": self.sent, "in_flight": len(self.in_flight),
                                 "database": self.outage.describe()})
         # Destinations that publish camera states (set_camera_states) get them.
         listeners = [d for d in self.destinations.values() if hasattr(d, "set_camera_states")]
         if listeners:
-            online = {c["id"]: bool(c["online"]) for c in live_cameras(self.config)}
+            online = cameras_online(self.config)
             for destination in listeners:
                 destination.set_camera_states(online)
 
@@ -304,8 +335,6 @@ class Notifier:
 def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
                  since: float | None = None) -> tuple[dict[str, Any], str]:
     """The system message about one role, and the key that makes it one per event."""
-    from vlmguard.status import exit_text, iso_epoch
-
     host = socket.gethostname()
     since = child.get("backed_off_since") if backed_off else since
     if backed_off:

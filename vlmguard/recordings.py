@@ -45,12 +45,13 @@ from typing import Iterator
 from vlmguard.child import ChildState
 from vlmguard.clips import Footage, recordings
 from vlmguard.errors import VlmguardError
-from vlmguard.ffmpeg import child_env, parent_death_prefix
+from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
 from vlmguard.footage import (PACKET, Extent, FootageError, KeyframeIndex, extent,
                               keyframe_bytes, mp4_keyframes, scan_ts)
 from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import program_date, served_window
 from vlmguard.logs import get_logger
+from vlmguard.times import iso
 
 log = get_logger("vlmguard.recordings")
 
@@ -70,10 +71,6 @@ HALF_FRAME = 0.02
 
 def utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, timezone.utc)
-
-
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def index_root(layout: Layout, camera_id: str) -> Path:
@@ -540,8 +537,7 @@ def export_file(layout: Layout, binary: str, camera_id: str, start: datetime, se
                 os.close(descriptor)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
-        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise VlmguardError(f"ffmpeg could not export: {reason[:300]}")
+        raise VlmguardError(f"ffmpeg could not export: {last_line(proc.stderr)}")
     if not streamed:
         partial.rename(output)
     return plan

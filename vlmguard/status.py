@@ -8,40 +8,27 @@ works whether or not the daemon is running, and says which.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from vlmguard.config import Config
-from vlmguard.errors import DatabaseError, UnusableDatabase
+from vlmguard.errors import DatabaseError, UnusableDatabase, first_line
 from vlmguard.health import read_states
-from vlmguard.layout import Layout, archive_start, stale_after
+from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import live_age
+from vlmguard.livestate import camera_online, daemon_pid, exit_text
 from vlmguard.store.bundle import Store
-from vlmguard.store.engines import first_line, is_outage, redact_url
+from vlmguard.store.engines import is_outage, redact_url
 from vlmguard.store.records import Job, utcnow
 from vlmguard.store.schema import STATES
+from vlmguard.times import iso, iso_epoch
+from vlmguard.vlm import token_report
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
-
-
-def daemon_pid(data_dir: Path) -> int | None:
-    """The pid holding the data directory's lock, or None when no vlmguard runs there."""
-    path = data_dir / "vlmguard.pid"
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = handle.read().strip()
-                return int(text) if text.isdigit() else -1
-            return None
-    except FileNotFoundError:
-        return None
 
 
 def hls_url(config: Config, camera_id: str) -> str:
@@ -89,7 +76,11 @@ def gather_status(config: Config, store: Store | None = None,
         "analysis": {"paused": [], "providers": {}, "adapted": adapted_report(states)},
         "ram": ram_report(config, states.get("archiver", {})),
         "alerts": {},
+        "node": config.node_name,
+        "nodes": [],
     }
+    for child in report["daemon"]["children"].values():  # the state file keeps the epoch
+        child["backed_off_since"] = iso_epoch(child.get("backed_off_since"))
     try:
         if unreachable:
             raise DatabaseError(unreachable)
@@ -143,6 +134,9 @@ def fill_from_table(report: dict[str, Any], store: Store) -> None:
     report["tokens"] = {"today": store.reports.token_usage(midnight),
                         "last_24h": store.reports.token_usage(now - timedelta(hours=24))}
     report["database"]["quarantined"] = store.quarantine.quarantined()
+    report["nodes"] = [dict(n, started_at=iso(n["started_at"]),
+                            heartbeat_at=iso(n["heartbeat_at"]))
+                       for n in store.nodes.all()]
 
 
 def database_waits(states: dict[str, dict]) -> dict[str, str]:
@@ -161,14 +155,6 @@ def backed_off(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return []
     return [(name, child) for name, child in report["daemon"]["children"].items()
             if child.get("state") == "backed off"]
-
-
-def exit_text(last_exit: dict[str, Any] | None) -> str:
-    if not last_exit:
-        return "unknown"
-    if "signal" in last_exit:
-        return f"killed by {last_exit['signal']}"
-    return f"exit code {last_exit.get('exitcode')}"
 
 
 def alerts_report(store: Store) -> dict[str, dict[str, Any]]:
@@ -205,7 +191,7 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
         age = live_age(layout, camera.id, config.storage.live_segments)
         cameras.append({
             "id": camera.id,
-            "online": bool(streamer and streamer.get("alive")) and age <= stale_after(config),
+            "online": camera_online(config, streamer, age),
             "segment_age_s": round(age, 1) if age != float("inf") else None,
             "ffmpeg_restarts": reported.get("restarts", 0),
             "mode": reported.get("mode"),
@@ -366,14 +352,13 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
     return job_summary(job) | {
         "started_at": iso(job.started_at), "run_after": iso(job.run_after),
         "lease_expires_at": iso(job.lease_expires_at), "analysis_seconds": job.analysis_seconds,
-        "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
-                   "thoughts": job.thoughts_tokens, "total": job.total_tokens},
+        "tokens": token_report(job),
         "model_version": job.model_version,
         "provider": job.provider, "model": job.model,
         # What the job covers: an archive, a window, merged windows or catch-up; its
         # clip's first frame; the archive file(s) and offsets, to play an incident back.
         "kind": job.kind, "windows": job.windows, "sources": job.sources,
-        "clip_start": job.first_frame_at.isoformat(timespec="milliseconds"),
+        "clip_start": iso(job.first_frame_at),
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
@@ -383,12 +368,26 @@ def incident_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in row.items()}
 
 
-def iso(when: datetime | None) -> str | None:
-    return when.isoformat(timespec="seconds") if when else None
+def camera_homes(config: Config, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """camera id -> the node that records it, for the cameras of other boxes (this box's
+    own cameras are served here)."""
+    homes = {camera: node for node in nodes if node["name"] != config.node_name
+             for camera in node["cameras"]}
+    for camera in config.cameras:
+        homes.pop(camera.id, None)
+    return homes
 
 
-def iso_epoch(seconds: float | None) -> str | None:
-    return iso(datetime.fromtimestamp(seconds, timezone.utc)) if seconds else None
+def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An incident row with the node that recorded it and, for another box's camera,
+    its snapshot and clip on that box's server (same token)."""
+    home = homes.get(row.get("camera_id"))
+    if home is None:
+        return dict(row, node=None, snapshot_url=f"/api/incidents/{row['id']}/snapshot.jpg",
+                    clip_url=f"/api/incidents/{row['id']}/clip.mp4")
+    base = f"{home['public_url']}/api/incidents/{row['id']}"
+    return dict(row, node=home["name"], snapshot_url=f"{base}/snapshot.jpg",
+                clip_url=f"{base}/clip.mp4")
 
 
 def render_status(report: dict[str, Any]) -> str:
@@ -402,10 +401,17 @@ def render_status(report: dict[str, Any]) -> str:
     for row in report["database"]["quarantined"]["latest"]:
         lines.append(f"          quarantined: {row['table']} row {row['id']}: {row['reason']}")
     for name, child in backed_off(report):
-        since = iso_epoch(child.get("backed_off_since"))
-        lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
-                     f"{exit_text(child.get('last_exit'))}); next try in "
+        lines.append(f"role      {name} BACKED OFF since {child['backed_off_since']} "
+                     f"(crash loop, last: {exit_text(child.get('last_exit'))}); next try in "
                      f"{child.get('next_try_in_s')} s")
+    for node in report.get("nodes", []):
+        seen = "alive" if node["alive"] else (
+            f"DOWN, last seen {format_age(node['last_seen_s'])} ago"
+            + (" (stopped)" if node["stopped"] else ""))
+        this = " (this box)" if node["name"] == report.get("node") else ""
+        cameras = f", cameras {' '.join(node['cameras'])}" if node["cameras"] else ""
+        lines.append(f"node      {node['name']}{this}: {seen}, {node['role']}, "
+                     f"{node['public_url']}{cameras}")
     lines.append("cameras")
     for camera in report["cameras"]:
         age = "-" if camera["segment_age_s"] is None else format_age(camera["segment_age_s"])

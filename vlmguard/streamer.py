@@ -1,6 +1,7 @@
 """The streaming process: one FFmpeg per camera, plus the aiohttp HLS server.
 
-It does no analysis and no database work, so nothing competes with serving video. For
+It does no analysis, and the database reads of the API it serves run in threads of their
+own (web/database.py), so nothing competes with serving video. For
 each camera it keeps FFmpeg running (restarting it alone, with backoff, when it exits or
 stalls) and hands every closed archive to the archiver by moving it from partial/ to
 closed/: a file FFmpeg's segment list names is closed; when a run ends, whatever it left

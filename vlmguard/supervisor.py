@@ -52,6 +52,7 @@ from vlmguard.health import Beat, clear_stacks, clear_states, read_states
 from vlmguard.logs import get_logger
 from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
+from vlmguard.store.nodes import NodeInfo, Nodes, NodeTaken, box_id
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.reports import Reports
 from vlmguard.vlm import registry
@@ -226,6 +227,9 @@ class Supervisor:
         self.status_db_wait = STATUS_DB_RETRY
         self.started_at = time.time()
         self.state = ChildState(config.data_dir, "supervisor")
+        # This start's row among the boxes sharing the database (a fresh instance id).
+        self.node = NodeInfo.of(config)
+        self.node_taken = False
         os.register_at_fork(after_in_child=self.close_in_child)
 
     def plan(self, config: Config) -> list[Child]:
@@ -236,6 +240,7 @@ class Supervisor:
     def run(self) -> int:
         self.lock_data_dir()
         self.check_dependencies()
+        self.join_site()
         share_with_children(self.config)
         read_fd, write_fd = self.signal_pipe = os.pipe()
         self.lifeline = os.pipe()
@@ -425,6 +430,7 @@ class Supervisor:
         self.notifier.send("STOPPING=1")
         self.stop_children(self.children)
         clear_states(self.config.data_dir)
+        self.leave_site()
         self.close_store()
         log.info("vlmguard stopped")
 
@@ -465,6 +471,7 @@ class Supervisor:
         self.probe_paused(config)
         self.stop_children(self.children)
         self.config = config
+        self.node = NodeInfo.of(config, self.node.instance, self.node.box)
         self.children = self.plan(config)
         for child in self.children:
             self.spawn(child)
@@ -538,6 +545,7 @@ class Supervisor:
         try:
             if self.reports is None:
                 self.reports = Reports(Database.from_config(self.config, create=False))
+            self.beat_node(self.reports.db)
             pending = sum(s["pending"] for s in self.reports.counts().values())
             alerts = (sum(d["pending"] for d in self.reports.delivery_counts().values())
                       if notifier_count(self.config) else None)
@@ -550,6 +558,46 @@ class Supervisor:
             return "?", "?"
         self.status_db_wait = STATUS_DB_RETRY
         return pending, alerts
+
+    # -- this box among the boxes sharing the database ---------------------------------------
+
+    def join_site(self) -> None:
+        """Take this box's node name, refused when another live vlmguard holds it. A
+        database away now is no reason not to record: the heartbeat joins later."""
+        try:
+            self.node = NodeInfo.of(self.config, box=box_id(self.config.data_dir))
+        except OSError as exc:
+            raise StartupError(f"cannot use data directory {self.config.data_dir}: "
+                               f"{exc.strerror or exc}") from None
+        try:
+            with Database.from_config(self.config, create=False) as db:
+                Nodes(db).join(self.node)
+        except NodeTaken:
+            raise
+        except Exception as exc:
+            if not (isinstance(exc, DatabaseUnreachable) or is_outage(exc)):
+                raise
+            log.warning("node not registered yet: the database is unreachable",
+                        node=self.node.name, error=str(exc).splitlines()[0][:300])
+            return
+        log.info("node joined", node=self.node.name, role=self.node.role,
+                 public_url=self.node.public_url)
+
+    def beat_node(self, db: Database) -> None:
+        taken = not Nodes(db).heartbeat(self.node)
+        if taken and not self.node_taken:
+            log.error("another running vlmguard took this node name while this one could "
+                      "not reach the database; set daemon.node to a name of its own",
+                      node=self.node.name)
+        self.node_taken = taken
+
+    def leave_site(self) -> None:
+        try:
+            if self.reports is None:
+                self.reports = Reports(Database.from_config(self.config, create=False))
+            Nodes(self.reports.db).leave(self.node)
+        except Exception as exc:  # a stop must not fail on this: the heartbeat goes stale
+            log.warning("node not marked stopped", error=str(exc).splitlines()[0][:300])
 
     def close_store(self) -> None:
         if self.reports is not None:

@@ -8,10 +8,10 @@ not at all (the transactional outbox). Nothing here touches the network or the d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from vlmguard.config import AlertRule, Config
+from vlmguard.times import iso
 from vlmguard.vlm import SEVERITIES
 
 MQTT = "mqtt"
@@ -107,6 +107,15 @@ def incident_payload(public_url: str, incident: dict[str, Any], job_id: int,
     }
 
 
+def with_links(payload: dict[str, Any], public_url: str) -> dict[str, Any]:
+    """An incident's payload with its links on this box's server: the box that recorded
+    the incident serves its snapshot and clip, whichever box analysed it."""
+    if payload.get("type") != "incident" or "id" not in payload:
+        return payload
+    base = f"{public_url}/api/incidents/{payload['id']}"
+    return dict(payload, snapshot_url=f"{base}/snapshot.jpg", clip_url=f"{base}/clip.mp4")
+
+
 def title(payload: dict[str, Any]) -> str:
     """A phone-sized headline: "HIGH fall on dock-2 at 08:00:31" (UTC)."""
     when = payload.get("start") or ""
@@ -115,7 +124,3 @@ def title(payload: dict[str, Any]) -> str:
             f"{payload.get('camera_id', '')} at {clock}")
 
 
-def iso(when: datetime | None) -> str | None:
-    if when is None:
-        return None
-    return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

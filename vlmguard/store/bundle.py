@@ -11,6 +11,7 @@ from typing import Any
 
 from vlmguard.store.database import Database
 from vlmguard.store.incidents import Incidents
+from vlmguard.store.nodes import Nodes
 from vlmguard.store.outbox import Outbox, alert_plan
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.quarantine import Quarantine
@@ -21,23 +22,24 @@ from vlmguard.store.reports import Reports
 
 class Store:
     """db plus one attribute per part: queue, pauses, outbox, incidents, reports,
-    recordings, quarantine. It forwards nothing: callers name the part they use."""
+    recordings, quarantine, nodes. It forwards nothing: callers name the part they use."""
 
     def __init__(self, url: str, *, lease_seconds: float = 60, retry_backoff: float = 10.0,
                  poll_seconds: float = 5.0, create: bool = True, synchronous: str = "normal",
-                 alerts: Any = None, lazy: bool = False):
+                 alerts: Any = None, lazy: bool = False, node: str | None = None):
         self.db = Database(url, create=create, synchronous=synchronous, lazy=lazy)
         # alerts: the alert plan (vlmguard.alerts.plan.AlertPlan) whose deliveries
         # complete() writes with a job's incidents; None: none.
         self.outbox = Outbox(self.db, alerts)
         self.queue = JobQueue(self.db, lease_seconds=lease_seconds,
                               retry_backoff=retry_backoff, poll_seconds=poll_seconds,
-                              alongside_complete=self.outbox.enqueue_deliveries)
+                              alongside_complete=self.outbox.enqueue_deliveries, node=node)
         self.pauses = Pauses(self.db)
         self.incidents = Incidents(self.db)
         self.reports = Reports(self.db)
         self.recordings = RecordingsIndex(self.db)
         self.quarantine = Quarantine(self.db)
+        self.nodes = Nodes(self.db)
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "Store":
@@ -45,7 +47,7 @@ class Store:
                    retry_backoff=config.analysis.retry_backoff_seconds,
                    poll_seconds=config.analysis.poll_seconds,
                    synchronous=config.database.sqlite_synchronous,
-                   alerts=alert_plan(config), **kwargs)
+                   alerts=alert_plan(config), node=config.node_name, **kwargs)
 
     def close(self) -> None:
         self.db.close()

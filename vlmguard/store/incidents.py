@@ -60,7 +60,7 @@ class Incidents:
     def get_incident(self, incident_id: int) -> dict[str, Any] | None:
         """One incident with its archive (video_path, segment_start/end, kept_at)."""
         query = (select(*INCIDENT_READ, jobs.c.kept_at, jobs.c.video_path, jobs.c.segment_start,
-                        jobs.c.segment_end)
+                        jobs.c.segment_end, jobs.c.worker_id)
                  .join(jobs, jobs.c.id == incidents.c.job_id)
                  .where(incidents.c.id == incident_id, INCIDENT_OK, JOB_OK))
         with self.db.read() as conn:

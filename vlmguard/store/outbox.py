@@ -11,7 +11,7 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from vlmguard.alerts.plan import AlertPlan
@@ -70,7 +70,7 @@ class Outbox:
                     camera_id=job.camera_id, job_id=job.id, incident_id=incident["id"],
                     category=incident["category"], incident_at=incident["start_at"],
                     status="suppressed" if cooling else "pending", payload=payload,
-                    last_error=f"cooldown: {cooling}" if cooling else None))
+                    last_error=f"cooldown: {cooling}" if cooling else None, node=job.node))
                 made += 1
         if made:
             self.db.notify(conn)
@@ -122,9 +122,11 @@ class Outbox:
 
     @quarantining
     def claim_deliveries(self, worker_id: str, limit: int, lease_seconds: float,
-                         destinations: Sequence[str] | None = None) -> list[Delivery]:
+                         destinations: Sequence[str] | None = None,
+                         node: str | None = None) -> list[Delivery]:
         """Take due pending deliveries for lease_seconds (another notifier skips them;
-        one that dies leaves them due again when the lease runs out)."""
+        one that dies leaves them due again when the lease runs out). With node, only
+        those any box may send and that box's own (their snapshot is on its disk)."""
         now = utcnow()
         due = (select(deliveries.c.id)
                .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now,
@@ -132,6 +134,8 @@ class Outbox:
                .order_by(deliveries.c.id).limit(limit).with_for_update(skip_locked=True))
         if destinations is not None:
             due = due.where(deliveries.c.destination.in_(destinations))
+        if node is not None:
+            due = due.where(or_(deliveries.c.node.is_(None), deliveries.c.node == node))
         with self.db.write() as conn:
             ids = list(conn.execute(due).scalars())
             if not ids:
@@ -191,11 +195,13 @@ class Outbox:
         return status
 
     @quarantining
-    def seconds_until_delivery_due(self) -> float | None:
+    def seconds_until_delivery_due(self, node: str | None = None) -> float | None:
+        query = select(func.min(deliveries.c.next_attempt_at)).where(
+            deliveries.c.status == "pending", DELIVERY_OK)
+        if node is not None:  # another box's deliveries are its notifier's
+            query = query.where(or_(deliveries.c.node.is_(None), deliveries.c.node == node))
         with self.db.read() as conn:
-            due = checked_time(conn.execute(select(func.min(deliveries.c.next_attempt_at))
-                                            .where(deliveries.c.status == "pending",
-                                                   DELIVERY_OK)).scalar())
+            due = checked_time(conn.execute(query).scalar())
         if due is None:
             return None
         return max((due - utcnow()).total_seconds(), 0.0)

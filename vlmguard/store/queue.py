@@ -58,8 +58,11 @@ class JobQueue:
 
     def __init__(self, db: Database, *, lease_seconds: float = 60,
                  retry_backoff: float = 10.0, poll_seconds: float = 5.0,
-                 alongside_complete: AlongsideComplete | None = None):
+                 alongside_complete: AlongsideComplete | None = None,
+                 node: str | None = None):
         self.db = db
+        # The box this queue's jobs are registered on (their footage is on its disk).
+        self.node = node
         self.lease_seconds = lease_seconds
         self.retry_backoff = retry_backoff
         self.poll_seconds = poll_seconds
@@ -72,7 +75,7 @@ class JobQueue:
     def from_config(cls, db: Database, config, **kwargs) -> "JobQueue":
         return cls(db, lease_seconds=config.analysis.lease_seconds,
                    retry_backoff=config.analysis.retry_backoff_seconds,
-                   poll_seconds=config.analysis.poll_seconds, **kwargs)
+                   poll_seconds=config.analysis.poll_seconds, node=config.node_name, **kwargs)
 
     # -- producing -----------------------------------------------------------------------
 
@@ -84,7 +87,7 @@ class JobQueue:
         values = dict(camera_id=camera_id, video_path=str(video_path), segment_start=segment_start,
                       segment_end=segment_end, status="pending", created_at=now, run_after=now,
                       retry_count=0, max_retries=max_retries, kind=kind, clip_start=clip_start,
-                      sources=sources, windows=1,
+                      sources=sources, windows=1, node=self.node,
                       priority=CATCH_UP_PRIORITY if kind == "catchup" else LIVE_PRIORITY)
         with self.db.write() as conn:
             job_id = conn.execute(self._register, values).scalar()

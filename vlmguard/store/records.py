@@ -72,6 +72,7 @@ class Job:
     windows: int = 1
     kept_at: datetime | None = None
     quarantine: str | None = None
+    node: str | None = None  # the box that recorded it
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -135,6 +136,7 @@ class Delivery:
     payload: dict[str, Any]
     attempts: int
     created_at: datetime
+    node: str | None = None  # the box whose notifier sends it
 
     @classmethod
     def from_row(cls, row: Any) -> "Delivery":

@@ -22,7 +22,7 @@ from vlmguard.store.records import MAX_TEXT_READ
 if TYPE_CHECKING:
     from vlmguard.store.database import Database
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 STATES = ("pending", "processing", "completed", "failed")
 # What a job covers: a whole archive file (window_seconds = 0), one live window, windows
 # merged because analysis lagged, or footage found unanalysed (catch-up, after live work).
@@ -48,6 +48,7 @@ class UTCDateTime(TypeDecorator):
 
 
 metadata = MetaData()
+MAX_ID = 2**31 - 1  # every id column is Integer: 32-bit on PostgreSQL, so no row has a larger id
 
 jobs = Table(
     "analysis_jobs", metadata,
@@ -93,6 +94,8 @@ jobs = Table(
     Column("kept_at", UTCDateTime),
     # Why the row cannot be read (NULL: it can): a quarantined row is skipped everywhere.
     Column("quarantine", Text),
+    # The box that recorded the footage (schema 9; NULL: written before nodes existed).
+    Column("node", String(64)),
     UniqueConstraint("camera_id", "segment_start", name="uq_jobs_camera_segment"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed')",
                     name="ck_jobs_status"),
@@ -164,11 +167,32 @@ deliveries = Table(
     Column("last_error", Text),
     Column("last_error_at", UTCDateTime),
     Column("quarantine", Text),
+    # The box whose notifier sends it (its snapshot is on that box); NULL: any notifier.
+    Column("node", String(64)),
     CheckConstraint("status IN ('pending', 'delivered', 'failed', 'suppressed')",
                     name="ck_deliveries_status"),
     Index("ix_deliveries_status_due", "status", "next_attempt_at"),
     Index("ix_deliveries_incident", "incident_id"),
     Index("ix_deliveries_cooldown", "rule", "camera_id", "category", "incident_at"),
+)
+
+# One row per box sharing the database (schema 9): store/nodes.py reads and writes it.
+nodes = Table(
+    "nodes", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("instance", String(32), nullable=False),
+    # The data directory's own id: a start on the same data directory is this box again
+    # (the data-dir lock says the earlier start is gone), not another box.
+    Column("box", String(32)),
+    Column("public_url", String(500), nullable=False),
+    Column("version", String(50), nullable=False),
+    Column("role", String(16), nullable=False),
+    # [{"id", "prompt"}], so any box can list (and link to) every box's cameras.
+    Column("cameras", JSON),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    # Set by an orderly stop: the node is down at once, not ALIVE_SECONDS later.
+    Column("stopped_at", UTCDateTime),
 )
 
 meta_table = Table(
@@ -203,6 +227,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: ("ALTER TABLE analysis_jobs ADD COLUMN quarantine TEXT",
         "ALTER TABLE incidents ADD COLUMN quarantine TEXT",
         "ALTER TABLE alert_deliveries ADD COLUMN quarantine TEXT"),
+    # 9: the nodes table is new (create_all makes it).
+    9: ("ALTER TABLE analysis_jobs ADD COLUMN node VARCHAR(64)",
+        "ALTER TABLE alert_deliveries ADD COLUMN node VARCHAR(64)"),
 }
 ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 

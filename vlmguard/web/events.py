@@ -21,9 +21,10 @@ from aiohttp import web
 
 from vlmguard.errors import DatabaseError
 from vlmguard.logs import Noticed, get_logger
-from vlmguard.status import incident_row, iso, live_cameras
+from vlmguard.status import incident_row, live_cameras
 from vlmguard.store.engines import is_outage
-from vlmguard.web.api import with_store
+from vlmguard.times import iso
+from vlmguard.web.database import with_store
 from vlmguard.web.keys import CHILD_STATE_KEY, CONFIG_KEY, GUARD_KEY, HUB_KEY
 
 log = get_logger("vlmguard.web.events")

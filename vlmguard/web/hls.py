@@ -8,8 +8,8 @@ under live/<camera>/, adjusting the playlist on the way out: one playlist across
 restarts (see livelist.py), a constant EXT-X-TARGETDURATION, an EXT-X-START three target
 durations from the end. Either way the token is carried on to every URI, and a stale
 playlist is never served: a camera whose playlist gained no segment for the stale limit
-answers 503 with Retry-After, so players retry instead of spinning on old video (one
-cause of the seed's "old video after coming back").
+answers 503 with Retry-After, so players retry instead of spinning on old video, and
+come back to new video, not old, when the camera does.
 
 A blocking request waits on its camera's one shared future (no thread, no file): it holds
 its connection like any client, within server.max_connections.

@@ -5,7 +5,8 @@ from aiohttp import web
 from vlmguard.config import Config
 
 CONFIG_KEY = web.AppKey("config", Config)
-DATABASE_KEY = web.AppKey("database", object)  # vlmguard.web.api.Database
+DATABASE_KEY = web.AppKey("database", object)  # vlmguard.web.database.Database
+LIMITER_KEY = web.AppKey("sign_in_limiter", object)  # vlmguard.web.session.SignInLimiter
 TARGETS_KEY = web.AppKey("targets", dict)
 LIVE_KEY = web.AppKey("live", dict)  # camera -> llhls.LiveStream, in the streaming process
 SECRET_KEY = web.AppKey("secret", bytes)

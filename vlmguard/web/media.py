@@ -23,19 +23,25 @@ import json
 import math
 import re
 import shutil
+import socket
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.clips import MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, plan_clip
+from vlmguard.clips import (MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, middle, plan_clip,
+                            save_snapshot)
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
-                              since_param)
+from vlmguard.store.schema import MAX_ID
+from vlmguard.times import EXAMPLE, iso
+from vlmguard.web.database import read
+from vlmguard.web.params import BadParameter, checked_int, config_of, since_param
 from vlmguard.web.keys import CLIP_SLOTS_KEY
+from vlmguard.web.proxy import from_home, home_of
+from vlmguard.web.scratch import ram_dir, room_for
 
 log = get_logger("vlmguard.web.media")
 
@@ -47,9 +53,15 @@ STALL_SECONDS = 10.0
 CHUNK_BYTES = 256 * 1024
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 INCIDENT_MARGIN = timedelta(seconds=5)
-RAM_DIR = Path("/dev/shm")
-MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
+ANALYZER_ID = re.compile(r"(.+)-analyzer-[0-9]+")  # analyzer.worker_name: host-analyzer-N
+
+
+def analysed_elsewhere(incident: dict) -> bool:
+    """Whether another box's analyzer stored the incident (it had no footage for the
+    picture); a picture this box's analyzer did not make stays missing, as on one box."""
+    match = ANALYZER_ID.fullmatch(str(incident.get("worker_id") or ""))
+    return match is not None and match.group(1) != socket.gethostname()
 
 
 def add_media_routes(app: web.Application) -> None:
@@ -64,16 +76,27 @@ def not_found(message: str) -> web.HTTPNotFound:
 
 
 async def incident_of(request: web.Request) -> dict:
-    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_ID)
     found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"no incident {incident_id}")
     return found
 
 
-async def snapshot(request: web.Request) -> web.FileResponse:
+async def snapshot(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
-    path = Layout(config_of(request).data_dir).snapshot(incident["camera_id"], incident["id"])
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: its picture is there
+        return await from_home(request, home)
+    config = config_of(request)
+    layout = Layout(config.data_dir)
+    path = layout.snapshot(incident["camera_id"], incident["id"])
+    if not await asyncio.to_thread(path.is_file) and config.camera(incident["camera_id"]) \
+            and analysed_elsewhere(incident):
+        # Analysed on another box, which had no footage to make it from: made here, once.
+        async with request.app[CLIP_SLOTS_KEY]:
+            await asyncio.to_thread(save_snapshot, ffmpeg_binary(), layout,
+                                    incident["camera_id"], incident["id"], middle(incident))
     if not await asyncio.to_thread(path.is_file):
         raise not_found(f"no snapshot of incident {incident['id']} (none made, or its "
                         "footage was deleted)")
@@ -84,6 +107,9 @@ async def snapshot(request: web.Request) -> web.FileResponse:
 
 async def incident_clip(request: web.Request) -> web.StreamResponse:
     incident = await incident_of(request)
+    home = await home_of(request, incident["camera_id"])
+    if home is not None:  # another box's camera: cut there, from its recording
+        return await from_home(request, home)
     start = incident["start_at"] - INCIDENT_MARGIN
     seconds = (incident["end_at"] + INCIDENT_MARGIN - start).total_seconds()
     return await serve_clip(request, incident["camera_id"], start, min(seconds, MAX_CLIP_SECONDS),
@@ -103,7 +129,7 @@ async def clip(request: web.Request) -> web.StreamResponse:
 def start_param(request: web.Request) -> datetime:
     when = since_param(request, "start")
     if when is None:
-        raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
+        raise BadParameter("start", f"required: an ISO 8601 time, e.g. {EXAMPLE}")
     return when
 
 
@@ -226,33 +252,3 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
             "X-Clip-Start": iso(plan.start)}
 
 
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def room_for(size: int) -> bool:
-    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
-    machine keep MEMORY_RESERVE available besides."""
-    try:
-        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
-    except OSError:
-        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
-    available = memory_available()
-    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
-
-
-def memory_available() -> int | None:
-    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def ram_dir() -> str | None:
-    """Clips are copies: kept in RAM, they cost the flash nothing."""
-    return str(RAM_DIR) if RAM_DIR.is_dir() else None

@@ -108,6 +108,14 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
     family("vlmguard_quarantined_rows", "gauge",
            "Rows that could not be read, quarantined and skipped, by table.",
            [(label(table=name), n) for name, n in sorted(quarantined.items())])
+    nodes = report.get("nodes", [])
+    if nodes:
+        family("vlmguard_node_up", "gauge",
+               "1 while the box (node) sharing this database heartbeats.",
+               [(label(node=n["name"]), int(n["alive"])) for n in nodes])
+        family("vlmguard_node_last_seen_seconds", "gauge",
+               "Seconds since the node's last heartbeat.",
+               [(label(node=n["name"]), n["last_seen_s"]) for n in nodes])
     archives = report["archives"]
     family("vlmguard_archive_bytes", "gauge", "Bytes used by archives.", [("", archives["bytes"])])
     family("vlmguard_archives", "gauge", "Archive files on disk.", [("", archives["count"])])
@@ -129,3 +137,15 @@ def escape(value: str) -> str:
 
 def format_value(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) and not float(value).is_integer() else str(int(value))
+
+
+def signin_metrics(limiter: Any) -> str:
+    """The sign-in counters (web.session.SignInLimiter's) in the Prometheus text format."""
+    return ("# HELP vlmguard_signin_failures_total Wrong tokens checked (sign-in form, Bearer "
+            "header or ?token=) since the streaming process started.\n"
+            "# TYPE vlmguard_signin_failures_total counter\n"
+            f"vlmguard_signin_failures_total {limiter.failed_total}\n"
+            "# HELP vlmguard_signin_refused_total Requests with a token refused unchecked "
+            "(429) because their address had to wait after wrong tokens.\n"
+            "# TYPE vlmguard_signin_refused_total counter\n"
+            f"vlmguard_signin_refused_total {limiter.refused_total}\n")
