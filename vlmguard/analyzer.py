@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -42,7 +41,8 @@ from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, coun
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
                              last_line, media_duration, source_args,
                              still_video_command)
-from vlmguard.health import Beat, write_state
+from vlmguard.child import ChildState, on_stop
+from vlmguard.health import Beat
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.node_footage import FootageAway, fetch_footage
@@ -126,7 +126,7 @@ def main(config: Config, index: int, beat: Beat = Beat()) -> None:
         queue = JobQueue.from_config(db, config, alongside_complete=outbox.enqueue_deliveries)
         worker = Worker(config, queue, Pauses(db), worker_id, beat=beat,
                         state_name=f"analyzer-{index}")
-        signal.signal(signal.SIGTERM, worker.on_signal)
+        on_stop(worker.stop)
         worker.run()
     log.info("analyzer stopped")
 
@@ -166,6 +166,7 @@ class Worker:
         self.binary = ffmpeg_binary()
         self.beat = beat
         self.state_name = state_name
+        self.published = ChildState(config.data_dir, state_name)
         self.stopping = threading.Event()
         self.interruptible = False
         self._state = "starting"
@@ -193,11 +194,8 @@ class Worker:
             self.write_state()
 
     def write_state(self) -> None:
-        if self.state_name:
-            write_state(self.config.data_dir, self.state_name,
-                        {"worker_id": self.worker_id, "state": self._state,
-                         "since": self.since,
-                         "adapted": self.adapted})
+        self.published.publish({"worker_id": self.worker_id, "state": self._state,
+                                "since": self.since, "adapted": self.adapted})
 
     def keep_alive(self, lease: "LeaseKeeper") -> Callable[[], None]:
         def check() -> None:
@@ -205,10 +203,11 @@ class Worker:
             lease.check()
         return check
 
-    def on_signal(self, signum, _frame) -> None:
+    def stop(self) -> None:
+        """SIGTERM (see child.on_stop): mid-request, the job goes back at once."""
         self.stopping.set()
         if self.interruptible:
-            raise Stopping(signal.Signals(signum).name)
+            raise Stopping("SIGTERM")
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -353,7 +352,7 @@ class Worker:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
             self.state = f"job {job.id}"
             log.info("job claimed", video=job.video_path, attempt=job.retry_count + 1)
-            lease = LeaseKeeper(self.queue, job)
+            lease = LeaseKeeper(self.queue, job, self.published.unexpected)
             work = Layout(self.config.data_dir).work()
             work.mkdir(parents=True, exist_ok=True)  # RAM: the copies never touch the disk
             workdir = Path(tempfile.mkdtemp(prefix=f"job{job.id}-", dir=work))
@@ -388,7 +387,7 @@ class Worker:
                 if is_outage(exc):
                     self.database_lost(job, exc)
                 else:
-                    log.exception("unexpected error")
+                    self.published.unexpected(log, "unexpected error")
                     self.record_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
             finally:
                 self.interruptible = False
@@ -470,8 +469,9 @@ class Worker:
             except LeaseLost:
                 raise
             except Exception as exc:  # an answer the provider code did not expect
-                log.exception("provider answered something unexpected, trying the next",
-                              provider=name)
+                self.published.unexpected(
+                    log, "provider answered something unexpected, trying the next",
+                    provider=name)
                 error = AnalysisError(f"unexpected answer: {type(exc).__name__}: {exc}",
                                       retryable=True)
                 self.provider_failed(name, job, error)
@@ -813,9 +813,10 @@ def clip_duration(job: Job, clip: Clip) -> float:
 class LeaseKeeper:
     """Heartbeats the job's lease from a thread; check() raises once the lease is lost."""
 
-    def __init__(self, queue: JobQueue, job: Job):
+    def __init__(self, queue: JobQueue, job: Job, unexpected=None):
         self.queue = queue
         self.job = job
+        self.unexpected = unexpected or ChildState().unexpected
         self.interval = max(queue.lease_seconds / 3, 0.2)
         self.done = threading.Event()
         self.lost = threading.Event()
@@ -828,8 +829,12 @@ class LeaseKeeper:
             except LeaseLost:
                 self.lost.set()
                 return
-            except Exception as exc:  # the database is briefly away: keep trying
-                log.warning("heartbeat failed", error=str(exc))
+            except Exception as exc:
+                if is_outage(exc):  # the database is briefly away: keep trying
+                    log.warning("heartbeat failed", error=str(exc))
+                else:  # a bug: the lease may lapse and the job be done again; say so
+                    self.unexpected(log, "heartbeat failed unexpectedly: the job may be "
+                                    "done again", job_id=self.job.id)
 
     def check(self) -> None:
         if self.lost.is_set():

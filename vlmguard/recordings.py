@@ -42,6 +42,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
+from vlmguard.child import ChildState
 from vlmguard.clips import Footage, recordings
 from vlmguard.errors import VlmguardError
 from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
@@ -113,9 +114,11 @@ class Catalog:
     file's size, so a grown file is read again. Thread-safe: the web side calls it from
     worker threads."""
 
-    def __init__(self, layout: Layout, binary: str):
+    def __init__(self, layout: Layout, binary: str, unexpected=None):
         self.layout = layout
         self.binary = binary
+        # ChildState.unexpected of the process it runs in: a bug is logged and counted.
+        self.unexpected = unexpected or ChildState().unexpected
         self.lock = threading.Lock()
         self.extents: OrderedDict[tuple[str, str], tuple[int, Extent]] = OrderedDict()
         self.indexes: OrderedDict[tuple[str, str], tuple[int, bool, KeyframeIndex]] = OrderedDict()
@@ -720,9 +723,11 @@ class SidecarWriter:
     """Writes sidecars in a thread of its own, so the archiver's loop (which must link live
     segments before FFmpeg deletes them) never waits on a scan or a thumbnail."""
 
-    def __init__(self, layout: Layout, binary: str):
+    def __init__(self, layout: Layout, binary: str, unexpected=None):
         self.layout = layout
         self.binary = binary
+        # ChildState.unexpected of the process it runs in: a bug is logged and counted.
+        self.unexpected = unexpected or ChildState(layout.data_dir, None).unexpected
         self.queue: "queue.Queue[tuple[str, Path] | None]" = queue.Queue()
         self.thread: threading.Thread | None = None
 
@@ -752,9 +757,12 @@ class SidecarWriter:
                 continue
             try:
                 write_sidecar(self.layout, self.binary, camera_id, path, start)
-            except Exception as exc:  # a sidecar is an extra: never the archiver's end
+            except OSError as exc:
                 log.error("sidecar not written", camera_id=camera_id, file=path.name,
                           error=str(exc)[:300])
+            except Exception:  # a sidecar is an extra: a bug here never ends the archiver
+                self.unexpected(log, "sidecar not written: unexpected error",
+                                camera_id=camera_id, file=path.name)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.thread is not None:

@@ -2,7 +2,7 @@
 
 `vlmguard status`, the REST API and /metrics all show the same facts under the same keys.
 Everything comes from what the processes share: the job table, the files under data_dir,
-and the small state files the running processes keep in <data_dir>/run/. So the report
+and the small state files the running processes keep in the RAM folder. So the report
 works whether or not the daemon is running, and says which.
 """
 
@@ -59,7 +59,10 @@ def gather_status(config: Config, store: Store | None = None,
         "config": str(config.source),
         "daemon": {"running": pid is not None, "pid": pid,
                    "since": iso_epoch(supervisor.get("started_at")),
-                   "children": supervisor.get("children", {})},
+                   "children": supervisor.get("children", {}),
+                   # Bugs each process caught so that it could go on (see child.py).
+                   "unexpected_errors": {name: state.get("unexpected_errors", 0)
+                                         for name, state in states.items()}},
         "database": {"url": redact_url(config.database_url), "ready": False, "error": None,
                      "waiting": database_waits(states),
                      "quarantined": {"rows": {}, "total": 0, "latest": []}},

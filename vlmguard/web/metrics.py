@@ -91,6 +91,11 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
            "runs on).",
            [(label(child=name), int(state.get("state") == "backed off"))
             for name, state in children.items()])
+    family("vlmguard_unexpected_errors_total", "counter",
+           "Bugs a process caught so that its loop goes on, each logged with its traceback "
+           "(since that process started).",
+           [(label(child=name), n) for name, n in
+            sorted(report["daemon"].get("unexpected_errors", {}).items())])
     database = report["database"]
     family("vlmguard_database_up", "gauge",
            "1 when the job table could be read for this report.",
