@@ -432,7 +432,7 @@ def test_database_password_in_the_url_is_masked_in_run_status_and_jobs(tmp_path)
     ("bytes=-", (0, 999)), ("items=0-1", (0, 999)), ("bytes=" + "9" * 30 + "-", (0, 999)),
 ])
 def test_clip_byte_ranges(header, expected):
-    from vlmguard.web.media import byte_range
+    from vlmguard.web.sending import byte_range
 
     class Asked:
         headers = {"Range": header}
@@ -440,7 +440,7 @@ def test_clip_byte_ranges(header, expected):
 
 
 def test_clip_range_past_the_end_is_416():
-    from vlmguard.web.media import byte_range
+    from vlmguard.web.sending import byte_range
 
     class Asked:
         headers = {"Range": "bytes=1000-"}

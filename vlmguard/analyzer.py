@@ -37,12 +37,12 @@ import structlog
 from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
 from vlmguard.errors import LeaseLost, VlmguardError, first_line
-from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
+from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             last_line, media_duration, source_args,
-                             still_video_command)
+                             last_line, media_duration, still_video_command)
 from vlmguard.child import ChildState, on_stop
 from vlmguard.health import Beat
+from vlmguard.jobvideo import job_video, mp4_copy
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.node_footage import FootageAway, fetch_footage
@@ -635,52 +635,10 @@ def earliest_retry(skipped: list[tuple[str, object]]):
     return utcnow() + timedelta(seconds=PAUSED_DEFER_SECONDS)
 
 
-def job_video(layout: Layout, job: Job, workdir: Path) -> Path:
-    """The video a job covers: its window in RAM, else the part of the archive(s) its
-    sources name (cut by the concat demuxer's in- and out-points, no copy), else its file.
-    Offset 0 of what is returned is job.first_frame_at."""
-    video = Path(job.video_path)
-    sources = [s for s in job.sources or () if isinstance(s, dict) and s.get("path")]
-    whole = len(sources) == 1 and not sources[0].get("offset_s") and video.suffix == ".ts"
-    if video.suffix == ".ffconcat" and complete_listing(video):
-        return video
-    if video.suffix != ".ffconcat" and video.exists() and (not sources or whole):
-        return video
-    if not sources:
-        return video  # prepare_video says it is missing
-    entries = []
-    for source in sources:
-        path = find_archive(layout, job.camera_id, Path(source["path"]))
-        if path is None:
-            raise AnalysisError(f"footage gone: neither the window in RAM nor the archive "
-                                f"{source['path']} exists", retryable=False)
-        offset = float(source.get("offset_s") or 0.0)
-        entries.append((str(path), None, offset,
-                        offset + float(source["duration_s"]) if source.get("duration_s") else None))
-    listing = workdir / "sources.ffconcat"
-    listing.write_text(concat_text(entries))
-    return listing
 
 
-def complete_listing(listing: Path) -> bool:
-    """An ffconcat list (a window in RAM) whose every file is still there: a merged
-    window's segments sit in several window folders, and RAM pressure may drop one."""
-    try:
-        lines = listing.read_text().splitlines()
-    except OSError:
-        return False
-    names = [line[6:-1].replace("'\\''", "'") for line in lines
-             if line.startswith("file '") and line.endswith("'")]
-    return bool(names) and all((listing.parent / name).exists() for name in names)
 
 
-def find_archive(layout: Layout, camera_id: str, path: Path) -> Path | None:
-    """An archive by its final path, or where it is on its way there (still written,
-    or closed and not yet filed)."""
-    for folder in (path.parent, layout.closed(camera_id), layout.partial(camera_id)):
-        if (folder / path.name).exists():
-            return folder / path.name
-    return None
 
 
 def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path, *,
@@ -752,22 +710,8 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
 
 
-def mp4_copy_command(binary: str, source: Path, target: Path) -> list[str]:
-    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            *source_args(source), "-map", "0:v:0", "-c", "copy",
-            "-movflags", "+faststart", "-f", "mp4", str(target)]
 
 
-def mp4_copy(binary: str, source: Path, target: Path) -> Path:
-    """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
-    RAM folder, never on the archive disk) for mode original: video models' APIs take
-    MP4, not always MPEG-TS."""
-    proc = subprocess.run(mp4_copy_command(binary, source, target),
-                          capture_output=True, text=True, timeout=600, env=child_env())
-    if proc.returncode != 0 or not target.exists():
-        reason = last_line(proc.stderr)
-        raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
-    return target
 
 
 def copy_fps(binary: str, copy: Path, duration: float, most: float) -> float:

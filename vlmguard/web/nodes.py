@@ -22,8 +22,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.analyzer import job_video, mp4_copy_command
 from vlmguard.ffmpeg import child_env, ffmpeg_binary, parent_death_prefix
+from vlmguard.jobvideo import job_video, mp4_copy_command
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
 from vlmguard.times import iso
@@ -31,9 +31,9 @@ from vlmguard.vlm import AnalysisError
 from vlmguard.store.schema import MAX_ID
 from vlmguard.web.database import read
 from vlmguard.web.keys import CLIP_SLOTS_KEY
-from vlmguard.web.media import QUEUE_SECONDS, not_found, send_clip
 from vlmguard.web.params import checked_int, config_of
 from vlmguard.web.scratch import ram_dir
+from vlmguard.web.sending import QUEUE_SECONDS, not_found, send_clip
 
 log = get_logger("vlmguard.web.nodes")
 
