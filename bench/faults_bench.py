@@ -54,6 +54,7 @@ from tcp_proxy import TcpProxy  # noqa: E402
 
 import sqlalchemy  # noqa: E402
 
+from vlmguard.health import run_dir  # noqa: E402
 from vlmguard.layout import archive_start  # noqa: E402
 from vlmguard.store.bundle import Store  # noqa: E402
 
@@ -171,7 +172,7 @@ def analyzer_crash_loop(run: Run) -> None:
     while time.time() < deadline:
         pid = run.daemon.child_pid("analyzer-0")
         try:
-            state = json.loads((run.daemon.data_dir / "run" / "analyzer-0.json").read_text())
+            state = json.loads((run_dir(run.daemon.data_dir) / "analyzer-0.json").read_text())
         except (OSError, ValueError):
             state = {}
         if pid and pid not in killed and not str(state.get("state", "")).startswith("job"):

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import browser  # noqa: E402
 from daemon import RunningVlmguard, free_port  # noqa: E402
+from vlmguard.health import run_dir  # noqa: E402
 from test_hostile_streaming import ffmpeg_pids, fill, small_disk  # noqa: E402
 from test_streamer import ffprobe_duration, start_rtsp_camera, wait_for  # noqa: E402
 
@@ -209,7 +210,7 @@ def restarts(args) -> None:
                 "media_sequence_only_grows": poller.sequences == sorted(poller.sequences),
                 "discontinuities_seen_in_one_playlist_max": poller.discontinuities,
                 "ffmpeg_restarts_reported": json.loads(
-                    (running.data_dir / "run" / "streamer.json").read_text())["cameras"]["cam1"]
+                    (run_dir(running.data_dir) / "streamer.json").read_text())["cameras"]["cam1"]
                 ["restarts"],
                 "players": results,
             }, indent=1))

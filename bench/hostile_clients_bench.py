@@ -38,6 +38,7 @@ from urllib.parse import quote
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from daemon import free_port  # noqa: E402
+from vlmguard.health import run_dir  # noqa: E402
 from gemini_server import FakeGemini  # noqa: E402
 from test_hostile_clients import (TOKEN, HostileReceiver, guess_tokens, request,  # noqa: E402
                                   stalled_reader, status_of)
@@ -91,10 +92,13 @@ url = "{CAMERA}"
         return self
 
     def pid(self, name: str) -> int | None:
-        try:
-            return json.loads((self.data_dir / "run" / f"{name}.json").read_text())["pid"]
-        except (OSError, ValueError, KeyError):
-            return None
+        # A tree from before the state files moved to the RAM folder keeps them on disk.
+        for folder in (run_dir(self.data_dir), self.data_dir / "run"):
+            try:
+                return json.loads((folder / f"{name}.json").read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
 
     def peak_rss_mb(self, name: str) -> float | None:
         pid = self.pid(name)

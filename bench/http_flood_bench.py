@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from vlmguard.health import run_dir
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STREAMER = ("import sys; from vlmguard import streamer; from vlmguard.config import load_config; "
@@ -194,7 +196,7 @@ def archives(data_dir: Path) -> int:
 
 def ffmpeg_restarts(data_dir: Path) -> int:
     try:
-        state = json.loads((data_dir / "run" / "streamer.json").read_text())
+        state = json.loads((run_dir(data_dir) / "streamer.json").read_text())
         return state["cameras"]["demo"]["restarts"]
     except (OSError, ValueError, KeyError):
         return -1

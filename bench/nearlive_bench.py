@@ -48,6 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from daemon import free_port  # noqa: E402
+from vlmguard.health import run_dir  # noqa: E402
 
 # Every 37 s (epoch-based), so that events fall at every position within a minute.
 PERIOD = 37
@@ -123,10 +124,13 @@ def start_daemon(config: Path, code: Path = REPO) -> subprocess.Popen:
 
 
 def ram_bytes(data_dir: Path) -> int | None:
-    try:
-        return json.loads((data_dir / "run" / "archiver.json").read_text()).get("ram_bytes")
-    except (OSError, ValueError):
-        return None
+    # A tree from before the state files moved to the RAM folder keeps them on disk.
+    for folder in (run_dir(data_dir), data_dir / "run"):
+        try:
+            return json.loads((folder / "archiver.json").read_text()).get("ram_bytes")
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def disk(args) -> None:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE / "tests"))
 from daemon import free_port  # noqa: E402
 from gemini_server import VALID_KEY, FakeGemini  # noqa: E402
 from openai_server import FakeOpenAI  # noqa: E402
+from vlmguard.health import run_dir  # noqa: E402
 
 WINDOW = Path(tempfile.gettempdir()) / "vlmguard-bench-window-60s-360p.mp4"
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
@@ -301,7 +302,7 @@ def run_fault(tree: Path, fault: str, seconds: float) -> dict:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not answers_ok(url):
                 time.sleep(0.5)
-            run = folder / "data" / "run"
+            run = run_dir(folder / "data")
             streamer = json.loads((run / "streamer.json").read_text())["pid"]
             poller = threading.Thread(target=poll, daemon=True)
             poller.start()

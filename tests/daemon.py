@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vlmguard import archiver, streamer
 from vlmguard.config import load_config
+from vlmguard.health import run_dir
 
 from helpers import free_port, write_config
 
@@ -155,7 +156,7 @@ stop_timeout_seconds = 15
     def child_pid(self, name: str) -> int | None:
         import json
         try:
-            return json.loads((self.data_dir / "run" / f"{name}.json").read_text())["pid"]
+            return json.loads((run_dir(self.data_dir) / f"{name}.json").read_text())["pid"]
         except (OSError, ValueError, KeyError):
             return None
 

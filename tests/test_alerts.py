@@ -89,7 +89,7 @@ def test_deliveries_are_written_with_the_incidents(outbox):
     [stored] = [i for i in outbox.incidents.list_incidents(job_id) if i["category"] == "fall"]
     assert payload == {
         "type": "incident", "id": stored["id"], "camera_id": "dock-2",
-        "start": "2026-11-26T08:00:03Z", "end": "2026-11-26T08:00:05Z", "category": "fall",
+        "start": "2026-11-26T08:00:03.000Z", "end": "2026-11-26T08:00:05.000Z", "category": "fall",
         "severity": "high", "event_type": "high", "description": "fall at 3",
         "confidence": 0.9, "safety_score": 40, "summary": "a window", "job_id": job_id,
         "snapshot_url": f"https://guard.example.com/api/incidents/{stored['id']}/snapshot.jpg",
@@ -97,7 +97,7 @@ def test_deliveries_are_written_with_the_incidents(outbox):
     assert title(payload) == "HIGH fall on dock-2 at 08:00:03"
     score = by_kind[("safety_score", "mqtt")][0]["payload"]
     assert (score["safety_score"], score["camera_id"], score["window_start"]) == \
-        (40, "dock-2", "2026-11-26T08:00:00Z")
+        (40, "dock-2", "2026-11-26T08:00:00.000Z")
 
 
 def test_a_failed_commit_writes_neither_incidents_nor_deliveries(outbox):

@@ -155,6 +155,6 @@ def test_incidents_newest_first_and_filters(with_incidents):
     assert ids("--since", "2026-11-26T09:00:00") == ["incident 2", "incident 1"]
     assert ids("--limit", "1") == ["incident 2"]
     row = json.loads(run("incidents", "--json", "--limit", "1", "--config", with_incidents).output)
-    assert row["start_at"] == "2026-11-26T10:00:30+00:00"
+    assert row["start_at"] == "2026-11-26T10:00:30.000Z"
     text = run("incidents", "--config", with_incidents).output
     assert "2026-11-26 10:00:30  cam2             high     fall         incident 2  (job 3)" in text

@@ -35,6 +35,7 @@ from click.testing import CliRunner
 from vlmguard.alerts import webhook
 from vlmguard.cli import main
 from vlmguard.config import load_config
+from vlmguard.health import run_dir
 from vlmguard.layout import Layout
 from vlmguard.web import create_app
 from vlmguard.web import session as session_module
@@ -431,7 +432,7 @@ def test_database_password_in_the_url_is_masked_in_run_status_and_jobs(tmp_path)
     ("bytes=-", (0, 999)), ("items=0-1", (0, 999)), ("bytes=" + "9" * 30 + "-", (0, 999)),
 ])
 def test_clip_byte_ranges(header, expected):
-    from vlmguard.web.media import byte_range
+    from vlmguard.web.sending import byte_range
 
     class Asked:
         headers = {"Range": header}
@@ -439,7 +440,7 @@ def test_clip_byte_ranges(header, expected):
 
 
 def test_clip_range_past_the_end_is_416():
-    from vlmguard.web.media import byte_range
+    from vlmguard.web.sending import byte_range
 
     class Asked:
         headers = {"Range": "bytes=1000-"}
@@ -758,7 +759,7 @@ def test_daemon_files_are_private_outside_systemd(hostile):
     assert stat.S_IMODE(ram.stat().st_mode) == 0o700
     assert stat.S_IMODE(os.stat(ram).st_mode) == 0o700 and os.stat(ram).st_uid == os.geteuid()
     found = [data_dir / "vlmguard.db", data_dir / "vlmguard.pid",
-             *data_dir.glob("run/*.json"), *(data_dir / "archives" / "cam1").glob("*.ts"),
+             *run_dir(data_dir).glob("*.json"), *(data_dir / "archives" / "cam1").glob("*.ts"),
              *(data_dir / "closed" / "cam1").glob("*.ts"), *data_dir.glob("snapshots/cam1/*.jpg"),
              *(ram / "live" / "cam1").glob("*.ts")]
     kinds = {path.suffix for path in found}

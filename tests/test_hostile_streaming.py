@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmguard.health import run_dir
 from vlmguard.layout import Layout
 
 import browser
@@ -322,7 +323,7 @@ def test_a_stopped_streaming_process_costs_live_video_never_the_archive(tmp_path
 
         wait_for(hole_scrolled_off, 20, "the hole to leave the live playlist")
         assert decoded_frames(daemon.url, seconds=4) >= 90
-        state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+        state = json.loads((run_dir(daemon.data_dir) / "streamer.json").read_text())
         assert "gaps in live video: 1 " in state["cameras"]["cam1"]["live"], state
         assert daemon.ffmpeg_pids() == [ffmpeg]  # not restarted as "stalled"
         time.sleep(2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from vlmguard.analyzer import mp4_copy
+from vlmguard.jobvideo import mp4_copy
 from vlmguard.clips import media_times
 from vlmguard.ffmpeg import LIVE_MOVFLAGS, analysis_copy_command, media_duration, video_args
 from vlmguard.fmp4 import children, fragment_timing, init_size, parse_init

@@ -49,11 +49,11 @@ def fetch(config, path, token="tok", headers=None):
 
 
 def test_api_clip_is_an_mp4_from_the_start_with_range_support(config, tmp_path, monkeypatch):
-    from vlmguard.web import media
+    from vlmguard.web import scratch
 
     ram = tmp_path / "shm"  # its own, as other runs on this machine share /dev/shm
     ram.mkdir()
-    monkeypatch.setattr(media, "RAM_DIR", ram)
+    monkeypatch.setattr(scratch, "RAM_DIR", ram)
     status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:05Z"
                                           "&duration=10")
     assert status == 200 and headers["Content-Type"] == "video/mp4"
@@ -255,10 +255,10 @@ def test_clip_requests_beyond_the_bound_get_503(config, monkeypatch):
 
 
 def test_a_clip_that_would_not_fit_in_memory_gets_503(config, monkeypatch):
-    from vlmguard.web import media
+    from vlmguard.web import scratch
 
-    monkeypatch.setattr(media, "MEMORY_RESERVE", 2**62)  # as if the box had no RAM to spare
+    monkeypatch.setattr(scratch, "MEMORY_RESERVE", 2**62)  # as if the box had no RAM to spare
     status, headers, body = fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")
     assert status == 503 and "memory" in json.loads(body)["error"]
-    monkeypatch.setattr(media, "MEMORY_RESERVE", 0)
+    monkeypatch.setattr(scratch, "MEMORY_RESERVE", 0)
     assert fetch(config, "/api/clip?camera=cam1&start=2026-11-26T08:00:00Z")[0] == 200

@@ -29,6 +29,7 @@ from fault_watch import LiveWatch
 from tcp_proxy import TcpProxy
 from helpers import pg_address, through_proxy, wait_for
 from helpers.db import db_rows
+from vlmguard.health import run_dir
 
 pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
@@ -260,7 +261,7 @@ def kill_repeatedly(daemon, name: str, times: int) -> set[int]:
     while len(killed) < times:
         pid = wait_for(lambda: (p := daemon.child_pid(name)) not in killed and p, 60,
                        f"{name} restarted")
-        state = json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
+        state = json.loads((run_dir(daemon.data_dir) / f"{name}.json").read_text())["state"]
         if state.startswith("job"):
             time.sleep(0.2)
             continue

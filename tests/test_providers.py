@@ -19,6 +19,7 @@ import pytest
 
 from vlmguard.analyzer import Worker
 from vlmguard.config import load_config
+from vlmguard.health import run_dir
 from vlmguard.layout import Layout
 from vlmguard.status import gather_status, render_status
 from vlmguard.store.bundle import Store
@@ -719,7 +720,7 @@ providers = ["spare", "cloud"]
                                             timeout=30) as response:
                     console = json.loads(response.read())
                 assert daemon.child_pid("streamer") == streamer
-                supervisor = json.loads((daemon.data_dir / "run" / "supervisor.json").read_text())
+                supervisor = json.loads((run_dir(daemon.data_dir) / "supervisor.json").read_text())
                 restarts = {name: c["restarts"] for name, c in supervisor["children"].items()}
                 live.__exit__()  # SIGHUP restarts every child, the streamer too
                 # The server is fixed; SIGHUP probes edge at once.

@@ -438,6 +438,7 @@ def test_cli_export_writes_the_same(config, tmp_path):
     assert frame_clocks(str(streamed), DAY) == clocks
     for args, problem in [(["--camera", "nope"], "no camera 'nope'"),
                           (["--start", "tomorrow"], "--start: must be an ISO 8601 time"),
+                          (["--start", "9999-12-31T23:59:59-23:59"], "--start: out of range"),
                           (["--duration", "7200"], "--duration: must be seconds"),
                           (["--start", "2020-01-01T00:00:00Z"], "no recorded video of dock")]:
         bad = command + ["-o", str(tmp_path / "bad.mp4")]

@@ -25,6 +25,7 @@ from daemon import Daemon, free_port
 from hls_rules import check_playlist, check_successor
 from helpers import wait_for
 from helpers.media import decoded_frames, ffprobe_duration, start_rtsp_camera
+from vlmguard.health import run_dir
 
 pytestmark = pytest.mark.e2e  # the tests here run FFmpeg, daemons, players or browsers
 
@@ -104,9 +105,9 @@ def test_playlist_is_low_latency_hls_with_program_dates(daemon):
     assert playlist.target == 1 and playlist.part_target == 0.23
     assert playlist.parts and playlist.hint
     assert all(s.program_date for s in playlist.segments)
-    # Status says how each camera is served (the streamer writes it every second).
+    # Status says how each camera is served (the streamer writes it when it changes).
     def reported() -> str:
-        state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+        state = json.loads((run_dir(daemon.data_dir) / "streamer.json").read_text())
         return state["cameras"]["cam1"]["live"]
 
     wait_for(lambda: reported() != "ll-hls (starting)", 5, "the camera's state")
@@ -126,7 +127,7 @@ def test_a_camera_fmp4_cannot_carry_falls_back_to_mpegts(daemon):
 
     text = wait_for(listed, 40, "the raw camera's MPEG-TS playlist")
     assert "#EXT-X-PART" not in text and "#EXT-X-MAP" not in text
-    state = json.loads((daemon.data_dir / "run" / "streamer.json").read_text())
+    state = json.loads((run_dir(daemon.data_dir) / "streamer.json").read_text())
     assert "FFmpeg could not write fMP4" in state["cameras"]["raw"]["live"]
 
 

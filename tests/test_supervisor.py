@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmguard.status import daemon_pid
+from vlmguard.health import run_dir
+from vlmguard.livestate import daemon_pid
 from vlmguard.store.bundle import Store
 
 from helpers import wait_for
@@ -38,7 +39,7 @@ def job_ids(daemon) -> list[int]:
 def analyzer_state(daemon, name: str) -> str:
     import json
     try:
-        return json.loads((daemon.data_dir / "run" / f"{name}.json").read_text())["state"]
+        return json.loads((run_dir(daemon.data_dir) / f"{name}.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
 
@@ -223,7 +224,9 @@ def test_hung_child_is_killed_and_restarted(vlmguard):
     os.kill(old, signal.SIGSTOP)
     wait_for(lambda: (pid := daemon.child_pid("streamer")) and pid != old, 40, "a new streamer")
     daemon.wait_live()
-    assert [e for e in daemon.log_events() if e["event"] == "child hung: no heartbeat, killing it"]
+    hung = [e for e in daemon.log_events() if e["event"] == "child hung: no heartbeat, killing it"]
+    assert hung
+    assert hung[0]["stack_logged"] is False  # a stopped child runs no code: no stack
     assert daemon.stop() == 0
 
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from vlmguard.health import run_dir
 from vlmguard.store.bundle import Store
 
 from helpers import wait_for
@@ -102,7 +103,7 @@ def test_events_become_incidents_near_live_and_one_across_a_window_edge(vlmguard
 def analyzer_state(daemon) -> str:
     import json
     try:
-        return json.loads((daemon.data_dir / "run" / "analyzer-0.json").read_text())["state"]
+        return json.loads((run_dir(daemon.data_dir) / "analyzer-0.json").read_text())["state"]
     except (OSError, ValueError, KeyError):
         return ""
 

@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -37,11 +36,13 @@ import structlog
 
 from vlmguard.clips import complete_with_snapshots
 from vlmguard.config import AnalysisConfig, Config
-from vlmguard.errors import LeaseLost, VlmguardError
-from vlmguard.ffmpeg import (analysis_copy_command, child_env, concat_text, count_frames,
+from vlmguard.errors import LeaseLost, VlmguardError, first_line
+from vlmguard.ffmpeg import (analysis_copy_command, child_env, count_frames,
                              distinct_frames_command, ffmpeg_binary, frame_offsets,
-                             media_duration, source_args, still_video_command)
-from vlmguard.health import Beat, write_state
+                             last_line, media_duration, still_video_command)
+from vlmguard.child import ChildState, on_stop
+from vlmguard.health import Beat
+from vlmguard.jobvideo import job_video, mp4_copy
 from vlmguard.layout import Layout
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.node_footage import FootageAway, fetch_footage
@@ -53,8 +54,9 @@ from vlmguard.store.outbox import Outbox
 from vlmguard.store.pauses import Pauses
 from vlmguard.store.queue import JobQueue
 from vlmguard.store.records import IncidentRecord, Job, Outcome, Pause, utcnow
-from vlmguard.vlm import (AccountProblem, AnalysisError, Answer, Clip, Finding, Frame,
-                          RateLimited, VlmClient, build_prompt, check_answer, where_keys_come_from)
+from vlmguard.vlm import (TOKEN_FIELDS, AccountProblem, AnalysisError, Answer, Clip, Finding,
+                          Frame, RateLimited, VlmClient, build_prompt, check_answer, token_fields,
+                          where_keys_come_from)
 from vlmguard.vlm import registry
 
 log = get_logger("vlmguard.analyzer")
@@ -124,7 +126,7 @@ def main(config: Config, index: int, beat: Beat = Beat()) -> None:
         queue = JobQueue.from_config(db, config, alongside_complete=outbox.enqueue_deliveries)
         worker = Worker(config, queue, Pauses(db), worker_id, beat=beat,
                         state_name=f"analyzer-{index}")
-        signal.signal(signal.SIGTERM, worker.on_signal)
+        on_stop(worker.stop)
         worker.run()
     log.info("analyzer stopped")
 
@@ -164,6 +166,7 @@ class Worker:
         self.binary = ffmpeg_binary()
         self.beat = beat
         self.state_name = state_name
+        self.published = ChildState(config.data_dir, state_name)
         self.stopping = threading.Event()
         self.interruptible = False
         self._state = "starting"
@@ -191,11 +194,8 @@ class Worker:
             self.write_state()
 
     def write_state(self) -> None:
-        if self.state_name:
-            write_state(self.config.data_dir, self.state_name,
-                        {"worker_id": self.worker_id, "state": self._state,
-                         "since": self.since,
-                         "adapted": self.adapted})
+        self.published.publish({"worker_id": self.worker_id, "state": self._state,
+                                "since": self.since, "adapted": self.adapted})
 
     def keep_alive(self, lease: "LeaseKeeper") -> Callable[[], None]:
         def check() -> None:
@@ -203,10 +203,11 @@ class Worker:
             lease.check()
         return check
 
-    def on_signal(self, signum, _frame) -> None:
+    def stop(self) -> None:
+        """SIGTERM (see child.on_stop): mid-request, the job goes back at once."""
         self.stopping.set()
         if self.interruptible:
-            raise Stopping(signal.Signals(signum).name)
+            raise Stopping("SIGTERM")
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -249,7 +250,7 @@ class Worker:
     def database_lost(self, job: Job, exc: BaseException) -> None:
         """The database went away mid-job: hand the job back, uncharged, once it returns."""
         log.warning("database unreachable mid-job: handing the job back when it returns",
-                    error=str(exc).splitlines()[0][:300])
+                    error=first_line(exc))
         try:
             self.through_outage(lambda: self.queue.release(job))
         except LeaseLost:
@@ -351,7 +352,7 @@ class Worker:
         with structlog.contextvars.bound_contextvars(job_id=job.id, camera_id=job.camera_id):
             self.state = f"job {job.id}"
             log.info("job claimed", video=job.video_path, attempt=job.retry_count + 1)
-            lease = LeaseKeeper(self.queue, job)
+            lease = LeaseKeeper(self.queue, job, self.published.unexpected)
             work = Layout(self.config.data_dir).work()
             work.mkdir(parents=True, exist_ok=True)  # RAM: the copies never touch the disk
             workdir = Path(tempfile.mkdtemp(prefix=f"job{job.id}-", dir=work))
@@ -386,7 +387,7 @@ class Worker:
                 if is_outage(exc):
                     self.database_lost(job, exc)
                 else:
-                    log.exception("unexpected error")
+                    self.published.unexpected(log, "unexpected error")
                     self.record_failure(job, f"unexpected error: {type(exc).__name__}: {exc}")
             finally:
                 self.interruptible = False
@@ -468,8 +469,9 @@ class Worker:
             except LeaseLost:
                 raise
             except Exception as exc:  # an answer the provider code did not expect
-                log.exception("provider answered something unexpected, trying the next",
-                              provider=name)
+                self.published.unexpected(
+                    log, "provider answered something unexpected, trying the next",
+                    provider=name)
                 error = AnalysisError(f"unexpected answer: {type(exc).__name__}: {exc}",
                                       retryable=True)
                 self.provider_failed(name, job, error)
@@ -544,9 +546,8 @@ class Worker:
         if answer.request or answer.cached_tokens is not None:
             result["request"] = dict(answer.request, cached_tokens=answer.cached_tokens)
         return Outcome(result=result, safety_score=finding.safety_score, incidents=incidents,
-                       prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                       total_tokens=answer.total_tokens, thoughts_tokens=answer.thoughts_tokens,
-                       model_version=answer.model_version, provider=settings.name,
+                       **token_fields(answer), model_version=answer.model_version,
+                       provider=settings.name,
                        model=settings.model,
                        merge_within_s=(None if job.kind == "archive"
                                        else MERGE_FRAME_INTERVALS * clip.frame_interval_s))
@@ -610,8 +611,7 @@ class Worker:
 def no_activity() -> Outcome:
     """The stored result of a static clip: no request, no incident, no token."""
     return Outcome(result={"safety_score": 100, "summary": NO_ACTIVITY, "incidents": []},
-                   safety_score=100, prompt_tokens=0, output_tokens=0, total_tokens=0,
-                   thoughts_tokens=0)
+                   safety_score=100, **dict.fromkeys(TOKEN_FIELDS, 0))
 
 
 def combined(failures: list[tuple[str, AnalysisError]]) -> AnalysisError:
@@ -635,52 +635,10 @@ def earliest_retry(skipped: list[tuple[str, object]]):
     return utcnow() + timedelta(seconds=PAUSED_DEFER_SECONDS)
 
 
-def job_video(layout: Layout, job: Job, workdir: Path) -> Path:
-    """The video a job covers: its window in RAM, else the part of the archive(s) its
-    sources name (cut by the concat demuxer's in- and out-points, no copy), else its file.
-    Offset 0 of what is returned is job.first_frame_at."""
-    video = Path(job.video_path)
-    sources = [s for s in job.sources or () if isinstance(s, dict) and s.get("path")]
-    whole = len(sources) == 1 and not sources[0].get("offset_s") and video.suffix == ".ts"
-    if video.suffix == ".ffconcat" and complete_listing(video):
-        return video
-    if video.suffix != ".ffconcat" and video.exists() and (not sources or whole):
-        return video
-    if not sources:
-        return video  # prepare_video says it is missing
-    entries = []
-    for source in sources:
-        path = find_archive(layout, job.camera_id, Path(source["path"]))
-        if path is None:
-            raise AnalysisError(f"footage gone: neither the window in RAM nor the archive "
-                                f"{source['path']} exists", retryable=False)
-        offset = float(source.get("offset_s") or 0.0)
-        entries.append((str(path), None, offset,
-                        offset + float(source["duration_s"]) if source.get("duration_s") else None))
-    listing = workdir / "sources.ffconcat"
-    listing.write_text(concat_text(entries))
-    return listing
 
 
-def complete_listing(listing: Path) -> bool:
-    """An ffconcat list (a window in RAM) whose every file is still there: a merged
-    window's segments sit in several window folders, and RAM pressure may drop one."""
-    try:
-        lines = listing.read_text().splitlines()
-    except OSError:
-        return False
-    names = [line[6:-1].replace("'\\''", "'") for line in lines
-             if line.startswith("file '") and line.endswith("'")]
-    return bool(names) and all((listing.parent / name).exists() for name in names)
 
 
-def find_archive(layout: Layout, camera_id: str, path: Path) -> Path | None:
-    """An archive by its final path, or where it is on its way there (still written,
-    or closed and not yet filed)."""
-    for folder in (path.parent, layout.closed(camera_id), layout.partial(camera_id)):
-        if (folder / path.name).exists():
-            return folder / path.name
-    return None
 
 
 def prepare_clip(binary: str, analysis: AnalysisConfig, source: Path, workdir: Path, *,
@@ -719,7 +677,7 @@ def distinct_frames(binary: str, copy: Path, directory: Path,
     paths = sorted(directory.glob("frame_*.jpg"))
     offsets = frame_offsets(proc.stderr)
     if proc.returncode != 0 or not paths or len(offsets) != len(paths):
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"keyframes could not be extracted: {reason}", retryable=False)
     return tuple(Frame(path, max(offset, 0.0)) for path, offset in zip(paths, offsets))
 
@@ -746,28 +704,14 @@ def prepare_video(binary: str, analysis: AnalysisConfig, source: Path, workdir: 
                                                 analysis.height),
                           capture_output=True, text=True, timeout=1800, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = last_line(proc.stderr)
         raise AnalysisError(f"archive could not be prepared (corrupt?): {reason}",
                             retryable=False)
     return Clip(target, duration, copy_fps(binary, target, duration, analysis.fps))
 
 
-def mp4_copy_command(binary: str, source: Path, target: Path) -> list[str]:
-    return [binary, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            *source_args(source), "-map", "0:v:0", "-c", "copy",
-            "-movflags", "+faststart", "-f", "mp4", str(target)]
 
 
-def mp4_copy(binary: str, source: Path, target: Path) -> Path:
-    """An MPEG-TS archive or a window's segments as one MP4 (streams copied, in the job's
-    RAM folder, never on the archive disk) for mode original: video models' APIs take
-    MP4, not always MPEG-TS."""
-    proc = subprocess.run(mp4_copy_command(binary, source, target),
-                          capture_output=True, text=True, timeout=600, env=child_env())
-    if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise AnalysisError(f"footage could not be copied to MP4: {reason}", retryable=False)
-    return target
 
 
 def copy_fps(binary: str, copy: Path, duration: float, most: float) -> float:
@@ -813,9 +757,10 @@ def clip_duration(job: Job, clip: Clip) -> float:
 class LeaseKeeper:
     """Heartbeats the job's lease from a thread; check() raises once the lease is lost."""
 
-    def __init__(self, queue: JobQueue, job: Job):
+    def __init__(self, queue: JobQueue, job: Job, unexpected=None):
         self.queue = queue
         self.job = job
+        self.unexpected = unexpected or ChildState().unexpected
         self.interval = max(queue.lease_seconds / 3, 0.2)
         self.done = threading.Event()
         self.lost = threading.Event()
@@ -828,8 +773,12 @@ class LeaseKeeper:
             except LeaseLost:
                 self.lost.set()
                 return
-            except Exception as exc:  # the database is briefly away: keep trying
-                log.warning("heartbeat failed", error=str(exc))
+            except Exception as exc:
+                if is_outage(exc):  # the database is briefly away: keep trying
+                    log.warning("heartbeat failed", error=str(exc))
+                else:  # a bug: the lease may lapse and the job be done again; say so
+                    self.unexpected(log, "heartbeat failed unexpectedly: the job may be "
+                                    "done again", job_id=self.job.id)
 
     def check(self) -> None:
         if self.lost.is_set():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from pathlib import Path
 from vlmguard.clips import recordings
 from vlmguard.config import Config
 from vlmguard.ffmpeg import ffmpeg_binary, media_duration
-from vlmguard.health import Beat, write_state
+from vlmguard.child import ChildState, every, on_stop
+from vlmguard.health import Beat
 from vlmguard.layout import Layout, archive_start, snapshot_id, stale_after
 from vlmguard.logs import Noticed, configure_logging, get_logger
 from vlmguard.outage import Outage
@@ -60,25 +60,21 @@ def main(config: Config, beat: Beat = Beat()) -> None:
     """Entry point of the archiver process."""
     configure_logging("archiver")
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    on_stop(stopping.set)
     with Database.from_config(config, lazy=True) as db:
-        archiver = Archiver(config, JobQueue.from_config(db, config), RecordingsIndex(db))
+        archiver = Archiver(config, JobQueue.from_config(db, config), RecordingsIndex(db),
+                            ChildState(config.data_dir, "archiver"))
         beat()
-        last_retention = last_housekeeping = 0.0
+        housekeeping = every(HOUSEKEEPING_SECONDS, archiver.housekeeping_turn)
+        retention = every(RETENTION_EVERY_SECONDS, archiver.enforce_retention)
         while not stopping.is_set():
             beat()
             if archiver.behind and archiver.outage.due():
                 archiver.with_database(archiver.catch_up)
             archiver.finalize_closed()
             archiver.cut_windows()
-            if time.monotonic() - last_housekeeping > HOUSEKEEPING_SECONDS:
-                archiver.with_database(archiver.housekeeping)
-                archiver.bound_unregistered()
-                last_housekeeping = time.monotonic()
-                write_state(config.data_dir, "archiver", archiver.state())
-            if time.monotonic() - last_retention > RETENTION_EVERY_SECONDS:
-                archiver.enforce_retention()
-                last_retention = time.monotonic()
+            housekeeping()
+            retention()
             stopping.wait(LOOP_SECONDS)
         # The supervisor stops the streamer first: register what it closed on the way out,
         # and the window it was in the middle of.
@@ -97,11 +93,13 @@ class ArchiveFile:
 
 
 class Archiver:
-    def __init__(self, config: Config, queue: JobQueue, recordings: RecordingsIndex):
+    def __init__(self, config: Config, queue: JobQueue, recordings: RecordingsIndex,
+                 state: ChildState | None = None):
         self.config = config
         self.queue = queue  # registers archives and windows, merges lagging windows
         self.recordings = recordings  # what retention must keep
         self.db = queue.db
+        self.published = state or ChildState()
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
         self.noticed = Noticed()
@@ -118,7 +116,7 @@ class Archiver:
         self.ram_bytes = 0
         self.evicted = 0
         self.cutters = {}
-        self.sidecars = SidecarWriter(self.layout, self.binary)
+        self.sidecars = SidecarWriter(self.layout, self.binary, self.published.unexpected)
         for camera in config.cameras:
             self.layout.make_dirs(camera.id)
             if self.window_seconds:
@@ -141,6 +139,11 @@ class Archiver:
         return {"state": "running", "ram_bytes": self.ram_bytes,
                 "ram_max_bytes": self.config.storage.ram_max_mb * MB,
                 "windows_evicted": self.evicted, "database": self.outage.describe()}
+
+    def housekeeping_turn(self) -> None:
+        self.with_database(self.housekeeping)
+        self.bound_unregistered()
+        self.published.publish(self.state())
 
     def with_database(self, step) -> bool:
         """Run a step that needs the database; while it is away the step is skipped (and

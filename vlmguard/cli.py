@@ -20,12 +20,14 @@ from vlmguard.config import check_listen_address, check_server_settings, load_co
 from vlmguard.errors import StartupError, VlmguardError
 from vlmguard.health import read_states
 from vlmguard.layout import Layout
+from vlmguard.livestate import daemon_pid
 from vlmguard.logs import configure_logging
 from vlmguard.redact import redact_text
-from vlmguard.status import daemon_pid, gather_status, iso, job_detail, job_summary, render_status
+from vlmguard.status import gather_status, job_detail, job_summary, render_status
 from vlmguard.store.bundle import Store
-from vlmguard.store.schema import STATES
-from vlmguard.vlm import SEVERITIES
+from vlmguard.store.schema import MAX_ID, STATES
+from vlmguard.times import iso, parse_time
+from vlmguard.vlm import SEVERITIES, token_report
 
 CONFIG_HELP = "Config file (default ./config.toml, or $VLMGUARD_CONFIG)."
 
@@ -64,17 +66,13 @@ def make_files_private() -> None:
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
 
-# The id column is a 32-bit INTEGER on PostgreSQL (SQLite's would take two billion jobs
-# to pass it): a larger number is no job, not an overflow inside the driver.
-MAX_JOB_ID = 2**31 - 1
-
-
 def open_store(config):
     return Store.from_config(config, create=False)
 
 
 def find_job(store, job_id: int):
-    found = store.reports.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
+    # A larger number is no job, not an overflow inside the driver.
+    found = store.reports.get(job_id) if 0 < job_id <= MAX_ID else None
     if found is None:
         raise VlmguardError(f"no job {job_id}")
     return found
@@ -226,8 +224,7 @@ def analyze(config_path, file, camera_id, as_json):
 
     config = load_config(config_path)
     finding, answer = analyze_file(config, file, camera_id)
-    tokens = {"prompt": answer.prompt_tokens, "output": answer.output_tokens,
-              "thoughts": answer.thoughts_tokens, "total": answer.total_tokens}
+    tokens = token_report(answer)
     if as_json:
         click.echo(json.dumps({"safety_score": finding.safety_score, "summary": finding.summary,
                                "incidents": list(finding.incidents), "tokens": tokens,
@@ -317,12 +314,12 @@ def export(config_path, camera_id, start, duration, output):
     """
     from vlmguard.ffmpeg import ffmpeg_binary
     from vlmguard.layout import Layout
-    from vlmguard.recordings import MAX_EXPORT_SECONDS, export_file, iso
+    from vlmguard.recordings import MAX_EXPORT_SECONDS, export_file
 
     config = load_config(config_path)
     if config.camera(camera_id) is None:
         raise VlmguardError(f"--camera: no camera {camera_id!r} in {config.source}")
-    when = parse_time(start, "--start")
+    when = option_time(start, "--start")
     try:
         seconds = float(duration)
     except ValueError:
@@ -336,13 +333,11 @@ def export(config_path, camera_id, start, duration, output):
                f"{len(plan.files)} archive files) -> {output}", err=True)
 
 
-def parse_time(raw: str, option: str) -> datetime:
+def option_time(raw: str, option: str) -> datetime:
     try:
-        when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise VlmguardError(f"{option}: must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z, "
-                            f"got {raw!r}") from None
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+        return parse_time(raw.strip())
+    except ValueError as exc:
+        raise VlmguardError(f"{option}: {exc}, got {raw!r}") from None
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmguard.ffmpeg import child_env, parent_death_prefix
+from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
 from vlmguard.layout import Layout, archive_start
 from vlmguard.logs import get_logger
+from vlmguard.times import iso
 
 log = get_logger("vlmguard.clips")
 
@@ -175,8 +176,7 @@ async def cut_clip(binary: str, plan: ClipPlan, workdir: Path) -> Path:
             await proc.wait()
         raise
     if proc.returncode != 0 or not target.exists() or target.stat().st_size == 0:
-        reason = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise ClipError(f"ffmpeg could not cut the clip: {reason[:300]}")
+        raise ClipError(f"ffmpeg could not cut the clip: {last_line(stderr)}")
     return target
 
 
@@ -199,7 +199,7 @@ def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
     found = [f for f in recordings(layout, camera_id) if f.start <= when]
     if not found:
         log.warning("no footage for the incident's snapshot", camera_id=camera_id,
-                    at=when.isoformat())
+                    at=iso(when))
         return False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -208,10 +208,10 @@ def make_picture(binary: str, layout: Layout, camera_id: str, when: datetime,
                               capture_output=True, text=True, timeout=60, env=child_env())
         if proc.returncode == 0 and target.exists() and target.stat().st_size > 0:
             return True
-        reason = (proc.stderr.strip().splitlines() or ["no frame at that time"])[-1][:300]
+        reason = last_line(proc.stderr, "no frame at that time")
     except (OSError, subprocess.TimeoutExpired) as exc:
         reason = str(exc)
-    log.warning("snapshot not made", camera_id=camera_id, at=when.isoformat(), error=reason)
+    log.warning("snapshot not made", camera_id=camera_id, at=iso(when), error=reason)
     target.unlink(missing_ok=True)
     return False
 

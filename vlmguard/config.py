@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import ConfigError
+from vlmguard.options import opt
 from vlmguard.redact import mask_path, mask_url  # noqa: F401  (one redaction, re-exported)
+from vlmguard.vlm import CATEGORIES, registry
 
 CAMERA_ID = re.compile(r"[a-z0-9_-]{1,50}")
 CAMERA_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "file:///", "lavfi:")
@@ -38,13 +40,6 @@ ORIGIN = re.compile(r"https?://[^/?#@\s]+")
 # A node name: a host name's first label, or any such short name (it goes into URLs,
 # logs and a VARCHAR(64) column).
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-
-
-def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-        choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    """A config field: its default plus the checks the walker applies to it."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "secret": secret}
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -356,8 +351,6 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
-    from vlmguard.vlm import registry
-
     where = str(path)
     unknown = sorted(set(raw) - set(SECTIONS) - {"cameras", "providers", "alerts"}
                      - set(registry.legacy_sections()))
@@ -428,8 +421,6 @@ def check_data_dir(config: Config, where: str) -> None:
 
 def parse_providers(tables: dict[str, Any], where: str, prefix: str) -> tuple[Any, ...]:
     """[providers.NAME] tables, each checked against its kind's settings dataclass."""
-    from vlmguard.vlm import registry
-
     providers = []
     for name, table in tables.items():
         key = f"{prefix}{name}"
@@ -508,8 +499,6 @@ def check_mqtt(mqtt: MqttConfig, where: str) -> None:
 def parse_alerts(table: dict[str, Any], where: str,
                  cameras: tuple[CameraConfig, ...]) -> AlertsConfig:
     """[alerts] (max_age_hours) and its [[alerts.rules]]."""
-    from vlmguard.vlm import CATEGORIES
-
     settings = build(AlertsConfig, {k: v for k, v in table.items() if k != "rules"}, "alerts", where)
     raw_rules = table.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -630,8 +619,6 @@ def masked(config: Config) -> dict[str, Any]:
             value = list(value) if isinstance(value, tuple) else value
             out[f.name] = mask(value) if f.metadata.get("secret") and value else value
         return out
-
-    from vlmguard.vlm import registry
 
     data = {name: table(getattr(config, name)) for name in SECTIONS}
     data["analysis"]["providers"] = [p.name for p in config.provider_order()]

@@ -35,3 +35,12 @@ class LeaseLost(Exception):
 class DatabaseUnreachable(DatabaseError):
     """The database is down, unreachable or held busy for now: nothing is wrong with it,
     so the processes that need it wait and try again (recording never needs it)."""
+
+
+def first_line(value: object) -> str:
+    """The first line of an error or a message, at most 300 characters, for one-line logs,
+    statuses and error texts; an exception without text is named by its type."""
+    lines = str(value).strip().splitlines()
+    if lines:
+        return lines[0][:300]
+    return type(value).__name__ if isinstance(value, BaseException) else ""

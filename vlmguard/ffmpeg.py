@@ -46,6 +46,13 @@ def ffmpeg_binary() -> str:
         raise VlmguardError(f"no ffmpeg on PATH and none from imageio-ffmpeg: {exc}") from None
 
 
+def last_line(stderr: str | bytes, empty: str = "no output") -> str:
+    """The last line FFmpeg wrote to stderr, where it says why it stopped, at most 300
+    characters (the earlier lines are its progress and warnings)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    return (text.strip().splitlines() or [empty])[-1][:300]
+
+
 def child_env() -> dict[str, str]:
     """The whole environment of every program we run (FFmpeg, setpriv): a minimal one."""
     env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}

@@ -34,12 +34,12 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from vlmguard.fmp4 import Timing, Track, fragment_timing, parse_init, read_box
 from vlmguard.livelist import History, Segment, same_container, segment_lines
 from vlmguard.logs import get_logger
+from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.llhls")
 
@@ -121,11 +121,6 @@ def part_plan(frame_seconds: float, part_seconds: float,
         if fitting:
             frames = min(fitting, key=lambda n: abs(n * frame_seconds - part_seconds))
     return math.ceil(frames * frame_seconds * PART_MARGIN * 1000) / 1000
-
-
-def iso(epoch: float) -> str:
-    moment = datetime.fromtimestamp(epoch, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}+0000"
 
 
 def fmt(seconds: float) -> str:
@@ -337,7 +332,7 @@ class LiveStream:
         path = self.live_dir / name
         write_once(path, [self.init_bytes, *segment.part_bytes])
         entry = Segment(segment.sequence, name, seconds,
-                        (f"#EXTINF:{seconds:.6f},", f"#EXT-X-PROGRAM-DATE-TIME:{iso(segment.program_date)}"),
+                        (f"#EXTINF:{seconds:.6f},", f"#EXT-X-PROGRAM-DATE-TIME:{iso_epoch(segment.program_date)}"),
                         self.discontinuity, self.init_uri)
         self.done.append(DoneSegment(entry, tuple(segment.parts), path, len(self.init_bytes)))
         self.open = None
@@ -607,7 +602,7 @@ class LiveStream:
                 out.append("#EXT-X-DISCONTINUITY")
             if last.init != self.init_uri:
                 out.append(f'#EXT-X-MAP:URI="{self.init_uri}{token_query}"')
-            out.append(f"#EXT-X-PROGRAM-DATE-TIME:{iso(segment.program_date)}")
+            out.append(f"#EXT-X-PROGRAM-DATE-TIME:{iso_epoch(segment.program_date)}")
             out += [self.part_line(p, token_query) for p in segment.parts]
         out.append(f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="{self.part_name(self.part_count)}'
                    f'{token_query}"')

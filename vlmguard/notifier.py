@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +31,12 @@ from vlmguard.alerts.media import existing_snapshot
 from vlmguard.alerts.plan import with_links
 from vlmguard.clips import save_snapshot
 from vlmguard.config import Config
+from vlmguard.errors import first_line
 from vlmguard.ffmpeg import ffmpeg_binary
-from vlmguard.health import Beat, write_state
+from vlmguard.child import ChildState, every, on_stop
+from vlmguard.health import Beat
 from vlmguard.layout import Layout
+from vlmguard.livestate import cameras_online, exit_text
 from vlmguard.logs import configure_logging, get_logger
 from vlmguard.outage import Outage
 from vlmguard.redact import redact_text
@@ -42,6 +44,7 @@ from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
 from vlmguard.store.outbox import Outbox
 from vlmguard.store.records import Delivery
+from vlmguard.times import iso_epoch
 
 log = get_logger("vlmguard.notifier")
 
@@ -69,24 +72,26 @@ def retry_delay(attempts: int, retry_after: float | None = None,
 def main(config: Config, beat: Beat = Beat()) -> None:
     configure_logging("notifier")
     with Database.from_config(config, lazy=True) as db:
-        notifier = Notifier(config, Outbox.from_config(db, config), beat)
-        signal.signal(signal.SIGTERM, notifier.on_signal)
+        notifier = Notifier(config, Outbox.from_config(db, config), beat,
+                            ChildState(config.data_dir, "notifier"))
+        on_stop(notifier.stop)
         asyncio.run(notifier.run())
     log.info("notifier stopped")
 
 
 class Notifier:
-    def __init__(self, config: Config, outbox: Outbox, beat: Beat = Beat()):
+    def __init__(self, config: Config, outbox: Outbox, beat: Beat = Beat(),
+                 state: ChildState | None = None):
         self.config = config
         self.outbox = outbox
         self.db = outbox.db
         self.beat = beat
+        self.published = state or ChildState()
         self.worker_id = worker_name()
         self.destinations = registry.configured(config)
         self.in_flight: set[asyncio.Task] = set()
         self.stopping = False
         self.sent = 0
-        self.last_state: dict[str, int] | None = None
         self.troubled: set[str] = set()  # destinations whose last attempt failed
         self.max_age_seconds = config.alerts.max_age_hours * 3600
         self.outage = Outage("notifier")
@@ -96,7 +101,7 @@ class Notifier:
         self.backed_off: dict[str, float] = {}
         self.untold: list[tuple[dict[str, Any], str]] = []
 
-    def on_signal(self, _signum, _frame) -> None:
+    def stop(self) -> None:
         self.stopping = True
 
     async def run(self) -> None:
@@ -108,13 +113,11 @@ class Notifier:
             await destination.start()
         log.info("notifier running", destinations={n: d.describe()
                                                    for n, d in self.destinations.items()})
-        last_states = 0.0
+        camera_states = every(CAMERA_STATES_EVERY, self.publish_camera_states)
         try:
             while not self.stopping:
                 self.beat()
-                if time.monotonic() - last_states >= CAMERA_STATES_EVERY:
-                    self.publish_camera_states()
-                    last_states = time.monotonic()
+                camera_states()
                 try:
                     due = self.step()
                 except Exception as exc:
@@ -122,8 +125,7 @@ class Notifier:
                         raise
                     await self.wait_for_database(exc)
                     continue
-                if self.outage.back():
-                    self.last_state = None  # say so in the state file at once
+                self.outage.back()
                 if due == 0 and self.dispatch_safely():
                     await asyncio.sleep(0)
                     continue
@@ -184,7 +186,6 @@ class Notifier:
         finish; their results are recorded when the database is back, or their leases
         return them)."""
         deadline = time.monotonic() + self.outage.failed(exc)
-        self.last_state = None
         while not self.stopping and time.monotonic() < deadline:
             self.beat()
             self.publish_camera_states()
@@ -248,7 +249,13 @@ class Notifier:
         else:
             try:
                 answer = await destination.send(delivery)
+            except OSError as exc:  # the network, which a plug-in should have answered for
+                answer = registry.retry(redact_text(f"{type(exc).__name__}: {exc}"))
             except Exception as exc:  # a plug-in's bug must not lose the delivery
+                self.published.unexpected(log, "alert plug-in failed unexpectedly: the "
+                                          "delivery will be retried",
+                                          destination=delivery.destination,
+                                          delivery=delivery.id)
                 answer = registry.retry(redact_text(f"{type(exc).__name__}: {exc}"))
         self.record(delivery, answer)
 
@@ -261,7 +268,7 @@ class Notifier:
             # The claim's lease sends it again once the database is back (same key).
             log.warning("delivery result not recorded: the database is away",
                         delivery=delivery.id, outcome=answer.outcome,
-                        error=str(exc).splitlines()[0][:300])
+                        error=first_line(exc))
 
     def record_answer(self, delivery: Delivery, answer: registry.Answer) -> None:
         fields = dict(delivery=delivery.id, destination=delivery.destination,
@@ -298,18 +305,13 @@ class Notifier:
                 self.outbox.deliveries_due_now(name)
 
     def publish_camera_states(self) -> None:
-        from vlmguard.status import live_cameras
-
         self.notice_roles()
-        state = {"sent": self.sent, "in_flight": len(self.in_flight),
-                 "database": self.outage.describe()}
-        if state != self.last_state:  # the data disk may be flash: write on change only
-            write_state(self.config.data_dir, "notifier", state)
-            self.last_state = state
+        self.published.publish({"sent": self.sent, "in_flight": len(self.in_flight),
+                                "database": self.outage.describe()})
         # Destinations that publish camera states (set_camera_states) get them.
         listeners = [d for d in self.destinations.values() if hasattr(d, "set_camera_states")]
         if listeners:
-            online = {c["id"]: bool(c["online"]) for c in live_cameras(self.config)}
+            online = cameras_online(self.config)
             for destination in listeners:
                 destination.set_camera_states(online)
 
@@ -323,15 +325,16 @@ class Notifier:
         for destination in self.destinations.values():
             try:
                 await destination.close()
-            except Exception as exc:
+            except OSError as exc:
                 log.warning("closing a destination failed", error=str(exc))
+            except Exception:  # a plug-in's bug must not stop the others closing
+                self.published.unexpected(log, "closing a destination failed unexpectedly",
+                                          destination=destination.describe())
 
 
 def role_message(name: str, child: dict[str, Any], *, backed_off: bool,
                  since: float | None = None) -> tuple[dict[str, Any], str]:
     """The system message about one role, and the key that makes it one per event."""
-    from vlmguard.status import exit_text, iso_epoch
-
     host = socket.gethostname()
     since = child.get("backed_off_since") if backed_off else since
     if backed_off:

@@ -16,9 +16,8 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from vlmguard.errors import DatabaseUnreachable
+from vlmguard.errors import DatabaseUnreachable, first_line
 from vlmguard.logs import get_logger
-from vlmguard.store.engines import first_line
 
 log = get_logger("vlmguard.outage")
 
@@ -54,7 +53,7 @@ class Outage:
 
     def failed(self, exc: BaseException) -> float:
         """Count a failed try; returns how long to wait before the next."""
-        self.error = first_line(getattr(exc, "orig", None) or exc)[:300]
+        self.error = first_line(getattr(exc, "orig", None) or exc)
         if self.since is None:
             self.since = time.time()
             log.warning("database unreachable: waiting for it (recording goes on)",

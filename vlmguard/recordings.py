@@ -42,14 +42,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
+from vlmguard.child import ChildState
 from vlmguard.clips import Footage, recordings
 from vlmguard.errors import VlmguardError
-from vlmguard.ffmpeg import child_env, parent_death_prefix
+from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
 from vlmguard.footage import (PACKET, Extent, FootageError, KeyframeIndex, extent,
                               keyframe_bytes, mp4_keyframes, scan_ts)
 from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import program_date, served_window
 from vlmguard.logs import get_logger
+from vlmguard.times import iso
 
 log = get_logger("vlmguard.recordings")
 
@@ -69,10 +71,6 @@ HALF_FRAME = 0.02
 
 def utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, timezone.utc)
-
-
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def index_root(layout: Layout, camera_id: str) -> Path:
@@ -116,9 +114,11 @@ class Catalog:
     file's size, so a grown file is read again. Thread-safe: the web side calls it from
     worker threads."""
 
-    def __init__(self, layout: Layout, binary: str):
+    def __init__(self, layout: Layout, binary: str, unexpected=None):
         self.layout = layout
         self.binary = binary
+        # ChildState.unexpected of the process it runs in: a bug is logged and counted.
+        self.unexpected = unexpected or ChildState().unexpected
         self.lock = threading.Lock()
         self.extents: OrderedDict[tuple[str, str], tuple[int, Extent]] = OrderedDict()
         self.indexes: OrderedDict[tuple[str, str], tuple[int, bool, KeyframeIndex]] = OrderedDict()
@@ -537,8 +537,7 @@ def export_file(layout: Layout, binary: str, camera_id: str, start: datetime, se
                 os.close(descriptor)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
-        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise VlmguardError(f"ffmpeg could not export: {reason[:300]}")
+        raise VlmguardError(f"ffmpeg could not export: {last_line(proc.stderr)}")
     if not streamed:
         partial.rename(output)
     return plan
@@ -724,9 +723,11 @@ class SidecarWriter:
     """Writes sidecars in a thread of its own, so the archiver's loop (which must link live
     segments before FFmpeg deletes them) never waits on a scan or a thumbnail."""
 
-    def __init__(self, layout: Layout, binary: str):
+    def __init__(self, layout: Layout, binary: str, unexpected=None):
         self.layout = layout
         self.binary = binary
+        # ChildState.unexpected of the process it runs in: a bug is logged and counted.
+        self.unexpected = unexpected or ChildState(layout.data_dir, None).unexpected
         self.queue: "queue.Queue[tuple[str, Path] | None]" = queue.Queue()
         self.thread: threading.Thread | None = None
 
@@ -756,9 +757,12 @@ class SidecarWriter:
                 continue
             try:
                 write_sidecar(self.layout, self.binary, camera_id, path, start)
-            except Exception as exc:  # a sidecar is an extra: never the archiver's end
+            except OSError as exc:
                 log.error("sidecar not written", camera_id=camera_id, file=path.name,
                           error=str(exc)[:300])
+            except Exception:  # a sidecar is an extra: a bug here never ends the archiver
+                self.unexpected(log, "sidecar not written: unexpected error",
+                                camera_id=camera_id, file=path.name)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.thread is not None:

@@ -2,46 +2,33 @@
 
 `vlmguard status`, the REST API and /metrics all show the same facts under the same keys.
 Everything comes from what the processes share: the job table, the files under data_dir,
-and the small state files the running processes keep in <data_dir>/run/. So the report
+and the small state files the running processes keep in the RAM folder. So the report
 works whether or not the daemon is running, and says which.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from vlmguard.config import Config
-from vlmguard.errors import DatabaseError, UnusableDatabase
+from vlmguard.errors import DatabaseError, UnusableDatabase, first_line
 from vlmguard.health import read_states
-from vlmguard.layout import Layout, archive_start, stale_after
+from vlmguard.layout import Layout, archive_start
 from vlmguard.livelist import live_age
+from vlmguard.livestate import camera_online, daemon_pid, exit_text
 from vlmguard.store.bundle import Store
-from vlmguard.store.engines import first_line, is_outage, redact_url
+from vlmguard.store.engines import is_outage, redact_url
 from vlmguard.store.records import Job, utcnow
 from vlmguard.store.schema import STATES
+from vlmguard.times import iso, iso_epoch
+from vlmguard.vlm import token_report
 
 GB = 1_000_000_000
 RECENT_FAILURES = 5
-
-
-def daemon_pid(data_dir: Path) -> int | None:
-    """The pid holding the data directory's lock, or None when no vlmguard runs there."""
-    path = data_dir / "vlmguard.pid"
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = handle.read().strip()
-                return int(text) if text.isdigit() else -1
-            return None
-    except FileNotFoundError:
-        return None
 
 
 def hls_url(config: Config, camera_id: str) -> str:
@@ -72,7 +59,10 @@ def gather_status(config: Config, store: Store | None = None,
         "config": str(config.source),
         "daemon": {"running": pid is not None, "pid": pid,
                    "since": iso_epoch(supervisor.get("started_at")),
-                   "children": supervisor.get("children", {})},
+                   "children": supervisor.get("children", {}),
+                   # Bugs each process caught so that it could go on (see child.py).
+                   "unexpected_errors": {name: state.get("unexpected_errors", 0)
+                                         for name, state in states.items()}},
         "database": {"url": redact_url(config.database_url), "ready": False, "error": None,
                      "waiting": database_waits(states),
                      "quarantined": {"rows": {}, "total": 0, "latest": []}},
@@ -89,6 +79,8 @@ def gather_status(config: Config, store: Store | None = None,
         "node": config.node_name,
         "nodes": [],
     }
+    for child in report["daemon"]["children"].values():  # the state file keeps the epoch
+        child["backed_off_since"] = iso_epoch(child.get("backed_off_since"))
     try:
         if unreachable:
             raise DatabaseError(unreachable)
@@ -165,14 +157,6 @@ def backed_off(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if child.get("state") == "backed off"]
 
 
-def exit_text(last_exit: dict[str, Any] | None) -> str:
-    if not last_exit:
-        return "unknown"
-    if "signal" in last_exit:
-        return f"killed by {last_exit['signal']}"
-    return f"exit code {last_exit.get('exitcode')}"
-
-
 def alerts_report(store: Store) -> dict[str, dict[str, Any]]:
     """Per alert destination: pending, delivered, failed, suppressed and the last error."""
     return {name: counts | {"last_error_at": iso(counts["last_error_at"])}
@@ -207,7 +191,7 @@ def camera_report(config: Config, live: dict[str, Any], streamer: dict | None) -
         age = live_age(layout, camera.id, config.storage.live_segments)
         cameras.append({
             "id": camera.id,
-            "online": bool(streamer and streamer.get("alive")) and age <= stale_after(config),
+            "online": camera_online(config, streamer, age),
             "segment_age_s": round(age, 1) if age != float("inf") else None,
             "ffmpeg_restarts": reported.get("restarts", 0),
             "mode": reported.get("mode"),
@@ -368,14 +352,13 @@ def job_detail(job: Job, incident_rows: list[dict[str, Any]]) -> dict[str, Any]:
     return job_summary(job) | {
         "started_at": iso(job.started_at), "run_after": iso(job.run_after),
         "lease_expires_at": iso(job.lease_expires_at), "analysis_seconds": job.analysis_seconds,
-        "tokens": {"prompt": job.prompt_tokens, "output": job.output_tokens,
-                   "thoughts": job.thoughts_tokens, "total": job.total_tokens},
+        "tokens": token_report(job),
         "model_version": job.model_version,
         "provider": job.provider, "model": job.model,
         # What the job covers: an archive, a window, merged windows or catch-up; its
         # clip's first frame; the archive file(s) and offsets, to play an incident back.
         "kind": job.kind, "windows": job.windows, "sources": job.sources,
-        "clip_start": job.first_frame_at.isoformat(timespec="milliseconds"),
+        "clip_start": iso(job.first_frame_at),
         "analysis_result": job.analysis_result,
         "incidents": [incident_row(row) for row in incident_rows],
     }
@@ -416,14 +399,6 @@ def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str
                 clip_url=f"{base}/clip.mp4")
 
 
-def iso(when: datetime | None) -> str | None:
-    return when.isoformat(timespec="seconds") if when else None
-
-
-def iso_epoch(seconds: float | None) -> str | None:
-    return iso(datetime.fromtimestamp(seconds, timezone.utc)) if seconds else None
-
-
 def render_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     lines = [f"vlmguard  {'running, pid ' + str(daemon['pid']) + ' since ' + str(daemon['since']) if daemon['running'] else 'NOT RUNNING (figures from the database and files)'}",
@@ -435,9 +410,8 @@ def render_status(report: dict[str, Any]) -> str:
     for row in report["database"]["quarantined"]["latest"]:
         lines.append(f"          quarantined: {row['table']} row {row['id']}: {row['reason']}")
     for name, child in backed_off(report):
-        since = iso_epoch(child.get("backed_off_since"))
-        lines.append(f"role      {name} BACKED OFF since {since} (crash loop, last: "
-                     f"{exit_text(child.get('last_exit'))}); next try in "
+        lines.append(f"role      {name} BACKED OFF since {child['backed_off_since']} "
+                     f"(crash loop, last: {exit_text(child.get('last_exit'))}); next try in "
                      f"{child.get('next_try_in_s')} s")
     for node in report.get("nodes", []):
         seen = "alive" if node["alive"] else (

@@ -1,6 +1,7 @@
 """The streaming process: one FFmpeg per camera, plus the aiohttp HLS server.
 
-It does no analysis and no database work, so nothing competes with serving video. For
+It does no analysis, and the database reads of the API it serves run in threads of their
+own (web/database.py), so nothing competes with serving video. For
 each camera it keeps FFmpeg running (restarting it alone, with backoff, when it exits or
 stalls) and hands every closed archive to the archiver by moving it from partial/ to
 closed/: a file FFmpeg's segment list names is closed; when a run ends, whatever it left
@@ -31,9 +32,10 @@ from pathlib import Path
 from vlmguard.config import CameraConfig, Config, check_server_settings
 from vlmguard.ffmpeg import (NETWORK_SCHEMES, camera_command, child_env, ffmpeg_binary,
                              needs_encoding, probe_codec, write_input_file)
-from vlmguard.health import Beat, write_state
+from vlmguard.child import ChildState, every, on_stop
+from vlmguard.health import Beat
 from vlmguard.web import create_app
-from vlmguard.web.keys import LIVE_KEY
+from vlmguard.web.keys import CHILD_STATE_KEY, LIVE_KEY
 from vlmguard.httpguard import start_server
 from vlmguard.layout import Layout, stale_after
 from vlmguard.livelist import (INIT_URI, SEGMENT_URI, History, carry_over, live_age,
@@ -84,7 +86,9 @@ class Streamer:
         self.beat = beat
         self.layout = Layout(config.data_dir)
         self.binary = ffmpeg_binary()
-        self.feeds = [CameraFeed(config, camera, self.layout, self.binary)
+        self.published = ChildState(config.data_dir, "streamer")
+        self.feeds = [CameraFeed(config, camera, self.layout, self.binary,
+                                 unexpected=self.published.unexpected)
                       for camera in config.cameras]
 
     async def run(self) -> None:
@@ -95,6 +99,7 @@ class Streamer:
             hand_over_leftovers(self.layout, feed.camera.id, feed.noticed)
         app = create_app(self.config)
         app[LIVE_KEY].update((feed.camera.id, feed.stream) for feed in self.feeds)
+        app[CHILD_STATE_KEY] = self.published
         runner = await start_server(app, self.config)
         log.info("hls server listening", host=self.config.server.host,
                  port=self.config.server.port, cameras=len(self.feeds))
@@ -105,14 +110,16 @@ class Streamer:
         log.info("streamer stopped")
 
     def watch_for_stop(self, stop: asyncio.Event) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        on_stop(stop.set)
 
     async def report(self, stop: asyncio.Event) -> None:
-        """Beat from the event loop itself: if the loop stalls, the supervisor sees it."""
+        """Beat from the event loop itself: if the loop stalls, the supervisor sees it.
+        The state file is written when a camera's state changes; the age of its newest
+        segment, which changes every second, is read from the files by whoever asks."""
         while not stop.is_set():
             self.beat()
-            write_state(self.config.data_dir, "streamer",
-                        {"cameras": {feed.camera.id: feed.health() for feed in self.feeds}})
+            self.published.publish({"cameras": {feed.camera.id: feed.reported()
+                                                for feed in self.feeds}})
             try:
                 await asyncio.wait_for(stop.wait(), REPORT_SECONDS)
             except asyncio.TimeoutError:
@@ -156,8 +163,11 @@ class CameraFeed:
     "archiving stopped: <reason>", and restarts FFmpeg as soon as there is room again.
     """
 
-    def __init__(self, config: Config, camera: CameraConfig, layout: Layout, binary: str):
+    def __init__(self, config: Config, camera: CameraConfig, layout: Layout, binary: str,
+                 unexpected=None):
         self.config = config
+        # ChildState.unexpected of the streamer: a bug is logged and counted.
+        self.unexpected = unexpected or ChildState().unexpected
         self.camera = camera
         self.layout = layout
         self.binary = binary
@@ -169,7 +179,7 @@ class CameraFeed:
         self.archive_failed_in_run = False
         self.run_start = 0  # the current run's first segment number
         self.listed_segments = False  # the last run put segments in the playlist
-        self.pruned_at = 0.0
+        self.prune = every(PRUNE_SECONDS, self.prune_live)
         self.input_file: Path | None = None
         storage = config.storage
         self.stream = LiveStream(camera.id, layout.live(camera.id),
@@ -214,6 +224,10 @@ class CameraFeed:
                 "live": self.live_mode(),
                 "archiving": ("ok" if self.archive_problem is None
                               else f"archiving stopped: {self.archive_problem}")}
+
+    def reported(self) -> dict:
+        """health() without what changes every second."""
+        return {key: value for key, value in self.health().items() if key != "segment_age_s"}
 
     async def run(self, stop: asyncio.Event) -> None:
         self.input_file = self.hide_camera_url()
@@ -318,8 +332,8 @@ class CameraFeed:
         try:
             await pump(reader, self.stream)
         except Exception as exc:  # noqa: BLE001 - any failure here must only end this run
-            log.exception("live fMP4 output unreadable: restarting ffmpeg",
-                          camera_id=self.camera.id, error=str(exc))
+            self.unexpected(log, "live fMP4 output unreadable: restarting ffmpeg",
+                            camera_id=self.camera.id, error=str(exc))
             await self.kill_ffmpeg(proc)
         finally:
             self.stream.end_run()
@@ -362,10 +376,6 @@ class CameraFeed:
     def prune_live(self) -> None:
         """Delete earlier runs' segments once no playlist can list them; FFmpeg deletes
         its own run's. A removed segment stays downloadable for the spec's time."""
-        now = time.time()
-        if now - self.pruned_at < PRUNE_SECONDS:
-            return
-        self.pruned_at = now
         storage = self.config.storage
         live = self.layout.live(self.camera.id)
         keep_seconds = stale_after(self.config) + \
@@ -419,7 +429,7 @@ class CameraFeed:
                 started = now
             checked = now
             offset = hand_over_listed(self.layout, self.camera.id, run_list, offset)
-            self.prune_live()
+            self.prune()
             if stop.is_set():
                 await self.stop_ffmpeg(proc)
                 return "stopping"

@@ -44,9 +44,11 @@ from typing import Any, Callable
 
 from vlmguard import analyzer, archiver, notifier, streamer
 from vlmguard.config import Config, check_server_settings, load_config, port_problem
-from vlmguard.errors import ConfigError, DatabaseUnreachable, StartupError, VlmguardError
+from vlmguard.errors import (ConfigError, DatabaseError, DatabaseUnreachable, StartupError,
+                             VlmguardError)
 from vlmguard.ffmpeg import ffmpeg_binary
-from vlmguard.health import Beat, child_entry, clear_states, read_states, write_state
+from vlmguard.child import STACK_SIGNAL, ChildState, bootstrap, stack_file
+from vlmguard.health import Beat, clear_stacks, clear_states, read_states
 from vlmguard.logs import get_logger
 from vlmguard.store.database import Database
 from vlmguard.store.engines import is_outage
@@ -75,6 +77,10 @@ STATUS_EVERY = 5.0
 # The status line's database figures: after a failed look, the next waits this long,
 # doubling, so an unreachable database never holds the supervisor's loop for long.
 STATUS_DB_RETRY, STATUS_DB_RETRY_MAX = 5.0, 120.0
+# How long a hung child has to write its stack (faulthandler, in a signal handler: it
+# takes milliseconds; a stopped child never does) before it is killed all the same.
+STACK_WAIT_SECONDS = 2.0
+STACK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,7 @@ class Supervisor:
         self.status_db_retry_at = 0.0
         self.status_db_wait = STATUS_DB_RETRY
         self.started_at = time.time()
+        self.state = ChildState(config.data_dir, "supervisor")
         # This start's row among the boxes sharing the database (a fresh instance id).
         self.node = NodeInfo.of(config)
         self.node_taken = False
@@ -242,6 +249,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.queue_signal)
         clear_states(self.config.data_dir)
+        clear_stacks(self.config.data_dir)
         self.started_at = time.time()
         for child in self.children:
             self.spawn(child)
@@ -303,9 +311,11 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         child.beat = Beat(self.context.Value("d", time.monotonic(), lock=False))
-        child.process = self.context.Process(target=child_entry, name=child.name,
+        stack = stack_file(self.config.data_dir, child.name)
+        child.process = self.context.Process(target=bootstrap, name=child.name,
                                              args=(child.role.entry, *child.args, child.beat),
-                                             kwargs={"lifeline": self.lifeline[0]})
+                                             kwargs={"lifeline": self.lifeline[0],
+                                                     "stack_path": str(stack)})
         self.close_store()
         settle_memory()
         child.process.start()
@@ -324,6 +334,7 @@ class Supervisor:
             child.restarts = [t for t in child.restarts if now - t < window] + [now]
             child.restart_count += 1
             child.last_exit = describe_exit(child.process.exitcode)
+            self.log_death_stack(child)
             if self.loops(child) and not child.role.essential and child.backed_off_since is None:
                 self.back_off(child)
             child.restart_at = now + child.backoff
@@ -362,10 +373,45 @@ class Supervisor:
     def murder_hung(self) -> None:
         for child in self.children:
             if child.alive and child.beat.age() > child.hang_seconds:
+                silent = round(child.beat.age(), 1)
+                stack = self.ask_for_stack(child)
+                if stack:
+                    log.error("stack of a hung child", child=child.name,
+                              child_pid=child.process.pid, stack=stack)
                 log.error("child hung: no heartbeat, killing it", child=child.name,
-                          child_pid=child.process.pid, silent_s=round(child.beat.age(), 1))
+                          child_pid=child.process.pid, silent_s=silent,
+                          stack_logged=bool(stack))
                 child.process.kill()
                 child.process.join(5)
+
+    def ask_for_stack(self, child: Child) -> str:
+        """The hung child's Python stack, every thread (faulthandler, see child.py); empty
+        when it gives none in time: stopped (SIGSTOP, a debugger), or stuck in the kernel."""
+        path = stack_file(self.config.data_dir, child.name)
+        before = file_size(path)
+        try:
+            os.kill(child.process.pid, STACK_SIGNAL)
+        except OSError:
+            return ""
+        deadline = time.monotonic() + STACK_WAIT_SECONDS
+        size = before
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = file_size(path)
+            if now > before and now == size:  # written, and no longer growing
+                break
+            size = now
+        return read_tail(path, before)
+
+    def log_death_stack(self, child: Child) -> None:
+        """A child killed by a fatal signal (SIGSEGV in a C extension, SIGABRT) left
+        the stack it died in: into the log with the exit."""
+        if child.process.exitcode in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS,
+                                      -signal.SIGFPE, -signal.SIGILL):
+            stack = read_tail(stack_file(self.config.data_dir, child.name), 0)
+            if stack:
+                log.error("stack of a crashed child", child=child.name,
+                          child_pid=child.process.pid, stack=stack)
 
     def crash_looping(self) -> Child | None:
         """The essential child (the streamer) in a crash loop: the daemon must go."""
@@ -437,8 +483,13 @@ class Supervisor:
             with Database.from_config(config, create=False) as db:
                 if Pauses(db).probe_now():
                     log.info("analysis paused: probing at once")
-        except Exception as exc:  # a reload must not fail on this
+        except DatabaseError as exc:
             log.warning("cannot ask the analyzers to probe", error=str(exc))
+        except Exception as exc:  # a reload must not fail on this, nor on a bug
+            if is_outage(exc):
+                log.warning("cannot ask the analyzers to probe", error=str(exc))
+            else:
+                self.state.unexpected(log, "probing paused analysis failed unexpectedly")
 
     def named(self, prefix: str, children: list[Child] | None = None) -> list[Child]:
         return [c for c in (self.children if children is None else children)
@@ -447,7 +498,7 @@ class Supervisor:
     # -- what systemd and `vlmguard status` hear --------------------------------------------
 
     def publish(self) -> None:
-        write_state(self.config.data_dir, "supervisor", {
+        self.state.publish({
             "started_at": self.started_at,
             # check-config accepts a port that this data dir's own daemon holds.
             "listen": {"host": self.config.server.host, "port": self.config.server.port},
@@ -498,7 +549,9 @@ class Supervisor:
             pending = sum(s["pending"] for s in self.reports.counts().values())
             alerts = (sum(d["pending"] for d in self.reports.delivery_counts().values())
                       if notifier_count(self.config) else None)
-        except Exception:  # the status line must not take the supervisor down
+        except Exception as exc:  # the status line must not take the supervisor down
+            if not isinstance(exc, DatabaseError) and not is_outage(exc):
+                self.state.unexpected(log, "status line's database figures failed unexpectedly")
             self.close_store()
             self.status_db_retry_at = time.monotonic() + self.status_db_wait
             self.status_db_wait = min(self.status_db_wait * 2, STATUS_DB_RETRY_MAX)
@@ -688,6 +741,25 @@ def describe_exit(code: int | None) -> dict[str, Any]:
     if code < 0:
         return {"signal": signal.Signals(-code).name}
     return {"exitcode": code}
+
+
+def file_size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def read_tail(path, offset: int) -> str:
+    """What a child's stack file holds past offset (bounded: the log gets a stack, not
+    a flood)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(STACK_BYTES)
+    except OSError:
+        return ""
+    return data.decode(errors="replace").strip()
 
 
 def drain(fd: int) -> None:

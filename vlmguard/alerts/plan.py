@@ -8,10 +8,10 @@ not at all (the transactional outbox). Nothing here touches the network or the d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from vlmguard.config import AlertRule, Config
+from vlmguard.times import iso
 from vlmguard.vlm import SEVERITIES
 
 MQTT = "mqtt"
@@ -124,7 +124,3 @@ def title(payload: dict[str, Any]) -> str:
             f"{payload.get('camera_id', '')} at {clock}")
 
 
-def iso(when: datetime | None) -> str | None:
-    if when is None:
-        return None
-    return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from vlmguard.errors import DatabaseError, DatabaseUnreachable, UnusableDatabase
+from vlmguard.errors import DatabaseError, DatabaseUnreachable, UnusableDatabase, first_line
 from vlmguard.redact import mask_url
 from vlmguard.store.schema import meta_table
 
@@ -31,10 +31,6 @@ PG_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
 
 def redact_url(url: str) -> str:
     return mask_url(url)  # the one redaction: a ?password= query is masked too
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def dialect_insert(engine: Engine):

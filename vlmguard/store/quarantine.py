@@ -14,9 +14,9 @@ from typing import Any, Sequence
 from sqlalchemy import Table, Text, case, func, select, update
 from sqlalchemy import exc as sa_exc
 
+from vlmguard.errors import first_line
 from vlmguard.logs import get_logger
 from vlmguard.store.database import Database
-from vlmguard.store.engines import first_line
 from vlmguard.store.records import delivery_problem, incident_problem, job_problem
 from vlmguard.store.schema import deliveries, incidents, jobs
 

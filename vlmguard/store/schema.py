@@ -48,6 +48,7 @@ class UTCDateTime(TypeDecorator):
 
 
 metadata = MetaData()
+MAX_ID = 2**31 - 1  # every id column is Integer: 32-bit on PostgreSQL, so no row has a larger id
 
 jobs = Table(
     "analysis_jobs", metadata,

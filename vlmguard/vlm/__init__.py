@@ -12,13 +12,14 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from vlmguard.config import opt
+from vlmguard.errors import first_line
+from vlmguard.options import opt
 
 SEVERITIES = ("low", "medium", "high", "critical")
 CATEGORIES = ("fall", "fight", "fire_smoke", "intrusion", "unsafe_machinery", "vehicle",
@@ -307,9 +308,8 @@ def read_answer(read: Callable[[Any], "Answer"], response: Any, server: str) -> 
     try:
         return read(response)
     except MALFORMED as exc:
-        line = (str(exc).strip().splitlines() or [""])[0][:300]
         raise AnalysisError(f"malformed response from {server} ({type(exc).__name__}: "
-                            f"{line})", retryable=True) from None
+                            f"{first_line(exc)})", retryable=True) from None
 
 
 def token_count(value: Any) -> int | None:
@@ -317,6 +317,29 @@ def token_count(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
         return None
     return value
+
+
+# The counts an Answer carries and a job stores, under the same names in both.
+TOKEN_FIELDS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
+
+
+def token_fields(source: Any) -> dict[str, int | None]:
+    """An Answer's (or a stored job's) token counts by field name, to pass on whole."""
+    return {name: getattr(source, name) for name in TOKEN_FIELDS}
+
+
+def token_report(source: Any) -> dict[str, int | None]:
+    """Token counts as the API and the CLI show them: prompt, output, thoughts, total."""
+    return {name.removesuffix("_tokens"): getattr(source, name) for name in TOKEN_FIELDS}
+
+
+def billed_together(earlier: list[Answer], answer: Answer) -> Answer:
+    """The answer with the tokens of the requests made before it for the same clip: all
+    were paid for. A count no request knew stays unknown."""
+    def total(name: str) -> int | None:
+        known = [v for v in (getattr(a, name) for a in (*earlier, answer)) if v is not None]
+        return sum(known) if known else None
+    return replace(answer, **{name: total(name) for name in (*TOKEN_FIELDS, "cached_tokens")})
 
 
 def parse_answer(text: str) -> Any:

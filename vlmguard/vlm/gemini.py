@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from vlmguard.config import opt
+from vlmguard.errors import first_line
+from vlmguard.options import opt
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip,
-                          ProviderSettings, RateLimited, describe_wait, parse_answer,
-                          read_answer, retry_hint)
+                          ProviderSettings, RateLimited, billed_together, describe_wait,
+                          parse_answer, read_answer, retry_hint)
 from vlmguard.vlm import token_count as count
 from vlmguard.vlm.registry import register
 from vlmguard.vlm.transport import bounded, bounded_client
@@ -186,7 +187,7 @@ class GeminiClient:
             changed = changed_request(refused.kind, request)
             keep_alive()
             try:
-                return billed_together(refused.usage,
+                return billed_together([refused.usage],
                                        self.ask_adapting(clip, prompt, changed, keep_alive))
             except Refused as again:
                 raise AnalysisError(f"{again} (again after a changed request: "
@@ -393,15 +394,6 @@ class GeminiClient:
                                 retryable=True) from None
 
 
-def billed_together(refused: Answer, answer: Answer) -> Answer:
-    """The answer with the refused request's tokens added: both were paid for."""
-    def total(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-    return replace(answer, **{name: total(getattr(refused, name), getattr(answer, name))
-                              for name in ("prompt_tokens", "output_tokens", "total_tokens",
-                                           "thoughts_tokens", "cached_tokens")})
-
-
 def lowest_thinking_level(model: str) -> str:
     return "MINIMAL" if MINIMAL_THINKERS.match(model) else "LOW"
 
@@ -505,7 +497,3 @@ def is_transport_error(exc: Exception) -> bool:
     module = type(exc).__module__.split(".")[0]
     return (module in ("httpx", "httpx2", "httpcore", "aiohttp", "requests", "urllib3")
             or bool(names & {"TimeoutError", "ConnectionError", "TimeoutException"}))
-
-
-def first_line(value: Any) -> str:
-    return (str(value).strip().splitlines() or [""])[0][:300]

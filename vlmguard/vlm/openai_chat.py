@@ -39,11 +39,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmguard.config import opt
-from vlmguard.ffmpeg import child_env, ffmpeg_binary, grid_command
+from vlmguard.errors import first_line
+from vlmguard.options import opt
+from vlmguard.ffmpeg import child_env, ffmpeg_binary, grid_command, last_line
 from vlmguard.vlm import (RESPONSE_SCHEMA, AccountProblem, AnalysisError, Answer, Clip, Frame,
-                          ProviderSettings, RateLimited, describe_wait, parse_answer,
-                          read_answer, retry_hint)
+                          ProviderSettings, RateLimited, billed_together, describe_wait,
+                          parse_answer, read_answer, retry_hint)
 from vlmguard.vlm import token_count as count
 from vlmguard.vlm.images import jpeg_size
 from vlmguard.vlm.registry import register
@@ -233,8 +234,8 @@ def data_url(path: Path) -> str:
 def run_ffmpeg(command: list[str], target: Path, what: str) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=child_env())
     if proc.returncode != 0 or not target.exists():
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise AnalysisError(f"{what} could not be made: {reason}", retryable=False)
+        raise AnalysisError(f"{what} could not be made: {last_line(proc.stderr)}",
+                            retryable=False)
 
 
 def make_grid(frames: tuple[Frame, ...], target: Path) -> Path:
@@ -583,17 +584,6 @@ class OpenAIChatClient:
                                 f"({first_line(exc)})", retryable=True) from None
 
 
-def billed_together(unused: list[Answer], answer: Answer) -> Answer:
-    """The answer with the tokens of the requests made before it for the same clip."""
-    def total(name: str) -> int | None:
-        values = [getattr(a, name) for a in (*unused, answer)]
-        known = [v for v in values if v is not None]
-        return sum(known) if known else None
-    return replace(answer, **{name: total(name) for name in
-                              ("prompt_tokens", "output_tokens", "total_tokens",
-                               "thoughts_tokens", "cached_tokens")})
-
-
 def status_error(what: str, exc, settings: OpenAISettings, schema_mode: str) -> Exception:
     code = exc.status_code
     body = error_body(exc)
@@ -663,7 +653,3 @@ def header(response, name: str) -> str | None:
         return response.headers.get(name)
     except AttributeError:
         return None
-
-
-def first_line(value: Any) -> str:
-    return (str(value).strip().splitlines() or [""])[0][:300]

@@ -1,211 +1,53 @@
-"""The REST API and the /metrics route, served by the streaming process's aiohttp app.
+"""The REST API (health, cameras, jobs, incidents) and the /metrics route, served by the
+streaming process's aiohttp app.
 
-Every database read runs in a worker thread of the API's own (Database): the event loop
-that serves the video never waits on SQL, and a database that is slow or away never takes
-the threads it lends to file reads. While the database is away, what needs it answers
-503 at once with Retry-After; /api/health and /metrics answer from the files. Bad query
-parameters get 400 with a JSON body naming the parameter. A page is bounded in rows
-(limit) and in bytes (MAX_PAGE_BYTES): a page cut short says so and where the next starts
-(next_offset).
+Database reads run through web.database, off the event loop: while the database is away,
+what needs it answers 503 at once with Retry-After; /api/health and /metrics answer from
+the files. Bad query parameters get 400 naming the parameter (web.params). A page is
+bounded in rows (limit) and in bytes (MAX_PAGE_BYTES): a page cut short says so and where
+the next starts (next_offset).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
-import structlog
 from aiohttp import web
 
 from vlmguard.config import Config
-from vlmguard.errors import DatabaseError
-from vlmguard.outage import Outage
+from vlmguard.errors import DatabaseError, first_line
 from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
                              live_cameras, other_cameras, with_home)
 from vlmguard.store.bundle import Store
-from vlmguard.store.engines import is_outage
-from vlmguard.store.schema import STATES
+from vlmguard.store.schema import MAX_ID, STATES
 from vlmguard.vlm import SEVERITIES
-from vlmguard.web.keys import CONFIG_KEY, DATABASE_KEY
-from vlmguard.web.metrics import render_metrics
-from vlmguard.web.session import session_metrics
+from vlmguard.web.database import read
+from vlmguard.web.keys import LIMITER_KEY
+from vlmguard.web.metrics import render_metrics, signin_metrics
+from vlmguard.web.params import (BadParameter, camera_param, category_params, checked_int,
+                                 choice_params, config_of, int_param, since_param)
 
 MAX_PAGE = 500
 MAX_OFFSET = 10**9
-MAX_JOB_ID = 2**63 - 1  # the largest id SQLite and PostgreSQL's BIGINT hold
-INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
 # One page of incidents at most this many bytes of JSON (rows are read with their
 # descriptions bounded, so a page costs at most limit x a row's bound to read).
 MAX_PAGE_BYTES = 1_000_000
-DATABASE_THREADS = 4
-
-
-class Database:
-    """The streaming process's way to the job table: one Store, made on first use
-    without reaching the database, and threads of its own."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.store: Store | None = None
-        # Its threads log as the process does (role, pid): threads start with no context.
-        self.executor = ThreadPoolExecutor(
-            DATABASE_THREADS, thread_name_prefix="database",
-            initializer=functools.partial(structlog.contextvars.bind_contextvars,
-                                          **structlog.contextvars.get_contextvars()))
-        self.outage = Outage("api")
-        self.lock = threading.Lock()
-
-    def run(self, work: Callable[[Config, Store], Any],
-            fallback: Callable[[Config, BaseException], Any] | None) -> Any:
-        """work(config, store) in this thread; while the database is away, fallback(config,
-        why) when there is one, else the outage is raised."""
-        try:
-            with self.lock:
-                self.outage.check()
-                if self.store is None:
-                    self.store = Store.from_config(self.config, create=False, lazy=True)
-            self.store.db.ensure_ready()
-            result = work(self.config, self.store)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            with self.lock:
-                if not self.outage.down or self.outage.due():
-                    self.outage.failed(exc)
-            if fallback is None:
-                raise
-            return fallback(self.config, exc)
-        with self.lock:
-            self.outage.back()
-        return result
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        if self.store is not None:
-            self.store.close()
 
 
 def add_api_routes(app: web.Application) -> None:
-    app[DATABASE_KEY] = Database(app[CONFIG_KEY])
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/cameras", cameras)
     app.router.add_get("/api/jobs", jobs)
     app.router.add_get("/api/jobs/{id}", job)
     app.router.add_get("/api/incidents", incidents)
     app.router.add_get("/metrics", metrics)
-    app.on_cleanup.append(close_store)
-
-
-def config_of(request: web.Request) -> Config:
-    return request.app[CONFIG_KEY]
-
-
-async def read(request: web.Request, work: Callable[[Config, Store], Any],
-               fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
-    """Run a database read (or a write) off the event loop, with this process's Store;
-    while the database is away: fallback's answer, or 503 with Retry-After."""
-    try:
-        return await with_store(request.app, work, fallback)
-    except Exception as exc:
-        if not is_outage(exc):
-            raise
-        retry = max(1, round(request.app[DATABASE_KEY].outage.retry_at_in()))
-        raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error": f"database unreachable: {str(exc).splitlines()[0][:300]}",
-                             "retry_after_s": retry}),
-            content_type="application/json", headers={"Retry-After": str(retry)}) from None
-
-
-async def with_store(app: web.Application, work: Callable[[Config, Store], Any],
-                     fallback: Callable[[Config, BaseException], Any] | None = None) -> Any:
-    database: Database = app[DATABASE_KEY]
-    return await asyncio.get_running_loop().run_in_executor(
-        database.executor, database.run, work, fallback)
-
-
-async def close_store(app: web.Application) -> None:
-    app[DATABASE_KEY].close()
-
-
-class BadParameter(web.HTTPBadRequest):
-    def __init__(self, name: str, problem: str):
-        super().__init__(text=f'{{"error": "{name}: {problem}", "parameter": "{name}"}}',
-                         content_type="application/json")
-
-
-def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    return checked_int(raw, name, lo, hi)
-
-
-def checked_int(raw: str, name: str, lo: int, hi: int) -> int:
-    """ASCII digits only, so int() never sees a huge or exotic number; then the range."""
-    if not INTEGER.fullmatch(raw) or not lo <= int(raw) <= hi:
-        raise BadParameter(name, f"must be an integer {lo}-{hi}")
-    return int(raw)
-
-
-def choice_params(request: web.Request, name: str, choices: tuple[str, ...]) -> list[str]:
-    values = [v for raw in request.query.getall(name, []) for v in raw.split(",") if v]
-    for value in values:
-        if value not in choices:
-            raise BadParameter(name, f"must be one of {', '.join(choices)}")
-    return values
-
-
-def camera_param(request: web.Request) -> str | None:
-    """The camera asked for; one not configured here is checked against the other boxes'
-    (site_camera, with the database), since jobs and incidents are the whole site's."""
-    camera = request.query.get("camera")
-    if camera is not None and len(camera) > 200:
-        raise BadParameter("camera", "unknown camera")
-    return camera
-
-
-def site_camera(config: Config, store: Store, camera: str | None) -> None:
-    """BadParameter unless the camera is this box's or another node's."""
-    if camera is None or config.camera(camera) is not None:
-        return
-    if not any(camera in node["cameras"] for node in store.nodes.all()):
-        raise BadParameter("camera", "unknown camera")
-
-
-def since_param(request: web.Request, name: str = "since") -> datetime | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadParameter(name, "must be an ISO 8601 time, e.g. 2026-11-26T08:00:00Z") from None
-    if when.tzinfo is None:
-        return when.replace(tzinfo=timezone.utc)
-    try:  # 9999-12-31T23:59:59-23:59 is a valid time that UTC cannot hold
-        return when.astimezone(timezone.utc)
-    except OverflowError:
-        raise BadParameter(name, "out of range: years 1-9999 in UTC") from None
-
-
-def category_params(request: web.Request) -> list[str]:
-    values = [v for raw in request.query.getall("category", []) for v in raw.split(",") if v]
-    for value in values:
-        if len(value) > 100:
-            raise BadParameter("category", "at most 100 characters")
-    return values
 
 
 def status_without_database(config: Config, why: BaseException) -> dict[str, Any]:
     """The report from the files alone, saying why the database is not in it."""
-    return gather_status(config, unreachable=f"database unreachable: "
-                                             f"{str(why).splitlines()[0][:300]}")
+    return gather_status(config, unreachable=f"database unreachable: {first_line(why)}")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -222,6 +64,14 @@ async def health(request: web.Request) -> web.Response:
             "backed_off": sorted(name for name, child in report["daemon"]["children"].items()
                                  if child.get("state") == "backed off")}
     return web.json_response(body, status=200 if report["healthy"] else 503)
+
+
+def site_camera(config: Config, store: Store, camera: str | None) -> None:
+    """BadParameter unless the camera is this box's or another node's."""
+    if camera is None or config.camera(camera) is not None:
+        return
+    if not any(camera in node["cameras"] for node in store.nodes.all()):
+        raise BadParameter("camera", "unknown camera")
 
 
 async def cameras(request: web.Request) -> web.Response:
@@ -259,7 +109,7 @@ async def jobs(request: web.Request) -> web.Response:
 
 async def job(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
-    job_id = checked_int(raw, "id", 0, MAX_JOB_ID)
+    job_id = checked_int(raw, "id", 0, MAX_ID)
 
     def work(config, store):
         found = store.reports.get(job_id)
@@ -313,6 +163,6 @@ async def metrics(request: web.Request) -> web.Response:
 
     def from_files(config, why):
         return render_metrics(status_without_database(config, why), ([], 0, 0.0), {})
-    text = await read(request, work, from_files) + session_metrics(request.app)
+    text = await read(request, work, from_files) + signin_metrics(request.app[LIMITER_KEY])
     return web.Response(body=text.encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

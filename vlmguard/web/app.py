@@ -19,12 +19,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from vlmguard.child import ChildState
 from vlmguard.config import Config, ServerConfig
 from vlmguard.web.api import add_api_routes
 from vlmguard.web.console import add_console_routes
+from vlmguard.web.database import add_database
 from vlmguard.web.events import add_event_routes
 from vlmguard.web.hls import add_hls_routes
-from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY
+from vlmguard.web.keys import CHILD_STATE_KEY, CONFIG_KEY, GUARD_KEY
 from vlmguard.web.media import add_media_routes
 from vlmguard.web.nodes import add_node_routes
 from vlmguard.web.recordings import add_recording_routes
@@ -103,6 +105,9 @@ def create_app(config: Config) -> web.Application:
     app[ACCESS_KEY] = Access.of(config.server)
     app.on_response_prepare.append(add_cors_headers)
     app[GUARD_KEY] = []
+    # The streamer puts its own in (counted in its state file); this one only logs.
+    app[CHILD_STATE_KEY] = ChildState()
+    add_database(app)
     add_session_routes(app)
     add_console_routes(app)
     add_hls_routes(app)

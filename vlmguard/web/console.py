@@ -15,11 +15,14 @@ from importlib import resources
 
 from aiohttp import web
 
-from vlmguard.status import camera_homes, gather_status, incident_row, iso, with_home
+from vlmguard.status import camera_homes, gather_status, incident_row, with_home
 from vlmguard.store.records import utcnow
+from vlmguard.store.schema import MAX_ID
+from vlmguard.times import iso
 from vlmguard.vlm.pricing import cost_report
-from vlmguard.web.api import BadParameter, MAX_JOB_ID, checked_int, read
+from vlmguard.web.database import read
 from vlmguard.web.keys import STATIC_KEY
+from vlmguard.web.params import BadParameter, checked_int
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
@@ -105,7 +108,7 @@ async def categories(request: web.Request) -> web.Response:
 
 
 def id_of(request: web.Request) -> int:
-    return checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    return checked_int(request.match_info["id"], "id", 0, MAX_ID)
 
 
 def not_found(what: str) -> web.HTTPNotFound:

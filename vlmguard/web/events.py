@@ -19,10 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
+from vlmguard.errors import DatabaseError
 from vlmguard.logs import Noticed, get_logger
-from vlmguard.status import incident_row, iso, live_cameras
-from vlmguard.web.api import with_store
-from vlmguard.web.keys import CONFIG_KEY, GUARD_KEY, HUB_KEY
+from vlmguard.status import incident_row, live_cameras
+from vlmguard.store.engines import is_outage
+from vlmguard.times import iso
+from vlmguard.web.database import with_store
+from vlmguard.web.keys import CHILD_STATE_KEY, CONFIG_KEY, GUARD_KEY, HUB_KEY
 
 log = get_logger("vlmguard.web.events")
 
@@ -103,9 +106,14 @@ class EventHub:
                 changes = await with_store(self.app,
                                            lambda config, store, at=cursor:
                                            store.incidents.changes_since(*at))
-            except Exception as exc:  # a database hiccup: the streams wait, they do not end
-                if self.noticed.first(type(exc).__name__):
-                    log.warning("event poll failed, retrying", error=str(exc).splitlines()[0][:300])
+            except Exception as exc:  # the streams wait, they do not end
+                if is_outage(exc) or isinstance(exc, DatabaseError):  # a database hiccup
+                    if self.noticed.first(type(exc).__name__):
+                        log.warning("event poll failed, retrying",
+                                    error=str(exc).splitlines()[0][:300])
+                else:
+                    self.app[CHILD_STATE_KEY].unexpected(
+                        log, "event poll failed unexpectedly, retrying")
                 await asyncio.sleep(ERROR_PAUSE_SECONDS)
                 continue
             self.noticed.seen.clear()

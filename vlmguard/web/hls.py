@@ -8,8 +8,8 @@ under live/<camera>/, adjusting the playlist on the way out: one playlist across
 restarts (see livelist.py), a constant EXT-X-TARGETDURATION, an EXT-X-START three target
 durations from the end. Either way the token is carried on to every URI, and a stale
 playlist is never served: a camera whose playlist gained no segment for the stale limit
-answers 503 with Retry-After, so players retry instead of spinning on old video (one
-cause of the seed's "old video after coming back").
+answers 503 with Retry-After, so players retry instead of spinning on old video, and
+come back to new video, not old, when the camera does.
 
 Another box's camera (site-wide, from the nodes table) is passed through to that box
 (proxy.live_from_home): same URL, same token, 503 while that box is down.

@@ -5,27 +5,22 @@ GET /api/incidents/{id}/clip.mp4       the incident with 5 s before and after
 GET /api/clip?camera=ID&start=ISO&duration=S   any stretch of recorded video (<= 600 s)
 
 A clip is cut by FFmpeg (clips.py) into a temporary file in RAM (/dev/shm), then served
-with Range support so a <video> can seek, and deleted. Its time 0 is the wall-clock time in
-the X-Clip-Start header: the requested start, or later when the footage begins later. At
-most MAX_CLIP_JOBS clips are cut or sent at once; a request that waits longer than
-QUEUE_SECONDS for its turn gets 503: no client can take CPU, disk or memory from the
-recording. Sending has one deadline, SEND_BASE_SECONDS plus a second per SEND_RATE bytes,
-and a client that takes nothing for STALL_SECONDS is dropped at once: a reader that stops
-reading frees its slot and its file instead of holding them (a <video> that paused asks
-again with a Range when it plays on). Database reads go through api.read (a worker
+with Range support so a <video> can seek, and deleted (web/sending.py: one deadline, at
+most MAX_CLIP_JOBS at once, a reader that stops reading dropped). Its time 0 is the
+wall-clock time in the X-Clip-Start header: the requested start, or later when the
+footage begins later. Database reads go through web/database.read (a worker
 thread), archive probing through asyncio.to_thread: the event loop only awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import re
 import shutil
 import socket
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -35,23 +30,18 @@ from vlmguard.clips import (MAX_CLIP_SECONDS, ClipError, ClipPlan, cut_clip, mid
 from vlmguard.ffmpeg import ffmpeg_binary
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.web.api import (MAX_JOB_ID, BadParameter, checked_int, config_of, read,
-                              since_param)
+from vlmguard.store.schema import MAX_ID
+from vlmguard.times import EXAMPLE, iso
+from vlmguard.web.database import read
+from vlmguard.web.params import BadParameter, checked_int, config_of, since_param
 from vlmguard.web.keys import CLIP_SLOTS_KEY
 from vlmguard.web.proxy import from_home, home_of
+from vlmguard.web.scratch import ram_dir, room_for
+from vlmguard.web.sending import MAX_CLIP_JOBS, QUEUE_SECONDS, not_found, send_clip
 
 log = get_logger("vlmguard.web.media")
 
-MAX_CLIP_JOBS = 2
-QUEUE_SECONDS = 10.0
-SEND_BASE_SECONDS = 30.0
-SEND_RATE = 1 << 20  # bytes a second a client must take on average: 300 MB in 5.5 min
-STALL_SECONDS = 10.0
-CHUNK_BYTES = 256 * 1024
-RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 INCIDENT_MARGIN = timedelta(seconds=5)
-RAM_DIR = Path("/dev/shm")
-MEMORY_RESERVE = 256 * 2**20
 DURATION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
 ANALYZER_ID = re.compile(r"(.+)-analyzer-[0-9]+")  # analyzer.worker_name: host-analyzer-N
 
@@ -70,12 +60,10 @@ def add_media_routes(app: web.Application) -> None:
     app.router.add_get("/api/clip", clip)
 
 
-def not_found(message: str) -> web.HTTPNotFound:
-    return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
 
 
 async def incident_of(request: web.Request) -> dict:
-    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    incident_id = checked_int(request.match_info["id"], "id", 0, MAX_ID)
     found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
     if found is None:
         raise not_found(f"no incident {incident_id}")
@@ -128,7 +116,7 @@ async def clip(request: web.Request) -> web.StreamResponse:
 def start_param(request: web.Request) -> datetime:
     when = since_param(request, "start")
     if when is None:
-        raise BadParameter("start", "required: an ISO 8601 time, e.g. 2026-11-26T08:00:00Z")
+        raise BadParameter("start", f"required: an ISO 8601 time, e.g. {EXAMPLE}")
     return when
 
 
@@ -182,67 +170,12 @@ async def serve_clip(request: web.Request, camera_id: str, start: datetime, seco
         slots.release()
 
 
-async def send_clip(request: web.Request, path: Path, headers: dict[str, str]) -> web.StreamResponse:
-    """The file, or the byte range asked for, under one deadline; a client that stops
-    reading is cut off and its connection aborted (the caller frees the slot)."""
-    size = path.stat().st_size
-    first, last = byte_range(request, size)
-    response = web.StreamResponse(status=206 if (first, last) != (0, size - 1) else 200,
-                                  headers={**headers, "Accept-Ranges": "bytes"})
-    if response.status == 206:
-        response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    response.content_length = last - first + 1
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SEND_BASE_SECONDS + response.content_length / SEND_RATE
-    try:
-        async with asyncio.timeout_at(deadline):
-            await response.prepare(request)
-            if request.method != "HEAD":
-                await send_bytes(response, path, first, last - first + 1)
-            await response.write_eof()
-    except ConnectionError:
-        pass  # the client went away
-    except TimeoutError:
-        log.info("clip reader too slow: dropped", client=request.remote,
-                 bytes=response.content_length)
-        if request.transport is not None:  # free its buffers now
-            request.transport.abort()
-    return response
 
 
-async def send_bytes(response: web.StreamResponse, path: Path, offset: int, count: int) -> None:
-    # A read from the RAM folder is a copy from memory: it does not block the loop.
-    with open(path, "rb") as clip:
-        clip.seek(offset)
-        while count > 0:
-            chunk = clip.read(min(CHUNK_BYTES, count))
-            if not chunk:
-                raise ConnectionError("clip shorter than its size")
-            async with asyncio.timeout(STALL_SECONDS):
-                await response.write(chunk)
-            count -= len(chunk)
 
 
-def byte_range(request: web.Request, size: int) -> tuple[int, int]:
-    """(first, last) byte to send: one Range (bytes=a-b, a-, -n) is honoured; several, or
-    one that does not parse, get the whole file; one past the end is 416."""
-    match = RANGE.fullmatch(request.headers.get("Range", "").strip())
-    whole = (0, size - 1)
-    if match is None or request.headers.get("If-Range") or match.groups() == ("", ""):
-        return whole
-    start, end = match.groups()
-    if not start:  # the last n bytes
-        return (max(0, size - int(end)), size - 1) if int(end) > 0 else unsatisfiable(size)
-    first, last = int(start), min(int(end), size - 1) if end else size - 1
-    if end and int(end) < first:
-        return whole  # not a valid range: ignored, as RFC 9110 says
-    if first >= size:
-        unsatisfiable(size)
-    return first, last
 
 
-def unsatisfiable(size: int):
-    raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
 
 
 def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
@@ -251,33 +184,3 @@ def clip_headers(plan: ClipPlan, name: str) -> dict[str, str]:
             "X-Clip-Start": iso(plan.start)}
 
 
-def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def room_for(size: int) -> bool:
-    """A clip in RAM must leave the recording its memory: the tmpfs must hold it and the
-    machine keep MEMORY_RESERVE available besides."""
-    try:
-        free = shutil.disk_usage(ram_dir() or tempfile.gettempdir()).free
-    except OSError:
-        return True  # cannot tell: FFmpeg's own error on a full disk is the limit
-    available = memory_available()
-    return size * 1.1 < free and (available is None or size * 1.1 + MEMORY_RESERVE < available)
-
-
-def memory_available() -> int | None:
-    """MemAvailable (free plus reclaimable cache), in bytes; None off Linux."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def ram_dir() -> str | None:
-    """Clips are copies: kept in RAM, they cost the flash nothing."""
-    return str(RAM_DIR) if RAM_DIR.is_dir() else None

@@ -91,6 +91,11 @@ def render_metrics(report: dict[str, Any], histogram: tuple[list[tuple[float, in
            "runs on).",
            [(label(child=name), int(state.get("state") == "backed off"))
             for name, state in children.items()])
+    family("vlmguard_unexpected_errors_total", "counter",
+           "Bugs a process caught so that its loop goes on, each logged with its traceback "
+           "(since that process started).",
+           [(label(child=name), n) for name, n in
+            sorted(report["daemon"].get("unexpected_errors", {}).items())])
     database = report["database"]
     family("vlmguard_database_up", "gauge",
            "1 when the job table could be read for this report.",
@@ -132,3 +137,15 @@ def escape(value: str) -> str:
 
 def format_value(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) and not float(value).is_integer() else str(int(value))
+
+
+def signin_metrics(limiter: Any) -> str:
+    """The sign-in counters (web.session.SignInLimiter's) in the Prometheus text format."""
+    return ("# HELP vlmguard_signin_failures_total Wrong tokens checked (sign-in form, Bearer "
+            "header or ?token=) since the streaming process started.\n"
+            "# TYPE vlmguard_signin_failures_total counter\n"
+            f"vlmguard_signin_failures_total {limiter.failed_total}\n"
+            "# HELP vlmguard_signin_refused_total Requests with a token refused unchecked "
+            "(429) because their address had to wait after wrong tokens.\n"
+            "# TYPE vlmguard_signin_refused_total counter\n"
+            f"vlmguard_signin_refused_total {limiter.refused_total}\n")

@@ -22,15 +22,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.analyzer import job_video, mp4_copy_command
 from vlmguard.ffmpeg import child_env, ffmpeg_binary, parent_death_prefix
+from vlmguard.jobvideo import job_video, mp4_copy_command
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
-from vlmguard.status import iso
+from vlmguard.times import iso
 from vlmguard.vlm import AnalysisError
-from vlmguard.web.api import MAX_JOB_ID, checked_int, config_of, read
+from vlmguard.store.schema import MAX_ID
+from vlmguard.web.database import read
 from vlmguard.web.keys import CLIP_SLOTS_KEY
-from vlmguard.web.media import QUEUE_SECONDS, not_found, ram_dir, send_clip
+from vlmguard.web.params import checked_int, config_of
+from vlmguard.web.scratch import ram_dir
+from vlmguard.web.sending import QUEUE_SECONDS, not_found, send_clip
 
 log = get_logger("vlmguard.web.nodes")
 
@@ -53,7 +56,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def job_footage(request: web.Request) -> web.StreamResponse:
-    job_id = checked_int(request.match_info["id"], "id", 0, MAX_JOB_ID)
+    job_id = checked_int(request.match_info["id"], "id", 0, MAX_ID)
     config = config_of(request)
     job = await read(request, lambda config, store: store.reports.get(job_id))
     if job is None:

@@ -25,7 +25,8 @@ from aiohttp import web
 from vlmguard.errors import DatabaseError
 from vlmguard.logs import get_logger
 from vlmguard.status import camera_homes
-from vlmguard.web.api import config_of, read
+from vlmguard.web.database import read
+from vlmguard.web.params import config_of
 from vlmguard.web.keys import LIVE_PROXY_KEY
 
 log = get_logger("vlmguard.web.proxy")

@@ -28,17 +28,17 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from vlmguard.ffmpeg import child_env, ffmpeg_binary
+from vlmguard.ffmpeg import child_env, ffmpeg_binary, last_line
 from vlmguard.layout import ARCHIVE_NAME, Layout, archive_start
 from vlmguard.logs import get_logger
 from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYLIST_SECONDS,
-                                 Catalog, export_command, export_list, find_file, hold, iso,
-                                 open_export,
-                                 live_edge, mp4_segment_command, plan_export, plan_playlist,
-                                 render_playlist, span_report, stored_thumbnail,
+                                 Catalog, export_command, export_list, find_file, hold,
+                                 open_export, live_edge, mp4_segment_command, plan_export,
+                                 plan_playlist, render_playlist, span_report, stored_thumbnail,
                                  make_thumbnail)
-from vlmguard.web.api import BadParameter, config_of, since_param
-from vlmguard.web.media import ram_dir
+from vlmguard.times import iso
+from vlmguard.web.params import BadParameter, config_of, since_param
+from vlmguard.web.scratch import ram_dir
 
 log = get_logger("vlmguard.web.recordings")
 
@@ -306,7 +306,7 @@ async def mp4_segment(request: web.Request) -> web.Response:
         if not path.exists():
             raise gone(camera, path.name)
         log.warning("mp4 segment not cut", camera_id=camera, file=path.name,
-                    error=err.decode(errors="replace").strip()[-300:])
+                    error=last_line(err))
         raise json_error(web.HTTPBadGateway, "the recording could not be cut (see the log)")
     return web.Response(body=out, content_type="video/mp2t",
                         headers={"Cache-Control": "private, max-age=3600"})
@@ -396,8 +396,7 @@ async def stream_export(request: web.Request, catalog: Catalog, plan,
         first = await proc.stdout.read(CHUNK)
         if not first:
             await proc.wait()
-            reason = (await stderr).decode(errors="replace").strip()[-300:]
-            log.warning("export not made", camera_id=plan.camera_id, error=reason)
+            log.warning("export not made", camera_id=plan.camera_id, error=last_line(await stderr))
             raise json_error(web.HTTPBadGateway, "the recording could not be exported (see the log)")
         await response.prepare(request)
         chunk = first
@@ -411,7 +410,7 @@ async def stream_export(request: web.Request, catalog: Catalog, plan,
         await proc.wait()
         if proc.returncode != 0:
             log.warning("export ended early", camera_id=plan.camera_id,
-                        error=(await stderr).decode(errors="replace").strip()[-300:])
+                        error=last_line(await stderr))
         await response.write_eof()
         log.info("export sent", camera_id=plan.camera_id, start=iso(plan.start),
                  seconds=round(plan.seconds, 1), files=len(plan.files))

@@ -41,7 +41,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from vlmguard.logs import get_logger
-from vlmguard.web.keys import CONFIG_KEY, SECRET_KEY
+from vlmguard.web.keys import CONFIG_KEY, LIMITER_KEY, SECRET_KEY
 
 log = get_logger("vlmguard.web.session")
 
@@ -189,7 +189,6 @@ class Sessions:
             log.warning("session list not saved", path=str(self.path), error=str(exc))
 
 
-LIMITER_KEY = web.AppKey("sign_in_limiter", SignInLimiter)
 SESSIONS_KEY = web.AppKey("sessions", Sessions)
 
 
@@ -201,19 +200,6 @@ def add_session_routes(app: web.Application) -> None:
     app.router.add_get("/api/session", session_state)
     app.router.add_post("/api/session", sign_in)
     app.router.add_post("/api/session/end", sign_out)
-
-
-def session_metrics(app: web.Application) -> str:
-    """The sign-in counters in the Prometheus text format."""
-    limiter = app[LIMITER_KEY]
-    return ("# HELP vlmguard_signin_failures_total Wrong tokens checked (sign-in form, Bearer "
-            "header or ?token=) since the streaming process started.\n"
-            "# TYPE vlmguard_signin_failures_total counter\n"
-            f"vlmguard_signin_failures_total {limiter.failed_total}\n"
-            "# HELP vlmguard_signin_refused_total Requests with a token refused unchecked "
-            "(429) because their address had to wait after wrong tokens.\n"
-            "# TYPE vlmguard_signin_refused_total counter\n"
-            f"vlmguard_signin_refused_total {limiter.refused_total}\n")
 
 
 def signing_key(app: web.Application) -> bytes:

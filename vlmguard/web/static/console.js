@@ -6,7 +6,7 @@ const SEVERITIES = ["low", "medium", "high", "critical"];
 const PAGE = 20;
 // Low-Latency HLS: hls.js keeps PART-HOLD-BACK behind the live edge (under a second) and
 // plays up to 1.5x to get back there after a stall. A camera served without parts keeps
-// the seed's 3 s (set once its playlist is known). Plus our own jumps back to the live
+// PLAIN_HLS_LATENCY (set once its playlist is known). Plus our own jumps back to the live
 // edge (visible again, after a stall): hls.js alone resumes where it stopped.
 const HLS_CONFIG = {startPosition: -1, lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5,
                     maxBufferLength: 10, backBufferLength: 10, enableWorker: true};
