@@ -277,6 +277,7 @@ class Answering:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 outer.auth = self.headers.get("Authorization")
+                outer.path = self.path
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -284,7 +285,7 @@ class Answering:
 
             def log_message(self, *args):
                 pass
-        self.auth = None
+        self.auth = self.path = None
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -336,3 +337,69 @@ def test_a_node_down_or_unreachable_puts_the_job_back(tmp_path):
     closed = {"alive": True, "public_url": f"http://127.0.0.1:{free_port()}", "last_seen_s": 1.0}
     with pytest.raises(FootageAway, match="unreachable"):
         fetch_footage(closed, job, "", tmp_path / "f.mp4", 10_000)
+
+
+def test_another_box_live_video_passes_through_this_box(tmp_path):
+    """GET /live/<camera>/... of another node's camera goes on to that node with the
+    boxes' token and the LL-HLS blocking parameters; its answer comes back bounded; a
+    node down is 503, a node refusing the token 502, a camera no node records 404."""
+    import urllib.request as request_
+    from helpers import free_port
+    from helpers.http import serving
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    config = load_config(write_config(tmp_path, f"""
+        [daemon]
+        node = "box-a"
+        [server]
+        port = {free_port()}
+        token = "{TOKEN}"
+        [storage]
+        data_dir = "{tmp_path / 'data'}"
+        [database]
+        url = "{url}"
+        [analysis]
+        workers = 0
+    """))
+    playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n"
+    answering = {"dock-b": Answering(200, playlist), "dock-c": Answering(200),
+                 "dock-d": Answering(401), "dock-e": Answering(200, b"x" * (1 << 20 + 1))}
+    try:
+        with Store(url) as store:
+            for n, (camera, server) in enumerate(answering.items()):
+                info = NodeInfo(name=f"box-{camera[-1]}", instance=f"i{n}",
+                                public_url=server.url, role="records", cameras=(camera,))
+                store.nodes.join(info)
+                if camera == "dock-c":
+                    store.nodes.leave(info)
+        with serving(config) as port:
+            def get(path: str, auth: bool = True):
+                headers = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+                try:
+                    with request_.urlopen(request_.Request(f"http://127.0.0.1:{port}{path}",
+                                                           headers=headers), timeout=30) as got:
+                        return got.status, got.read()
+                except urllib.error.HTTPError as refused:
+                    return refused.code, refused.read()
+
+            status, body = get("/live/dock-b/index.m3u8?_HLS_msn=12&_HLS_part=3&_HLS_skip=YES"
+                               "&other=1&token=" + TOKEN)
+            assert (status, body) == (200, playlist)
+            assert answering["dock-b"].auth == f"Bearer {TOKEN}"
+            from urllib.parse import parse_qs, urlsplit
+            asked = urlsplit(answering["dock-b"].path)
+            assert asked.path == "/live/dock-b/index.m3u8"
+            assert parse_qs(asked.query) == {"_HLS_msn": ["12"], "_HLS_part": ["3"],
+                                             "_HLS_skip": ["YES"], "token": [TOKEN]}
+            assert get("/live/dock-b/part-3-12.m4s")[0] == 200
+            assert get("/live/dock-b/index.m3u8", auth=False)[0] == 401  # this box's sign-in
+            status, body = get("/live/dock-c/index.m3u8")
+            assert status == 503 and b"box-c" in body and b"down" in body
+            status, body = get("/live/dock-d/index.m3u8")
+            assert status == 502 and b"same token" in body
+            status, body = get("/live/dock-e/index.m3u8")
+            assert status == 502 and b"more than 1048576 bytes" in body
+            assert get("/live/nowhere/index.m3u8")[0] == 404
+            assert answering["dock-c"].path is None  # a node down is not asked
+    finally:
+        for server in answering.values():
+            server.close()

@@ -378,6 +378,15 @@ def camera_homes(config: Config, nodes: list[dict[str, Any]]) -> dict[str, dict[
     return homes
 
 
+def other_cameras(config: Config, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cameras other boxes record, each with its node and whether that node is alive
+    (all that is known here of them), and its live URL on its own box."""
+    return [{"id": camera, "node": node["name"], "node_alive": node["alive"],
+             "online": node["alive"],
+             "hls_url": f"{node['public_url']}/live/{camera}/index.m3u8"}
+            for camera, node in camera_homes(config, nodes).items()]
+
+
 def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """An incident row with the node that recorded it and, for another box's camera,
     its snapshot and clip on that box's server (same token)."""

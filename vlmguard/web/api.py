@@ -17,16 +17,17 @@ from typing import Any
 from aiohttp import web
 
 from vlmguard.config import Config
-from vlmguard.errors import first_line
+from vlmguard.errors import DatabaseError, first_line
 from vlmguard.status import (camera_homes, gather_status, incident_row, job_detail, job_summary,
-                             live_cameras, with_home)
+                             live_cameras, other_cameras, with_home)
+from vlmguard.store.bundle import Store
 from vlmguard.store.schema import MAX_ID, STATES
 from vlmguard.vlm import SEVERITIES
 from vlmguard.web.database import read
 from vlmguard.web.keys import LIMITER_KEY
 from vlmguard.web.metrics import render_metrics, signin_metrics
-from vlmguard.web.params import (camera_param, category_params, checked_int, choice_params,
-                                 config_of, int_param, since_param)
+from vlmguard.web.params import (BadParameter, camera_param, category_params, checked_int,
+                                 choice_params, config_of, int_param, since_param)
 
 MAX_PAGE = 500
 MAX_OFFSET = 10**9
@@ -65,8 +66,25 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if report["healthy"] else 503)
 
 
+def site_camera(config: Config, store: Store, camera: str | None) -> None:
+    """BadParameter unless the camera is this box's or another node's."""
+    if camera is None or config.camera(camera) is not None:
+        return
+    if not any(camera in node["cameras"] for node in store.nodes.all()):
+        raise BadParameter("camera", "unknown camera")
+
+
 async def cameras(request: web.Request) -> web.Response:
-    return web.json_response({"cameras": await asyncio.to_thread(live_cameras, config_of(request))})
+    """This box's cameras (node null), then the other boxes' (marked with their node);
+    while the database is away, this box's alone."""
+    own = await asyncio.to_thread(live_cameras, config_of(request))
+    try:
+        others = await read(request,
+                            lambda config, store: other_cameras(config, store.nodes.all()),
+                            lambda config, why: [])
+    except DatabaseError:  # no job table yet (never started): no other box known
+        others = []
+    return web.json_response({"cameras": [dict(c, node=None) for c in own] + others})
 
 
 async def jobs(request: web.Request) -> web.Response:
@@ -76,6 +94,7 @@ async def jobs(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
+        site_camera(config, store, camera)
         found = store.reports.list_jobs(states=states, camera_id=camera, limit=limit,
                                         offset=offset, results=False)
         total = store.reports.count_jobs(states=states, camera_id=camera)
@@ -113,6 +132,7 @@ async def incidents(request: web.Request) -> web.Response:
     offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
 
     def work(config, store):
+        site_camera(config, store, where["camera_id"])
         return (store.incidents.find_incidents(**where, limit=limit, offset=offset),
                 store.incidents.count_incidents(**where), camera_homes(config, store.nodes.all()))
     rows, total, homes = await read(request, work)

@@ -15,7 +15,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from vlmguard.status import gather_status, incident_row
+from vlmguard.status import camera_homes, gather_status, incident_row, with_home
 from vlmguard.store.records import utcnow
 from vlmguard.store.schema import MAX_ID
 from vlmguard.times import iso
@@ -118,10 +118,13 @@ def not_found(what: str) -> web.HTTPNotFound:
 
 async def incident(request: web.Request) -> web.Response:
     incident_id = id_of(request)
-    found = await read(request, lambda config, store: store.incidents.get_incident(incident_id))
-    if found is None:
+    def work(config, store):
+        found = store.incidents.get_incident(incident_id)
+        return found and with_home(incident_row(found), camera_homes(config, store.nodes.all()))
+    row = await read(request, work)
+    if row is None:
         raise not_found(f"incident {incident_id}")
-    return web.json_response(incident_row(found))
+    return web.json_response(row)
 
 
 async def json_body(request: web.Request) -> dict:

@@ -11,6 +11,9 @@ playlist is never served: a camera whose playlist gained no segment for the stal
 answers 503 with Retry-After, so players retry instead of spinning on old video, and
 come back to new video, not old, when the camera does.
 
+Another box's camera (site-wide, from the nodes table) is passed through to that box
+(proxy.live_from_home): same URL, same token, 503 while that box is down.
+
 A blocking request waits on its camera's one shared future (no thread, no file): it holds
 its connection like any client, within server.max_connections.
 """
@@ -30,6 +33,7 @@ from vlmguard.layout import Layout, stale_after
 from vlmguard.livelist import Window, render, served_window
 from vlmguard.llhls import LiveStream
 from vlmguard.web.keys import CONFIG_KEY, LIVE_KEY, TARGETS_KEY
+from vlmguard.web.proxy import add_live_proxy, live_from_home
 
 SEGMENT_NAME = re.compile(r"seg-\d{1,20}\.(ts|mp4)")
 FRAGMENTS_NAME = re.compile(r"(seg-\d{1,20})\.m4s")  # an fMP4 segment without its init section
@@ -45,15 +49,15 @@ NUMBER = re.compile(r"\d{1,20}")
 def add_hls_routes(app: web.Application) -> None:
     app[TARGETS_KEY] = {}  # camera -> largest target duration served, so it never shrinks
     app[LIVE_KEY] = {}  # camera -> LiveStream, filled by the streaming process
+    add_live_proxy(app)
     app.router.add_get("/live/{camera}/index.m3u8", playlist)
     app.router.add_get("/live/{camera}/{segment}", segment)
 
 
-def known_camera(request: web.Request) -> str:
+def elsewhere(request: web.Request) -> str | None:
+    """The camera asked for when it is not this box's (another box's, perhaps)."""
     camera_id = request.match_info["camera"]
-    if request.app[CONFIG_KEY].camera(camera_id) is None:
-        raise web.HTTPNotFound(text="not found\n")
-    return camera_id
+    return camera_id if request.app[CONFIG_KEY].camera(camera_id) is None else None
 
 
 def live_stream(request: web.Request, camera_id: str) -> LiveStream | None:
@@ -77,8 +81,10 @@ def playlist_response(body: str) -> web.Response:
 
 
 async def playlist(request: web.Request) -> web.Response:
+    if (other := elsewhere(request)) is not None:
+        return await live_from_home(request, other)
     config = request.app[CONFIG_KEY]
-    camera_id = known_camera(request)
+    camera_id = request.match_info["camera"]
     stream = live_stream(request, camera_id)
     if stream is not None:
         return await low_latency_playlist(request, stream, camera_id)
@@ -148,8 +154,10 @@ def media_headers(config, suffix: str) -> dict[str, str]:
 
 
 async def segment(request: web.Request) -> web.StreamResponse:
+    if (other := elsewhere(request)) is not None:
+        return await live_from_home(request, other)
     config = request.app[CONFIG_KEY]
-    camera_id = known_camera(request)
+    camera_id = request.match_info["camera"]
     name = request.match_info["segment"]
     part = PART_NAME.fullmatch(name)
     if part is not None:

@@ -14,4 +14,5 @@ STATIC_KEY = web.AppKey("static", dict)
 HUB_KEY = web.AppKey("hub", object)
 GUARD_KEY = web.AppKey("guard", list)  # the ConnectionGuard, once the server runs
 CLIP_SLOTS_KEY = web.AppKey("clip_slots", object)  # an asyncio.Semaphore
+LIVE_PROXY_KEY = web.AppKey("live_proxy", object)  # vlmguard.web.proxy.LiveProxy
 CHILD_STATE_KEY = web.AppKey("child_state", object)  # child.ChildState of the serving process

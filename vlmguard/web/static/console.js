@@ -156,6 +156,7 @@ function renderLive(only) {
   grid.replaceChildren();
   grid.classList.toggle("single", Boolean(only));
   $("#live-back").hidden = !only;
+  // Another box's cameras play through this box's server too (/live/ passes them on).
   const cameras = only ? state.cameras.filter((c) => c.id === only) : state.cameras;
   for (const camera of cameras) {
     const video = el("video", {muted: true, playsinline: true, autoplay: true,
@@ -166,7 +167,7 @@ function renderLive(only) {
                                 "aria-label": only ? null : `Open ${camera.id} large`},
       video,
       el("div", {class: "caption"},
-        el("div", {class: "name"}, el("span", {}, camera.id),
+        el("div", {class: "name"}, el("span", {}, cameraName(camera.id)),
            el("span", {},
               el("span", {class: "latency muted",
                           title: "How far behind the camera the picture shown is"}),
@@ -189,7 +190,7 @@ function updateTile(cameraId) {
   if (!tile) return;
   const camera = state.cameras.find((c) => c.id === cameraId) || {};
   const online = tile.querySelector(".online");
-  online.textContent = camera.online ? "live" : "offline";
+  online.textContent = camera.online ? "live" : camera.node && !camera.node_alive ? "box down" : "offline";
   online.className = `online ${camera.online ? "state-online" : "state-offline"}`;
   const latest = state.latest[cameraId] || {};
   tile.querySelector(".score").textContent = latest.score === undefined || latest.score === null
@@ -308,6 +309,12 @@ window.addEventListener("online", () => state.players.forEach((p) => { p.jumpOnU
 
 // -- incidents -------------------------------------------------------------------------
 
+// A camera of another box carries that box's name, so a site-wide list says where it is.
+function cameraName(cameraId, node) {
+  const where = node ?? state.cameras.find((c) => c.id === cameraId)?.node;
+  return where ? `${cameraId} (${where})` : cameraId;
+}
+
 function severityBadge(severity) {
   return el("span", {class: `sev sev-${severity}`}, (severity || "?").toUpperCase());
 }
@@ -319,7 +326,7 @@ function timeText(iso) {
 function fillFilterChoices() {
   const cameraSelect = $("#filters [name=camera]");
   cameraSelect.replaceChildren(el("option", {value: ""}, "All"),
-    ...state.cameras.map((c) => el("option", {value: c.id}, c.id)));
+    ...state.cameras.map((c) => el("option", {value: c.id}, cameraName(c.id))));
   const today = new Date();
   const day = `${today.getFullYear()}-${String(today.getMonth() + 1).padStart(2, "0")}-${String(today.getDate()).padStart(2, "0")}`;
   $("#filters [name=from]").value = day;
@@ -405,7 +412,7 @@ function incidentItem(incident) {
     thumb,
     el("span", {class: "what"},
       el("span", {}, severityBadge(incident.severity), " ", el("strong", {}, incident.category),
-         " · ", incident.camera_id),
+         " · ", cameraName(incident.camera_id, incident.node)),
       el("span", {class: "muted"}, timeText(incident.start_at)),
       el("span", {}, incident.description),
       el("span", {class: "acked"}, ackText(incident), incident.kept_at ? " · archive kept" : "")));
@@ -454,7 +461,7 @@ function timelineTrack(cameraId, dayStart, incidents) {
     label.style.left = `${h / 24 * 100}%`;
     hours.append(label);
   }
-  return el("div", {class: "track"}, el("span", {}, cameraId), el("div", {}, bar, hours));
+  return el("div", {class: "track"}, el("span", {}, cameraName(cameraId)), el("div", {}, bar, hours));
 }
 
 // -- one incident: its clip, acknowledge, keep ------------------------------------------
@@ -463,9 +470,11 @@ async function openIncident(id) {
   const incident = await api(`/api/incidents/${id}`);
   state.dialogIncident = incident;
   $("#dialog-title").replaceChildren(severityBadge(incident.severity), " ", incident.category,
-                                     " on ", incident.camera_id);
+                                     " on ", cameraName(incident.camera_id, incident.node));
   $("#dialog-meta").textContent = `${timeText(incident.start_at)} to ${timeText(incident.end_at)}`;
   $("#dialog-description").textContent = incident.description;
+  // Recordings are browsed on the box that made them.
+  $("#dialog-recordings").hidden = Boolean(incident.node);
   $("#dialog-recordings").href = `#/recordings/${encodeURIComponent(incident.camera_id)}/${encodeURIComponent(incident.start_at)}`;
   $("#ack-note").value = incident.ack_note || "";
   $("#ack-state").textContent = ackText(incident);
@@ -689,7 +698,7 @@ function connectEvents() {
     const incident = JSON.parse(event.data);
     state.latest[incident.camera_id] = {...(state.latest[incident.camera_id] || {}), incident};
     updateTile(incident.camera_id);
-    toast(`New ${incident.severity} incident on ${incident.camera_id}: ${incident.category}`);
+    toast(`New ${incident.severity} incident on ${cameraName(incident.camera_id)}: ${incident.category}`);
     if (state.view === "incidents" && state.page === 0 && matchesFilters(incident)) {
       const item = incidentItem(incident);
       item.firstChild.classList.add("new");

@@ -36,7 +36,7 @@
   // #/recordings[/<camera,...>[/<ISO time>]]: "open in recordings" lands on a time.
   R.show = async () => {
     const [, , cams, when] = location.hash.split("/").map(decodeURIComponent);
-    const all = state.cameras.map((c) => c.id);
+    const all = state.cameras.filter((c) => !c.node).map((c) => c.id);  // this box's own
     const wanted = cams ? cams.split(",").filter((c) => all.includes(c)) : [];
     const at = when ? Date.parse(when) : NaN;
     if (!R.shown) buildControls();
@@ -97,7 +97,7 @@
   function fillControls() {
     $("#rec-day").value = dayText(R.day);
     const box = $("#rec-cameras");
-    box.replaceChildren(el("legend", {}, "Cameras"), ...state.cameras.map((camera) => {
+    box.replaceChildren(el("legend", {}, "Cameras"), ...state.cameras.filter((c) => !c.node).map((camera) => {
       const input = el("input", {type: "checkbox", value: camera.id, checked: R.cameras.includes(camera.id)});
       input.addEventListener("change", async () => {
         R.cameras = [...box.querySelectorAll("input:checked")].map((i) => i.value);
