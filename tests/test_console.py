@@ -253,6 +253,8 @@ def test_keyboard_and_phone_width(console, tmp_path):
     out = SCREENSHOTS if os.environ.get("VLMGUARD_SCREENSHOTS") else tmp_path
     out.mkdir(parents=True, exist_ok=True)
     page = console.context.new_page()
+    if not any(c["name"] == "vlmguard_session" for c in console.context.cookies()):
+        sign_in(page, console.base)  # run on its own, no earlier test has signed in
     try:
         for width, height in ((1280, 800), (390, 844)):
             page.set_viewport_size({"width": width, "height": height})
