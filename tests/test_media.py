@@ -235,10 +235,10 @@ def test_chromium_plays_the_clip_from_time_zero_and_seeks(config, tmp_path):
 
 
 def test_clip_requests_beyond_the_bound_get_503(config, monkeypatch):
-    from vlmguard.web import media
+    from vlmguard.web import media, sending
     from vlmguard.web.keys import CLIP_SLOTS_KEY
 
-    monkeypatch.setattr(media, "QUEUE_SECONDS", 0.2)
+    monkeypatch.setattr(sending, "QUEUE_SECONDS", 0.2)
 
     async def go():
         app = create_app(config)

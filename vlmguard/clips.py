@@ -18,7 +18,6 @@ and added. The web side runs it; nothing here imports aiohttp.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix
+from vlmguard.ffmpeg import child_env, last_line, parent_death_prefix, run_awaited
 from vlmguard.layout import Layout, archive_start
 from vlmguard.logs import get_logger
 from vlmguard.times import iso
@@ -164,18 +163,9 @@ async def cut_clip(binary: str, plan: ClipPlan, workdir: Path) -> Path:
     list_file = workdir / "list.ffconcat"
     list_file.write_text(concat_list(plan))
     target = workdir / "clip.mp4"
-    proc = await asyncio.create_subprocess_exec(
-        *cut_command(binary, plan, list_file, target), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=child_env())
-    try:
-        async with asyncio.timeout(CUT_TIMEOUT_SECONDS):
-            _, stderr = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0 or not target.exists() or target.stat().st_size == 0:
+    code, _, stderr = await run_awaited(cut_command(binary, plan, list_file, target),
+                                        CUT_TIMEOUT_SECONDS)
+    if code != 0 or not target.exists() or target.stat().st_size == 0:
         raise ClipError(f"ffmpeg could not cut the clip: {last_line(stderr)}")
     return target
 

@@ -11,6 +11,7 @@ Every program run from here gets child_env(), never our whole environment.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -51,6 +52,24 @@ def last_line(stderr: str | bytes, empty: str = "no output") -> str:
     characters (the earlier lines are its progress and warnings)."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     return (text.strip().splitlines() or [empty])[-1][:300]
+
+
+async def run_awaited(args: list[str], timeout: float) -> tuple[int, bytes, bytes]:
+    """Run FFmpeg as a child the event loop awaits (it goes on serving meanwhile) and return
+    (exit code, stdout, stderr); past the timeout, or when the caller is cancelled, FFmpeg is
+    killed and reaped, never left running behind a request that is gone."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=child_env())
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return proc.returncode, out, err
 
 
 def child_env() -> dict[str, str]:

@@ -37,7 +37,7 @@ from vlmguard.web.params import BadParameter, checked_int, config_of, since_para
 from vlmguard.web.keys import CLIP_SLOTS_KEY
 from vlmguard.web.proxy import from_home, home_of
 from vlmguard.web.scratch import ram_dir, room_for
-from vlmguard.web.sending import MAX_CLIP_JOBS, QUEUE_SECONDS, not_found, send_clip
+from vlmguard.web.sending import MAX_CLIP_JOBS, not_found, send_clip, take_slot
 
 log = get_logger("vlmguard.web.media")
 
@@ -133,14 +133,7 @@ def duration_param(request: web.Request) -> float:
 
 async def serve_clip(request: web.Request, camera_id: str, start: datetime, seconds: float,
                      name: str) -> web.StreamResponse:
-    slots = request.app[CLIP_SLOTS_KEY]
-    try:
-        async with asyncio.timeout(QUEUE_SECONDS):
-            await slots.acquire()
-    except TimeoutError:
-        raise web.HTTPServiceUnavailable(
-            text='{"error": "busy cutting other clips, retry shortly"}',
-            content_type="application/json", headers={"Retry-After": "5"}) from None
+    slots = await take_slot(request, CLIP_SLOTS_KEY, "busy cutting other clips, retry shortly")
     workdir = None
     try:
         config = config_of(request)

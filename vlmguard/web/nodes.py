@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vlmguard.ffmpeg import child_env, ffmpeg_binary, parent_death_prefix
+from vlmguard.ffmpeg import ffmpeg_binary, last_line, parent_death_prefix, run_awaited
 from vlmguard.jobvideo import job_video, mp4_copy_command
 from vlmguard.layout import Layout
 from vlmguard.logs import get_logger
@@ -33,7 +33,7 @@ from vlmguard.web.database import read
 from vlmguard.web.keys import CLIP_SLOTS_KEY
 from vlmguard.web.params import checked_int, config_of
 from vlmguard.web.scratch import ram_dir
-from vlmguard.web.sending import QUEUE_SECONDS, not_found, send_clip
+from vlmguard.web.sending import not_found, send_clip, take_slot
 
 log = get_logger("vlmguard.web.nodes")
 
@@ -64,14 +64,7 @@ async def job_footage(request: web.Request) -> web.StreamResponse:
     here = config.node_name
     if (job.node or here) != here:
         raise not_found(f"job {job_id} was recorded on node {job.node}, not on {here}")
-    slots = request.app[CLIP_SLOTS_KEY]
-    try:
-        async with asyncio.timeout(QUEUE_SECONDS):
-            await slots.acquire()
-    except TimeoutError:
-        raise web.HTTPServiceUnavailable(
-            text='{"error": "busy cutting other clips, retry shortly"}',
-            content_type="application/json", headers={"Retry-After": "5"}) from None
+    slots = await take_slot(request, CLIP_SLOTS_KEY, "busy cutting other clips, retry shortly")
     workdir = Path(tempfile.mkdtemp(prefix="vlmguard-footage-", dir=ram_dir()))
     try:
         try:
@@ -92,21 +85,11 @@ async def job_footage(request: web.Request) -> web.StreamResponse:
 
 async def copy_footage(binary: str, source: Path, target: Path) -> Path:
     """The stream copy, awaited (the loop serves on); cancelling it kills FFmpeg."""
-    proc = await asyncio.create_subprocess_exec(
-        *parent_death_prefix(), *mp4_copy_command(binary, source, target),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env=child_env())
-    try:
-        async with asyncio.timeout(COPY_TIMEOUT_SECONDS):
-            _, stderr = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0 or not target.exists() or target.stat().st_size == 0:
-        reason = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        log.warning("footage not copied", error=reason[:300])
+    code, _, stderr = await run_awaited([*parent_death_prefix(),
+                                         *mp4_copy_command(binary, source, target)],
+                                        COPY_TIMEOUT_SECONDS)
+    if code != 0 or not target.exists() or target.stat().st_size == 0:
+        log.warning("footage not copied", error=last_line(stderr))
         raise web.HTTPInternalServerError(
             text='{"error": "the footage could not be copied (see the log)"}',
             content_type="application/json")

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from vlmguard.ffmpeg import child_env, ffmpeg_binary, last_line
+from vlmguard.ffmpeg import child_env, ffmpeg_binary, last_line, run_awaited
 from vlmguard.layout import ARCHIVE_NAME, Layout, archive_start
 from vlmguard.logs import get_logger
 from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYLIST_SECONDS,
@@ -39,6 +39,7 @@ from vlmguard.recordings import (MAX_EXPORT_SECONDS, MAX_LIST_SECONDS, MAX_PLAYL
 from vlmguard.times import iso
 from vlmguard.web.params import BadParameter, config_of, since_param
 from vlmguard.web.scratch import ram_dir
+from vlmguard.web.sending import take_slot
 
 log = get_logger("vlmguard.web.recordings")
 
@@ -47,7 +48,6 @@ FFMPEG_SLOTS_KEY = web.AppKey("recordings_ffmpeg_slots", asyncio.Semaphore)
 EXPORT_SLOTS_KEY = web.AppKey("recordings_export_slots", asyncio.Semaphore)
 FFMPEG_JOBS = 2  # MP4 segments and on-request thumbnails cut at once
 EXPORT_JOBS = 2
-QUEUE_SECONDS = 10.0
 CHUNK = 256 * 1024
 SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
@@ -252,30 +252,8 @@ async def send_bytes(response: web.StreamResponse, descriptor: int, low: int, hi
         at += len(chunk)
 
 
-async def run_ffmpeg(args: list[str], timeout: float = FFMPEG_TIMEOUT) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=child_env())
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    return proc.returncode, out, err
 
 
-async def slot(request: web.Request, key) -> asyncio.Semaphore:
-    slots = request.app[key]
-    try:
-        async with asyncio.timeout(QUEUE_SECONDS):
-            await slots.acquire()
-    except TimeoutError:
-        raise json_error(web.HTTPServiceUnavailable, "busy with other recordings, retry shortly",
-                         **{"Retry-After": "5"}) from None
-    return slots
 
 
 async def mp4_segment(request: web.Request) -> web.Response:
@@ -295,11 +273,11 @@ async def mp4_segment(request: web.Request) -> web.Response:
         raise gone(camera, path.name)
     index = await asyncio.to_thread(catalog.index, camera, recorded)
     origin = index.first if index is not None and index.first is not None else 0.0
-    slots = await slot(request, FFMPEG_SLOTS_KEY)
+    slots = await take_slot(request, FFMPEG_SLOTS_KEY, "busy with other recordings, retry shortly")
     try:
         # -ss counts from the file's start as FFmpeg demuxes it: the index's first time.
-        code, out, err = await run_ffmpeg(mp4_segment_command(
-            catalog.binary, path, float(raw_time) - origin, int(raw_frames)))
+        code, out, err = await run_awaited(mp4_segment_command(
+            catalog.binary, path, float(raw_time) - origin, int(raw_frames)), FFMPEG_TIMEOUT)
     finally:
         slots.release()
     if code != 0 or not out:
@@ -332,7 +310,7 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
     if stored is not None:
         return web.FileResponse(stored, headers={"Content-Type": "image/jpeg",
                                                  "Cache-Control": "private, max-age=86400"})
-    slots = await slot(request, FFMPEG_SLOTS_KEY)
+    slots = await take_slot(request, FFMPEG_SLOTS_KEY, "busy with other recordings, retry shortly")
     try:
         picture = await asyncio.to_thread(picture_now, catalog, camera, recorded,
                                           max(minute, recorded.start))
@@ -358,7 +336,7 @@ async def export(request: web.Request) -> web.StreamResponse:
     if plan is None:
         raise json_error(web.HTTPNotFound, f"no recorded video of {camera} from {iso(start)} "
                          f"to {iso(end)}")
-    slots = await slot(request, EXPORT_SLOTS_KEY)
+    slots = await take_slot(request, EXPORT_SLOTS_KEY, "busy with other recordings, retry shortly")
     try:
         with hold(catalog.layout, camera, plan.names):
             try:

@@ -96,3 +96,17 @@ def byte_range(request: web.Request, size: int) -> tuple[int, int]:
 
 def unsatisfiable(size: int):
     raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+
+
+async def take_slot(request: web.Request, key: web.AppKey, busy: str) -> asyncio.Semaphore:
+    """One of the app's slots under `key`, waited for at most QUEUE_SECONDS, then 503 with
+    Retry-After: requests beyond the slots cannot pile up without end. The caller releases."""
+    slots = request.app[key]
+    try:
+        async with asyncio.timeout(QUEUE_SECONDS):
+            await slots.acquire()
+    except TimeoutError:
+        raise web.HTTPServiceUnavailable(text=json.dumps({"error": busy}),
+                                         content_type="application/json",
+                                         headers={"Retry-After": "5"}) from None
+    return slots
