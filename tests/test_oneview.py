@@ -182,6 +182,11 @@ def lists_and_plays(site: Site, incident: dict) -> None:
     assert answer.value.status == 200 and answer.value.headers["x-clip-start"]
     page.wait_for_function("() => document.querySelector('#clip').currentTime > 0",
                            timeout=30000)
+    # Its recordings are browsed on B: the dialog's link opens B's console at that time.
+    link = page.locator("#dialog-recordings")
+    assert link.is_visible()
+    assert link.get_attribute("href").startswith(
+        f"http://127.0.0.1:{site.b.port}/#/recordings/dock-b/")
     page.screenshot(path=str(SHOTS / "a-plays-b-incident.png"))
     page.keyboard.press("Escape")
 
@@ -205,6 +210,7 @@ def test_b_camera_plays_live_on_a(site):
     cameras = site.api("/api/cameras")["cameras"]
     assert [(c["id"], c["node"], c["node_alive"]) for c in cameras] == [("dock-b", "box-b", True)]
     assert cameras[0]["hls_url"] == f"http://127.0.0.1:{site.b.port}/live/dock-b/index.m3u8"
+    assert cameras[0]["console_url"] == f"http://127.0.0.1:{site.b.port}/"
     page = site.page
     asked = []
     page.on("request", lambda r: asked.append(r.url) if "/live/" in r.url else None)

@@ -383,20 +383,22 @@ def other_cameras(config: Config, nodes: list[dict[str, Any]]) -> list[dict[str,
     (all that is known here of them), and its live URL on its own box."""
     return [{"id": camera, "node": node["name"], "node_alive": node["alive"],
              "online": node["alive"],
-             "hls_url": f"{node['public_url']}/live/{camera}/index.m3u8"}
+             "hls_url": f"{node['public_url']}/live/{camera}/index.m3u8",
+             "console_url": f"{node['public_url']}/"}
             for camera, node in camera_homes(config, nodes).items()]
 
 
 def with_home(row: dict[str, Any], homes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """An incident row with the node that recorded it and, for another box's camera,
-    its snapshot and clip on that box's server (same token)."""
+    its snapshot and clip on that box's server (same token) and that box's console, where
+    its recordings are browsed."""
     home = homes.get(row.get("camera_id"))
     if home is None:
         return dict(row, node=None, snapshot_url=f"/api/incidents/{row['id']}/snapshot.jpg",
-                    clip_url=f"/api/incidents/{row['id']}/clip.mp4")
+                    clip_url=f"/api/incidents/{row['id']}/clip.mp4", console_url=None)
     base = f"{home['public_url']}/api/incidents/{row['id']}"
     return dict(row, node=home["name"], snapshot_url=f"{base}/snapshot.jpg",
-                clip_url=f"{base}/clip.mp4")
+                clip_url=f"{base}/clip.mp4", console_url=f"{home['public_url']}/")
 
 
 def render_status(report: dict[str, Any]) -> str:

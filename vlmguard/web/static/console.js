@@ -473,9 +473,11 @@ async function openIncident(id) {
                                      " on ", cameraName(incident.camera_id, incident.node));
   $("#dialog-meta").textContent = `${timeText(incident.start_at)} to ${timeText(incident.end_at)}`;
   $("#dialog-description").textContent = incident.description;
-  // Recordings are browsed on the box that made them.
-  $("#dialog-recordings").hidden = Boolean(incident.node);
-  $("#dialog-recordings").href = `#/recordings/${encodeURIComponent(incident.camera_id)}/${encodeURIComponent(incident.start_at)}`;
+  // Recordings are browsed on the box that made them: another box's open in its own console.
+  const recordings = $("#dialog-recordings");
+  recordings.href = `${incident.console_url || ""}#/recordings/${encodeURIComponent(incident.camera_id)}/${encodeURIComponent(incident.start_at)}`;
+  recordings.target = incident.console_url ? "_blank" : "";
+  recordings.rel = incident.console_url ? "noopener" : "";
   $("#ack-note").value = incident.ack_note || "";
   $("#ack-state").textContent = ackText(incident);
   showKeep(incident);

@@ -105,7 +105,11 @@
         if (R.wall !== null) await seekAll(R.wall, R.playing);
       });
       return el("label", {class: "rec-camera"}, input, " ", camera.id);
-    }));
+    }), ...state.cameras.filter((c) => c.node && c.console_url).map((camera) =>
+      // Another box's footage is on its disk: its recordings open in that box's console.
+      el("a", {class: "rec-camera rec-elsewhere", target: "_blank", rel: "noopener",
+               href: `${camera.console_url}#/recordings/${encodeURIComponent(camera.id)}`},
+         `${camera.id} (on ${camera.node}) ↗`)));
   }
 
   // -- what was recorded that day ---------------------------------------------------------
