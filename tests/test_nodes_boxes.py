@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -195,7 +196,15 @@ def test_two_recording_boxes_and_an_analysis_only_box_share_one_queue(tmp_path, 
                 for camera, box in (("cam-a", a), ("cam-b", b)):
                     payload = next(p for p in alerts if p["camera_id"] == camera)
                     assert payload["snapshot_url"].startswith(box.url + "/api/incidents/")
-                    status, headers, body = box.get(payload["snapshot_url"])
+                    # The recording box makes the picture from its own footage: on a loaded
+                    # machine it may follow the alert by a few seconds.
+                    def snapshot(url=payload["snapshot_url"], box=box):
+                        try:
+                            return box.get(url)
+                        except urllib.error.HTTPError as error:
+                            assert error.code == 404, error
+                            return None
+                    status, headers, body = wait_for(snapshot, 30, f"{camera}'s snapshot", boxes)
                     assert status == 200 and headers["Content-Type"] == "image/jpeg"
                     assert red_picture(body), f"{camera}: the snapshot is not the red camera"
 
