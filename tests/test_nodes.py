@@ -19,7 +19,7 @@ from vlmguard.store.bundle import Store
 from vlmguard.store.nodes import NodeInfo, Nodes, NodeTaken
 from vlmguard.store.schema import nodes, schema_version
 
-from helpers import write_config
+from helpers import wait_for, write_config
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
 TOKEN = "shared-by-every-box-0123456789"
@@ -180,17 +180,6 @@ def test_a_second_run_with_a_live_node_name_is_refused(tmp_path, pg_url):
         assert store.nodes.get("same")["stopped"]
 
 
-def wait_for(check, timeout: float, what: str, *boxes):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = check()
-        if found:
-            return found
-        for box in boxes:
-            assert box.proc.poll() is None, box.log_text()[-3000:]
-        time.sleep(0.5)
-    logs = "\n".join(box.log_text()[-2500:] for box in boxes)
-    raise AssertionError(f"{what} did not happen in {timeout} s\n{logs}")
 
 
 def box(tmp_path, gemini, name: str, pg_url: str, *, workers: int, camera: bool):
@@ -214,7 +203,7 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
             def completed():
                 done = store.reports.list_jobs(states=["completed"], results=False)
                 return done if len(done) >= 2 else None
-            done = wait_for(completed, 120, "two windows completed", recorder, analyst)
+            done = wait_for(completed, 120, "two windows completed", daemon=(recorder, analyst))
             assert {j.node for j in done} == {"box-a"}
             assert all(j.kind in ("window", "catchup", "merged") for j in done)
             fetched = [e for e in analyst.log_events()
@@ -249,7 +238,7 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
             # The stop registers the last window; C claims it, finds box-a down, puts it back.
             wait_for(lambda: any(e.get("event") == "footage on another node out of reach now, "
                                  "job put back" for e in analyst.log_events()), 60,
-                     "a window put back while its node is down", analyst)
+                     "a window put back while its node is down", daemon=analyst)
             held = waiting()
             assert held and all(j.retry_count == 0 for j in held)
             assert store.reports.count_jobs(states=["failed"]) == 0
@@ -259,7 +248,7 @@ def test_an_analysis_only_box_analyses_windows_recorded_on_another(tmp_path, gem
             def all_done():
                 return all(store.reports.get(i).status == "completed" for i in held_ids)
             wait_for(all_done, 120, "the held windows completed after box-a returned",
-                     recorder, analyst)
+                     daemon=(recorder, analyst))
             assert store.reports.count_jobs(states=["failed"]) == 0
     finally:
         for running in (recorder, analyst):

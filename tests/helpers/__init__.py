@@ -45,14 +45,16 @@ def pg_url_with_database(database: str) -> str:
 def wait_for(condition, timeout: float = 60.0, what: str = "the condition", daemon=None,
              every: float = 0.2):
     """Call `condition` until it returns something true, and return that. With a
-    RunningVlmguard as `daemon`, fail at once if it exits, with its log's tail."""
+    RunningVlmguard as `daemon` (or a tuple of them), fail at once if one exits, with its
+    log's tail."""
     deadline = time.monotonic() + timeout
+    daemons = daemon if isinstance(daemon, tuple) else (() if daemon is None else (daemon,))
     while not (value := condition()):
-        if daemon is not None:
-            assert daemon.proc.poll() is None, \
-                f"the daemon exited while waiting for {what}:\n{daemon.log_text()[-3000:]}"
+        for one in daemons:
+            assert one.proc.poll() is None, \
+                f"the daemon exited while waiting for {what}:\n{one.log_text()[-3000:]}"
         if time.monotonic() > deadline:
-            tail = f":\n{daemon.log_text()[-4000:]}" if daemon is not None else ""
+            tail = "".join(f":\n{one.log_text()[-4000:]}" for one in daemons)
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{tail}")
         time.sleep(every)
     return value

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # What is read back is range-checked where it is read: a row outside these bounds (written
 # by hand, by a broken peer on a shared queue, or by an older bug) is quarantined, never
@@ -34,6 +34,16 @@ TRUNCATED = " [truncated]"
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def checked_row(cls: type, row: Any, kind: str, problem_of: Callable[[Any], str | None]) -> Any:
+    """A frozen record from a row whose values were range-checked first: a row that fails
+    is UnreadableRow (the caller quarantines it) rather than a record that breaks later."""
+    mapping = row._mapping
+    problem = problem_of(mapping)
+    if problem:
+        raise UnreadableRow(f"{kind} {mapping['id']}: {problem}")
+    return cls(**{f.name: mapping[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,7 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
-        mapping = row._mapping
-        problem = job_problem(mapping)
-        if problem:
-            raise UnreadableRow(f"job {mapping['id']}: {problem}")
-        return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+        return checked_row(cls, row, "job", job_problem)
 
     @property
     def duration_seconds(self) -> float:
@@ -140,11 +146,7 @@ class Delivery:
 
     @classmethod
     def from_row(cls, row: Any) -> "Delivery":
-        mapping = row._mapping
-        problem = delivery_problem(mapping)
-        if problem:
-            raise UnreadableRow(f"delivery {mapping['id']}: {problem}")
-        return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+        return checked_row(cls, row, "delivery", delivery_problem)
 
 
 @dataclass(frozen=True)
